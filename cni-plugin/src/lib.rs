@@ -1,0 +1,15 @@
+//! `istio-cni`: a chained CNI plugin that writes Istio's sidecar redirection rules into a
+//! pod's network namespace and validates them before ADD returns, so that no
+//! `istio-validation` init container is needed.
+//!
+//! Data flows one way through the modules, one per stage:
+//! stdin → [`config`] → [`pod`] → [`redirect`] → [`rules`] → [`apply`] → [`validate`] → result.
+//! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace;
+//! [`plugin`] wires the verbs together.
+
+pub mod cni;
+pub mod config;
+pub mod plan;
+pub mod pod;
+pub mod redirect;
+pub mod rules;

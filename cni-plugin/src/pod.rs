@@ -1,0 +1,393 @@
+//! Which pods get rules: the decision, and the pod lookup through the Kubernetes API.
+//!
+//! The decision follows upstream Istio's `istio-cni` plugin (`cni/pkg/plugin/plugin.go`),
+//! in this order: no Kubernetes pod args → pass; the node agent's own pod → pass (before
+//! any API call, so a rebooted node cannot deadlock); excluded namespace → pass; then the
+//! pod is read from the API (bounded retries, failing closed with CNI code 11) and checked
+//! for a sidecar ([`decide`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::cni::CniArgs;
+use crate::config::NetConf;
+use crate::redirect::parse_go_bool;
+
+/// Name of the sidecar container.
+pub const ISTIO_PROXY: &str = "istio-proxy";
+/// Name of the init container of non-CNI injection; its presence means "not ours".
+pub const ISTIO_INIT: &str = "istio-init";
+/// Pod name prefix of the node agent (DaemonSet `istio-cni-node`).
+pub const NODE_AGENT_PREFIX: &str = "istio-cni-node-";
+/// Annotation and label: `sidecar.istio.io/inject`; false excludes the pod. The label wins.
+pub const INJECT_KEY: &str = "sidecar.istio.io/inject";
+/// Annotation written by the injector; without it the pod was not injected.
+pub const STATUS_KEY: &str = "sidecar.istio.io/status";
+/// Proxy env var that turns the proxy off.
+pub const ENV_DISABLE_ENVOY: &str = "DISABLE_ENVOY";
+
+/// `CNI_ARGS` keys a Kubernetes runtime passes.
+pub const ARG_POD_NAME: &str = "K8S_POD_NAME";
+/// See [`ARG_POD_NAME`].
+pub const ARG_POD_NAMESPACE: &str = "K8S_POD_NAMESPACE";
+
+/// Namespace and name of the pod being set up, from `CNI_ARGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    /// `K8S_POD_NAMESPACE`.
+    pub namespace: String,
+    /// `K8S_POD_NAME`.
+    pub name: String,
+}
+
+impl fmt::Display for PodRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a pod gets no rules. Each is a normal outcome: ADD passes the result through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// `K8S_POD_NAME` or `K8S_POD_NAMESPACE` is missing: not a Kubernetes pod.
+    NotKubernetes,
+    /// The pod is the node agent itself.
+    NodeAgent,
+    /// The namespace is listed in `exclude_namespaces`.
+    ExcludedNamespace,
+    /// The pod has an `istio-init` init container: the rules come from there.
+    HasIstioInit,
+    /// No `istio-proxy` container (among containers or init containers).
+    NoSidecar,
+    /// `istio-proxy` runs `proxy <type>` with a type other than `sidecar`.
+    NotSidecarProxy(String),
+    /// `istio-proxy` has `DISABLE_ENVOY=true`.
+    EnvoyDisabled,
+    /// Label or annotation `sidecar.istio.io/inject` is false.
+    InjectionDisabled,
+    /// Annotation `sidecar.istio.io/status` is absent: the injector did not run.
+    NotInjected,
+}
+
+impl fmt::Display for Skip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Skip::NotKubernetes => write!(f, "no K8S_POD_NAME/K8S_POD_NAMESPACE in CNI_ARGS"),
+            Skip::NodeAgent => write!(f, "the pod is the istio-cni node agent"),
+            Skip::ExcludedNamespace => write!(f, "the namespace is in exclude_namespaces"),
+            Skip::HasIstioInit => write!(f, "the pod has an {ISTIO_INIT} init container"),
+            Skip::NoSidecar => write!(f, "the pod has no {ISTIO_PROXY} container"),
+            Skip::NotSidecarProxy(t) => write!(f, "{ISTIO_PROXY} runs proxy type {t:?}"),
+            Skip::EnvoyDisabled => write!(f, "{ISTIO_PROXY} has {ENV_DISABLE_ENVOY}=true"),
+            Skip::InjectionDisabled => write!(f, "{INJECT_KEY} is false"),
+            Skip::NotInjected => write!(f, "annotation {STATUS_KEY} is absent"),
+        }
+    }
+}
+
+/// What the redirect needs from a pod that is in the mesh.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshedPod {
+    /// All pod annotations.
+    pub annotations: BTreeMap<String, String>,
+    /// `istio-proxy` `securityContext.runAsUser`.
+    pub proxy_uid: Option<i64>,
+    /// `istio-proxy` `securityContext.runAsGroup`.
+    pub proxy_gid: Option<i64>,
+    /// `istio-proxy` env vars with literal values (`valueFrom` entries are left out).
+    pub proxy_env: BTreeMap<String, String>,
+}
+
+/// The checks that need no API call (decision steps 1 to 3).
+///
+/// Returns the pod to look up, or why the pod passes through.
+pub fn pre_api(conf: &NetConf, args: &CniArgs) -> Result<PodRef, Skip> {
+    let (Some(name), Some(namespace)) = (args.get(ARG_POD_NAME), args.get(ARG_POD_NAMESPACE))
+    else {
+        return Err(Skip::NotKubernetes);
+    };
+    if namespace == conf.pod_namespace && name.starts_with(NODE_AGENT_PREFIX) {
+        return Err(Skip::NodeAgent);
+    }
+    if conf.is_excluded(namespace) {
+        return Err(Skip::ExcludedNamespace);
+    }
+    Ok(PodRef {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+    })
+}
+
+/// Decision step 5: whether a pod read from the API gets sidecar rules.
+pub fn decide(pod: &Pod) -> Result<MeshedPod, Skip> {
+    let spec = pod.spec.as_ref();
+    let init = spec.and_then(|s| s.init_containers.as_deref()).unwrap_or(&[]);
+    let main = spec.map(|s| s.containers.as_slice()).unwrap_or(&[]);
+    if init.iter().any(|c| c.name == ISTIO_INIT) {
+        return Err(Skip::HasIstioInit);
+    }
+    // Native sidecars are init containers; look there first, as upstream does.
+    let proxy = init
+        .iter()
+        .chain(main)
+        .find(|c| c.name == ISTIO_PROXY)
+        .ok_or(Skip::NoSidecar)?;
+    if let [first, kind, ..] = proxy.args.as_deref().unwrap_or(&[]) {
+        if first == "proxy" && kind != "sidecar" {
+            return Err(Skip::NotSidecarProxy(kind.clone()));
+        }
+    }
+    let proxy_env = literal_env(proxy);
+    if proxy_env
+        .get(ENV_DISABLE_ENVOY)
+        .and_then(|v| parse_go_bool(v))
+        .unwrap_or(false)
+    {
+        return Err(Skip::EnvoyDisabled);
+    }
+    let meta = &pod.metadata;
+    let annotations: BTreeMap<String, String> = meta.annotations.clone().unwrap_or_default();
+    let inject = meta
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECT_KEY))
+        .or_else(|| annotations.get(INJECT_KEY));
+    if inject.and_then(|v| parse_go_bool(v)) == Some(false) {
+        return Err(Skip::InjectionDisabled);
+    }
+    if !annotations.contains_key(STATUS_KEY) {
+        return Err(Skip::NotInjected);
+    }
+    let sc = proxy.security_context.as_ref();
+    Ok(MeshedPod {
+        annotations,
+        proxy_uid: sc.and_then(|s| s.run_as_user),
+        proxy_gid: sc.and_then(|s| s.run_as_group),
+        proxy_env,
+    })
+}
+
+fn literal_env(c: &Container) -> BTreeMap<String, String> {
+    c.env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect()
+}
+
+/// Why the pod could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// The kubeconfig is missing or unusable; the node agent writes it. Retryable (code 11).
+    #[error("cannot use kubeconfig {path}: {reason} (the istio-cni node agent writes it; is it running on this node?)")]
+    Kubeconfig {
+        /// The kubeconfig path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The API server did not answer in time or kept failing. Retryable (code 11).
+    #[error("Kubernetes API unreachable for {elapsed:?} while reading pod {pod} ({attempts} attempts): {last}")]
+    Unreachable {
+        /// The pod.
+        pod: PodRef,
+        /// Time spent, retries included.
+        elapsed: Duration,
+        /// Number of GETs sent.
+        attempts: u32,
+        /// The last failure.
+        last: String,
+    },
+    /// The API answered with a definite error: not found, forbidden, … (code 100).
+    #[error("reading pod {pod} from the Kubernetes API failed: {status}")]
+    Rejected {
+        /// The pod.
+        pod: PodRef,
+        /// The API status (code and message).
+        status: String,
+    },
+}
+
+/// Reads the pod through the kubeconfig, retrying transient failures (connection errors,
+/// timeouts, 429, 5xx, 401 while the token rotates) with exponential backoff from 50 ms to
+/// 1 s, until `deadline` has passed in total.
+///
+/// Errors: see [`LookupError`]. A missing pod is [`LookupError::Rejected`]; the plugin fails
+/// closed and never treats an unreadable pod as "not meshed".
+pub fn lookup(kubeconfig: &Path, pod: &PodRef, deadline: Duration) -> Result<Pod, LookupError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| LookupError::Kubeconfig {
+            path: kubeconfig.into(),
+            reason: format!("cannot start the async runtime: {e}"),
+        })?;
+    rt.block_on(lookup_async(kubeconfig, pod, deadline))
+}
+
+async fn lookup_async(
+    kubeconfig: &Path,
+    pod: &PodRef,
+    deadline: Duration,
+) -> Result<Pod, LookupError> {
+    let start = Instant::now();
+    let client = client(kubeconfig, deadline).await?;
+    let api: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
+    let mut backoff = Duration::from_millis(50);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_sub(start.elapsed());
+        let last = match tokio::time::timeout(remaining, api.get(&pod.name)).await {
+            Ok(Ok(p)) => return Ok(p),
+            Ok(Err(kube::Error::Api(status))) if !is_retryable(status.code) => {
+                return Err(LookupError::Rejected {
+                    pod: pod.clone(),
+                    status: format!("{} {}: {}", status.code, status.reason, status.message),
+                })
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "request timed out".to_owned(),
+        };
+        log::debug!("GET pod {pod} attempt {attempts} failed: {last}");
+        let remaining = deadline.saturating_sub(start.elapsed());
+        if remaining.is_zero() {
+            return Err(LookupError::Unreachable {
+                pod: pod.clone(),
+                elapsed: start.elapsed(),
+                attempts,
+                last,
+            });
+        }
+        tokio::time::sleep(backoff.min(remaining)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn is_retryable(code: u16) -> bool {
+    code == 401 || code == 429 || code >= 500
+}
+
+async fn client(path: &Path, deadline: Duration) -> Result<kube::Client, LookupError> {
+    let err = |reason: String| LookupError::Kubeconfig {
+        path: path.into(),
+        reason,
+    };
+    let kc = Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
+    let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let per_request = deadline.min(Duration::from_secs(10));
+    config.connect_timeout = Some(per_request);
+    config.read_timeout = Some(per_request);
+    config.write_timeout = Some(per_request);
+    kube::Client::try_from(config).map_err(|e| err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn conf() -> NetConf {
+        NetConf::parse(br#"{"cniVersion":"1.0.0","exclude_namespaces":["kube-system"],"pod_namespace":"istio-system"}"#).unwrap()
+    }
+
+    fn args(s: &str) -> CniArgs {
+        CniArgs::parse(s).unwrap()
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn injected(extra_meta: serde_json::Value, proxy: serde_json::Value) -> Pod {
+        let mut meta = json!({"name": "p", "namespace": "default",
+            "annotations": {"sidecar.istio.io/status": "{}"}});
+        for (k, v) in extra_meta.as_object().unwrap() {
+            meta[k] = v.clone();
+        }
+        let mut proxy_c = json!({"name": "istio-proxy", "args": ["proxy", "sidecar"]});
+        for (k, v) in proxy.as_object().unwrap() {
+            proxy_c[k] = v.clone();
+        }
+        pod(json!({"metadata": meta, "spec": {"containers": [{"name": "app"}, proxy_c]}}))
+    }
+
+    #[test]
+    fn pre_api_steps_in_order() {
+        let c = conf();
+        assert_eq!(pre_api(&c, &args("K8S_POD_NAME=x")), Err(Skip::NotKubernetes));
+        assert_eq!(
+            pre_api(&c, &args("K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=istio-cni-node-abcde")),
+            Err(Skip::NodeAgent)
+        );
+        assert_eq!(
+            pre_api(&c, &args("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns")),
+            Err(Skip::ExcludedNamespace)
+        );
+        let r = pre_api(&c, &args("K8S_POD_NAME=istio-cni-node-x;K8S_POD_NAMESPACE=default"));
+        assert_eq!(r.unwrap().to_string(), "default/istio-cni-node-x");
+    }
+
+    #[test]
+    fn meshed_pod_settings() {
+        let p = injected(
+            json!({}),
+            json!({"env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"},
+                           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                   "securityContext": {"runAsUser": 1000, "runAsGroup": 2000}}),
+        );
+        let m = decide(&p).unwrap();
+        assert_eq!((m.proxy_uid, m.proxy_gid), (Some(1000), Some(2000)));
+        assert_eq!(m.proxy_env.len(), 1);
+        assert!(m.annotations.contains_key(STATUS_KEY));
+    }
+
+    #[test]
+    fn skip_reasons() {
+        let no_status = pod(json!({"metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "istio-proxy"}]}}));
+        assert_eq!(decide(&no_status), Err(Skip::NotInjected));
+        let plain = pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}));
+        assert_eq!(decide(&plain), Err(Skip::NoSidecar));
+        let gw = injected(json!({}), json!({"args": ["proxy", "router"]}));
+        assert_eq!(decide(&gw), Err(Skip::NotSidecarProxy("router".into())));
+        let off = injected(json!({}), json!({"env": [{"name": "DISABLE_ENVOY", "value": "true"}]}));
+        assert_eq!(decide(&off), Err(Skip::EnvoyDisabled));
+        let label_off = injected(
+            json!({"labels": {"sidecar.istio.io/inject": "false"},
+                   "annotations": {"sidecar.istio.io/status": "{}", "sidecar.istio.io/inject": "true"}}),
+            json!({}),
+        );
+        assert_eq!(decide(&label_off), Err(Skip::InjectionDisabled));
+        let ann_off = injected(
+            json!({"annotations": {"sidecar.istio.io/status": "{}", "sidecar.istio.io/inject": "f"}}),
+            json!({}),
+        );
+        assert_eq!(decide(&ann_off), Err(Skip::InjectionDisabled));
+        let garbage = injected(
+            json!({"annotations": {"sidecar.istio.io/status": "{}", "sidecar.istio.io/inject": "maybe"}}),
+            json!({}),
+        );
+        assert!(decide(&garbage).is_ok(), "an unparsable inject value does not exclude");
+        let mut init = injected(json!({}), json!({}));
+        init.spec.as_mut().unwrap().init_containers =
+            Some(vec![serde_json::from_value(json!({"name": "istio-init"})).unwrap()]);
+        assert_eq!(decide(&init), Err(Skip::HasIstioInit));
+    }
+
+    #[test]
+    fn native_sidecar_in_init_containers() {
+        let p = pod(json!({"metadata": {"name": "p", "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"initContainers": [{"name": "istio-proxy", "restartPolicy": "Always",
+                                          "args": ["proxy", "sidecar"]}],
+                     "containers": [{"name": "app"}]}}));
+        assert!(decide(&p).is_ok());
+    }
+}

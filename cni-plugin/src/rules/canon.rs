@@ -1,0 +1,358 @@
+//! Canonical form of an iptables rule, so that a rule as we write it and the same rule as
+//! `iptables-save` prints it compare equal.
+//!
+//! `iptables-save` (legacy and nft, 1.8.x) rewrites rules: base matches come out in a fixed
+//! order (`-s -d -i -o -p`), implicit modules become explicit (`-p tcp --dport 80` →
+//! `-p tcp -m tcp --dport 80`), marks are printed in hex with masks
+//! (`--set-mark 1337` → `--set-xmark 0x539/0xffffffff`), aliases are resolved
+//! (`--to-port` → `--to-ports`) and target defaults are spelled out (`TPROXY --on-ip
+//! 0.0.0.0`, `CONNMARK --nfmask/--ctmask`). [`CanonRule`] undoes all of these.
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+
+use super::Family;
+
+/// A rule in canonical form. Two rules are the same rule iff their canonical forms are
+/// equal. The chain is part of the rule; an insert position is not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonRule {
+    /// The chain.
+    pub chain: String,
+    /// Base matches (`-s -d -i -o -p`) → (negated, canonical value).
+    base: BTreeMap<&'static str, (bool, String)>,
+    /// Match modules in order, each with its options → (negated, value).
+    matches: Vec<(String, BTreeMap<String, (bool, Option<String>)>)>,
+    /// The target (`-j`) and its options.
+    target: Option<(String, BTreeMap<String, Option<String>>)>,
+}
+
+/// A rule line that is not iptables rule syntax.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("cannot read iptables rule {line:?}: {reason}")]
+pub struct CanonError {
+    /// The line.
+    pub line: String,
+    /// What could not be read.
+    pub reason: String,
+}
+
+enum Ctx {
+    Base,
+    Match,
+    Target,
+}
+
+impl CanonRule {
+    /// Reads one rule line (`-A CHAIN …` or `-I CHAIN [N] …`) of `family`.
+    ///
+    /// Errors: [`CanonError`] when the line has no chain, an unknown base option, or an
+    /// address that does not parse.
+    pub fn parse(line: &str, family: Family) -> Result<CanonRule, CanonError> {
+        let err = |reason: String| CanonError {
+            line: line.to_owned(),
+            reason,
+        };
+        let tokens = tokenize(line);
+        let mut rule = CanonRule {
+            chain: String::new(),
+            base: BTreeMap::new(),
+            matches: Vec::new(),
+            target: None,
+        };
+        let mut ctx = Ctx::Base;
+        let mut negate = false;
+        let mut i = 0;
+        let value_at = |i: usize| -> Option<String> {
+            tokens
+                .get(i)
+                .filter(|t| !t.starts_with('-') && *t != "!")
+                .cloned()
+        };
+        while i < tokens.len() {
+            let tok = tokens[i].as_str();
+            i += 1;
+            match tok {
+                "!" => {
+                    negate = true;
+                    continue;
+                }
+                "-A" | "--append" | "-I" | "--insert" => {
+                    rule.chain = value_at(i).ok_or_else(|| err("no chain after -A/-I".into()))?;
+                    i += 1;
+                    if tok.starts_with("-I") || tok == "--insert" {
+                        if tokens.get(i).is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit())) {
+                            i += 1;
+                        }
+                    }
+                }
+                "-s" | "--source" | "-d" | "--destination" | "-i" | "--in-interface" | "-o"
+                | "--out-interface" | "-p" | "--protocol" => {
+                    let key = base_key(tok);
+                    let v = value_at(i).ok_or_else(|| err(format!("{tok} needs a value")))?;
+                    i += 1;
+                    let v = match key {
+                        "-s" | "-d" => canon_net(&v, family).map_err(err)?,
+                        "-p" => v.to_ascii_lowercase(),
+                        _ => v,
+                    };
+                    rule.base.insert(key, (negate, v));
+                }
+                "-m" | "--match" => {
+                    let name = value_at(i).ok_or_else(|| err("-m needs a module".into()))?;
+                    i += 1;
+                    rule.matches.push((name, BTreeMap::new()));
+                    ctx = Ctx::Match;
+                }
+                "-j" | "--jump" => {
+                    let name = value_at(i).ok_or_else(|| err("-j needs a target".into()))?;
+                    i += 1;
+                    rule.target = Some((name, BTreeMap::new()));
+                    ctx = Ctx::Target;
+                }
+                opt if opt.starts_with("--") => {
+                    let value = value_at(i);
+                    if value.is_some() {
+                        i += 1;
+                    }
+                    match ctx {
+                        Ctx::Base => {
+                            // `-p tcp --dport N`: the protocol's module is loaded implicitly.
+                            let proto = rule
+                                .base
+                                .get("-p")
+                                .map(|(_, p)| p.clone())
+                                .filter(|p| p == "tcp" || p == "udp")
+                                .ok_or_else(|| err(format!("option {opt} outside a module")))?;
+                            rule.matches.push((proto, BTreeMap::new()));
+                            ctx = Ctx::Match;
+                            add_match_opt(&mut rule, opt, negate, value);
+                        }
+                        Ctx::Match => add_match_opt(&mut rule, opt, negate, value),
+                        Ctx::Target => {
+                            if let Some((_, opts)) = rule.target.as_mut() {
+                                let (k, v) = canon_target_opt(opt, value);
+                                opts.insert(k, v);
+                            }
+                        }
+                    }
+                }
+                other => return Err(err(format!("unexpected token {other:?}"))),
+            }
+            negate = false;
+        }
+        if rule.chain.is_empty() {
+            return Err(err("no -A/-I chain".into()));
+        }
+        fill_target_defaults(&mut rule, family);
+        Ok(rule)
+    }
+}
+
+fn base_key(tok: &str) -> &'static str {
+    match tok {
+        "-s" | "--source" => "-s",
+        "-d" | "--destination" => "-d",
+        "-i" | "--in-interface" => "-i",
+        "-o" | "--out-interface" => "-o",
+        _ => "-p",
+    }
+}
+
+fn add_match_opt(rule: &mut CanonRule, opt: &str, negate: bool, value: Option<String>) {
+    let Some((_, opts)) = rule.matches.last_mut() else {
+        return;
+    };
+    let value = match opt {
+        "--mark" => value.map(|v| canon_mark(&v)),
+        _ => value,
+    };
+    opts.insert(opt.to_owned(), (negate, value));
+}
+
+fn canon_target_opt(opt: &str, value: Option<String>) -> (String, Option<String>) {
+    match opt {
+        "--to-port" => ("--to-ports".into(), value),
+        "--set-mark" => ("--set-xmark".into(), value.map(|v| canon_mark(&v))),
+        "--set-xmark" | "--tproxy-mark" | "--nfmask" | "--ctmask" => {
+            (opt.into(), value.map(|v| canon_mark(&v)))
+        }
+        _ => (opt.into(), value),
+    }
+}
+
+/// Adds the options `iptables-save` always prints for a target.
+fn fill_target_defaults(rule: &mut CanonRule, family: Family) {
+    let Some((name, opts)) = rule.target.as_mut() else {
+        return;
+    };
+    let all_ones = || Some(canon_mark("0xffffffff"));
+    match name.as_str() {
+        "TPROXY" => {
+            let any = match family {
+                Family::V4 => "0.0.0.0",
+                Family::V6 => "::",
+            };
+            opts.entry("--on-ip".into()).or_insert_with(|| Some(any.into()));
+        }
+        "CONNMARK" if opts.contains_key("--save-mark") || opts.contains_key("--restore-mark") => {
+            opts.entry("--nfmask".into()).or_insert_with(all_ones);
+            opts.entry("--ctmask".into()).or_insert_with(all_ones);
+        }
+        _ => {}
+    }
+}
+
+/// `V` or `V/M`, decimal or hex → `0xV/0xM` (mask defaults to all ones). Unparsable values
+/// are kept as they are, so they still compare by text.
+fn canon_mark(v: &str) -> String {
+    let num = |s: &str| -> Option<u32> {
+        match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u32::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        }
+    };
+    let (val, mask) = match v.split_once('/') {
+        Some((a, b)) => (num(a), num(b)),
+        None => (num(v), Some(u32::MAX)),
+    };
+    match (val, mask) {
+        (Some(val), Some(mask)) => format!("{val:#x}/{mask:#x}"),
+        _ => v.to_owned(),
+    }
+}
+
+/// An address or CIDR → canonical CIDR with host bits cleared, as the kernel stores it.
+fn canon_net(v: &str, family: Family) -> Result<String, String> {
+    let net = match v.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => {
+            let addr: std::net::IpAddr = v.parse().map_err(|_| format!("{v:?} is not an address"))?;
+            IpNet::from(addr)
+        }
+    };
+    let ok = matches!(
+        (&net, family),
+        (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)
+    );
+    if !ok {
+        return Err(format!("{v} is not an {family} address"));
+    }
+    Ok(net.trunc().to_string())
+}
+
+/// Splits a rule line on whitespace, keeping double-quoted strings (as `iptables-save`
+/// prints comments) as one token without the quotes.
+fn tokenize(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut in_token = false;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                in_token = true;
+            }
+            '\\' if quoted => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() && !quoted => {
+                if in_token {
+                    out.push(std::mem::take(&mut cur));
+                    in_token = false;
+                }
+            }
+            c => {
+                cur.push(c);
+                in_token = true;
+            }
+        }
+    }
+    if in_token {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn same(ours: &str, saved: &str, family: Family) {
+        let a = CanonRule::parse(ours, family).unwrap();
+        let b = CanonRule::parse(saved, family).unwrap();
+        assert_eq!(a, b, "\n ours:  {ours}\n saved: {saved}");
+    }
+
+    #[test]
+    fn matches_what_iptables_save_prints() {
+        use Family::*;
+        same(
+            "-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+            "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT",
+            V4,
+        );
+        same(
+            "-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+            "-A ISTIO_TPROXY ! -d 127.0.0.1/32 -p tcp -j TPROXY --on-port 15006 --on-ip 0.0.0.0 --tproxy-mark 0x539/0xffffffff",
+            V4,
+        );
+        same(
+            "-A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006",
+            "-A ISTIO_TPROXY ! -d ::1/128 -p tcp -j TPROXY --on-port 15006 --on-ip :: --tproxy-mark 0x539/0xffffffff",
+            V6,
+        );
+        same(
+            "-A ISTIO_DIVERT -j MARK --set-mark 1337",
+            "-A ISTIO_DIVERT -j MARK --set-xmark 0x539/0xffffffff",
+            V4,
+        );
+        same(
+            "-A PREROUTING -p tcp -m mark --mark 1337 -j CONNMARK --save-mark",
+            "-A PREROUTING -p tcp -m mark --mark 0x539 -j CONNMARK --save-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+            V4,
+        );
+        same(
+            "-I ISTIO_INBOUND 3 -p tcp -i lo -m mark ! --mark 1338 -j RETURN",
+            "-A ISTIO_INBOUND -i lo -p tcp -m mark ! --mark 0x53a -j RETURN",
+            V4,
+        );
+        same(
+            "-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053",
+            "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
+            V4,
+        );
+        same("-A ISTIO_OUTPUT -d 10.1.2.3/8 -j RETURN", "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN", V4);
+        same("-A X -s 127.0.0.6 -j RETURN", "-A X -s 127.0.0.6/32 -j RETURN", V4);
+    }
+
+    #[test]
+    fn differences_are_seen() {
+        let p = |s| CanonRule::parse(s, Family::V4).unwrap();
+        assert_ne!(p("-A X -p tcp --dport 1 -j RETURN"), p("-A X -p tcp ! --dport 1 -j RETURN"));
+        assert_ne!(p("-A X -j MARK --set-mark 1337"), p("-A X -j MARK --set-mark 1338"));
+        assert_ne!(p("-A X -j RETURN"), p("-A Y -j RETURN"));
+        assert_ne!(
+            p("-A X -m owner --uid-owner 1 -m mark --mark 1 -j RETURN"),
+            p("-A X -m mark --mark 1 -m owner --uid-owner 1 -j RETURN")
+        );
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert!(CanonRule::parse("-A X --dport 1 -j RETURN", Family::V4).is_err());
+        assert!(CanonRule::parse("-p tcp -j RETURN", Family::V4).is_err());
+        assert!(CanonRule::parse("-A X -d ::1/128 -j RETURN", Family::V4).is_err());
+        assert!(CanonRule::parse("-A X junk", Family::V4).is_err());
+    }
+
+    #[test]
+    fn quoted_comments() {
+        assert_eq!(tokenize(r#"-A X -m comment --comment "a \"b\" c" -j RETURN"#)[5], r#"a "b" c"#);
+    }
+}
