@@ -110,7 +110,7 @@ impl Default for Validation {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(default)]
 struct Raw {
     #[serde(rename = "cniVersion")]
@@ -128,25 +128,6 @@ struct Raw {
     kubernetes: Kubernetes,
     native_nftables: bool,
     validation: Validation,
-}
-
-impl Default for Raw {
-    fn default() -> Self {
-        Raw {
-            cni_version: None,
-            cni_versions: None,
-            name: None,
-            prev_result: None,
-            plugin_log_level: LogLevel::default(),
-            plugin_log_file: None,
-            cni_agent_run_dir: None,
-            exclude_namespaces: Vec::new(),
-            pod_namespace: None,
-            kubernetes: Kubernetes::default(),
-            native_nftables: false,
-            validation: Validation::default(),
-        }
-    }
 }
 
 /// The parsed configuration, defaults filled in.
@@ -192,12 +173,11 @@ impl NetConf {
                 reason: "the network configuration must be a JSON object".into(),
             });
         }
-        let raw: Raw = serde_path_to_error::deserialize(&value).map_err(|e| {
-            ConfigError::InvalidField {
+        let raw: Raw =
+            serde_path_to_error::deserialize(&value).map_err(|e| ConfigError::InvalidField {
                 field: e.path().to_string(),
                 reason: e.into_inner().to_string(),
-            }
-        })?;
+            })?;
         let cni_version = resolve_version(raw.cni_version.as_deref(), raw.cni_versions)?;
         let v = raw.validation;
         if v.timeout_ms == 0 || v.timeout_ms > 60_000 {
@@ -262,9 +242,11 @@ fn resolve_version(
     versions: Option<Vec<String>>,
 ) -> Result<CniVersion, ConfigError> {
     if let Some(v) = version {
-        let parsed: CniVersion = v.parse().map_err(|e: crate::cni::version::ParseVersionError| {
-            ConfigError::Version(e.to_string(), ErrorCode::INCOMPATIBLE_VERSION)
-        })?;
+        let parsed: CniVersion =
+            v.parse()
+                .map_err(|e: crate::cni::version::ParseVersionError| {
+                    ConfigError::Version(e.to_string(), ErrorCode::INCOMPATIBLE_VERSION)
+                })?;
         if !parsed.is_supported() {
             return Err(ConfigError::Version(
                 format!("cniVersion {parsed} is not supported (supported: 0.3.0 to 1.1.0)"),
@@ -330,13 +312,22 @@ mod tests {
 
     #[test]
     fn decode_and_version_errors() {
-        assert_eq!(parse("{not json").unwrap_err().code(), ErrorCode::DECODING_FAILURE);
-        assert_eq!(parse("[1]").unwrap_err().code(), ErrorCode::INVALID_NETWORK_CONFIG);
+        assert_eq!(
+            parse("{not json").unwrap_err().code(),
+            ErrorCode::DECODING_FAILURE
+        );
+        assert_eq!(
+            parse("[1]").unwrap_err().code(),
+            ErrorCode::INVALID_NETWORK_CONFIG
+        );
         assert_eq!(
             parse(r#"{"cniVersion":"0.2.0"}"#).unwrap_err().code(),
             ErrorCode::INCOMPATIBLE_VERSION
         );
-        assert_eq!(parse("{}").unwrap_err().code(), ErrorCode::INVALID_NETWORK_CONFIG);
+        assert_eq!(
+            parse("{}").unwrap_err().code(),
+            ErrorCode::INVALID_NETWORK_CONFIG
+        );
         let c = parse(r#"{"cniVersions":["0.4.0","1.0.0","9.0.0"]}"#).unwrap();
         assert_eq!(c.cni_version, CniVersion::V1_0_0);
     }

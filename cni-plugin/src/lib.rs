@@ -7,9 +7,18 @@
 //! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace;
 //! [`plugin`] wires the verbs together.
 
+pub mod apply;
 pub mod cni;
 pub mod config;
+pub mod error;
+pub mod logging;
+pub mod netns;
 pub mod plan;
+pub mod plugin;
 pub mod pod;
 pub mod redirect;
+pub mod routing;
 pub mod rules;
+pub mod validate;
+
+pub use error::Error;

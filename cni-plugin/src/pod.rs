@@ -126,7 +126,9 @@ pub fn pre_api(conf: &NetConf, args: &CniArgs) -> Result<PodRef, Skip> {
 /// Decision step 5: whether a pod read from the API gets sidecar rules.
 pub fn decide(pod: &Pod) -> Result<MeshedPod, Skip> {
     let spec = pod.spec.as_ref();
-    let init = spec.and_then(|s| s.init_containers.as_deref()).unwrap_or(&[]);
+    let init = spec
+        .and_then(|s| s.init_containers.as_deref())
+        .unwrap_or(&[]);
     let main = spec.map(|s| s.containers.as_slice()).unwrap_or(&[]);
     if init.iter().any(|c| c.name == ISTIO_INIT) {
         return Err(Skip::HasIstioInit);
@@ -322,16 +324,28 @@ mod tests {
     #[test]
     fn pre_api_steps_in_order() {
         let c = conf();
-        assert_eq!(pre_api(&c, &args("K8S_POD_NAME=x")), Err(Skip::NotKubernetes));
         assert_eq!(
-            pre_api(&c, &args("K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=istio-cni-node-abcde")),
+            pre_api(&c, &args("K8S_POD_NAME=x")),
+            Err(Skip::NotKubernetes)
+        );
+        assert_eq!(
+            pre_api(
+                &c,
+                &args("K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=istio-cni-node-abcde")
+            ),
             Err(Skip::NodeAgent)
         );
         assert_eq!(
-            pre_api(&c, &args("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns")),
+            pre_api(
+                &c,
+                &args("K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns")
+            ),
             Err(Skip::ExcludedNamespace)
         );
-        let r = pre_api(&c, &args("K8S_POD_NAME=istio-cni-node-x;K8S_POD_NAMESPACE=default"));
+        let r = pre_api(
+            &c,
+            &args("K8S_POD_NAME=istio-cni-node-x;K8S_POD_NAMESPACE=default"),
+        );
         assert_eq!(r.unwrap().to_string(), "default/istio-cni-node-x");
     }
 
@@ -354,11 +368,15 @@ mod tests {
         let no_status = pod(json!({"metadata": {"name": "p"},
             "spec": {"containers": [{"name": "istio-proxy"}]}}));
         assert_eq!(decide(&no_status), Err(Skip::NotInjected));
-        let plain = pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}));
+        let plain =
+            pod(json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app"}]}}));
         assert_eq!(decide(&plain), Err(Skip::NoSidecar));
         let gw = injected(json!({}), json!({"args": ["proxy", "router"]}));
         assert_eq!(decide(&gw), Err(Skip::NotSidecarProxy("router".into())));
-        let off = injected(json!({}), json!({"env": [{"name": "DISABLE_ENVOY", "value": "true"}]}));
+        let off = injected(
+            json!({}),
+            json!({"env": [{"name": "DISABLE_ENVOY", "value": "true"}]}),
+        );
         assert_eq!(decide(&off), Err(Skip::EnvoyDisabled));
         let label_off = injected(
             json!({"labels": {"sidecar.istio.io/inject": "false"},
@@ -375,19 +393,26 @@ mod tests {
             json!({"annotations": {"sidecar.istio.io/status": "{}", "sidecar.istio.io/inject": "maybe"}}),
             json!({}),
         );
-        assert!(decide(&garbage).is_ok(), "an unparsable inject value does not exclude");
+        assert!(
+            decide(&garbage).is_ok(),
+            "an unparsable inject value does not exclude"
+        );
         let mut init = injected(json!({}), json!({}));
         init.spec.as_mut().unwrap().init_containers =
-            Some(vec![serde_json::from_value(json!({"name": "istio-init"})).unwrap()]);
+            Some(vec![
+                serde_json::from_value(json!({"name": "istio-init"})).unwrap()
+            ]);
         assert_eq!(decide(&init), Err(Skip::HasIstioInit));
     }
 
     #[test]
     fn native_sidecar_in_init_containers() {
-        let p = pod(json!({"metadata": {"name": "p", "annotations": {"sidecar.istio.io/status": "{}"}},
+        let p = pod(
+            json!({"metadata": {"name": "p", "annotations": {"sidecar.istio.io/status": "{}"}},
             "spec": {"initContainers": [{"name": "istio-proxy", "restartPolicy": "Always",
                                           "args": ["proxy", "sidecar"]}],
-                     "containers": [{"name": "app"}]}}));
+                     "containers": [{"name": "app"}]}}),
+        );
         assert!(decide(&p).is_ok());
     }
 }

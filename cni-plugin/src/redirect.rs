@@ -102,10 +102,9 @@ impl InterfaceName {
         if name == "." || name == ".." {
             return Err(format!("{name:?} is not a valid interface name"));
         }
-        if let Some(c) = name
-            .chars()
-            .find(|c| !c.is_ascii_graphic() || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | '!'))
-        {
+        if let Some(c) = name.chars().find(|c| {
+            !c.is_ascii_graphic() || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | '!')
+        }) {
             return Err(format!("interface name {name:?} contains {c:?}"));
         }
         Ok(InterfaceName(name.to_owned()))
@@ -367,7 +366,10 @@ mod tests {
         assert_eq!(r.include_inbound_ports, PortSet::List(vec![]));
         assert_eq!(
             r.include_outbound_ip_ranges,
-            IpRanges::List(vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()])
+            IpRanges::List(vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ])
         );
         assert_eq!(r.exclude_interfaces.len(), 2);
         assert_eq!(r.reroute_virtual_interfaces[0].as_str(), "k1");
@@ -396,14 +398,30 @@ mod tests {
             (ANNOT_EXCLUDE_INBOUND_PORTS, "0", "\"0\""),
             (ANNOT_EXCLUDE_INBOUND_PORTS, "65536", "\"65536\""),
             (ANNOT_EXCLUDE_INBOUND_PORTS, "+80", "\"+80\""),
-            (ANNOT_EXCLUDE_OUTBOUND_PORTS, "80 -j ACCEPT", "\"80 -j ACCEPT\""),
+            (
+                ANNOT_EXCLUDE_OUTBOUND_PORTS,
+                "80 -j ACCEPT",
+                "\"80 -j ACCEPT\"",
+            ),
             (ANNOT_INCLUDE_OUTBOUND_PORTS, "*", "`*`"),
             (ANNOT_INCLUDE_INBOUND_PORTS, "80,*", "`*`"),
             (ANNOT_EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.1", "\"10.0.0.1\""),
-            (ANNOT_EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "\"10.0.0.0/33\""),
-            (ANNOT_INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8\nCOMMIT", "COMMIT"),
+            (
+                ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.0/33",
+                "\"10.0.0.0/33\"",
+            ),
+            (
+                ANNOT_INCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.0/8\nCOMMIT",
+                "COMMIT",
+            ),
             (ANNOT_EXCLUDE_INTERFACES, "eth0 -j DROP", "' '"),
-            (ANNOT_EXCLUDE_INTERFACES, "averyveryverylongname", "15 bytes"),
+            (
+                ANNOT_EXCLUDE_INTERFACES,
+                "averyveryverylongname",
+                "15 bytes",
+            ),
             (ANNOT_EXCLUDE_INTERFACES, "eth\"0", "'\"'"),
             (ANNOT_EXCLUDE_INTERFACES, "..", "\"..\""),
             (ANNOT_INTERCEPTION_MODE, "redirect", "\"redirect\""),

@@ -23,7 +23,11 @@ fn tables(text: &str) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current: Option<String> = None;
     for line in text.lines().map(str::trim) {
-        if line.is_empty() || line == "iptables-save" || line == "ip6tables-save" || line.starts_with('#') {
+        if line.is_empty()
+            || line == "iptables-save"
+            || line == "ip6tables-save"
+            || line.starts_with('#')
+        {
             continue;
         }
         if let Some(t) = line.strip_prefix('*') {
@@ -34,7 +38,9 @@ fn tables(text: &str) -> BTreeMap<String, Vec<String>> {
         } else if line == "COMMIT" {
             current = None;
         } else {
-            let t = current.as_ref().unwrap_or_else(|| panic!("line outside a table: {line}"));
+            let t = current
+                .as_ref()
+                .unwrap_or_else(|| panic!("line outside a table: {line}"));
             out.get_mut(t).unwrap().push(line.to_owned());
         }
     }
@@ -55,20 +61,36 @@ fn all_upstream_cases_match() {
         })
         .collect();
     cases.sort();
-    assert_eq!(cases.len(), 9, "expected nine conformance cases in {}", dir.display());
+    assert_eq!(
+        cases.len(),
+        9,
+        "expected nine conformance cases in {}",
+        dir.display()
+    );
     let mut failures = Vec::new();
     for case in &cases {
-        let pod = serde_json::from_slice(&std::fs::read(dir.join(format!("{case}.pod.json"))).unwrap()).unwrap();
+        let pod =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("{case}.pod.json"))).unwrap())
+                .unwrap();
         let expected = std::fs::read_to_string(dir.join(format!("{case}.rules"))).unwrap();
         let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
             failures.push(format!("{case}: pod was skipped"));
             continue;
         };
-        assert!(ruleset.family(Family::V6).is_none(), "{case}: no IPv6 address, no IPv6 rules");
+        assert!(
+            ruleset.family(Family::V6).is_none(),
+            "{case}: no IPv6 address, no IPv6 rules"
+        );
         let got = ruleset.family(Family::V4).unwrap().restore_text();
         if tables(&got) != tables(&expected) {
             failures.push(format!("{case}:\n--- expected\n{expected}\n--- got\n{got}"));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }

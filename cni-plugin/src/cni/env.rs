@@ -140,7 +140,10 @@ impl CniArgs {
 
     /// The value of `key`, if present and non-empty.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -181,10 +184,18 @@ mod tests {
         );
         assert!(env(&[("CNI_COMMAND", "VERSION")]).is_ok());
         assert_eq!(
-            env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")]),
+            env(&[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c"),
+                ("CNI_IFNAME", "eth0")
+            ]),
             Err(EnvError::Missing("CNI_NETNS"))
         );
-        let del = env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c"), ("CNI_IFNAME", "eth0")]);
+        let del = env(&[
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
         assert_eq!(del.unwrap().netns, None);
     }
 }

@@ -40,8 +40,6 @@ impl ErrorCode {
     pub const APPLY_FAILED: ErrorCode = ErrorCode(103);
     /// 104: the rules were written but validation (read-back or probe) failed.
     pub const VALIDATION_FAILED: ErrorCode = ErrorCode(104);
-    /// 105: an unsupported feature was requested (e.g. `native_nftables`).
-    pub const NOT_SUPPORTED: ErrorCode = ErrorCode(105);
 }
 
 /// The JSON object a plugin prints on stdout when a verb fails (CNI spec 1.1.0, "Error").

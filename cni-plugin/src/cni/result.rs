@@ -87,7 +87,10 @@ mod tests {
         assert_eq!(out["custom"], json!({"kept": true}));
         assert_eq!(out["routes"], prev_v1()["routes"]);
         let keys: Vec<_> = out.as_object().unwrap().keys().cloned().collect();
-        assert_eq!(keys, ["cniVersion", "interfaces", "ips", "routes", "dns", "custom"]);
+        assert_eq!(
+            keys,
+            ["cniVersion", "interfaces", "ips", "routes", "dns", "custom"]
+        );
     }
 
     #[test]
@@ -109,7 +112,13 @@ mod tests {
     #[test]
     fn pod_ips_from_prev() {
         let ips = pod_ips(Some(&prev_v1()));
-        assert_eq!(ips, ["10.0.0.2".parse::<IpAddr>().unwrap(), "fd00::2".parse().unwrap()]);
+        assert_eq!(
+            ips,
+            [
+                "10.0.0.2".parse::<IpAddr>().unwrap(),
+                "fd00::2".parse().unwrap()
+            ]
+        );
         assert!(pod_ips(Some(&json!({"ips": [{"address": "junk"}]}))).is_empty());
         assert!(pod_ips(None).is_empty());
     }

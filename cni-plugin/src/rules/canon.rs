@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use ipnet::IpNet;
 
-use super::Family;
+use super::{Family, Table};
 
 /// A rule in canonical form. Two rules are the same rule iff their canonical forms are
 /// equal. The chain is part of the rule; an insert position is not.
@@ -22,11 +22,14 @@ pub struct CanonRule {
     pub chain: String,
     /// Base matches (`-s -d -i -o -p`) → (negated, canonical value).
     base: BTreeMap<&'static str, (bool, String)>,
-    /// Match modules in order, each with its options → (negated, value).
-    matches: Vec<(String, BTreeMap<String, (bool, Option<String>)>)>,
+    /// Match modules in order.
+    matches: Vec<(String, MatchOptions)>,
     /// The target (`-j`) and its options.
     target: Option<(String, BTreeMap<String, Option<String>>)>,
 }
+
+/// A match module's options → (negated, value).
+type MatchOptions = BTreeMap<String, (bool, Option<String>)>;
 
 /// A rule line that is not iptables rule syntax.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -81,10 +84,13 @@ impl CanonRule {
                 "-A" | "--append" | "-I" | "--insert" => {
                     rule.chain = value_at(i).ok_or_else(|| err("no chain after -A/-I".into()))?;
                     i += 1;
-                    if tok.starts_with("-I") || tok == "--insert" {
-                        if tokens.get(i).is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit())) {
-                            i += 1;
-                        }
+                    let is_insert = tok == "-I" || tok == "--insert";
+                    if is_insert
+                        && tokens
+                            .get(i)
+                            .is_some_and(|t| t.bytes().all(|b| b.is_ascii_digit()))
+                    {
+                        i += 1;
                     }
                 }
                 "-s" | "--source" | "-d" | "--destination" | "-i" | "--in-interface" | "-o"
@@ -148,6 +154,11 @@ impl CanonRule {
         fill_target_defaults(&mut rule, family);
         Ok(rule)
     }
+
+    /// The target (`-j`) name, if any.
+    pub fn target_name(&self) -> Option<&str> {
+        self.target.as_ref().map(|(n, _)| n.as_str())
+    }
 }
 
 fn base_key(tok: &str) -> &'static str {
@@ -194,7 +205,8 @@ fn fill_target_defaults(rule: &mut CanonRule, family: Family) {
                 Family::V4 => "0.0.0.0",
                 Family::V6 => "::",
             };
-            opts.entry("--on-ip".into()).or_insert_with(|| Some(any.into()));
+            opts.entry("--on-ip".into())
+                .or_insert_with(|| Some(any.into()));
         }
         "CONNMARK" if opts.contains_key("--save-mark") || opts.contains_key("--restore-mark") => {
             opts.entry("--nfmask".into()).or_insert_with(all_ones);
@@ -228,7 +240,8 @@ fn canon_net(v: &str, family: Family) -> Result<String, String> {
     let net = match v.parse::<IpNet>() {
         Ok(n) => n,
         Err(_) => {
-            let addr: std::net::IpAddr = v.parse().map_err(|_| format!("{v:?} is not an address"))?;
+            let addr: std::net::IpAddr =
+                v.parse().map_err(|_| format!("{v:?} is not an address"))?;
             IpNet::from(addr)
         }
     };
@@ -279,6 +292,72 @@ fn tokenize(line: &str) -> Vec<String> {
     out
 }
 
+/// One rule as `iptables-save` printed it, with its canonical form when it parses.
+#[derive(Debug, Clone)]
+pub struct SavedRule {
+    /// The line as printed (`-A CHAIN …`).
+    pub line: String,
+    /// Its canonical form; `None` for rules of other software that we cannot read.
+    pub canon: Option<CanonRule>,
+}
+
+/// The rules of one family as `iptables-save` printed them: table → chain → rules, for the
+/// tables this plugin writes ([`Table::ALL`]). Declared chains without rules are present
+/// with no rules.
+#[derive(Debug, Clone, Default)]
+pub struct SavedTables {
+    tables: BTreeMap<Table, BTreeMap<String, Vec<SavedRule>>>,
+}
+
+impl SavedTables {
+    /// Parses `iptables-save` output of `family`. Tables we never write are skipped.
+    pub fn parse(text: &str, family: Family) -> SavedTables {
+        let mut out = SavedTables::default();
+        let mut table: Option<Table> = None;
+        for line in text.lines().map(str::trim) {
+            if let Some(name) = line.strip_prefix('*') {
+                table = Table::from_name(name.trim());
+                continue;
+            }
+            let Some(t) = table else { continue };
+            let chains = out.tables.entry(t).or_default();
+            if let Some(decl) = line.strip_prefix(':') {
+                let chain = decl.split_whitespace().next().unwrap_or_default();
+                chains.entry(chain.to_owned()).or_default();
+            } else if line.starts_with("-A ") {
+                let canon = CanonRule::parse(line, family).ok();
+                let chain = line.split_whitespace().nth(1).unwrap_or_default();
+                chains.entry(chain.to_owned()).or_default().push(SavedRule {
+                    line: line.to_owned(),
+                    canon,
+                });
+            }
+        }
+        out
+    }
+
+    /// The chains of `table` (empty when the table is not loaded).
+    pub fn chains(&self, table: Table) -> impl Iterator<Item = (&str, &[SavedRule])> {
+        self.tables
+            .get(&table)
+            .into_iter()
+            .flatten()
+            .map(|(c, r)| (c.as_str(), r.as_slice()))
+    }
+
+    /// The rules of `chain` in `table`, or `None` when the chain does not exist.
+    pub fn chain(&self, table: Table, chain: &str) -> Option<&[SavedRule]> {
+        self.tables.get(&table)?.get(chain).map(Vec::as_slice)
+    }
+
+    /// Whether any of our chains (`ISTIO_*`) exists in any table.
+    pub fn has_own_chains(&self) -> bool {
+        Table::ALL
+            .into_iter()
+            .any(|t| self.chains(t).any(|(c, _)| super::is_own_chain(c)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,15 +406,29 @@ mod tests {
             "-A ISTIO_OUTPUT_DNS -p udp -m udp --dport 53 -j REDIRECT --to-ports 15053",
             V4,
         );
-        same("-A ISTIO_OUTPUT -d 10.1.2.3/8 -j RETURN", "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN", V4);
-        same("-A X -s 127.0.0.6 -j RETURN", "-A X -s 127.0.0.6/32 -j RETURN", V4);
+        same(
+            "-A ISTIO_OUTPUT -d 10.1.2.3/8 -j RETURN",
+            "-A ISTIO_OUTPUT -d 10.0.0.0/8 -j RETURN",
+            V4,
+        );
+        same(
+            "-A X -s 127.0.0.6 -j RETURN",
+            "-A X -s 127.0.0.6/32 -j RETURN",
+            V4,
+        );
     }
 
     #[test]
     fn differences_are_seen() {
         let p = |s| CanonRule::parse(s, Family::V4).unwrap();
-        assert_ne!(p("-A X -p tcp --dport 1 -j RETURN"), p("-A X -p tcp ! --dport 1 -j RETURN"));
-        assert_ne!(p("-A X -j MARK --set-mark 1337"), p("-A X -j MARK --set-mark 1338"));
+        assert_ne!(
+            p("-A X -p tcp --dport 1 -j RETURN"),
+            p("-A X -p tcp ! --dport 1 -j RETURN")
+        );
+        assert_ne!(
+            p("-A X -j MARK --set-mark 1337"),
+            p("-A X -j MARK --set-mark 1338")
+        );
         assert_ne!(p("-A X -j RETURN"), p("-A Y -j RETURN"));
         assert_ne!(
             p("-A X -m owner --uid-owner 1 -m mark --mark 1 -j RETURN"),
@@ -353,6 +446,9 @@ mod tests {
 
     #[test]
     fn quoted_comments() {
-        assert_eq!(tokenize(r#"-A X -m comment --comment "a \"b\" c" -j RETURN"#)[5], r#"a "b" c"#);
+        assert_eq!(
+            tokenize(r#"-A X -m comment --comment "a \"b\" c" -j RETURN"#)[5],
+            r#"a "b" c"#
+        );
     }
 }

@@ -77,7 +77,10 @@ pub fn build(redirect: &Redirect, ipv6: bool) -> Ruleset {
     }
     Ruleset {
         families,
-        tproxy_routing: redirect.mode == InterceptionMode::Tproxy,
+        // As upstream: no inbound capture, no TPROXY routing.
+        tproxy_routing: redirect.mode == InterceptionMode::Tproxy
+            && redirect.include_inbound_ports != PortSet::List(Vec::new()),
+        proxy_uid: redirect.proxy_uid,
     }
 }
 
@@ -153,16 +156,34 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
     }
 
     let tunnel = INBOUND_TUNNEL_PORT;
-    b.append(Nat, ISTIO_INBOUND, args!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"]);
+    b.append(
+        Nat,
+        ISTIO_INBOUND,
+        args!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"],
+    );
     b.append(
         Nat,
         ISTIO_REDIRECT,
-        args!["-p", "tcp", "-j", "REDIRECT", "--to-ports", OUTBOUND_CAPTURE_PORT],
+        args![
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            OUTBOUND_CAPTURE_PORT
+        ],
     );
     b.append(
         Nat,
         ISTIO_IN_REDIRECT,
-        args!["-p", "tcp", "-j", "REDIRECT", "--to-ports", INBOUND_CAPTURE_PORT],
+        args![
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            INBOUND_CAPTURE_PORT
+        ],
     );
 
     inbound(&mut b, r, addrs);
@@ -170,8 +191,16 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
     // Outbound.
     b.append(Nat, "OUTPUT", args!["-j", ISTIO_OUTPUT]);
     for p in &r.exclude_outbound_ports {
-        b.append(Nat, ISTIO_OUTPUT, args!["-p", "tcp", "--dport", p, "-j", "RETURN"]);
-        b.append(Nat, ISTIO_OUTPUT, args!["-p", "udp", "--dport", p, "-j", "RETURN"]);
+        b.append(
+            Nat,
+            ISTIO_OUTPUT,
+            args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
+        );
+        b.append(
+            Nat,
+            ISTIO_OUTPUT,
+            args!["-p", "udp", "--dport", p, "-j", "RETURN"],
+        );
     }
     b.append(
         Nat,
@@ -192,39 +221,108 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
         b.append(
             Nat,
             ISTIO_OUTPUT,
-            args!["-o", "lo", "!", "-d", addrs.loopback, "-p", "tcp", "-m", "multiport", "!",
-                "--dports", not_dns_or_tunnel, "-m", "owner", "--uid-owner", uid, "-j",
-                ISTIO_IN_REDIRECT],
+            args![
+                "-o",
+                "lo",
+                "!",
+                "-d",
+                addrs.loopback,
+                "-p",
+                "tcp",
+                "-m",
+                "multiport",
+                "!",
+                "--dports",
+                not_dns_or_tunnel,
+                "-m",
+                "owner",
+                "--uid-owner",
+                uid,
+                "-j",
+                ISTIO_IN_REDIRECT
+            ],
         );
     } else {
         b.append(
             Nat,
             ISTIO_OUTPUT,
-            args!["-o", "lo", "!", "-d", addrs.loopback, "-p", "tcp", "!", "--dport", tunnel,
-                "-m", "owner", "--uid-owner", uid, "-j", ISTIO_IN_REDIRECT],
+            args![
+                "-o",
+                "lo",
+                "!",
+                "-d",
+                addrs.loopback,
+                "-p",
+                "tcp",
+                "!",
+                "--dport",
+                tunnel,
+                "-m",
+                "owner",
+                "--uid-owner",
+                uid,
+                "-j",
+                ISTIO_IN_REDIRECT
+            ],
         );
     }
     lo_return_unless_owner(&mut b, include_has_loopback, dns, "--uid-owner", uid);
-    b.append(Nat, ISTIO_OUTPUT, args!["-m", "owner", "--uid-owner", uid, "-j", "RETURN"]);
     b.append(
         Nat,
         ISTIO_OUTPUT,
-        args!["-o", "lo", "!", "-d", addrs.loopback, "-p", "tcp", "!", "--dport", tunnel, "-m",
-            "owner", "--gid-owner", gid, "-j", ISTIO_IN_REDIRECT],
+        args!["-m", "owner", "--uid-owner", uid, "-j", "RETURN"],
+    );
+    b.append(
+        Nat,
+        ISTIO_OUTPUT,
+        args![
+            "-o",
+            "lo",
+            "!",
+            "-d",
+            addrs.loopback,
+            "-p",
+            "tcp",
+            "!",
+            "--dport",
+            tunnel,
+            "-m",
+            "owner",
+            "--gid-owner",
+            gid,
+            "-j",
+            ISTIO_IN_REDIRECT
+        ],
     );
     lo_return_unless_owner(&mut b, include_has_loopback, dns, "--gid-owner", gid);
-    b.append(Nat, ISTIO_OUTPUT, args!["-m", "owner", "--gid-owner", gid, "-j", "RETURN"]);
+    b.append(
+        Nat,
+        ISTIO_OUTPUT,
+        args!["-m", "owner", "--gid-owner", gid, "-j", "RETURN"],
+    );
 
     if dns {
         dns_capture(&mut b, uid, gid);
     }
 
-    b.append(Nat, ISTIO_OUTPUT, args!["-d", addrs.loopback, "-j", "RETURN"]);
-    for net in r.exclude_outbound_ip_ranges.iter().filter(|n| in_family(n, family)) {
+    b.append(
+        Nat,
+        ISTIO_OUTPUT,
+        args!["-d", addrs.loopback, "-j", "RETURN"],
+    );
+    for net in r
+        .exclude_outbound_ip_ranges
+        .iter()
+        .filter(|n| in_family(n, family))
+    {
         b.append(Nat, ISTIO_OUTPUT, args!["-d", net, "-j", "RETURN"]);
     }
     for p in &r.include_outbound_ports {
-        b.append(Nat, ISTIO_OUTPUT, args!["-p", "tcp", "--dport", p, "-j", ISTIO_REDIRECT]);
+        b.append(
+            Nat,
+            ISTIO_OUTPUT,
+            args!["-p", "tcp", "--dport", p, "-j", ISTIO_REDIRECT],
+        );
     }
     match &r.include_outbound_ip_ranges {
         IpRanges::All => {
@@ -265,14 +363,29 @@ fn inbound(b: &mut Builder, r: &Redirect, addrs: FamilyAddrs) {
     }
     let tproxy = r.mode == InterceptionMode::Tproxy;
     let table = if tproxy {
-        b.append(Mangle, ISTIO_DIVERT, args!["-j", "MARK", "--set-mark", TPROXY_MARK]);
+        b.append(
+            Mangle,
+            ISTIO_DIVERT,
+            args!["-j", "MARK", "--set-mark", TPROXY_MARK],
+        );
         b.append(Mangle, ISTIO_DIVERT, args!["-j", "ACCEPT"]);
         let mark = format!("{TPROXY_MARK}/0xffffffff");
         b.append(
             Mangle,
             ISTIO_TPROXY,
-            args!["!", "-d", addrs.loopback, "-p", "tcp", "-j", "TPROXY", "--tproxy-mark", mark,
-                "--on-port", INBOUND_CAPTURE_PORT],
+            args![
+                "!",
+                "-d",
+                addrs.loopback,
+                "-p",
+                "tcp",
+                "-j",
+                "TPROXY",
+                "--tproxy-mark",
+                mark,
+                "--on-port",
+                INBOUND_CAPTURE_PORT
+            ],
         );
         Mangle
     } else {
@@ -283,16 +396,28 @@ fn inbound(b: &mut Builder, r: &Redirect, addrs: FamilyAddrs) {
     match &r.include_inbound_ports {
         PortSet::All => {
             for p in &r.exclude_inbound_ports {
-                b.append(table, ISTIO_INBOUND, args!["-p", "tcp", "--dport", p, "-j", "RETURN"]);
+                b.append(
+                    table,
+                    ISTIO_INBOUND,
+                    args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
+                );
             }
             if tproxy {
                 let mut a = args!["-p", "tcp"];
                 a.extend(established.iter().map(|s| s.to_string()));
                 a.extend(args!["-j", ISTIO_DIVERT]);
                 b.append(Mangle, ISTIO_INBOUND, a);
-                b.append(Mangle, ISTIO_INBOUND, args!["-p", "tcp", "-j", ISTIO_TPROXY]);
+                b.append(
+                    Mangle,
+                    ISTIO_INBOUND,
+                    args!["-p", "tcp", "-j", ISTIO_TPROXY],
+                );
             } else {
-                b.append(Nat, ISTIO_INBOUND, args!["-p", "tcp", "-j", ISTIO_IN_REDIRECT]);
+                b.append(
+                    Nat,
+                    ISTIO_INBOUND,
+                    args!["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
+                );
             }
         }
         PortSet::List(ports) => {
@@ -326,8 +451,10 @@ fn lo_return_unless_owner(b: &mut Builder, include_loopback: bool, dns: bool, fl
         return;
     }
     let a = if dns {
-        args!["-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!", flag, id, "-j",
-            "RETURN"]
+        args![
+            "-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!", flag, id, "-j",
+            "RETURN"
+        ]
     } else {
         args!["-o", "lo", "-m", "owner", "!", flag, id, "-j", "RETURN"]
     };
@@ -343,13 +470,31 @@ fn dns_capture(b: &mut Builder, uid: u32, gid: u32) {
     b.append(
         Nat,
         ISTIO_OUTPUT_DNS,
-        args!["-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", DNS_CAPTURE_PORT],
+        args![
+            "-p",
+            "tcp",
+            "--dport",
+            "53",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            DNS_CAPTURE_PORT
+        ],
     );
     // Upstream spells this one `--to-port`; iptables accepts both.
     b.append(
         Nat,
         ISTIO_OUTPUT_DNS,
-        args!["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", DNS_CAPTURE_PORT],
+        args![
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "REDIRECT",
+            "--to-port",
+            DNS_CAPTURE_PORT
+        ],
     );
     for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
         b.append(
@@ -360,8 +505,20 @@ fn dns_capture(b: &mut Builder, uid: u32, gid: u32) {
         b.append(
             Raw,
             ISTIO_OUTPUT_DNS,
-            args!["-p", "udp", "--sport", DNS_CAPTURE_PORT, "-m", "owner", flag, id, "-j", "CT",
-                "--zone", 2],
+            args![
+                "-p",
+                "udp",
+                "--sport",
+                DNS_CAPTURE_PORT,
+                "-m",
+                "owner",
+                flag,
+                id,
+                "-j",
+                "CT",
+                "--zone",
+                2
+            ],
         );
     }
     b.append(Raw, "PREROUTING", args!["-j", ISTIO_INBOUND]);
@@ -384,43 +541,118 @@ fn tproxy_marks(b: &mut Builder, addrs: FamilyAddrs, uid: u32, gid: u32) {
     b.append(
         Mangle,
         "PREROUTING",
-        args!["-p", "tcp", "-m", "mark", "--mark", TPROXY_MARK, "-j", "CONNMARK", "--save-mark"],
+        args![
+            "-p",
+            "tcp",
+            "-m",
+            "mark",
+            "--mark",
+            TPROXY_MARK,
+            "-j",
+            "CONNMARK",
+            "--save-mark"
+        ],
     );
     b.append(
         Mangle,
         "OUTPUT",
-        args!["-p", "tcp", "-o", "lo", "-m", "mark", "--mark", TPROXY_MARK, "-j", "RETURN"],
+        args![
+            "-p",
+            "tcp",
+            "-o",
+            "lo",
+            "-m",
+            "mark",
+            "--mark",
+            TPROXY_MARK,
+            "-j",
+            "RETURN"
+        ],
     );
     for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
         b.append(
             Mangle,
             "OUTPUT",
-            args!["!", "-d", addrs.loopback, "-p", "tcp", "-o", "lo", "-m", "owner", flag, id,
-                "-j", "MARK", "--set-mark", OUTBOUND_MARK],
+            args![
+                "!",
+                "-d",
+                addrs.loopback,
+                "-p",
+                "tcp",
+                "-o",
+                "lo",
+                "-m",
+                "owner",
+                flag,
+                id,
+                "-j",
+                "MARK",
+                "--set-mark",
+                OUTBOUND_MARK
+            ],
         );
     }
     b.append(
         Mangle,
         "OUTPUT",
-        args!["-p", "tcp", "-m", "connmark", "--mark", TPROXY_MARK, "-j", "CONNMARK",
-            "--restore-mark"],
+        args![
+            "-p",
+            "tcp",
+            "-m",
+            "connmark",
+            "--mark",
+            TPROXY_MARK,
+            "-j",
+            "CONNMARK",
+            "--restore-mark"
+        ],
     );
     b.insert(
         Mangle,
         ISTIO_INBOUND,
         1,
-        args!["-p", "tcp", "-m", "mark", "--mark", TPROXY_MARK, "-j", "RETURN"],
+        args![
+            "-p",
+            "tcp",
+            "-m",
+            "mark",
+            "--mark",
+            TPROXY_MARK,
+            "-j",
+            "RETURN"
+        ],
     );
     b.insert(
         Mangle,
         ISTIO_INBOUND,
         2,
-        args!["-p", "tcp", "-s", addrs.passthrough, "-i", "lo", "-j", "RETURN"],
+        args![
+            "-p",
+            "tcp",
+            "-s",
+            addrs.passthrough,
+            "-i",
+            "lo",
+            "-j",
+            "RETURN"
+        ],
     );
     b.insert(
         Mangle,
         ISTIO_INBOUND,
         3,
-        args!["-p", "tcp", "-i", "lo", "-m", "mark", "!", "--mark", OUTBOUND_MARK, "-j", "RETURN"],
+        args![
+            "-p",
+            "tcp",
+            "-i",
+            "lo",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            OUTBOUND_MARK,
+            "-j",
+            "RETURN"
+        ],
     );
 }

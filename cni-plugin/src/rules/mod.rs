@@ -8,6 +8,7 @@
 
 pub mod canon;
 pub mod iptables;
+pub mod reconcile;
 
 use std::collections::BTreeMap;
 use std::fmt::{self, Write as _};
@@ -181,9 +182,11 @@ impl FamilyRules {
 pub struct Ruleset {
     /// Per family, IPv4 first.
     pub families: Vec<FamilyRules>,
-    /// TPROXY mode: `ip rule fwmark 1337 lookup 133` and a local default route in table
-    /// 133 are needed for each family.
+    /// TPROXY mode with inbound capture: `ip rule fwmark 1337 lookup 133` and a local
+    /// default route in table 133 are needed for each family (see [`crate::routing`]).
     pub tproxy_routing: bool,
+    /// The proxy's UID, exempt from capture; the validation probe connects as it.
+    pub proxy_uid: u32,
 }
 
 impl Ruleset {

@@ -1,0 +1,431 @@
+//! An in-repo fake Kubernetes API server, over real HTTP on loopback, for the real `kube`
+//! client of the plugin (and, later, of the node agent).
+//!
+//! It keeps objects as JSON in a store that honours the API's semantics where tests rely
+//! on them: every write bumps a global `resourceVersion`; `metadata.uid` and
+//! `creationTimestamp` are set on create; GET of a missing object is a 404 `Status`;
+//! create of an existing one is 409 `AlreadyExists`; an update whose `resourceVersion` does
+//! not match is 409 `Conflict`. Lists carry the list's `resourceVersion`.
+//!
+//! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
+//! [`FakeApi::stop`] closes the listener so that connections are refused.
+//!
+//! Routes (core group, `v1`), built so that later resources (nodes, events) slot in:
+//! `GET|PUT|DELETE /api/v1/namespaces/{ns}/{resource}/{name}`,
+//! `GET|POST /api/v1/namespaces/{ns}/{resource}`, `GET /api/v1/{resource}` (all
+//! namespaces), `GET|PUT|DELETE /api/v1/{resource}/{name}` (cluster-scoped).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::prelude::{Engine as _, BASE64_STANDARD};
+use serde_json::{json, Value};
+
+/// How every request misbehaves, until changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fault {
+    /// Serve normally.
+    #[default]
+    None,
+    /// Wait this long before answering.
+    Delay(Duration),
+    /// Answer with this HTTP status and a `Status` body.
+    Status(u16),
+}
+
+/// (resource, namespace or "" for cluster-scoped, name)
+type Key = (String, String, String);
+
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<Key, Value>,
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    resource_version: AtomicU64,
+    uid_counter: AtomicU64,
+    fault: Mutex<Fault>,
+    requests: AtomicUsize,
+}
+
+impl Shared {
+    fn next_rv(&self) -> String {
+        (self.resource_version.fetch_add(1, Ordering::SeqCst) + 1).to_string()
+    }
+}
+
+/// A running fake API server. Dropping it stops the server.
+pub struct FakeApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    ca_pem: String,
+}
+
+impl FakeApi {
+    /// Starts a server on `127.0.0.1` at a free port, on its own thread and runtime.
+    pub fn start() -> FakeApi {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        FakeApi::serve(listener)
+    }
+
+    /// Starts a server on an already bound listener, e.g. one bound inside a test netns
+    /// (the socket keeps its namespace, so the server answers only there).
+    pub fn serve(std_listener: std::net::TcpListener) -> FakeApi {
+        let shared = Arc::new(Shared {
+            store: Mutex::new(Store::default()),
+            resource_version: AtomicU64::new(1000),
+            uid_counter: AtomicU64::new(0),
+            fault: Mutex::new(Fault::None),
+            requests: AtomicUsize::new(0),
+        });
+        let app = router(shared.clone());
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("local addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .expect("serve");
+            });
+        });
+        // A real CA for the kubeconfig: kube then trusts only it, as it does with a real
+        // node agent's kubeconfig, instead of loading the OS trust store on every call.
+        let ca = rcgen::generate_simple_self_signed(vec!["fake-apiserver".into()]).expect("cert");
+        FakeApi {
+            addr,
+            shared,
+            shutdown: Some(tx),
+            thread: Some(thread),
+            ca_pem: ca.cert.pem(),
+        }
+    }
+
+    /// The server's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Writes a kubeconfig for this server into `dir` and returns its path.
+    pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let ca_b64 = BASE64_STANDARD.encode(self.ca_pem.as_bytes());
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n    certificate-authority-data: {ca_b64}\nusers:\n- name: plugin\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: plugin\ncurrent-context: fake\n",
+            self.addr
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+
+    /// Makes every following request misbehave (or behave again with [`Fault::None`]).
+    pub fn set_fault(&self, fault: Fault) {
+        *self.shared.fault.lock().unwrap() = fault;
+    }
+
+    /// How many requests the server has received.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// Creates or replaces a namespaced object (`resource` is the plural, e.g. `pods`),
+    /// filling `uid`, `resourceVersion` and `creationTimestamp`. Returns the stored object.
+    pub fn put(&self, resource: &str, obj: Value) -> Value {
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
+        let mut store = self.shared.store.lock().unwrap();
+        let key = (resource.to_owned(), ns, name);
+        let existing_uid = store
+            .objects
+            .get(&key)
+            .map(|o| o["metadata"]["uid"].clone());
+        let obj = stamp(&self.shared, obj, existing_uid);
+        store.objects.insert(key, obj.clone());
+        obj
+    }
+
+    /// Removes an object; true when it existed.
+    pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> bool {
+        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
+        let removed = self
+            .shared
+            .store
+            .lock()
+            .unwrap()
+            .objects
+            .remove(&key)
+            .is_some();
+        if removed {
+            self.shared.next_rv();
+        }
+        removed
+    }
+
+    /// Stops the server: further connections are refused.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stamp(shared: &Shared, mut obj: Value, existing_uid: Option<Value>) -> Value {
+    let meta = obj["metadata"].as_object_mut().expect("metadata object");
+    let uid = existing_uid.filter(|u| u.is_string()).unwrap_or_else(|| {
+        let n = shared.uid_counter.fetch_add(1, Ordering::SeqCst);
+        json!(format!("00000000-0000-4000-8000-{n:012}"))
+    });
+    meta.insert("uid".into(), uid);
+    meta.insert("resourceVersion".into(), json!(shared.next_rv()));
+    meta.entry("creationTimestamp")
+        .or_insert_with(|| json!("2026-01-01T00:00:00Z"));
+    obj
+}
+
+fn status(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    (code, Json(body)).into_response()
+}
+
+fn not_found(resource: &str, name: &str) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{resource} \"{name}\" not found"),
+    )
+}
+
+async fn apply_fault(shared: &Shared) -> Option<Response> {
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+    let fault = *shared.fault.lock().unwrap();
+    match fault {
+        Fault::None => None,
+        Fault::Delay(d) => {
+            tokio::time::sleep(d).await;
+            None
+        }
+        Fault::Status(code) => {
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some(status(code, "InternalError", "injected fault".into()))
+        }
+    }
+}
+
+type Shared_ = State<Arc<Shared>>;
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}/{name}",
+            get(get_namespaced)
+                .put(put_namespaced)
+                .delete(delete_namespaced),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/{resource}",
+            get(list_namespaced).post(create_namespaced),
+        )
+        .route("/api/v1/{resource}", get(list_all))
+        .route(
+            "/api/v1/{resource}/{name}",
+            get(get_cluster).put(put_cluster).delete(delete_cluster),
+        )
+        .with_state(shared)
+}
+
+fn get_obj(shared: &Shared, key: Key) -> Response {
+    match shared.store.lock().unwrap().objects.get(&key) {
+        Some(obj) => Json(obj.clone()).into_response(),
+        None => not_found(&key.0, &key.2),
+    }
+}
+
+fn list(shared: &Shared, resource: &str, ns: Option<&str>) -> Response {
+    let store = shared.store.lock().unwrap();
+    let items: Vec<Value> = store
+        .objects
+        .iter()
+        .filter(|((r, n, _), _)| r == resource && ns.is_none_or(|ns| ns == n))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let rv = shared.resource_version.load(Ordering::SeqCst).to_string();
+    Json(json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}))
+        .into_response()
+}
+
+fn create(shared: &Shared, resource: &str, ns: &str, mut obj: Value) -> Response {
+    let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name is required".into(),
+        );
+    };
+    if !ns.is_empty() {
+        obj["metadata"]["namespace"] = json!(ns);
+    }
+    let mut store = shared.store.lock().unwrap();
+    let key = (resource.to_owned(), ns.to_owned(), name.clone());
+    if store.objects.contains_key(&key) {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("{resource} \"{name}\" already exists"),
+        );
+    }
+    let obj = stamp(shared, obj, None);
+    store.objects.insert(key, obj.clone());
+    (StatusCode::CREATED, Json(obj)).into_response()
+}
+
+fn replace(shared: &Shared, key: Key, obj: Value) -> Response {
+    let mut store = shared.store.lock().unwrap();
+    let Some(existing) = store.objects.get(&key) else {
+        return not_found(&key.0, &key.2);
+    };
+    let sent_rv = obj["metadata"]["resourceVersion"].as_str();
+    if sent_rv.is_some_and(|rv| Some(rv) != existing["metadata"]["resourceVersion"].as_str()) {
+        return status(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again", key.0, key.2),
+        );
+    }
+    let uid = existing["metadata"]["uid"].clone();
+    let obj = stamp(shared, obj, Some(uid));
+    store.objects.insert(key, obj.clone());
+    Json(obj).into_response()
+}
+
+fn delete(shared: &Shared, key: Key) -> Response {
+    match shared.store.lock().unwrap().objects.remove(&key) {
+        Some(obj) => {
+            shared.next_rv();
+            Json(obj).into_response()
+        }
+        None => not_found(&key.0, &key.2),
+    }
+}
+
+async fn get_namespaced(
+    State(s): Shared_,
+    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    get_obj(&s, (r, ns, n))
+}
+
+async fn put_namespaced(
+    State(s): Shared_,
+    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
+    Json(obj): Json<Value>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    replace(&s, (r, ns, n), obj)
+}
+
+async fn delete_namespaced(
+    State(s): Shared_,
+    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    delete(&s, (r, ns, n))
+}
+
+async fn list_namespaced(
+    State(s): Shared_,
+    UrlPath((ns, r)): UrlPath<(String, String)>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    list(&s, &r, Some(&ns))
+}
+
+async fn create_namespaced(
+    State(s): Shared_,
+    UrlPath((ns, r)): UrlPath<(String, String)>,
+    Json(obj): Json<Value>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    create(&s, &r, &ns, obj)
+}
+
+async fn list_all(State(s): Shared_, UrlPath(r): UrlPath<String>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    list(&s, &r, None)
+}
+
+async fn get_cluster(State(s): Shared_, UrlPath((r, n)): UrlPath<(String, String)>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    get_obj(&s, (r, String::new(), n))
+}
+
+async fn put_cluster(
+    State(s): Shared_,
+    UrlPath((r, n)): UrlPath<(String, String)>,
+    Json(obj): Json<Value>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    replace(&s, (r, String::new(), n), obj)
+}
+
+async fn delete_cluster(State(s): Shared_, UrlPath((r, n)): UrlPath<(String, String)>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    delete(&s, (r, String::new(), n))
+}

@@ -1,0 +1,6 @@
+//! Test support for `istio-cni`: the in-repo fake Kubernetes API server, test network
+//! namespaces, and a libcni-like chain runner. The end-to-end tests live in `tests/`.
+
+pub mod chain;
+pub mod fake_api;
+pub mod net;
