@@ -6,7 +6,7 @@
 // A failure carries the plugin's whole output for the test report; its size does not matter.
 #![allow(clippy::result_large_err)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
@@ -16,20 +16,26 @@ use std::io::Write as _;
 pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 
 /// The `istio-cni` binary under test: `$ISTIO_CNI_BIN`, or `istio-cni` in the cargo target
-/// directory this test was built in (build it first: `cargo build`).
+/// directory the running test or tool was built in (build it first: `cargo build`).
 pub fn istio_cni_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("ISTIO_CNI_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("istio-cni");
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build` first",
-        bin.display()
-    );
-    bin
+    // Tests run from target/<profile>/deps, tools from target/<profile>.
+    let dir = exe.parent().expect("exe dir");
+    let found = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("istio-cni"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "istio-cni not found next to {}: run `cargo build` first",
+                exe.display()
+            )
+        });
+    found
 }
 
 /// A plugin of the chain failed.
@@ -91,6 +97,18 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// The loopback network a runtime sets up in every sandbox before the pod network
+    /// (containerd's `cni-loopback`).
+    pub fn loopback() -> Chain {
+        Chain {
+            name: "cni-loopback".into(),
+            cni_version: "1.0.0".into(),
+            plugins: vec![json!({"type": "loopback"})],
+            cni_path: vec![REFERENCE_PLUGIN_DIR.into()],
+            runtime_netns: None,
+        }
+    }
+
     /// ADD through every plugin; returns the final result.
     pub fn add(&self, a: &Attachment) -> Result<Value, PluginFailure> {
         let mut prev: Option<Value> = None;

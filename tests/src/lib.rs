@@ -4,3 +4,4 @@
 pub mod chain;
 pub mod fake_api;
 pub mod net;
+pub mod sandbox;

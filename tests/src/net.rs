@@ -33,26 +33,35 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// A named network namespace (`ip netns add`), with `lo` up and IPv6 duplicate address
-/// detection off (addresses are usable at once). Deleted on drop.
+/// A named network namespace (`ip netns add`) with IPv6 duplicate address detection off
+/// (addresses are usable at once). Deleted on drop.
 pub struct TestNetns {
     /// The `ip netns` name.
     pub name: String,
 }
 
 impl TestNetns {
-    /// Creates a namespace named from `prefix`.
+    /// Creates a namespace named from `prefix`, with `lo` up.
     pub fn new(prefix: &str) -> TestNetns {
+        let ns = TestNetns::bare(prefix);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Creates a namespace named from `prefix` with `lo` down, as a runtime creates a pod
+    /// sandbox's (the `loopback` plugin brings it up).
+    pub fn bare(prefix: &str) -> TestNetns {
         let name = unique_name(prefix);
         run(Command::new("ip").args(["netns", "add", &name]));
         let ns = TestNetns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        for key in [
-            "net.ipv6.conf.all.accept_dad",
-            "net.ipv6.conf.default.accept_dad",
-        ] {
-            ns.exec(&["sysctl", "-qw", &format!("{key}=0")]);
-        }
+        ns.open()
+            .run(|_| {
+                for conf in ["all", "default"] {
+                    let key = format!("/proc/sys/net/ipv6/conf/{conf}/accept_dad");
+                    std::fs::write(&key, "0").unwrap_or_else(|e| panic!("{key}: {e}"));
+                }
+            })
+            .expect("enter test netns");
         ns
     }
 

@@ -1,0 +1,25 @@
+# Entry points. Everything that touches network namespaces needs root.
+CARGO ?= cargo
+
+.PHONY: all build demo test lint bench e2e clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --bins
+
+## The main job on a built-in example: a demo pod netns with the chain, its rules, and a
+## redirected connection.
+demo: build
+	$(CARGO) run --quiet -p istio-cni-e2e --bin istio-cni-demo
+
+## Every test: unit, conformance (../shared/conformance), netns end to end.
+test: build
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean
