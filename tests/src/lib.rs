@@ -2,6 +2,7 @@
 //! namespaces, and a libcni-like chain runner. The end-to-end tests live in `tests/`.
 
 pub mod chain;
+pub mod cri;
 pub mod fake_api;
 pub mod net;
 pub mod sandbox;

@@ -1,0 +1,395 @@
+//! A real container runtime for tests: containerd (Debian `containerd` + `runc`) started
+//! inside a test netns with its own root, state, socket and CNI directories, a pause image
+//! built offline from Debian's `busybox-static`, and a CRI client over the unix socket
+//! (`k8s-cri`, i.e. what kubelet speaks).
+//!
+//! Everything lives under one temp dir and is torn down on drop: sandboxes are stopped
+//! and removed through CRI first (so no shim or netns outlives the test), then containerd
+//! is stopped.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
+    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::net::TestNetns;
+
+/// Name of the pause image the test imports.
+pub const PAUSE_IMAGE: &str = "docker.io/istio-cni-test/pause:1";
+/// The busybox binary the pause image is built from.
+pub const BUSYBOX: &str = "/bin/busybox";
+/// containerd's CRI namespace.
+const CRI_NAMESPACE: &str = "k8s.io";
+
+/// A containerd instance with the CRI plugin.
+pub struct Containerd {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    rt: tokio::runtime::Runtime,
+    client: RuntimeServiceClient<Channel>,
+}
+
+/// A sandbox created through CRI.
+#[derive(Debug, Clone)]
+pub struct PodSandbox {
+    /// The CRI sandbox ID.
+    pub id: String,
+    /// Its network namespace path, from the sandbox's runtime spec.
+    pub netns: PathBuf,
+}
+
+impl Containerd {
+    /// Starts containerd inside `netns` (its CNI plugins run there), with the CNI
+    /// configuration files `conf_files` (name → content) and the plugin binaries `bins`
+    /// (linked into its CNI bin dir), then imports the pause image.
+    ///
+    /// Panics with containerd's log when it does not come up within 30 s.
+    pub fn start(netns: &TestNetns, conf_files: &[(&str, String)], bins: &[PathBuf]) -> Containerd {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        for sub in ["bin", "net.d", "root", "state", "runc", "logs", "opt"] {
+            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+        }
+        for bin in bins {
+            let name = bin.file_name().expect("binary name");
+            std::os::unix::fs::symlink(bin, d.join("bin").join(name)).expect("link plugin");
+        }
+        for (name, content) in conf_files {
+            std::fs::write(d.join("net.d").join(name), content).expect("write CNI conf");
+        }
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{runc}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{bin}"
+    conf_dir = "{netd}"
+    max_conf_num = 1
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = d.join("containerd.sock").display(),
+            opt = d.join("opt").display(),
+            runc = d.join("runc").display(),
+            bin = d.join("bin").display(),
+            netd = d.join("net.d").display(),
+        );
+        std::fs::write(d.join("config.toml"), config).expect("write config");
+        let log = std::fs::File::create(d.join("containerd.log")).expect("log file");
+        let child = netns
+            .open()
+            .run(|_| {
+                Command::new("containerd")
+                    .arg("--config")
+                    .arg(d.join("config.toml"))
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().expect("log fd"))
+                    .stderr(log)
+                    .spawn()
+            })
+            .expect("enter netns")
+            .expect("spawn containerd (is the containerd package installed?)");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let sock = d.join("containerd.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not start:\n{}",
+                std::fs::read_to_string(d.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let client = rt.block_on(connect(sock.clone()));
+        let mut c = Containerd {
+            dir,
+            child: Some(child),
+            rt,
+            client,
+        };
+        c.import_pause_image();
+        c
+    }
+
+    /// The temp dir holding everything (config, log, state).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// containerd's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("containerd.log")).unwrap_or_default()
+    }
+
+    fn import_pause_image(&mut self) {
+        let archive = self.dir().join("pause.tar");
+        write_pause_image(&archive);
+        let out = Command::new("ctr")
+            .arg("--address")
+            .arg(self.dir().join("containerd.sock"))
+            .args(["--namespace", CRI_NAMESPACE, "images", "import"])
+            .arg(&archive)
+            .output()
+            .expect("run ctr");
+        assert!(
+            out.status.success(),
+            "ctr images import failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `RunPodSandbox` for a pod `namespace/name` with `uid`, in its own network namespace.
+    ///
+    /// Errors: the CRI status (for example a CNI ADD failure) as text.
+    pub fn run_pod_sandbox(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Result<PodSandbox, String> {
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: uid.into(),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: self.dir().join("logs").display().to_string(),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: NamespaceMode::Pod as i32,
+                        pid: NamespaceMode::Pod as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let req = RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        };
+        let id = self
+            .rt
+            .block_on(self.client.run_pod_sandbox(req))
+            .map_err(|s| s.message().to_owned())?
+            .into_inner()
+            .pod_sandbox_id;
+        let status = self
+            .rt
+            .block_on(self.client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: true,
+            }))
+            .map_err(|s| s.message().to_owned())?
+            .into_inner();
+        let info: Value =
+            serde_json::from_str(status.info.get("info").map(String::as_str).unwrap_or("{}"))
+                .map_err(|e| format!("sandbox info: {e}"))?;
+        let netns = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["type"] == "network")
+            .and_then(|n| n["path"].as_str())
+            .ok_or_else(|| format!("no network namespace in sandbox info {info}"))?;
+        Ok(PodSandbox {
+            id,
+            netns: netns.into(),
+        })
+    }
+
+    /// `StopPodSandbox` (runs CNI DEL).
+    ///
+    /// Errors: the CRI status as text.
+    pub fn stop_pod_sandbox(&mut self, id: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }))
+            .map(drop)
+            .map_err(|s| s.message().to_owned())
+    }
+
+    /// `RemovePodSandbox`.
+    ///
+    /// Errors: the CRI status as text.
+    pub fn remove_pod_sandbox(&mut self, id: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }))
+            .map(drop)
+            .map_err(|s| s.message().to_owned())
+    }
+
+    /// IDs of every sandbox containerd knows.
+    pub fn list_pod_sandboxes(&mut self) -> Vec<String> {
+        self.rt
+            .block_on(
+                self.client
+                    .list_pod_sandbox(ListPodSandboxRequest { filter: None }),
+            )
+            .map(|r| r.into_inner().items.into_iter().map(|s| s.id).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        for id in self.list_pod_sandboxes() {
+            let _ = self.stop_pod_sandbox(&id);
+            let _ = self.remove_pod_sandbox(&id);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn connect(sock: PathBuf) -> RuntimeServiceClient<Channel> {
+    let channel = Endpoint::try_from("http://[::]:50051")
+        .expect("endpoint")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let sock = sock.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(sock).await?))
+            }
+        }))
+        .await
+        .expect("connect to the CRI socket");
+    RuntimeServiceClient::new(channel)
+}
+
+/// Writes an OCI image archive (`oci-layout`, `index.json`, blobs) for [`PAUSE_IMAGE`]: one
+/// uncompressed layer with busybox, whose shell waits for SIGTERM.
+pub fn write_pause_image(path: &Path) {
+    let busybox = std::fs::read(BUSYBOX)
+        .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install busybox-static)"));
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(busybox.len() as u64);
+    header.set_mode(0o755);
+    header.set_cksum();
+    layer
+        .append_data(&mut header, "bin/busybox", busybox.as_slice())
+        .expect("layer");
+    let layer = layer.into_inner().expect("layer tar");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let config = json!({
+        "architecture": arch, "os": "linux",
+        "config": {"Entrypoint": ["/bin/busybox", "sh", "-c",
+            "trap 'exit 0' TERM INT; while :; do /bin/busybox sleep 3600 & wait $!; done"]},
+        "rootfs": {"type": "layers", "diff_ids": [digest(&layer)]},
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": digest(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": digest(&layer), "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": digest(&manifest), "size": manifest.len(),
+                       "annotations": {"io.containerd.image.name": PAUSE_IMAGE,
+                                       "org.opencontainers.image.ref.name": "1"}}],
+    })
+    .to_string()
+    .into_bytes();
+    let mut files: HashMap<String, Vec<u8>> = HashMap::new();
+    for blob in [&layer, &config, &manifest] {
+        let d = digest(blob);
+        files.insert(
+            format!("blobs/sha256/{}", &d["sha256:".len()..]),
+            blob.clone(),
+        );
+    }
+    files.insert("index.json".into(), index);
+    files.insert(
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    );
+    let mut archive = tar::Builder::new(std::fs::File::create(path).expect("archive"));
+    for (name, data) in &files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        archive
+            .append_data(&mut h, name, data.as_slice())
+            .expect("archive entry");
+    }
+    archive
+        .into_inner()
+        .expect("archive")
+        .flush()
+        .expect("flush");
+}
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(data))
+}

@@ -1,0 +1,128 @@
+//! Through a real container runtime: containerd's CRI creates pod sandboxes whose network
+//! goes through the chain bridge + host-local + istio-cni (loopback first, as containerd
+//! always does). A meshed pod's sandbox netns must hold validated rules; a plain pod's
+//! none. No init container is involved. Needs root, containerd, runc and busybox-static.
+
+use std::path::PathBuf;
+
+use istio_cni::apply::Xtables;
+use istio_cni::config::NetConf;
+use istio_cni::netns::Netns;
+use istio_cni::plan::{plan_for_pod, Plan};
+use istio_cni::validate;
+use istio_cni_e2e::chain::REFERENCE_PLUGIN_DIR;
+use istio_cni_e2e::cri::Containerd;
+use istio_cni_e2e::fake_api::FakeApi;
+use istio_cni_e2e::net::{unique_name, TestNetns};
+use istio_cni_e2e::sandbox::{injected_pod, plugin_dir};
+use serde_json::json;
+
+#[test]
+fn containerd_sandboxes_get_validated_rules_through_the_chain() {
+    let host = TestNetns::new("k");
+    let listener = host
+        .open()
+        .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let api = FakeApi::serve(listener);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    let meshed = injected_pod("default", "web", json!({}), json!({}));
+    api.put("pods", meshed.clone());
+    api.put(
+        "pods",
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "plain", "namespace": "default"},
+               "spec": {"containers": [{"name": "app", "image": "app"}]}}),
+    );
+    let conflist = json!({
+        "cniVersion": "1.0.0",
+        "name": "k8s-pod-network",
+        "plugins": [
+            {"type": "bridge", "bridge": unique_name("cbr"), "isGateway": true, "ipMasq": false,
+             "ipam": {"type": "host-local", "dataDir": dir.path().join("ipam"),
+                      "ranges": [[{"subnet": "10.77.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+            {"type": "istio-cni", "plugin_log_level": "debug",
+             "plugin_log_file": dir.path().join("istio-cni.log"),
+             "exclude_namespaces": ["kube-system"],
+             "kubernetes": {"kubeconfig": kubeconfig}}
+        ]
+    });
+    let bins: Vec<PathBuf> = ["bridge", "host-local", "loopback"]
+        .iter()
+        .map(|b| PathBuf::from(REFERENCE_PLUGIN_DIR).join(b))
+        .chain([plugin_dir().join("istio-cni")])
+        .collect();
+    let mut containerd = Containerd::start(
+        &host,
+        &[("10-k8s-pod-network.conflist", conflist.to_string())],
+        &bins,
+    );
+    let plugin_log =
+        || std::fs::read_to_string(dir.path().join("istio-cni.log")).unwrap_or_default();
+
+    let web = containerd
+        .run_pod_sandbox("default", "web", "uid-web")
+        .unwrap_or_else(|e| {
+            panic!(
+                "RunPodSandbox(web): {e}\n{}\n{}",
+                plugin_log(),
+                containerd.log()
+            )
+        });
+    let plain = containerd
+        .run_pod_sandbox("default", "plain", "uid-plain")
+        .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", plugin_log()));
+
+    // The meshed sandbox holds exactly the rules ADD plans for it, and they redirect.
+    let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+    let pod = serde_json::from_value(meshed).unwrap();
+    let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
+        panic!("the meshed pod must be planned for redirection");
+    };
+    let xt = host.open().run(|_| Xtables::detect()).unwrap().unwrap();
+    let web_ns = Netns::open(&web.netns).unwrap();
+    web_ns
+        .run(|inside| {
+            validate::read_back(inside, &xt, &ruleset)?;
+            validate::probe(
+                inside,
+                istio_cni::rules::Family::V4,
+                ruleset.proxy_uid,
+                std::time::Duration::from_secs(2),
+            )
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("web sandbox: {e}"));
+
+    // The plain sandbox has no rules of ours.
+    let plain_ns = Netns::open(&plain.netns).unwrap();
+    let saved = plain_ns
+        .run(|inside| {
+            xt.binaries(istio_cni::rules::Family::V4)
+                .unwrap()
+                .save_text(inside)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(!saved.contains("ISTIO"), "plain pod got rules:\n{saved}");
+    drop((web_ns, plain_ns));
+
+    // Teardown through CRI runs DEL; it must not fail.
+    for sb in [&web, &plain] {
+        containerd
+            .stop_pod_sandbox(&sb.id)
+            .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
+        containerd
+            .remove_pod_sandbox(&sb.id)
+            .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}"));
+        assert!(!sb.netns.exists(), "{} left behind", sb.netns.display());
+    }
+    assert!(containerd.list_pod_sandboxes().is_empty());
+    let log = plugin_log();
+    assert!(
+        log.contains("redirection rules written and validated"),
+        "{log}"
+    );
+}
