@@ -166,15 +166,15 @@ impl Binaries {
     ///
     /// Errors: [`ApplyError::Spawn`] / [`ApplyError::Failed`].
     pub fn save(&self, inside: &Inside<'_>) -> Result<SavedTables, ApplyError> {
-        let out = run_tool(&self.save, &[], None, inside.path())?;
-        Ok(SavedTables::parse(&out, self.family))
+        Ok(SavedTables::parse(&self.save_text(inside)?, self.family))
     }
 
     /// The raw output of `…-save` (all tables), for diagnostics and tests.
     ///
     /// Errors: [`ApplyError::Spawn`] / [`ApplyError::Failed`].
     pub fn save_text(&self, inside: &Inside<'_>) -> Result<String, ApplyError> {
-        run_tool(&self.save, &[], None, inside.path())
+        // `-save` prints numeric owners and resolves no names: no NSS sandbox needed.
+        run_tool(&self.save, &[], None, inside.path(), Sandbox::None)
     }
 
     /// Feeds `script` to `…-restore --noflush`. A no-op for an empty script.
@@ -189,7 +189,34 @@ impl Binaries {
         if self.backend == Backend::Legacy {
             args.push("--wait=10");
         }
-        run_tool(&self.restore, &args, Some(script), inside.path()).map(drop)
+        run_tool(
+            &self.restore,
+            &args,
+            Some(script),
+            inside.path(),
+            Sandbox::Nss,
+        )
+        .map(drop)
+    }
+
+    /// Writes `desired` into a netns that is most likely fresh, without reading it first:
+    /// upstream's text creates our chains with `-N`, which fails when any of them exists,
+    /// and then this falls back to [`Binaries::reconcile`]. So the common case (a new pod
+    /// sandbox) costs one `-restore`, and a netns that already has rules still ends up
+    /// with exactly `desired`.
+    ///
+    /// Errors: as [`Binaries::reconcile`].
+    pub fn write(&self, inside: &Inside<'_>, desired: &FamilyRules) -> Result<(), ApplyError> {
+        match self.restore(inside, &desired.restore_text()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                log::debug!(
+                    "{} fast path failed ({e}); reconciling with the netns's rules",
+                    self.family
+                );
+                self.reconcile(inside, desired, &[])
+            }
+        }
     }
 
     /// Makes this family's rules in the netns exactly `desired`: reads the current rules,
@@ -213,7 +240,7 @@ impl Binaries {
 /// Errors: [`ApplyError`]; the caller removes what was written (see [`remove`]).
 pub fn apply(inside: &Inside<'_>, xt: &Xtables, ruleset: &Ruleset) -> Result<(), ApplyError> {
     for f in &ruleset.families {
-        xt.binaries(f.family)?.reconcile(inside, f, &[])?;
+        xt.binaries(f.family)?.write(inside, f)?;
     }
     crate::routing::apply(inside, ruleset).map_err(ApplyError::Routing)
 }
@@ -262,12 +289,23 @@ fn find_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs an iptables tool with the per-netns lock and the NSS sandbox, returning stdout.
+/// Whether a tool runs in the NSS sandbox.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sandbox {
+    /// As it is (tools that resolve no user or group names).
+    None,
+    /// In a private mount namespace with `/etc/nsswitch.conf` hidden.
+    Nss,
+}
+
+/// Runs an iptables tool with the per-netns lock (and the NSS sandbox if asked), returning
+/// stdout.
 fn run_tool(
     bin: &Path,
     args: &[&str],
     stdin: Option<&str>,
     lock: &Path,
+    sandbox: Sandbox,
 ) -> Result<String, ApplyError> {
     let spawn_err = |source| ApplyError::Spawn {
         bin: bin.into(),
@@ -283,14 +321,16 @@ fn run_tool(
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let sandbox = NssSandbox::new();
-    // SAFETY: the closure only makes raw syscalls (unshare, mount) with pointers prepared
-    // before the fork; it allocates nothing and takes no locks.
-    unsafe {
-        cmd.pre_exec(move || {
-            sandbox.enter();
-            Ok(())
-        });
+    if sandbox == Sandbox::Nss {
+        let nss = NssSandbox::new();
+        // SAFETY: the closure only makes raw syscalls (unshare, mount) with pointers prepared
+        // before the fork; it allocates nothing and takes no locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                nss.enter();
+                Ok(())
+            });
+        }
     }
     let mut child = cmd.spawn().map_err(spawn_err)?;
     if let Some(input) = stdin {

@@ -111,10 +111,15 @@ pub fn program(
     ruleset: &Ruleset,
     conf: &NetConf,
 ) -> Result<(), Error> {
+    let t = Instant::now();
     let outcome = apply::apply(inside, xt, ruleset)
         .map_err(Error::from)
-        .and_then(|()| validate::read_back(inside, xt, ruleset).map_err(Error::from))
         .and_then(|()| {
+            log::debug!("applied in {:?}", t.elapsed());
+            validate::read_back(inside, xt, ruleset).map_err(Error::from)
+        })
+        .and_then(|()| {
+            log::debug!("read back after {:?}", t.elapsed());
             if !conf.validation.probe {
                 return Ok(());
             }
@@ -122,6 +127,7 @@ pub fn program(
             for f in &ruleset.families {
                 validate::probe(inside, f.family, ruleset.proxy_uid, timeout)?;
             }
+            log::debug!("probed after {:?}", t.elapsed());
             Ok(())
         });
     if let Err(e) = &outcome {

@@ -1,0 +1,219 @@
+//! `make bench`: wall time of `istio-cni` ADD (chained, fake API on loopback, rules applied,
+//! read back and probed), against the floor measured in the same run: one bare
+//! `iptables-restore` plus one `iptables-save` of the same rules in a fresh netns, run from
+//! a thread inside that netns as the plugin runs them. Prints median and p99 of both and
+//! their ratio, then 50 concurrent ADDs with their error count. No timing is asserted.
+//!
+//! Usage: `istio-cni-bench [PODS]` (default 200). Needs root.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use istio_cni::apply::Xtables;
+use istio_cni::config::NetConf;
+use istio_cni::plan::{plan_for_pod, Plan};
+use istio_cni::rules::Family;
+use istio_cni_e2e::chain::istio_cni_bin;
+use istio_cni_e2e::fake_api::FakeApi;
+use istio_cni_e2e::net::TestNetns;
+use istio_cni_e2e::sandbox::injected_pod;
+use serde_json::json;
+
+const CONCURRENT: usize = 50;
+
+fn main() {
+    let pods: usize = std::env::args()
+        .nth(1)
+        .map(|a| a.parse().expect("PODS is a number"))
+        .unwrap_or(200);
+    let bin = istio_cni_bin();
+    let host = TestNetns::new("bh");
+    let listener = host
+        .open()
+        .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("enter host netns")
+        .expect("bind");
+    let api = FakeApi::serve(listener);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = api.write_kubeconfig(dir.path());
+    for i in 0..pods.max(CONCURRENT) {
+        api.put(
+            "pods",
+            injected_pod("default", &format!("bench-{i}"), json!({}), json!({})),
+        );
+    }
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "k8s-pod-network", "type": "istio-cni",
+        "plugin_log_level": "error",
+        "kubernetes": {"kubeconfig": kubeconfig},
+        "prevResult": {"cniVersion": "1.0.0",
+                       "interfaces": [{"name": "eth0", "sandbox": "/var/run/netns/x"}],
+                       "ips": [{"address": "10.88.0.2/24", "gateway": "10.88.0.1", "interface": 0}]}
+    })
+    .to_string();
+    println!("istio-cni bench: {} ({pods} pods)", bin.display());
+
+    // ADD, one pod at a time, each in a fresh netns.
+    let mut add = Vec::with_capacity(pods);
+    for i in 0..pods {
+        let ns = TestNetns::new("b");
+        let (took, ok) = run_add(&bin, &host, &ns, &conf, i);
+        assert!(ok.is_ok(), "ADD {i} failed: {}", ok.unwrap_err());
+        add.push(took);
+    }
+
+    // The floor: the same rules, one restore and one save, in fresh netns.
+    let rules = {
+        let conf = NetConf::parse(conf.as_bytes()).expect("conf");
+        let pod = serde_json::from_value(injected_pod("default", "x", json!({}), json!({})))
+            .expect("pod");
+        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).expect("plan") else {
+            panic!("bench pod must be meshed")
+        };
+        ruleset.family(Family::V4).expect("v4").restore_text()
+    };
+    let xt = host
+        .open()
+        .run(|_| Xtables::detect())
+        .expect("netns")
+        .expect("iptables");
+    let bins = xt.binaries(Family::V4).expect("v4 binaries").clone();
+    let mut floor = Vec::with_capacity(pods);
+    for _ in 0..pods {
+        let ns = TestNetns::new("f");
+        let took = ns
+            .open()
+            .run(|_| {
+                let start = Instant::now();
+                let mut child = Command::new(&bins.restore)
+                    .arg("--noflush")
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .expect("restore");
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(rules.as_bytes())
+                    .unwrap();
+                assert!(child.wait().unwrap().success(), "floor restore failed");
+                let out = Command::new(&bins.save).output().expect("save");
+                assert!(out.status.success());
+                start.elapsed()
+            })
+            .expect("enter netns");
+        floor.push(took);
+    }
+
+    let (add_med, add_p99) = stats(&mut add);
+    let (floor_med, floor_p99) = stats(&mut floor);
+    println!("ADD (chained, fake API on loopback, applied + read back + probed), {pods} pods:");
+    println!("  median {}   p99 {}", ms(add_med), ms(add_p99));
+    println!(
+        "floor ({:?} iptables-restore + iptables-save of the same rules, fresh netns), {pods} runs:",
+        bins.backend
+    );
+    println!("  median {}   p99 {}", ms(floor_med), ms(floor_p99));
+    println!(
+        "ratio ADD/floor: median {:.2}x   p99 {:.2}x",
+        add_med.as_secs_f64() / floor_med.as_secs_f64(),
+        add_p99.as_secs_f64() / floor_p99.as_secs_f64()
+    );
+
+    // Concurrency: CONCURRENT ADDs at once, each on its own netns.
+    let netns: Vec<TestNetns> = (0..CONCURRENT).map(|_| TestNetns::new("c")).collect();
+    let barrier = Arc::new(std::sync::Barrier::new(CONCURRENT));
+    let start = Instant::now();
+    let results: Vec<(Duration, Result<(), String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = netns
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let barrier = barrier.clone();
+                let (bin, host, conf) = (&bin, &host, &conf);
+                s.spawn(move || {
+                    barrier.wait();
+                    run_add(bin, host, ns, conf, i)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    });
+    let wall = start.elapsed();
+    let errors: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
+    let mut times: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
+    let (c_med, c_p99) = stats(&mut times);
+    println!(
+        "concurrency: {CONCURRENT} ADDs at once: {} ok, {} errors, wall {}, per ADD median {} p99 {}",
+        CONCURRENT - errors.len(),
+        errors.len(),
+        ms(wall),
+        ms(c_med),
+        ms(c_p99)
+    );
+    for e in errors.iter().take(3) {
+        println!("  error: {e}");
+    }
+}
+
+/// Runs our plugin's ADD for pod `bench-{i}` in `ns`, from the host-side netns, and times it.
+fn run_add(
+    bin: &std::path::Path,
+    host: &TestNetns,
+    ns: &TestNetns,
+    conf: &str,
+    i: usize,
+) -> (Duration, Result<(), String>) {
+    host.open()
+        .run(|_| {
+            let start = Instant::now();
+            let mut child = Command::new(bin)
+                .env("CNI_COMMAND", "ADD")
+                .env("CNI_CONTAINERID", format!("bench{i}"))
+                .env("CNI_NETNS", ns.path())
+                .env("CNI_IFNAME", "eth0")
+                .env(
+                    "CNI_ARGS",
+                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench-{i}"),
+                )
+                .env("CNI_PATH", bin.parent().expect("dir"))
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn istio-cni");
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(conf.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().expect("wait");
+            let took = start.elapsed();
+            let ok = if out.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&out.stdout).into_owned())
+            };
+            (took, ok)
+        })
+        .expect("enter host netns")
+}
+
+fn stats(v: &mut [Duration]) -> (Duration, Duration) {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    (p(0.5), p(0.99))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
