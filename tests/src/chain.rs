@@ -94,6 +94,8 @@ pub struct Chain {
     pub cni_path: Vec<PathBuf>,
     /// Run the plugins inside this `ip netns` (the "host" side of the test), if given.
     pub runtime_netns: Option<String>,
+    /// Extra environment of the plugin processes (a runtime passes its own environment).
+    pub env: Vec<(String, String)>,
 }
 
 impl Chain {
@@ -106,6 +108,7 @@ impl Chain {
             plugins: vec![json!({"type": "loopback"})],
             cni_path: vec![REFERENCE_PLUGIN_DIR.into()],
             runtime_netns: None,
+            env: Vec::new(),
         }
     }
 
@@ -190,6 +193,7 @@ impl Chain {
             .env("CNI_IFNAME", &a.ifname)
             .env("CNI_ARGS", &a.args)
             .env("CNI_PATH", cni_path)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

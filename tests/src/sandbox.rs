@@ -28,6 +28,8 @@ pub struct Options {
     pub probe: bool,
     /// `plugin_log_level` of the plugin.
     pub log_level: &'static str,
+    /// Extra environment of the plugins, e.g. `FORCE_IPTABLES_BINARY`.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -37,6 +39,7 @@ impl Default for Options {
             api_timeout_ms: 5000,
             probe: true,
             log_level: "debug",
+            env: Vec::new(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl Sandbox {
             ],
             cni_path: vec![plugin_dir(), REFERENCE_PLUGIN_DIR.into()],
             runtime_netns: Some(host.name.clone()),
+            env: opts.env.clone(),
         };
         let attachment = Attachment {
             container_id: unique_name("c"),

@@ -264,3 +264,38 @@ fn failed_validation_removes_everything_it_wrote() {
     assert!(err.msg().contains("15006"), "{}", err.msg());
     assert!(f.pod.istio_rules(false).is_empty(), "no half-written rules");
 }
+
+#[test]
+fn legacy_backend_never_takes_the_hosts_xtables_lock() {
+    // Hold the host's global xtables lock, as a busy kube-proxy might. iptables-legacy
+    // would wait for it and fail; our per-netns lock lets ADD go through.
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/xtables.lock")
+        .unwrap();
+    let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let opts = Options {
+        env: vec![("FORCE_IPTABLES_BINARY".into(), "legacy".into())],
+        ..Options::default()
+    };
+    let f = Sandbox::with(meshed("legacy"), opts);
+    let result = f
+        .add()
+        .unwrap_or_else(|e| panic!("ADD with the legacy backend: {e:?}"));
+    let legacy = f.pod.exec(&["iptables-legacy-save", "-t", "nat"]);
+    assert!(
+        legacy.contains("-A ISTIO_OUTPUT"),
+        "rules are in the legacy tables:\n{legacy}"
+    );
+    let outbound = listen_in(&f.pod, "0.0.0.0:15001");
+    let dst = SocketAddr::new(Sandbox::gateway(&result, false), 8080);
+    assert_eq!(
+        original_dst(&connect_and_accept(&f.pod, dst, &outbound)),
+        dst
+    );
+    f.chain.del(&f.attachment, Some(&result)).unwrap();
+    let legacy = f.pod.exec(&["iptables-legacy-save", "-t", "nat"]);
+    assert!(!legacy.contains("ISTIO"), "DEL removes them:\n{legacy}");
+}

@@ -1,0 +1,264 @@
+//! The `istio-cni` binary as a runtime and as a person call it: CNI verbs that need no
+//! netns (VERSION, STATUS, GC, pass-through ADD, errors), and `istio-cni render`.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-cni");
+
+fn cni(verb: &str, args: &str, stdin: &Value) -> Output {
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("CNI_COMMAND", verb)
+        .env("CNI_CONTAINERID", "c1")
+        .env("CNI_NETNS", "/var/run/netns/does-not-matter")
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_ARGS", args)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout_json(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn conf(version: &str) -> Value {
+    json!({"cniVersion": version, "name": "k8s", "type": "istio-cni",
+           "exclude_namespaces": ["kube-system"],
+           "kubernetes": {"kubeconfig": "/nonexistent/kubeconfig"},
+           "prevResult": {"cniVersion": "1.0.0",
+                          "interfaces": [{"name": "eth0", "sandbox": "/x"}],
+                          "ips": [{"address": "10.1.2.3/24", "gateway": "10.1.2.1", "interface": 0}],
+                          "routes": [], "dns": {}}})
+}
+
+#[test]
+fn version_lists_supported_versions() {
+    let out = cni("VERSION", "", &json!({"cniVersion": "0.4.0"}));
+    assert!(out.status.success());
+    let v = stdout_json(&out);
+    assert_eq!(v["cniVersion"], "0.4.0");
+    assert_eq!(
+        v["supportedVersions"],
+        json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
+    );
+}
+
+#[test]
+fn pass_through_converts_prev_result_to_the_requested_version() {
+    for (version, has_ip_version) in [
+        ("0.3.1", true),
+        ("0.4.0", true),
+        ("1.0.0", false),
+        ("1.1.0", false),
+    ] {
+        let out = cni(
+            "ADD",
+            "K8S_POD_NAME=coredns;K8S_POD_NAMESPACE=kube-system",
+            &conf(version),
+        );
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r = stdout_json(&out);
+        assert_eq!(r["cniVersion"], version);
+        assert_eq!(r["ips"][0]["address"], "10.1.2.3/24");
+        assert_eq!(
+            r["ips"][0].get("version").is_some(),
+            has_ip_version,
+            "{version}: {r}"
+        );
+    }
+    // Not a Kubernetes pod: empty result of the version when there is no prevResult.
+    let mut c = conf("1.0.0");
+    c.as_object_mut().unwrap().remove("prevResult");
+    let out = cni("ADD", "IgnoreUnknown=1", &c);
+    assert_eq!(
+        stdout_json(&out),
+        json!({"cniVersion": "1.0.0", "ips": [], "dns": {}})
+    );
+}
+
+#[test]
+fn errors_are_cni_json_on_stdout_and_logs_stay_off_it() {
+    // Missing kubeconfig: the API cannot be reached, so ADD must fail closed with 11.
+    let out = cni(
+        "ADD",
+        "K8S_POD_NAME=web;K8S_POD_NAMESPACE=default",
+        &conf("1.0.0"),
+    );
+    assert_eq!(out.status.code(), Some(11));
+    let e = stdout_json(&out);
+    assert_eq!(e["code"], 11);
+    assert_eq!(e["cniVersion"], "1.0.0");
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/kubeconfig"),
+        "{e}"
+    );
+    assert!(!out.stderr.is_empty(), "the failure is logged on stderr");
+
+    let out = cni(
+        "ADD",
+        "",
+        &json!({"cniVersion": "1.0.0", "native_nftables": true}),
+    );
+    assert_eq!(stdout_json(&out)["code"], 2);
+    let out = cni(
+        "ADD",
+        "",
+        &json!({"cniVersion": "1.0.0", "exclude_namespaces": [1]}),
+    );
+    let e = stdout_json(&out);
+    assert_eq!(e["code"], 7);
+    assert!(
+        e["msg"].as_str().unwrap().contains("exclude_namespaces"),
+        "{e}"
+    );
+    let out = cni("ADD", "", &json!({"cniVersion": "9.9.9"}));
+    assert_eq!(stdout_json(&out)["code"], 1);
+
+    let out = Command::new(BIN)
+        .env_clear()
+        .env("CNI_COMMAND", "ADD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let e = stdout_json(&out);
+    assert_eq!(e["code"], 4);
+    assert!(
+        e["msg"].as_str().unwrap().contains("CNI_CONTAINERID"),
+        "{e}"
+    );
+}
+
+#[test]
+fn status_reports_what_blocks_add_and_gc_is_accepted() {
+    let out = cni("STATUS", "", &conf("1.1.0"));
+    assert_eq!(out.status.code(), Some(50));
+    let e = stdout_json(&out);
+    assert_eq!(e["code"], 50);
+    assert!(
+        e["msg"]
+            .as_str()
+            .unwrap()
+            .contains("kubeconfig /nonexistent/kubeconfig"),
+        "{e}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, "apiVersion: v1\nkind: Config\n").unwrap();
+    let mut c = conf("1.1.0");
+    c["kubernetes"]["kubeconfig"] = json!(kc);
+    let out = cni("STATUS", "", &c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(out.stdout.is_empty());
+
+    let mut gc = conf("1.1.0");
+    gc["cni.dev/valid-attachments"] = json!([{"containerID": "c1", "ifname": "eth0"}]);
+    let out = cni("GC", "", &gc);
+    assert!(out.status.success());
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn render_prints_the_rules_or_why_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = |annotations: Value| {
+        json!({"metadata": {"name": "p", "namespace": "default", "annotations": annotations},
+               "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}})
+    };
+    let write = |name: &str, v: Value| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let meshed = write("meshed.json", pod(json!({"sidecar.istio.io/status": "{}"})));
+    let out = Command::new(BIN)
+        .args(["render", "--pod"])
+        .arg(&meshed)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("* nat") && text.contains("-A ISTIO_OUTPUT -j ISTIO_REDIRECT"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("IPv6"),
+        "no IPv6 without an IPv6 address: {text}"
+    );
+
+    let netconf = write(
+        "netconf.json",
+        json!({"cniVersion": "1.0.0", "prevResult": {"ips": [{"address": "fd00::5/64"}]}}),
+    );
+    let out = Command::new(BIN)
+        .args(["render", "--pod"])
+        .arg(&meshed)
+        .arg("--netconf")
+        .arg(&netconf)
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("# IPv6 rules") && text.contains("::1/128"),
+        "{text}"
+    );
+
+    let plain = write("plain.json", pod(json!({})));
+    let out = Command::new(BIN)
+        .args(["render", "--pod"])
+        .arg(&plain)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sidecar.istio.io/status is absent"));
+
+    let bad = write(
+        "bad.json",
+        pod(
+            json!({"sidecar.istio.io/status": "{}", "traffic.sidecar.istio.io/includeOutboundPorts": "80;rm"}),
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["render", "--pod"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("includeOutboundPorts") && err.contains("\"80;rm\""),
+        "{err}"
+    );
+}
