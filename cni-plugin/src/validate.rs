@@ -13,7 +13,7 @@
 
 use std::io::ErrorKind;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
@@ -251,12 +251,12 @@ fn connect_as(
     )?;
     match (bind, target) {
         (SocketAddr::V4(b), SocketAddr::V4(t)) => {
-            socket::bind(fd.as_fd().as_raw_fd_ref(), &SockaddrIn::from(b))?;
-            socket::connect(fd.as_fd().as_raw_fd_ref(), &SockaddrIn::from(t))?;
+            socket::bind(fd.as_raw_fd(), &SockaddrIn::from(b))?;
+            socket::connect(fd.as_raw_fd(), &SockaddrIn::from(t))?;
         }
         (SocketAddr::V6(b), SocketAddr::V6(t)) => {
-            socket::bind(fd.as_fd().as_raw_fd_ref(), &SockaddrIn6::from(b))?;
-            socket::connect(fd.as_fd().as_raw_fd_ref(), &SockaddrIn6::from(t))?;
+            socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(b))?;
+            socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(t))?;
         }
         _ => {
             return Err(std::io::Error::new(
@@ -286,16 +286,5 @@ fn original_dst(s: &TcpStream, family: Family) -> nix::Result<SocketAddr> {
                 u16::from_be(a.sin6_port),
             ))
         }
-    }
-}
-
-trait RawFdRef {
-    fn as_raw_fd_ref(&self) -> std::os::fd::RawFd;
-}
-
-impl RawFdRef for std::os::fd::BorrowedFd<'_> {
-    fn as_raw_fd_ref(&self) -> std::os::fd::RawFd {
-        use std::os::fd::AsRawFd;
-        self.as_raw_fd()
     }
 }

@@ -89,32 +89,36 @@ pub fn has_ipv6(pod_ips: &[IpAddr]) -> bool {
     pod_ips.iter().any(IpAddr::is_ipv6)
 }
 
-macro_rules! args {
-    ($($a:expr),* $(,)?) => { vec![$($a.to_string()),*] };
-}
-
+/// Collects rules in order. Rules are written as iptables text: every interpolated value
+/// is a validated type (port, UID, CIDR, [`InterfaceName`](crate::redirect::InterfaceName))
+/// that contains no whitespace, so splitting on whitespace yields exactly the tokens.
 struct Builder {
     rules: Vec<Rule>,
 }
 
 impl Builder {
-    fn append(&mut self, table: Table, chain: &str, args: Vec<String>) {
+    fn push(&mut self, table: Table, chain: &str, position: Option<u32>, text: &str) {
         self.rules.push(Rule {
             table,
             chain: chain.to_owned(),
-            position: None,
-            args,
+            position,
+            args: text.split_whitespace().map(str::to_owned).collect(),
         });
     }
+}
 
-    fn insert(&mut self, table: Table, chain: &str, position: u32, args: Vec<String>) {
-        self.rules.push(Rule {
-            table,
-            chain: chain.to_owned(),
-            position: Some(position),
-            args,
-        });
-    }
+/// `append!(builder, table, chain, "format", args…)`: `-A chain …`.
+macro_rules! append {
+    ($b:expr, $table:expr, $chain:expr, $($fmt:tt)+) => {
+        $b.push($table, $chain, None, &format!($($fmt)+))
+    };
+}
+
+/// `insert!(builder, table, chain, position, "format", args…)`: `-I chain position …`.
+macro_rules! insert {
+    ($b:expr, $table:expr, $chain:expr, $pos:expr, $($fmt:tt)+) => {
+        $b.push($table, $chain, Some($pos), &format!($($fmt)+))
+    };
 }
 
 fn in_family(net: &IpNet, family: Family) -> bool {
@@ -126,228 +130,145 @@ fn in_family(net: &IpNet, family: Family) -> bool {
 
 fn build_family(r: &Redirect, family: Family) -> FamilyRules {
     use Table::{Mangle, Nat};
-    let addrs = FamilyAddrs::of(family);
+    let FamilyAddrs {
+        loopback: lo,
+        passthrough,
+    } = FamilyAddrs::of(family);
     let tproxy = r.mode == InterceptionMode::Tproxy;
-    let (uid, gid) = (r.proxy_uid, r.proxy_gid);
+    let tunnel = INBOUND_TUNNEL_PORT;
     let mut b = Builder { rules: Vec::new() };
 
     // Interfaces that are never captured.
     for i in &r.exclude_interfaces {
-        b.append(Nat, "PREROUTING", args!["-i", i, "-j", "RETURN"]);
-        b.append(Nat, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
+        append!(b, Nat, "PREROUTING", "-i {i} -j RETURN");
+        append!(b, Nat, "OUTPUT", "-o {i} -j RETURN");
     }
     if tproxy {
         for i in &r.exclude_interfaces {
-            b.append(Mangle, "PREROUTING", args!["-i", i, "-j", "RETURN"]);
-            b.append(Mangle, "OUTPUT", args!["-o", i, "-j", "RETURN"]);
+            append!(b, Mangle, "PREROUTING", "-i {i} -j RETURN");
+            append!(b, Mangle, "OUTPUT", "-o {i} -j RETURN");
         }
     }
     // Virtual interfaces are not captured as inbound.
     for i in &r.reroute_virtual_interfaces {
-        b.insert(Nat, "PREROUTING", 1, args!["-i", i, "-j", "RETURN"]);
+        insert!(b, Nat, "PREROUTING", 1, "-i {i} -j RETURN");
     }
     if r.invalid_drop {
-        b.append(
+        append!(
+            b,
             Mangle,
             "PREROUTING",
-            args!["-m", "conntrack", "--ctstate", "INVALID", "-j", ISTIO_DROP],
+            "-m conntrack --ctstate INVALID -j {ISTIO_DROP}"
         );
-        b.append(Mangle, ISTIO_DROP, args!["-j", "DROP"]);
+        append!(b, Mangle, ISTIO_DROP, "-j DROP");
     }
 
-    let tunnel = INBOUND_TUNNEL_PORT;
-    b.append(
-        Nat,
-        ISTIO_INBOUND,
-        args!["-p", "tcp", "--dport", tunnel, "-j", "RETURN"],
-    );
-    b.append(
+    append!(b, Nat, ISTIO_INBOUND, "-p tcp --dport {tunnel} -j RETURN");
+    append!(
+        b,
         Nat,
         ISTIO_REDIRECT,
-        args![
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            OUTBOUND_CAPTURE_PORT
-        ],
+        "-p tcp -j REDIRECT --to-ports {OUTBOUND_CAPTURE_PORT}"
     );
-    b.append(
+    append!(
+        b,
         Nat,
         ISTIO_IN_REDIRECT,
-        args![
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            INBOUND_CAPTURE_PORT
-        ],
+        "-p tcp -j REDIRECT --to-ports {INBOUND_CAPTURE_PORT}"
     );
 
-    inbound(&mut b, r, addrs);
+    inbound(&mut b, r, lo);
 
     // Outbound.
-    b.append(Nat, "OUTPUT", args!["-j", ISTIO_OUTPUT]);
+    append!(b, Nat, "OUTPUT", "-j {ISTIO_OUTPUT}");
     for p in &r.exclude_outbound_ports {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
-        );
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            args!["-p", "udp", "--dport", p, "-j", "RETURN"],
-        );
+        append!(b, Nat, ISTIO_OUTPUT, "-p tcp --dport {p} -j RETURN");
+        append!(b, Nat, ISTIO_OUTPUT, "-p udp --dport {p} -j RETURN");
     }
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        args!["-o", "lo", "-s", addrs.passthrough, "-j", "RETURN"],
-    );
+    append!(b, Nat, ISTIO_OUTPUT, "-o lo -s {passthrough} -j RETURN");
     // Loopback destinations in includeOutboundIPRanges keep app→self traffic captured.
     let include_has_loopback = match &r.include_outbound_ip_ranges {
         IpRanges::All => false,
         IpRanges::List(nets) => nets.iter().any(|n| n.addr().is_loopback()),
     };
     let dns = r.dns_capture;
-    // Proxy UID, then GID: app → VIP → proxy → proxy inbound → app goes to the inbound
-    // listener; the app talking to itself on lo is left alone; the proxy's own traffic is
-    // never captured.
-    if dns {
-        let not_dns_or_tunnel = format!("53,{tunnel}");
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            args![
-                "-o",
-                "lo",
-                "!",
-                "-d",
-                addrs.loopback,
-                "-p",
-                "tcp",
-                "-m",
-                "multiport",
-                "!",
-                "--dports",
-                not_dns_or_tunnel,
-                "-m",
-                "owner",
-                "--uid-owner",
-                uid,
-                "-j",
-                ISTIO_IN_REDIRECT
-            ],
-        );
-    } else {
-        b.append(
-            Nat,
-            ISTIO_OUTPUT,
-            args![
-                "-o",
-                "lo",
-                "!",
-                "-d",
-                addrs.loopback,
-                "-p",
-                "tcp",
-                "!",
-                "--dport",
-                tunnel,
-                "-m",
-                "owner",
-                "--uid-owner",
-                uid,
-                "-j",
-                ISTIO_IN_REDIRECT
-            ],
-        );
-    }
-    lo_return_unless_owner(&mut b, include_has_loopback, dns, "--uid-owner", uid);
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        args!["-m", "owner", "--uid-owner", uid, "-j", "RETURN"],
-    );
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        args![
-            "-o",
-            "lo",
-            "!",
-            "-d",
-            addrs.loopback,
-            "-p",
-            "tcp",
-            "!",
-            "--dport",
-            tunnel,
-            "-m",
-            "owner",
-            "--gid-owner",
-            gid,
-            "-j",
-            ISTIO_IN_REDIRECT
-        ],
-    );
-    lo_return_unless_owner(&mut b, include_has_loopback, dns, "--gid-owner", gid);
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        args!["-m", "owner", "--gid-owner", gid, "-j", "RETURN"],
-    );
-
-    if dns {
-        dns_capture(&mut b, uid, gid);
+    // For the proxy's UID, then its GID: app → VIP → proxy → proxy's inbound → app goes to
+    // the inbound listener; the app talking to itself over lo is left alone (with DNS
+    // capture, except TCP 53); the proxy's own traffic is never captured. As upstream, the
+    // port-53 exception of the first rule applies to the UID match only.
+    for (owner, id) in [("--uid-owner", r.proxy_uid), ("--gid-owner", r.proxy_gid)] {
+        if dns && owner == "--uid-owner" {
+            append!(b, Nat, ISTIO_OUTPUT,
+                "-o lo ! -d {lo} -p tcp -m multiport ! --dports 53,{tunnel} -m owner {owner} {id} -j {ISTIO_IN_REDIRECT}");
+        } else {
+            append!(b, Nat, ISTIO_OUTPUT,
+                "-o lo ! -d {lo} -p tcp ! --dport {tunnel} -m owner {owner} {id} -j {ISTIO_IN_REDIRECT}");
+        }
+        if !include_has_loopback {
+            if dns {
+                append!(
+                    b,
+                    Nat,
+                    ISTIO_OUTPUT,
+                    "-o lo -p tcp ! --dport 53 -m owner ! {owner} {id} -j RETURN"
+                );
+            } else {
+                append!(
+                    b,
+                    Nat,
+                    ISTIO_OUTPUT,
+                    "-o lo -m owner ! {owner} {id} -j RETURN"
+                );
+            }
+        }
+        append!(b, Nat, ISTIO_OUTPUT, "-m owner {owner} {id} -j RETURN");
     }
 
-    b.append(
-        Nat,
-        ISTIO_OUTPUT,
-        args!["-d", addrs.loopback, "-j", "RETURN"],
-    );
+    if dns {
+        dns_capture(&mut b, r.proxy_uid, r.proxy_gid);
+    }
+
+    append!(b, Nat, ISTIO_OUTPUT, "-d {lo} -j RETURN");
     for net in r
         .exclude_outbound_ip_ranges
         .iter()
         .filter(|n| in_family(n, family))
     {
-        b.append(Nat, ISTIO_OUTPUT, args!["-d", net, "-j", "RETURN"]);
+        append!(b, Nat, ISTIO_OUTPUT, "-d {net} -j RETURN");
     }
     for p in &r.include_outbound_ports {
-        b.append(
+        append!(
+            b,
             Nat,
             ISTIO_OUTPUT,
-            args!["-p", "tcp", "--dport", p, "-j", ISTIO_REDIRECT],
+            "-p tcp --dport {p} -j {ISTIO_REDIRECT}"
         );
     }
     match &r.include_outbound_ip_ranges {
         IpRanges::All => {
-            b.append(Nat, ISTIO_OUTPUT, args!["-j", ISTIO_REDIRECT]);
+            append!(b, Nat, ISTIO_OUTPUT, "-j {ISTIO_REDIRECT}");
             for i in &r.reroute_virtual_interfaces {
-                b.insert(Nat, "PREROUTING", 1, args!["-i", i, "-j", ISTIO_REDIRECT]);
+                insert!(b, Nat, "PREROUTING", 1, "-i {i} -j {ISTIO_REDIRECT}");
             }
         }
         IpRanges::List(nets) => {
             for net in nets.iter().filter(|n| in_family(n, family)) {
                 for i in &r.reroute_virtual_interfaces {
-                    b.insert(
+                    insert!(
+                        b,
                         Nat,
                         "PREROUTING",
                         1,
-                        args!["-i", i, "-d", net, "-j", ISTIO_REDIRECT],
+                        "-i {i} -d {net} -j {ISTIO_REDIRECT}"
                     );
                 }
-                b.append(Nat, ISTIO_OUTPUT, args!["-d", net, "-j", ISTIO_REDIRECT]);
+                append!(b, Nat, ISTIO_OUTPUT, "-d {net} -j {ISTIO_REDIRECT}");
             }
         }
     }
 
     if tproxy {
-        tproxy_marks(&mut b, addrs, uid, gid);
+        tproxy_marks(&mut b, lo, passthrough, r.proxy_uid, r.proxy_gid);
     }
     FamilyRules {
         family,
@@ -356,87 +277,61 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
 }
 
 /// Inbound capture: PREROUTING → ISTIO_INBOUND → (REDIRECT | TPROXY).
-fn inbound(b: &mut Builder, r: &Redirect, addrs: FamilyAddrs) {
+fn inbound(b: &mut Builder, r: &Redirect, lo: &str) {
     use Table::{Mangle, Nat};
     if r.include_inbound_ports == PortSet::List(Vec::new()) {
         return;
     }
     let tproxy = r.mode == InterceptionMode::Tproxy;
     let table = if tproxy {
-        b.append(
-            Mangle,
-            ISTIO_DIVERT,
-            args!["-j", "MARK", "--set-mark", TPROXY_MARK],
-        );
-        b.append(Mangle, ISTIO_DIVERT, args!["-j", "ACCEPT"]);
-        let mark = format!("{TPROXY_MARK}/0xffffffff");
-        b.append(
-            Mangle,
-            ISTIO_TPROXY,
-            args![
-                "!",
-                "-d",
-                addrs.loopback,
-                "-p",
-                "tcp",
-                "-j",
-                "TPROXY",
-                "--tproxy-mark",
-                mark,
-                "--on-port",
-                INBOUND_CAPTURE_PORT
-            ],
-        );
+        append!(b, Mangle, ISTIO_DIVERT, "-j MARK --set-mark {TPROXY_MARK}");
+        append!(b, Mangle, ISTIO_DIVERT, "-j ACCEPT");
+        append!(b, Mangle, ISTIO_TPROXY,
+            "! -d {lo} -p tcp -j TPROXY --tproxy-mark {TPROXY_MARK}/0xffffffff --on-port {INBOUND_CAPTURE_PORT}");
         Mangle
     } else {
         Nat
     };
-    b.append(table, "PREROUTING", args!["-p", "tcp", "-j", ISTIO_INBOUND]);
-    let established = ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"];
+    append!(b, table, "PREROUTING", "-p tcp -j {ISTIO_INBOUND}");
+    let established = "-m conntrack --ctstate RELATED,ESTABLISHED";
     match &r.include_inbound_ports {
         PortSet::All => {
             for p in &r.exclude_inbound_ports {
-                b.append(
-                    table,
-                    ISTIO_INBOUND,
-                    args!["-p", "tcp", "--dport", p, "-j", "RETURN"],
-                );
+                append!(b, table, ISTIO_INBOUND, "-p tcp --dport {p} -j RETURN");
             }
             if tproxy {
-                let mut a = args!["-p", "tcp"];
-                a.extend(established.iter().map(|s| s.to_string()));
-                a.extend(args!["-j", ISTIO_DIVERT]);
-                b.append(Mangle, ISTIO_INBOUND, a);
-                b.append(
+                append!(
+                    b,
                     Mangle,
                     ISTIO_INBOUND,
-                    args!["-p", "tcp", "-j", ISTIO_TPROXY],
+                    "-p tcp {established} -j {ISTIO_DIVERT}"
                 );
+                append!(b, Mangle, ISTIO_INBOUND, "-p tcp -j {ISTIO_TPROXY}");
             } else {
-                b.append(
-                    Nat,
-                    ISTIO_INBOUND,
-                    args!["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
-                );
+                append!(b, Nat, ISTIO_INBOUND, "-p tcp -j {ISTIO_IN_REDIRECT}");
             }
         }
         PortSet::List(ports) => {
             for p in ports {
                 if tproxy {
-                    let mut a = args!["-p", "tcp", "--dport", p];
-                    a.extend(established.iter().map(|s| s.to_string()));
-                    a.extend(args!["-j", ISTIO_DIVERT]);
-                    b.append(Mangle, ISTIO_INBOUND, a);
-                    b.append(
+                    append!(
+                        b,
                         Mangle,
                         ISTIO_INBOUND,
-                        args!["-p", "tcp", "--dport", p, "-j", ISTIO_TPROXY],
+                        "-p tcp --dport {p} {established} -j {ISTIO_DIVERT}"
+                    );
+                    append!(
+                        b,
+                        Mangle,
+                        ISTIO_INBOUND,
+                        "-p tcp --dport {p} -j {ISTIO_TPROXY}"
                     );
                 } else {
-                    b.append(
+                    append!(
+                        b,
                         Nat,
                         ISTIO_INBOUND,
-                        args!["-p", "tcp", "--dport", p, "-j", ISTIO_IN_REDIRECT],
+                        "-p tcp --dport {p} -j {ISTIO_IN_REDIRECT}"
                     );
                 }
             }
@@ -444,215 +339,95 @@ fn inbound(b: &mut Builder, r: &Redirect, addrs: FamilyAddrs) {
     }
 }
 
-/// `-o lo` traffic not from the proxy is the app talking to itself: leave it alone, unless
-/// the include list names a loopback range. With DNS capture, TCP port 53 is still captured.
-fn lo_return_unless_owner(b: &mut Builder, include_loopback: bool, dns: bool, flag: &str, id: u32) {
-    if include_loopback {
-        return;
-    }
-    let a = if dns {
-        args![
-            "-o", "lo", "-p", "tcp", "!", "--dport", "53", "-m", "owner", "!", flag, id, "-j",
-            "RETURN"
-        ]
-    } else {
-        args!["-o", "lo", "-m", "owner", "!", flag, id, "-j", "RETURN"]
-    };
-    b.append(Table::Nat, ISTIO_OUTPUT, a);
-}
-
 /// DNS capture to the agent on 15053, with the proxy's upstream queries and the agent's
 /// answers in separate conntrack zones (1 and 2) to avoid UDP conntrack races.
 fn dns_capture(b: &mut Builder, uid: u32, gid: u32) {
     use Table::{Nat, Raw};
-    b.append(Raw, "OUTPUT", args!["-j", ISTIO_OUTPUT_DNS]);
-    b.append(Nat, ISTIO_OUTPUT, args!["-j", ISTIO_OUTPUT_DNS]);
-    b.append(
+    let dns = DNS_CAPTURE_PORT;
+    append!(b, Raw, "OUTPUT", "-j {ISTIO_OUTPUT_DNS}");
+    append!(b, Nat, ISTIO_OUTPUT, "-j {ISTIO_OUTPUT_DNS}");
+    append!(
+        b,
         Nat,
         ISTIO_OUTPUT_DNS,
-        args![
-            "-p",
-            "tcp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            DNS_CAPTURE_PORT
-        ],
+        "-p tcp --dport 53 -j REDIRECT --to-ports {dns}"
     );
     // Upstream spells this one `--to-port`; iptables accepts both.
-    b.append(
+    append!(
+        b,
         Nat,
         ISTIO_OUTPUT_DNS,
-        args![
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "REDIRECT",
-            "--to-port",
-            DNS_CAPTURE_PORT
-        ],
+        "-p udp --dport 53 -j REDIRECT --to-port {dns}"
     );
-    for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
-        b.append(
+    for (owner, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
+        append!(
+            b,
             Raw,
             ISTIO_OUTPUT_DNS,
-            args!["-p", "udp", "--dport", "53", "-m", "owner", flag, id, "-j", "CT", "--zone", 1],
+            "-p udp --dport 53 -m owner {owner} {id} -j CT --zone 1"
         );
-        b.append(
+        append!(
+            b,
             Raw,
             ISTIO_OUTPUT_DNS,
-            args![
-                "-p",
-                "udp",
-                "--sport",
-                DNS_CAPTURE_PORT,
-                "-m",
-                "owner",
-                flag,
-                id,
-                "-j",
-                "CT",
-                "--zone",
-                2
-            ],
+            "-p udp --sport {dns} -m owner {owner} {id} -j CT --zone 2"
         );
     }
-    b.append(Raw, "PREROUTING", args!["-j", ISTIO_INBOUND]);
-    b.append(
-        Raw,
-        ISTIO_OUTPUT_DNS,
-        args!["-p", "udp", "--dport", "53", "-j", "CT", "--zone", 2],
-    );
-    b.append(
-        Raw,
-        ISTIO_INBOUND,
-        args!["-p", "udp", "--sport", "53", "-j", "CT", "--zone", 1],
-    );
+    append!(b, Raw, "PREROUTING", "-j {ISTIO_INBOUND}");
+    append!(b, Raw, ISTIO_OUTPUT_DNS, "-p udp --dport 53 -j CT --zone 2");
+    append!(b, Raw, ISTIO_INBOUND, "-p udp --sport 53 -j CT --zone 1");
 }
 
 /// TPROXY marks: keep the original-source mark on the connection, mark the proxy's
 /// packets to the workload, and keep those out of ISTIO_INBOUND.
-fn tproxy_marks(b: &mut Builder, addrs: FamilyAddrs, uid: u32, gid: u32) {
+fn tproxy_marks(b: &mut Builder, lo: &str, passthrough: &str, uid: u32, gid: u32) {
     use Table::Mangle;
-    b.append(
+    let (mark, outbound) = (TPROXY_MARK, OUTBOUND_MARK);
+    append!(
+        b,
         Mangle,
         "PREROUTING",
-        args![
-            "-p",
-            "tcp",
-            "-m",
-            "mark",
-            "--mark",
-            TPROXY_MARK,
-            "-j",
-            "CONNMARK",
-            "--save-mark"
-        ],
+        "-p tcp -m mark --mark {mark} -j CONNMARK --save-mark"
     );
-    b.append(
+    append!(
+        b,
         Mangle,
         "OUTPUT",
-        args![
-            "-p",
-            "tcp",
-            "-o",
-            "lo",
-            "-m",
-            "mark",
-            "--mark",
-            TPROXY_MARK,
-            "-j",
-            "RETURN"
-        ],
+        "-p tcp -o lo -m mark --mark {mark} -j RETURN"
     );
-    for (flag, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
-        b.append(
+    for (owner, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
+        append!(
+            b,
             Mangle,
             "OUTPUT",
-            args![
-                "!",
-                "-d",
-                addrs.loopback,
-                "-p",
-                "tcp",
-                "-o",
-                "lo",
-                "-m",
-                "owner",
-                flag,
-                id,
-                "-j",
-                "MARK",
-                "--set-mark",
-                OUTBOUND_MARK
-            ],
+            "! -d {lo} -p tcp -o lo -m owner {owner} {id} -j MARK --set-mark {outbound}"
         );
     }
-    b.append(
+    append!(
+        b,
         Mangle,
         "OUTPUT",
-        args![
-            "-p",
-            "tcp",
-            "-m",
-            "connmark",
-            "--mark",
-            TPROXY_MARK,
-            "-j",
-            "CONNMARK",
-            "--restore-mark"
-        ],
+        "-p tcp -m connmark --mark {mark} -j CONNMARK --restore-mark"
     );
-    b.insert(
+    insert!(
+        b,
         Mangle,
         ISTIO_INBOUND,
         1,
-        args![
-            "-p",
-            "tcp",
-            "-m",
-            "mark",
-            "--mark",
-            TPROXY_MARK,
-            "-j",
-            "RETURN"
-        ],
+        "-p tcp -m mark --mark {mark} -j RETURN"
     );
-    b.insert(
+    insert!(
+        b,
         Mangle,
         ISTIO_INBOUND,
         2,
-        args![
-            "-p",
-            "tcp",
-            "-s",
-            addrs.passthrough,
-            "-i",
-            "lo",
-            "-j",
-            "RETURN"
-        ],
+        "-p tcp -s {passthrough} -i lo -j RETURN"
     );
-    b.insert(
+    insert!(
+        b,
         Mangle,
         ISTIO_INBOUND,
         3,
-        args![
-            "-p",
-            "tcp",
-            "-i",
-            "lo",
-            "-m",
-            "mark",
-            "!",
-            "--mark",
-            OUTBOUND_MARK,
-            "-j",
-            "RETURN"
-        ],
+        "-p tcp -i lo -m mark ! --mark {outbound} -j RETURN"
     );
 }
