@@ -7,6 +7,8 @@
 //! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace;
 //! [`plugin`] wires the verbs together.
 
+#![warn(missing_docs)]
+
 pub mod apply;
 pub mod cni;
 pub mod config;

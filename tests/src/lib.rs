@@ -1,6 +1,8 @@
 //! Test support for `istio-cni`: the in-repo fake Kubernetes API server, test network
 //! namespaces, and a libcni-like chain runner. The end-to-end tests live in `tests/`.
 
+#![warn(missing_docs)]
+
 pub mod chain;
 pub mod cri;
 pub mod fake_api;
