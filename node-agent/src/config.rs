@@ -1,0 +1,143 @@
+//! The agent's options: every one a long flag with a matching env var, named as upstream
+//! Istio's `install-cni` names them, so that existing DaemonSet manifests keep working.
+
+use std::path::PathBuf;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args};
+
+use crate::install::{InstallConfig, PluginSettings};
+
+/// Options shared by `install` and `uninstall`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The node's CNI conf dir, as mounted in the agent.
+    #[arg(
+        long,
+        env = "MOUNTED_CNI_NET_DIR",
+        default_value = "/host/etc/cni/net.d"
+    )]
+    pub mounted_cni_net_dir: PathBuf,
+    /// The node's CNI bin dir, as mounted in the agent.
+    #[arg(long, env = "CNI_BIN_DIR", default_value = "/host/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// The agent run dir (kubeconfig, plugin log socket); the same path on the host.
+    #[arg(long, env = "CNI_AGENT_RUN_DIR", default_value = "/var/run/istio-cni")]
+    pub cni_agent_run_dir: PathBuf,
+    /// The plugin binary to install [default: `istio-cni` beside this executable].
+    #[arg(long, env = "PLUGIN_BIN")]
+    pub plugin_bin: Option<PathBuf>,
+    /// The primary config to chain into [default: the first valid one by name]; in
+    /// standalone mode, the name of our config [default: YYY-istio-cni.conf].
+    #[arg(long, env = "CNI_CONF_NAME")]
+    pub cni_conf_name: Option<String>,
+    /// Chain into the primary config (true) or write a standalone config (false).
+    #[arg(long, env = "CHAINED_CNI_PLUGIN", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub chained_cni_plugin: bool,
+    /// Permission bits of the kubeconfig, in octal.
+    #[arg(long, env = "KUBECONFIG_MODE", default_value = "600", value_parser = parse_mode)]
+    pub kubeconfig_mode: u32,
+    /// CA file for the API server [default: ca.crt in the service account dir].
+    #[arg(long, env = "KUBE_CA_FILE")]
+    pub kube_ca_file: Option<PathBuf>,
+    /// Write a kubeconfig that does not verify the API server's certificate.
+    #[arg(long, env = "SKIP_TLS_VERIFY", default_value_t = false, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub skip_tls_verify: bool,
+    /// The service account dir with `token` and `ca.crt`.
+    #[arg(
+        long,
+        env = "SERVICE_ACCOUNT_DIR",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount"
+    )]
+    pub service_account_dir: PathBuf,
+    /// Namespaces whose pods never get rules, comma-separated.
+    #[arg(
+        long,
+        env = "EXCLUDE_NAMESPACES",
+        default_value = "kube-system",
+        value_delimiter = ','
+    )]
+    pub exclude_namespaces: Vec<String>,
+    /// The agent's own namespace (its pods pass through the plugin).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
+    /// The plugin's log level: debug, info, warn, error.
+    #[arg(long, env = "PLUGIN_LOG_LEVEL", default_value = "info")]
+    pub plugin_log_level: String,
+    /// Run the plugin's loopback probe at ADD.
+    #[arg(long, env = "VALIDATION_PROBE", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub validation_probe: bool,
+    /// How long the plugin's probe may take, in milliseconds.
+    #[arg(long, env = "VALIDATION_TIMEOUT_MS", default_value_t = 2000)]
+    pub validation_timeout_ms: u64,
+    /// The agent's log level: debug, info, warn, error.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim_start_matches("0o");
+    u32::from_str_radix(digits, 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| format!("{s:?} is not an octal file mode such as 600"))
+}
+
+impl AgentArgs {
+    /// The install configuration, with the API server from the pod environment.
+    ///
+    /// Errors: a message when the API server address or the plugin binary cannot be
+    /// determined.
+    pub fn install_config(&self) -> Result<InstallConfig, String> {
+        let server = crate::install::kubeconfig::server_from_env(|k| std::env::var(k).ok())
+            .map_err(|e| e.to_string())?;
+        let plugin_bin = match &self.plugin_bin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe()
+                .map_err(|e| format!("cannot find the agent's own executable: {e}"))?
+                .with_file_name(crate::install::PLUGIN_BINARY),
+        };
+        Ok(InstallConfig {
+            conf_dir: self.mounted_cni_net_dir.clone(),
+            bin_dir: self.cni_bin_dir.clone(),
+            agent_run_dir: self.cni_agent_run_dir.clone(),
+            plugin_bin,
+            conf_name: self.cni_conf_name.clone().filter(|n| !n.is_empty()),
+            chained: self.chained_cni_plugin,
+            kubeconfig_mode: self.kubeconfig_mode,
+            server,
+            service_account_dir: self.service_account_dir.clone(),
+            kube_ca_file: self.kube_ca_file.clone(),
+            skip_tls_verify: self.skip_tls_verify,
+            plugin: PluginSettings {
+                log_level: self.plugin_log_level.clone(),
+                exclude_namespaces: self
+                    .exclude_namespaces
+                    .iter()
+                    .map(|n| n.trim().to_owned())
+                    .filter(|n| !n.is_empty())
+                    .collect(),
+                pod_namespace: self.pod_namespace.clone(),
+                probe: self.validation_probe,
+                probe_timeout_ms: self.validation_timeout_ms,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mode;
+
+    #[test]
+    fn modes_are_octal() {
+        assert_eq!(parse_mode("600"), Ok(0o600));
+        assert_eq!(parse_mode("0644"), Ok(0o644));
+        assert_eq!(parse_mode("0o640"), Ok(0o640));
+        assert!(parse_mode("rw").is_err());
+        assert!(parse_mode("99999").is_err());
+    }
+}

@@ -1,0 +1,300 @@
+//! Installing the plugin on the node: the binary, the kubeconfig, and the chained entry
+//! in the primary CNI config.
+
+pub mod conflist;
+pub mod fsutil;
+pub mod kubeconfig;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use self::conflist::{ConfError, PLUGIN_TYPE};
+use self::fsutil::{has_content, mode_of, remove_stale_temps, write_atomic};
+use self::kubeconfig::{KubeconfigError, KUBECONFIG_FILE};
+
+/// Name of the plugin binary in the CNI bin dir.
+pub const PLUGIN_BINARY: &str = "istio-cni";
+/// Default file name of the standalone (not chained) config; sorts after most primaries.
+pub const STANDALONE_CONF: &str = "YYY-istio-cni.conf";
+/// Mode of a config file we create (an existing primary keeps its own mode).
+pub const CONF_MODE: u32 = 0o644;
+
+/// What the plugin's entry in the chain carries (the plugin's netconf fields).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSettings {
+    /// `plugin_log_level`.
+    pub log_level: String,
+    /// `exclude_namespaces`.
+    pub exclude_namespaces: Vec<String>,
+    /// `pod_namespace`: the agent's own namespace.
+    pub pod_namespace: String,
+    /// `validation.probe`.
+    pub probe: bool,
+    /// `validation.timeout_ms`, in milliseconds.
+    pub probe_timeout_ms: u64,
+}
+
+/// Where and how to install.
+#[derive(Debug, Clone)]
+pub struct InstallConfig {
+    /// The node's CNI conf dir as mounted in the agent (`--mounted-cni-net-dir`).
+    pub conf_dir: PathBuf,
+    /// The node's CNI bin dir as mounted in the agent (`--cni-bin-dir`).
+    pub bin_dir: PathBuf,
+    /// The agent run dir, the same path on the host and in the agent (`--cni-agent-run-dir`).
+    pub agent_run_dir: PathBuf,
+    /// The plugin binary to install (`--plugin-bin`).
+    pub plugin_bin: PathBuf,
+    /// The primary config to chain into, instead of the first valid one (`--cni-conf-name`);
+    /// in standalone mode, the name of our file.
+    pub conf_name: Option<String>,
+    /// Chain into the primary config (default), or write a standalone config.
+    pub chained: bool,
+    /// Permission bits of the kubeconfig (`--kubeconfig-mode`, default 0600).
+    pub kubeconfig_mode: u32,
+    /// The API server URL for the plugin.
+    pub server: String,
+    /// The service account dir with `token` and `ca.crt` (`--service-account-dir`).
+    pub service_account_dir: PathBuf,
+    /// A CA file other than the service account's (`--kube-ca-file`).
+    pub kube_ca_file: Option<PathBuf>,
+    /// Do not verify the API server certificate (`--skip-tls-verify`).
+    pub skip_tls_verify: bool,
+    /// The plugin's settings.
+    pub plugin: PluginSettings,
+}
+
+impl InstallConfig {
+    /// Where the kubeconfig is written (and where the plugin reads it).
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.agent_run_dir.join(KUBECONFIG_FILE)
+    }
+
+    /// Our entry in the chain.
+    pub fn plugin_entry(&self) -> Map<String, Value> {
+        let p = &self.plugin;
+        let v = json!({
+            "type": PLUGIN_TYPE,
+            "name": PLUGIN_TYPE,
+            "plugin_log_level": p.log_level,
+            "cni_agent_run_dir": self.agent_run_dir,
+            "exclude_namespaces": p.exclude_namespaces,
+            "pod_namespace": p.pod_namespace,
+            "kubernetes": {"kubeconfig": self.kubeconfig_path()},
+            "validation": {"probe": p.probe, "timeout_ms": p.probe_timeout_ms},
+        });
+        let Value::Object(map) = v else {
+            unreachable!("an object literal")
+        };
+        map
+    }
+}
+
+/// An install step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// No valid primary config in the conf dir (yet).
+    #[error("no primary CNI config in {dir}{}", skipped_text(.skipped))]
+    NoPrimary {
+        /// The conf dir.
+        dir: PathBuf,
+        /// Why the files there were skipped.
+        skipped: Vec<ConfError>,
+    },
+    /// The primary config is not a valid network configuration.
+    #[error(transparent)]
+    BadConf(#[from] ConfError),
+    /// The kubeconfig cannot be built.
+    #[error(transparent)]
+    Kubeconfig(#[from] KubeconfigError),
+    /// A file operation failed.
+    #[error("cannot {what} {}: {source}{}", .path.display(), read_only_hint(.source))]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or dir.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+fn skipped_text(skipped: &[ConfError]) -> String {
+    if skipped.is_empty() {
+        " (it has no .conf, .conflist or .json file; is the primary CNI installed?)".into()
+    } else {
+        let reasons: Vec<String> = skipped.iter().map(ToString::to_string).collect();
+        format!(" (skipped: {})", reasons.join("; "))
+    }
+}
+
+fn read_only_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(nix::errno::Errno::EROFS as i32) {
+        " (the directory is mounted read-only; the agent needs it read-write)"
+    } else {
+        ""
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> InstallError + 'a {
+    move |source| InstallError::Io {
+        what,
+        path: path.into(),
+        source,
+    }
+}
+
+/// What an install pass did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// The config file that holds our entry.
+    pub config_file: PathBuf,
+    /// What changed, for the log (empty when everything was already in place).
+    pub changes: Vec<String>,
+}
+
+/// One install pass: removes stale temp files, installs the binary (unless identical),
+/// writes the kubeconfig (unless identical), and chains our entry into the primary config
+/// (or writes the standalone config). Every write is atomic.
+///
+/// Errors: [`InstallError`] of the first step that failed.
+pub fn install_once(cfg: &InstallConfig) -> Result<Installed, InstallError> {
+    let mut changes = Vec::new();
+    for dir in [&cfg.bin_dir, &cfg.conf_dir] {
+        for stale in remove_stale_temps(dir).map_err(io_err("read", dir))? {
+            changes.push(format!("removed stale temp file {}", stale.display()));
+        }
+    }
+    let binary = cfg.bin_dir.join(PLUGIN_BINARY);
+    let content = std::fs::read(&cfg.plugin_bin)
+        .map_err(io_err("read the plugin binary", &cfg.plugin_bin))?;
+    if !has_content(&binary, &content) {
+        write_atomic(&binary, &content, 0o755)
+            .map_err(io_err("install the plugin binary as", &binary))?;
+        changes.push(format!("installed {}", binary.display()));
+    }
+    let kubeconfig = cfg.kubeconfig_path();
+    let creds = kubeconfig::read_credentials(
+        &cfg.service_account_dir,
+        cfg.kube_ca_file.as_deref(),
+        cfg.skip_tls_verify,
+    )?;
+    let doc = kubeconfig::render(&cfg.server, &creds);
+    if !has_content(&kubeconfig, &doc) || mode_of(&kubeconfig) != Some(cfg.kubeconfig_mode) {
+        std::fs::create_dir_all(&cfg.agent_run_dir)
+            .map_err(io_err("create", &cfg.agent_run_dir))?;
+        write_atomic(&kubeconfig, &doc, cfg.kubeconfig_mode)
+            .map_err(io_err("write the kubeconfig", &kubeconfig))?;
+        changes.push(format!("wrote {}", kubeconfig.display()));
+    }
+    let config_file = write_config(cfg, &mut changes)?;
+    Ok(Installed {
+        config_file,
+        changes,
+    })
+}
+
+fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBuf, InstallError> {
+    let entry = cfg.plugin_entry();
+    if !cfg.chained {
+        let path = cfg
+            .conf_dir
+            .join(cfg.conf_name.as_deref().unwrap_or(STANDALONE_CONF));
+        let mut conf = Map::new();
+        conf.insert("cniVersion".into(), json!("1.0.0"));
+        conf.extend(entry);
+        let mut doc = serde_json::to_vec_pretty(&conf).expect("a Map always serializes");
+        doc.push(b'\n');
+        if !has_content(&path, &doc) {
+            write_atomic(&path, &doc, CONF_MODE).map_err(io_err("write", &path))?;
+            changes.push(format!("wrote standalone config {}", path.display()));
+        }
+        return Ok(path);
+    }
+    let files = read_conf_dir(&cfg.conf_dir)?;
+    let (i, _skipped) =
+        conflist::pick_primary(&files, cfg.conf_name.as_deref()).map_err(|skipped| {
+            InstallError::NoPrimary {
+                dir: cfg.conf_dir.clone(),
+                skipped,
+            }
+        })?;
+    let (name, content) = &files[i];
+    let primary = cfg.conf_dir.join(name);
+    let Some(chained) = conflist::chain(name, content, &entry)? else {
+        return Ok(primary);
+    };
+    let target = cfg.conf_dir.join(&chained.file);
+    let mode = mode_of(&primary).unwrap_or(CONF_MODE);
+    write_atomic(&target, &chained.content, mode).map_err(io_err("write", &target))?;
+    changes.push(format!("chained istio-cni into {}", target.display()));
+    if let Some(old) = chained.replaces {
+        let old = cfg.conf_dir.join(old);
+        std::fs::remove_file(&old).map_err(io_err("remove the replaced config", &old))?;
+        changes.push(format!(
+            "removed {} (now {})",
+            old.display(),
+            target.display()
+        ));
+    }
+    Ok(target)
+}
+
+/// The network configuration files of `dir` (name, content), unsorted. Files that vanish
+/// while being read are skipped.
+///
+/// Errors: [`InstallError::Io`] when `dir` cannot be read.
+pub fn read_conf_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, InstallError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err("read", dir))? {
+        let entry = entry.map_err(io_err("read", dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if conflist::shape_of(&name).is_none() || !entry.path().is_file() {
+            continue;
+        }
+        if let Ok(content) = std::fs::read(entry.path()) {
+            out.push((name, content));
+        }
+    }
+    Ok(out)
+}
+
+/// One removal pass: our entry out of every list in the conf dir (or the standalone
+/// config removed), then the kubeconfig and the binary. Missing pieces are fine.
+///
+/// Errors: [`InstallError::Io`] of the first removal that failed for another reason
+/// than the file being gone.
+pub fn uninstall_once(cfg: &InstallConfig) -> Result<Vec<String>, InstallError> {
+    let mut changes = Vec::new();
+    if cfg.chained {
+        for (name, content) in read_conf_dir(&cfg.conf_dir)? {
+            if let Some(without) = conflist::unchain(&name, &content) {
+                let path = cfg.conf_dir.join(&name);
+                let mode = mode_of(&path).unwrap_or(CONF_MODE);
+                write_atomic(&path, &without, mode).map_err(io_err("write", &path))?;
+                changes.push(format!("removed istio-cni from {}", path.display()));
+            }
+        }
+    } else {
+        let path = cfg
+            .conf_dir
+            .join(cfg.conf_name.as_deref().unwrap_or(STANDALONE_CONF));
+        remove_if_present(&path, &mut changes)?;
+    }
+    remove_if_present(&cfg.kubeconfig_path(), &mut changes)?;
+    remove_if_present(&cfg.bin_dir.join(PLUGIN_BINARY), &mut changes)?;
+    Ok(changes)
+}
+
+fn remove_if_present(path: &Path, changes: &mut Vec<String>) -> Result<(), InstallError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {
+            changes.push(format!("removed {}", path.display()));
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", path)(e)),
+    }
+}

@@ -1,0 +1,7 @@
+//! `istio-cni-node-agent`: the DaemonSet process that installs `istio-cni` on its node and
+//! keeps it chained into the node's primary CNI configuration.
+
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod install;

@@ -1,0 +1,253 @@
+//! `istio-cni-node-agent install --once` / `uninstall --once`, the real binary against temp
+//! dirs laid out like the agent's mounts.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-cni-node-agent");
+
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        let node = Node {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for d in ["net.d", "bin", "run", "sa"] {
+            std::fs::create_dir(node.path(d)).unwrap();
+        }
+        std::fs::write(node.path("sa/token"), "header.payload.sig\n").unwrap();
+        std::fs::write(
+            node.path("sa/ca.crt"),
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(node.path("istio-cni"), b"\x7fELF plugin build 1").unwrap();
+        node
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn agent(&self, verb: &str, extra: &[&str]) -> Output {
+        Command::new(BIN)
+            .args([verb, "--once"])
+            .arg("--mounted-cni-net-dir")
+            .arg(self.path("net.d"))
+            .arg("--cni-bin-dir")
+            .arg(self.path("bin"))
+            .arg("--cni-agent-run-dir")
+            .arg(self.path("run"))
+            .arg("--plugin-bin")
+            .arg(self.path("istio-cni"))
+            .arg("--service-account-dir")
+            .arg(self.path("sa"))
+            .args(extra)
+            .env_clear()
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "443")
+            .output()
+            .unwrap()
+    }
+
+    fn copy_conf(&self, name: &str) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/testdata/conflist")
+            .join(name);
+        std::fs::copy(src, self.path("net.d").join(name)).unwrap();
+    }
+
+    fn json(&self, p: &str) -> Value {
+        serde_json::from_slice(&std::fs::read(self.path(p)).unwrap()).unwrap()
+    }
+}
+
+fn ok(out: &Output) -> String {
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "agent failed: {log}");
+    assert!(out.stdout.is_empty(), "logs never go to stdout");
+    log
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn install_chains_and_uninstall_restores() {
+    let node = Node::new();
+    node.copy_conf("10-calico.conflist");
+    let original = node.json("net.d/10-calico.conflist");
+    let log = ok(&node.agent("install", &["--exclude-namespaces", "kube-system,gated"]));
+    assert!(log.contains("chained istio-cni into"), "{log}");
+
+    let chained = node.json("net.d/10-calico.conflist");
+    let last = chained["plugins"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["type"], "istio-cni");
+    assert_eq!(
+        last["exclude_namespaces"],
+        serde_json::json!(["kube-system", "gated"])
+    );
+    assert_eq!(
+        last["kubernetes"]["kubeconfig"],
+        node.path("run/istio-cni-kubeconfig").display().to_string()
+    );
+    assert_eq!(last["validation"]["probe"], true);
+    assert_eq!(
+        std::fs::read(node.path("bin/istio-cni")).unwrap(),
+        b"\x7fELF plugin build 1"
+    );
+    assert_eq!(mode(&node.path("bin/istio-cni")), 0o755);
+    assert_eq!(mode(&node.path("run/istio-cni-kubeconfig")), 0o600);
+    let kc = node.json("run/istio-cni-kubeconfig");
+    assert_eq!(kc["users"][0]["user"]["token"], "header.payload.sig");
+    assert_eq!(
+        kc["clusters"][0]["cluster"]["server"],
+        "https://10.96.0.1:443"
+    );
+
+    // A second pass changes nothing (no rewrite, so no event for the runtime).
+    let inode =
+        |p: &str| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(node.path(p)).unwrap());
+    let before = (
+        inode("net.d/10-calico.conflist"),
+        inode("bin/istio-cni"),
+        inode("run/istio-cni-kubeconfig"),
+    );
+    let log = ok(&node.agent("install", &["--exclude-namespaces", "kube-system,gated"]));
+    assert!(log.contains("nothing to change"), "{log}");
+    assert_eq!(
+        before,
+        (
+            inode("net.d/10-calico.conflist"),
+            inode("bin/istio-cni"),
+            inode("run/istio-cni-kubeconfig")
+        )
+    );
+
+    // A new plugin build is installed; a rotated token rewrites the kubeconfig.
+    std::fs::write(node.path("istio-cni"), b"\x7fELF plugin build 2").unwrap();
+    std::fs::write(node.path("sa/token"), "rotated.token.sig").unwrap();
+    ok(&node.agent("install", &[]));
+    assert_eq!(
+        std::fs::read(node.path("bin/istio-cni")).unwrap(),
+        b"\x7fELF plugin build 2"
+    );
+    assert_eq!(
+        node.json("run/istio-cni-kubeconfig")["users"][0]["user"]["token"],
+        "rotated.token.sig"
+    );
+
+    let log = ok(&node.agent("uninstall", &[]));
+    assert!(log.contains("removed istio-cni from"), "{log}");
+    assert_eq!(node.json("net.d/10-calico.conflist"), original);
+    assert!(!node.path("bin/istio-cni").exists());
+    assert!(!node.path("run/istio-cni-kubeconfig").exists());
+    let log = ok(&node.agent("uninstall", &[]));
+    assert!(
+        log.contains("nothing to change"),
+        "uninstall is idempotent: {log}"
+    );
+}
+
+#[test]
+fn a_single_conf_becomes_a_conflist_with_its_mode() {
+    let node = Node::new();
+    node.copy_conf("10-bridge.conf");
+    std::fs::set_permissions(
+        node.path("net.d/10-bridge.conf"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::fs::write(
+        node.path("net.d/.istio-cni-tmp-10-bridge.conflist-1-0"),
+        b"{\"half",
+    )
+    .unwrap();
+    let log = ok(&node.agent("install", &[]));
+    assert!(log.contains("removed stale temp file"), "{log}");
+    assert!(
+        !node.path("net.d/10-bridge.conf").exists(),
+        "the .conf is replaced"
+    );
+    let list = node.json("net.d/10-bridge.conflist");
+    assert_eq!(list["name"], "mynet");
+    assert_eq!(list["cniVersion"], "1.0.0");
+    assert_eq!(list["plugins"][0]["type"], "bridge");
+    assert_eq!(
+        mode(&node.path("net.d/10-bridge.conflist")),
+        0o640,
+        "the primary's mode is kept"
+    );
+    assert_eq!(std::fs::read_dir(node.path("net.d")).unwrap().count(), 1);
+}
+
+#[test]
+fn standalone_mode_writes_its_own_config() {
+    let node = Node::new();
+    node.copy_conf("05-cilium.conflist");
+    ok(&node.agent("install", &["--chained-cni-plugin", "false"]));
+    let conf = node.json("net.d/YYY-istio-cni.conf");
+    assert_eq!(conf["type"], "istio-cni");
+    assert_eq!(conf["cniVersion"], "1.0.0");
+    let cilium: Value = node.json("net.d/05-cilium.conflist");
+    assert_eq!(
+        cilium["plugins"].as_array().unwrap().len(),
+        1,
+        "the primary is untouched"
+    );
+    ok(&node.agent("uninstall", &["--chained-cni-plugin", "false"]));
+    assert!(!node.path("net.d/YYY-istio-cni.conf").exists());
+}
+
+#[test]
+fn clear_errors_when_it_cannot_install() {
+    let node = Node::new();
+    let out = node.agent("install", &[]);
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("no primary CNI config in") && log.contains("is the primary CNI installed?"),
+        "{log}"
+    );
+
+    node.copy_conf("00-invalid.conflist");
+    let log = String::from_utf8_lossy(&node.agent("install", &[]).stderr).into_owned();
+    assert!(
+        log.contains("00-invalid.conflist: not a JSON object"),
+        "{log}"
+    );
+
+    // A read-only bin dir (a read-only tmpfs; needs root).
+    node.copy_conf("10-flannel.conflist");
+    let bin = node.path("bin");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&bin)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a read-only tmpfs (needs root)");
+    let out = node.agent("install", &[]);
+    let _ = Command::new("umount").arg(&bin).status();
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("mounted read-only"), "{log}");
+
+    let out = Command::new(BIN)
+        .args(["install", "--once", "--service-account-dir", "/nonexistent"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KUBERNETES_SERVICE_HOST"));
+}
