@@ -15,23 +15,28 @@ use std::io::Write as _;
 /// Where the reference plugins live (Debian `containernetworking-plugins`).
 pub const REFERENCE_PLUGIN_DIR: &str = "/usr/lib/cni";
 
-/// The `istio-cni` binary under test: `$ISTIO_CNI_BIN`, or `istio-cni` in the cargo target
-/// directory the running test or tool was built in (build it first: `cargo build`).
+/// The `istio-cni` binary under test: `$ISTIO_CNI_BIN`, or [`workspace_bin`].
 pub fn istio_cni_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("ISTIO_CNI_BIN") {
-        return PathBuf::from(p);
+    match std::env::var_os("ISTIO_CNI_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_bin("istio-cni"),
     }
+}
+
+/// A binary of this workspace, from the cargo target directory the running test or tool
+/// was built in (build it first: `cargo build`).
+pub fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // Tests run from target/<profile>/deps, tools from target/<profile>.
     let dir = exe.parent().expect("exe dir");
     let found = [Some(dir), dir.parent()]
         .into_iter()
         .flatten()
-        .map(|d| d.join("istio-cni"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "istio-cni not found next to {}: run `cargo build` first",
+                "{name} not found next to {}: run `cargo build` first",
                 exe.display()
             )
         });

@@ -33,6 +33,60 @@ pub const BUSYBOX: &str = "/bin/busybox";
 /// containerd's CRI namespace.
 const CRI_NAMESPACE: &str = "k8s.io";
 
+/// containerd's directories (config, CNI conf and bin dirs, state), before it starts:
+/// a test fills the CNI dirs (by hand or with the node agent), then [`Self::start`]s it.
+pub struct ContainerdDirs {
+    dir: tempfile::TempDir,
+}
+
+impl ContainerdDirs {
+    /// Creates the directory tree under a new temp dir.
+    pub fn new() -> ContainerdDirs {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for sub in ["bin", "net.d", "root", "state", "runc", "logs", "opt"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("mkdir");
+        }
+        ContainerdDirs { dir }
+    }
+
+    /// The CNI conf dir containerd reads (`/etc/cni/net.d` on a node).
+    pub fn conf_dir(&self) -> PathBuf {
+        self.dir.path().join("net.d")
+    }
+
+    /// The CNI bin dir containerd execs plugins from (`/opt/cni/bin` on a node).
+    pub fn bin_dir(&self) -> PathBuf {
+        self.dir.path().join("bin")
+    }
+
+    /// Links `bins` into the CNI bin dir.
+    pub fn link_plugins(&self, bins: &[PathBuf]) {
+        for bin in bins {
+            let name = bin.file_name().expect("binary name");
+            std::os::unix::fs::symlink(bin, self.bin_dir().join(name)).expect("link plugin");
+        }
+    }
+
+    /// Writes a file into the CNI conf dir.
+    pub fn write_conf(&self, name: &str, content: &str) {
+        std::fs::write(self.conf_dir().join(name), content).expect("write CNI conf");
+    }
+
+    /// Starts containerd inside `netns` (its CNI plugins run there), then imports the
+    /// pause image.
+    ///
+    /// Panics with containerd's log when it does not come up within 30 s.
+    pub fn start(self, netns: &TestNetns) -> Containerd {
+        Containerd::start_in(self.dir, netns)
+    }
+}
+
+impl Default for ContainerdDirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A containerd instance with the CRI plugin.
 pub struct Containerd {
     dir: tempfile::TempDir,
@@ -57,18 +111,16 @@ impl Containerd {
     ///
     /// Panics with containerd's log when it does not come up within 30 s.
     pub fn start(netns: &TestNetns, conf_files: &[(&str, String)], bins: &[PathBuf]) -> Containerd {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let d = dir.path();
-        for sub in ["bin", "net.d", "root", "state", "runc", "logs", "opt"] {
-            std::fs::create_dir_all(d.join(sub)).expect("mkdir");
-        }
-        for bin in bins {
-            let name = bin.file_name().expect("binary name");
-            std::os::unix::fs::symlink(bin, d.join("bin").join(name)).expect("link plugin");
-        }
+        let dirs = ContainerdDirs::new();
+        dirs.link_plugins(bins);
         for (name, content) in conf_files {
-            std::fs::write(d.join("net.d").join(name), content).expect("write CNI conf");
+            dirs.write_conf(name, content);
         }
+        dirs.start(netns)
+    }
+
+    fn start_in(dir: tempfile::TempDir, netns: &TestNetns) -> Containerd {
+        let d = dir.path();
         let config = format!(
             r#"version = 2
 root = "{root}"

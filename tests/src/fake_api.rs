@@ -127,6 +127,11 @@ impl FakeApi {
         self.addr
     }
 
+    /// The PEM of the CA the kubeconfig names (what a service account's `ca.crt` holds).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
     /// Writes a kubeconfig for this server into `dir` and returns its path.
     pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
         let path = dir.join("kubeconfig");

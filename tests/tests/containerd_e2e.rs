@@ -1,7 +1,9 @@
 //! Through a real container runtime: containerd's CRI creates pod sandboxes whose network
 //! goes through the chain bridge + host-local + istio-cni (loopback first, as containerd
-//! always does). A meshed pod's sandbox netns must hold validated rules; a plain pod's
-//! none. No init container is involved. Needs root, containerd, runc and busybox-static.
+//! always does). The node agent installs the plugin binary, writes its kubeconfig from a
+//! service account, and chains it into containerd's primary config, as on a node. A
+//! meshed pod's sandbox netns must hold validated rules; a plain pod's none. No init
+//! container is involved. Needs root, containerd, runc and busybox-static.
 
 use std::path::PathBuf;
 
@@ -10,11 +12,11 @@ use istio_cni::config::NetConf;
 use istio_cni::netns::Netns;
 use istio_cni::plan::{plan_for_pod, Plan};
 use istio_cni::validate;
-use istio_cni_e2e::chain::REFERENCE_PLUGIN_DIR;
-use istio_cni_e2e::cri::Containerd;
+use istio_cni_e2e::chain::{istio_cni_bin, workspace_bin, REFERENCE_PLUGIN_DIR};
+use istio_cni_e2e::cri::ContainerdDirs;
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::net::{unique_name, TestNetns};
-use istio_cni_e2e::sandbox::{injected_pod, plugin_dir};
+use istio_cni_e2e::sandbox::injected_pod;
 use serde_json::json;
 
 #[test]
@@ -27,7 +29,6 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
         .unwrap();
     let api = FakeApi::serve(listener);
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.write_kubeconfig(dir.path());
     let meshed = injected_pod("default", "web", json!({}), json!({}));
     api.put("pods", meshed.clone());
     api.put(
@@ -36,44 +37,61 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
                "metadata": {"name": "plain", "namespace": "default"},
                "spec": {"containers": [{"name": "app", "image": "app"}]}}),
     );
-    let conflist = json!({
+    // The node's primary CNI: bridge + host-local, with the reference plugins installed.
+    let dirs = ContainerdDirs::new();
+    let primary = json!({
         "cniVersion": "1.0.0",
         "name": "k8s-pod-network",
         "plugins": [
             {"type": "bridge", "bridge": unique_name("cbr"), "isGateway": true, "ipMasq": false,
              "ipam": {"type": "host-local", "dataDir": dir.path().join("ipam"),
-                      "ranges": [[{"subnet": "10.77.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
-            {"type": "istio-cni", "plugin_log_level": "debug",
-             "plugin_log_file": dir.path().join("istio-cni.log"),
-             "exclude_namespaces": ["kube-system"],
-             "kubernetes": {"kubeconfig": kubeconfig}}
+                      "ranges": [[{"subnet": "10.77.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}
         ]
     });
-    let bins: Vec<PathBuf> = ["bridge", "host-local", "loopback"]
+    dirs.write_conf("10-k8s-pod-network.conflist", &primary.to_string());
+    let reference: Vec<PathBuf> = ["bridge", "host-local", "loopback"]
         .iter()
         .map(|b| PathBuf::from(REFERENCE_PLUGIN_DIR).join(b))
-        .chain([plugin_dir().join("istio-cni")])
         .collect();
-    let mut containerd = Containerd::start(
-        &host,
-        &[("10-k8s-pod-network.conflist", conflist.to_string())],
-        &bins,
+    dirs.link_plugins(&reference);
+
+    // The node agent installs istio-cni: binary, kubeconfig (from a service account whose
+    // CA is the API server's), and the chained entry.
+    let sa = dir.path().join("serviceaccount");
+    std::fs::create_dir(&sa).unwrap();
+    std::fs::write(sa.join("token"), "e2e-token").unwrap();
+    std::fs::write(sa.join("ca.crt"), api.ca_pem()).unwrap();
+    let out = std::process::Command::new(workspace_bin("istio-cni-node-agent"))
+        .args(["install", "--once", "--plugin-log-level", "debug"])
+        .arg("--mounted-cni-net-dir")
+        .arg(dirs.conf_dir())
+        .arg("--cni-bin-dir")
+        .arg(dirs.bin_dir())
+        .arg("--cni-agent-run-dir")
+        .arg(dir.path().join("run"))
+        .arg("--plugin-bin")
+        .arg(istio_cni_bin())
+        .arg("--service-account-dir")
+        .arg(&sa)
+        .env_clear()
+        .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string())
+        .env("KUBERNETES_SERVICE_PROTOCOL", "http")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "agent install: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    let plugin_log =
-        || std::fs::read_to_string(dir.path().join("istio-cni.log")).unwrap_or_default();
+    let mut containerd = dirs.start(&host);
 
     let web = containerd
         .run_pod_sandbox("default", "web", "uid-web")
-        .unwrap_or_else(|e| {
-            panic!(
-                "RunPodSandbox(web): {e}\n{}\n{}",
-                plugin_log(),
-                containerd.log()
-            )
-        });
+        .unwrap_or_else(|e| panic!("RunPodSandbox(web): {e}\n{}", containerd.log()));
     let plain = containerd
         .run_pod_sandbox("default", "plain", "uid-plain")
-        .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", plugin_log()));
+        .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", containerd.log()));
 
     // The meshed sandbox holds exactly the rules ADD plans for it, and they redirect.
     let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
@@ -120,9 +138,4 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
         assert!(!sb.netns.exists(), "{} left behind", sb.netns.display());
     }
     assert!(containerd.list_pod_sandboxes().is_empty());
-    let log = plugin_log();
-    assert!(
-        log.contains("redirection rules written and validated"),
-        "{log}"
-    );
 }
