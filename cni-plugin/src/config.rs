@@ -1,7 +1,8 @@
 //! Our entry of the network configuration (`"type": "istio-cni"`), read from stdin.
 //!
 //! Field names follow upstream Istio's `istio-cni` plugin so that existing conflists keep
-//! working; `validation`, `plugin_log_file` and `kubernetes.api_timeout_ms` are ours.
+//! working; `validation`, `plugin_log_file`, `local_pod_file` and
+//! `kubernetes.api_timeout_ms` are ours.
 //! Unknown fields are ignored. A field of the wrong type is an error naming the field.
 
 use std::path::{Path, PathBuf};
@@ -128,6 +129,7 @@ struct Raw {
     kubernetes: Kubernetes,
     native_nftables: bool,
     validation: Validation,
+    local_pod_file: Option<PathBuf>,
 }
 
 /// The parsed configuration, defaults filled in.
@@ -157,6 +159,9 @@ pub struct NetConf {
     pub native_nftables: bool,
     /// `validation` block.
     pub validation: Validation,
+    /// `local_pod_file` (ours): read the pod from this JSON file instead of the API. The
+    /// node agent's self-test uses it; production chains never set it.
+    pub local_pod_file: Option<PathBuf>,
 }
 
 impl NetConf {
@@ -216,6 +221,7 @@ impl NetConf {
             api_timeout: Duration::from_millis(api_timeout_ms),
             native_nftables: raw.native_nftables,
             validation: v,
+            local_pod_file: raw.local_pod_file,
         })
     }
 
@@ -227,6 +233,17 @@ impl NetConf {
     /// The kubeconfig path, for error messages.
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
+    }
+
+    /// Where ADD and CHECK read the pod from: `local_pod_file` if set, else the API.
+    pub fn pod_source(&self) -> crate::pod::PodSource<'_> {
+        match &self.local_pod_file {
+            Some(path) => crate::pod::PodSource::File(path),
+            None => crate::pod::PodSource::Api {
+                kubeconfig: &self.kubeconfig,
+                deadline: self.api_timeout,
+            },
+        }
     }
 }
 

@@ -52,7 +52,9 @@ impl Error {
             Error::Stdin(_) => ErrorCode::IO_FAILURE,
             Error::Config(e) => e.code(),
             Error::Unsupported(_) => ErrorCode::UNSUPPORTED_FIELD,
-            Error::Lookup(LookupError::Rejected { .. }) => ErrorCode::POD_LOOKUP_FAILED,
+            Error::Lookup(LookupError::Rejected { .. } | LookupError::LocalFile { .. }) => {
+                ErrorCode::POD_LOOKUP_FAILED
+            }
             Error::Lookup(_) => ErrorCode::TRY_AGAIN_LATER,
             Error::Redirect(_) => ErrorCode::INVALID_POD_SETTING,
             Error::Netns(_) => ErrorCode::NETNS_FAILED,

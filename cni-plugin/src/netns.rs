@@ -7,7 +7,7 @@
 //! probe, netlink) are bound to it for their whole life.
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
@@ -116,6 +116,59 @@ pub struct Inside<'a> {
 
 impl Inside<'_> {
     /// The path of the netns the thread is in.
+    pub fn path(&self) -> &Path {
+        &self.netns.path
+    }
+}
+
+/// A network namespace created by this process for its own use (the node agent's
+/// self-test), with `lo` up. It exists as long as this value: no bind mount pins it, so
+/// nothing is left behind even if the process is killed. Other processes reach it through
+/// [`ScratchNetns::path`] (`/proc/<pid>/fd/<fd>`) while it lives.
+#[derive(Debug)]
+pub struct ScratchNetns {
+    netns: Netns,
+}
+
+impl ScratchNetns {
+    /// Creates the namespace: a short-lived thread unshares a new netns and hands back
+    /// its namespace file.
+    ///
+    /// Errors: [`NetnsError::Open`] when `unshare(CLONE_NEWNET)` fails (needs
+    /// CAP_SYS_ADMIN) or `lo` cannot be brought up.
+    pub fn create() -> Result<ScratchNetns, NetnsError> {
+        let err = |reason: String| NetnsError::Open {
+            path: PathBuf::from("(new scratch netns)"),
+            reason,
+        };
+        let file = std::thread::spawn(|| -> Result<File, String> {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| format!("unshare: {e}"))?;
+            File::open("/proc/thread-self/ns/net").map_err(|e| e.to_string())
+        })
+        .join()
+        .map_err(|_| err("the thread creating it panicked".into()))?
+        .map_err(err)?;
+        let path = PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            file.as_raw_fd()
+        ));
+        let scratch = ScratchNetns {
+            netns: Netns { file, path },
+        };
+        scratch
+            .netns
+            .run(crate::routing::loopback_up)?
+            .map_err(err)?;
+        Ok(scratch)
+    }
+
+    /// The namespace, to enter it.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// A path other processes can open while this value lives (`CNI_NETNS`).
     pub fn path(&self) -> &Path {
         &self.netns.path
     }

@@ -77,7 +77,7 @@ fn plan(env: &CniEnv, conf: &NetConf) -> Result<Option<(PodRef, Ruleset)>, Error
         }
     };
     let start = Instant::now();
-    let pod = pod::lookup(conf.kubeconfig(), &pod_ref, conf.api_timeout)?;
+    let pod = conf.pod_source().fetch(&pod_ref)?;
     log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
     match plan_for_pod(conf, &pod)? {
         Plan::Skip(skip) => {

@@ -213,6 +213,51 @@ pub enum LookupError {
         /// The API status (code and message).
         status: String,
     },
+    /// The local pod file cannot be read or is not a Pod (code 100).
+    #[error("local pod file {path}: {reason}")]
+    LocalFile {
+        /// The file (`local_pod_file`).
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where the pod comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum PodSource<'a> {
+    /// The Kubernetes API, through the kubeconfig, within a total deadline ([`lookup`]).
+    Api {
+        /// The kubeconfig path.
+        kubeconfig: &'a Path,
+        /// Total deadline, retries included.
+        deadline: Duration,
+    },
+    /// A Pod JSON file (netconf `local_pod_file`): the node agent's self-test, which must
+    /// not depend on cluster state. No API call is made.
+    File(&'a Path),
+}
+
+impl PodSource<'_> {
+    /// Reads the pod `pod`.
+    ///
+    /// Errors: see [`LookupError`].
+    pub fn fetch(&self, pod: &PodRef) -> Result<Pod, LookupError> {
+        match *self {
+            PodSource::Api {
+                kubeconfig,
+                deadline,
+            } => lookup(kubeconfig, pod, deadline),
+            PodSource::File(path) => {
+                let err = |reason: String| LookupError::LocalFile {
+                    path: path.into(),
+                    reason,
+                };
+                let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+                serde_json::from_slice(&bytes).map_err(|e| err(format!("not a Pod: {e}")))
+            }
+        }
+    }
 }
 
 /// Reads the pod through the kubeconfig, retrying transient failures (connection errors,

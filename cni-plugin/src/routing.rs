@@ -15,6 +15,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{LinkFlags, LinkMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -122,6 +123,25 @@ pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, Str
         }
     }
     Ok(problems)
+}
+
+/// Brings `lo` up (`ip link set lo up`), as a runtime's loopback plugin does in a new
+/// sandbox. For netns this process creates itself (the node agent's self-test).
+///
+/// Errors: a message naming the request and the errno.
+pub fn loopback_up(_inside: &Inside<'_>) -> Result<(), String> {
+    let sock = open()?;
+    let mut link = LinkMessage::default();
+    link.header.index = LOOPBACK_IFINDEX;
+    link.header.flags = LinkFlags::Up;
+    link.header.change_mask = LinkFlags::Up;
+    request(
+        &sock,
+        RouteNetlinkMessage::SetLink(link),
+        NLM_F_REQUEST | NLM_F_ACK,
+        0,
+    )
+    .map_err(|e| format!("ip link set lo up: {e}"))
 }
 
 fn has_tproxy_rule(family: Family) -> Result<bool, String> {

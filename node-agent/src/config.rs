@@ -73,6 +73,11 @@ pub struct AgentArgs {
     /// How long the plugin's probe may take, in milliseconds.
     #[arg(long, env = "VALIDATION_TIMEOUT_MS", default_value_t = 2000)]
     pub validation_timeout_ms: u64,
+    /// After installing, prove the plugin works here: a real ADD/CHECK/DEL in a scratch
+    /// netns with a synthetic pod.
+    #[arg(long, env = "SELF_TEST", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub self_test: bool,
     /// The agent's log level: debug, info, warn, error.
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,

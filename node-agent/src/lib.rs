@@ -5,3 +5,4 @@
 
 pub mod config;
 pub mod install;
+pub mod selftest;

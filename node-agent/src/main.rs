@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use istio_cni_node_agent::config::AgentArgs;
-use istio_cni_node_agent::install;
+use istio_cni_node_agent::{install, selftest};
 
 #[derive(Parser)]
 #[command(
@@ -67,19 +67,27 @@ fn main() -> ExitCode {
         install::uninstall_once(&cfg)
     };
     match outcome {
-        Ok(changes) if changes.is_empty() => {
-            log::info!("nothing to change");
-            ExitCode::SUCCESS
-        }
-        Ok(changes) => {
-            for c in changes {
-                log::info!("{c}");
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(changes) if changes.is_empty() => log::info!("nothing to change"),
+        Ok(changes) => changes.iter().for_each(|c| log::info!("{c}")),
         Err(e) => {
             log::error!("{e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
     }
+    if install && args.self_test {
+        let plugin = cfg.bin_dir.join(install::PLUGIN_BINARY);
+        match selftest::run(
+            &plugin,
+            &cfg.bin_dir,
+            &cfg.plugin_entry(),
+            &cfg.agent_run_dir,
+        ) {
+            Ok(took) => log::info!("self-test passed in {took:?}"),
+            Err(e) => {
+                log::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }

@@ -37,7 +37,7 @@ impl Node {
 
     fn agent(&self, verb: &str, extra: &[&str]) -> Output {
         Command::new(BIN)
-            .args([verb, "--once"])
+            .args([verb, "--once", "--self-test", "false"])
             .arg("--mounted-cni-net-dir")
             .arg(self.path("net.d"))
             .arg("--cni-bin-dir")
@@ -245,7 +245,13 @@ fn clear_errors_when_it_cannot_install() {
     assert!(log.contains("mounted read-only"), "{log}");
 
     let out = Command::new(BIN)
-        .args(["install", "--once", "--service-account-dir", "/nonexistent"])
+        .args([
+            "install",
+            "--once",
+            "--self-test=false",
+            "--service-account-dir",
+            "/nonexistent",
+        ])
         .env_clear()
         .output()
         .unwrap();
