@@ -146,3 +146,25 @@ mod tests {
         assert!(parse_mode("99999").is_err());
     }
 }
+
+/// Options of the daemon (`run`) only.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Port of `/healthz` and `/readyz`.
+    #[arg(long, env = "READINESS_PORT", default_value_t = 8000)]
+    pub readiness_port: u16,
+    /// Port of `/metrics`.
+    #[arg(long, env = "MONITORING_PORT", default_value_t = 15014)]
+    pub monitoring_port: u16,
+    /// Address the HTTP endpoints listen on.
+    #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
+    pub bind_address: std::net::IpAddr,
+    /// On SIGTERM, remove our entry, the kubeconfig and the binary. Set it to false for a
+    /// DaemonSet upgrade: removing the plugin mid-upgrade breaks pod teardown on the node.
+    #[arg(long, env = "CLEANUP_ON_EXIT", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub cleanup_on_exit: bool,
+    /// Re-check the installation at least this often, in seconds, even without file events.
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 60)]
+    pub resync_seconds: u64,
+}

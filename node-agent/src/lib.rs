@@ -3,6 +3,10 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod config;
+pub mod http;
 pub mod install;
+pub mod metrics;
+pub mod readiness;
 pub mod selftest;

@@ -151,29 +151,48 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> I
 pub struct Installed {
     /// The config file that holds our entry.
     pub config_file: PathBuf,
+    /// Whether this pass wrote our entry into the config (it was missing or outdated).
+    pub wrote_entry: bool,
     /// What changed, for the log (empty when everything was already in place).
     pub changes: Vec<String>,
 }
 
-/// One install pass: removes stale temp files, installs the binary (unless identical),
-/// writes the kubeconfig (unless identical), and chains our entry into the primary config
-/// (or writes the standalone config). Every write is atomic.
+/// What earlier passes verified, so that a pass does not re-read the plugin binary (tens
+/// of megabytes) when neither it nor the installed copy changed. `Default` for a first or
+/// single pass.
+#[derive(Debug, Clone, Default)]
+pub struct InstallCache {
+    /// (source, installed copy) stamps when they were last found identical.
+    binary: Option<(FileStamp, FileStamp)>,
+}
+
+/// Size, modification time and inode: changes whenever the file is rewritten or replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp(u64, std::time::SystemTime, u64);
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp(m.len(), m.modified().ok()?, m.ino()))
+}
+
+/// One install pass: removes stale temp files, writes the kubeconfig (unless identical),
+/// chains our entry into the primary config (or writes the standalone config), and
+/// installs the binary (unless identical). When a binary is already installed, the
+/// config goes first, so that a rewrite of the primary config is undone without waiting
+/// for the binary comparison; on a first install the binary goes first, so that the
+/// config never names a missing plugin. Every write is atomic.
 ///
 /// Errors: [`InstallError`] of the first step that failed.
-pub fn install_once(cfg: &InstallConfig) -> Result<Installed, InstallError> {
+pub fn install_once(
+    cfg: &InstallConfig,
+    cache: &mut InstallCache,
+) -> Result<Installed, InstallError> {
     let mut changes = Vec::new();
     for dir in [&cfg.bin_dir, &cfg.conf_dir] {
         for stale in remove_stale_temps(dir).map_err(io_err("read", dir))? {
             changes.push(format!("removed stale temp file {}", stale.display()));
         }
-    }
-    let binary = cfg.bin_dir.join(PLUGIN_BINARY);
-    let content = std::fs::read(&cfg.plugin_bin)
-        .map_err(io_err("read the plugin binary", &cfg.plugin_bin))?;
-    if !has_content(&binary, &content) {
-        write_atomic(&binary, &content, 0o755)
-            .map_err(io_err("install the plugin binary as", &binary))?;
-        changes.push(format!("installed {}", binary.display()));
     }
     let kubeconfig = cfg.kubeconfig_path();
     let creds = kubeconfig::read_credentials(
@@ -189,11 +208,43 @@ pub fn install_once(cfg: &InstallConfig) -> Result<Installed, InstallError> {
             .map_err(io_err("write the kubeconfig", &kubeconfig))?;
         changes.push(format!("wrote {}", kubeconfig.display()));
     }
+    let binary = cfg.bin_dir.join(PLUGIN_BINARY);
+    let binary_first = !binary.exists();
+    if binary_first {
+        install_binary(cfg, &binary, cache, &mut changes)?;
+    }
+    let before = changes.len();
     let config_file = write_config(cfg, &mut changes)?;
+    let wrote_entry = changes.len() > before;
+    if !binary_first {
+        install_binary(cfg, &binary, cache, &mut changes)?;
+    }
     Ok(Installed {
         config_file,
+        wrote_entry,
         changes,
     })
+}
+
+fn install_binary(
+    cfg: &InstallConfig,
+    binary: &Path,
+    cache: &mut InstallCache,
+    changes: &mut Vec<String>,
+) -> Result<(), InstallError> {
+    let stamps = stamp(&cfg.plugin_bin).zip(stamp(binary));
+    if stamps.is_some() && stamps == cache.binary {
+        return Ok(());
+    }
+    let content = std::fs::read(&cfg.plugin_bin)
+        .map_err(io_err("read the plugin binary", &cfg.plugin_bin))?;
+    if !has_content(binary, &content) {
+        write_atomic(binary, &content, 0o755)
+            .map_err(io_err("install the plugin binary as", binary))?;
+        changes.push(format!("installed {}", binary.display()));
+    }
+    cache.binary = stamp(&cfg.plugin_bin).zip(stamp(binary));
+    Ok(())
 }
 
 fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBuf, InstallError> {

@@ -1,0 +1,276 @@
+//! The daemon loop (`istio-cni-node-agent run`): install, prove, and keep the plugin
+//! chained. It wakes on file events in the conf dir, the bin dir and the service account
+//! dir (the projected token's `..data` symlink swap), and on a slow resync timer; it never
+//! polls in a tight loop. After every pass that changed something, the self-test runs
+//! again. When another writer keeps dropping our entry, the agent backs off exponentially,
+//! says so in its log, its readiness and its metrics, and tries again later.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::install::{self, InstallCache, InstallConfig, InstallError, PLUGIN_BINARY};
+use crate::metrics::{Metrics, Outcome};
+use crate::readiness::{Check, Readiness};
+use crate::selftest;
+
+/// How the loop behaves.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Run the self-test after each install change.
+    pub self_test: bool,
+    /// On shutdown, remove our entry, kubeconfig and binary (not during an upgrade).
+    pub cleanup_on_exit: bool,
+    /// Re-check everything at least this often, even without events.
+    pub resync: Duration,
+    /// More rewrites by another writer than this within [`RunOptions::conflict_window`]
+    /// is a fight: back off.
+    pub conflict_limit: usize,
+    /// See [`RunOptions::conflict_limit`].
+    pub conflict_window: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            self_test: true,
+            cleanup_on_exit: true,
+            resync: Duration::from_secs(60),
+            conflict_limit: 5,
+            conflict_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The agent's state across passes.
+pub struct Agent {
+    cfg: InstallConfig,
+    opts: RunOptions,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    /// When another writer's rewrite made us chain again, most recent last.
+    rewrites: VecDeque<Instant>,
+    /// Whether our entry has been in place at least once (later re-chains are rewrites).
+    chained_before: bool,
+    /// Backing off from a fight: no install before this instant; the current delay.
+    backoff: Option<(Instant, Duration)>,
+    /// What earlier passes verified (see [`InstallCache`]).
+    cache: InstallCache,
+}
+
+impl Agent {
+    /// An agent for `cfg`, reporting into `readiness` and `metrics`.
+    pub fn new(
+        cfg: InstallConfig,
+        opts: RunOptions,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> Agent {
+        Agent {
+            cfg,
+            opts,
+            readiness,
+            metrics,
+            rewrites: VecDeque::new(),
+            chained_before: false,
+            backoff: None,
+            cache: InstallCache::default(),
+        }
+    }
+
+    /// Runs until `shutdown` completes, then cleans up if configured. Returns what the
+    /// cleanup removed.
+    ///
+    /// Errors: a message when the file watcher cannot be set up.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Vec<String>, String> {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                // A full channel already holds a wake-up: events coalesce.
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(|e| format!("cannot watch files: {e}"))?;
+        for dir in self.watched_dirs() {
+            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                Ok(()) => log::debug!("watching {}", dir.display()),
+                Err(e) => log::warn!(
+                    "cannot watch {}: {e}; relying on the {:?} resync",
+                    dir.display(),
+                    self.opts.resync
+                ),
+            }
+        }
+        tokio::pin!(shutdown);
+        self.pass().await;
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(()) = rx.recv() => {
+                    // Let a burst of writes (a writer that is not atomic) settle.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    while rx.try_recv().is_ok() {}
+                    self.pass().await;
+                }
+                _ = tokio::time::sleep_until(wake) => self.pass().await,
+            }
+        }
+        self.readiness.set_stopping();
+        drop(watcher);
+        if !self.opts.cleanup_on_exit {
+            log::info!("shutting down without cleanup: the plugin stays installed");
+            return Ok(Vec::new());
+        }
+        let cfg = self.cfg.clone();
+        let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
+            .await
+            .map_err(|e| format!("cleanup task: {e}"))?
+            .map_err(|e| format!("cleanup: {e}"))?;
+        for r in &removed {
+            log::info!("{r}");
+        }
+        Ok(removed)
+    }
+
+    fn watched_dirs(&self) -> Vec<PathBuf> {
+        vec![
+            self.cfg.conf_dir.clone(),
+            self.cfg.bin_dir.clone(),
+            self.cfg.service_account_dir.clone(),
+        ]
+    }
+
+    fn next_wake(&self) -> Instant {
+        let resync = Instant::now() + self.opts.resync;
+        match self.backoff {
+            Some((until, _)) => until.min(resync),
+            None => resync,
+        }
+    }
+
+    /// One pass: install (unless backing off), then the self-test if something changed or
+    /// it has not passed yet.
+    pub async fn pass(&mut self) {
+        if let Some((until, _)) = self.backoff {
+            if Instant::now() < until {
+                return;
+            }
+        }
+        let cfg = self.cfg.clone();
+        let mut cache = std::mem::take(&mut self.cache);
+        let (outcome, cache) = tokio::task::spawn_blocking(move || {
+            let outcome = install::install_once(&cfg, &mut cache);
+            (outcome, cache)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            let err = InstallError::Io {
+                what: "run the install task",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            };
+            (Err(err), InstallCache::default())
+        });
+        self.cache = cache;
+        self.metrics
+            .install_attempts
+            .get_or_create(&Outcome::of(outcome.is_ok()))
+            .inc();
+        let installed = match outcome {
+            Ok(i) => i,
+            Err(e) => {
+                log::warn!("install: {e}");
+                self.readiness.set_install(Check::Failed(e.to_string()));
+                return;
+            }
+        };
+        for c in &installed.changes {
+            log::info!("{c}");
+        }
+        if installed.wrote_entry && self.chained_before {
+            self.record_rewrite(&installed.config_file);
+        } else if !installed.wrote_entry && self.backoff.is_some() {
+            log::info!(
+                "{} kept our entry: the conflict is over",
+                installed.config_file.display()
+            );
+            self.backoff = None;
+            self.readiness.set_conflict(None);
+            self.metrics.conflict.set(0);
+        }
+        self.chained_before = true;
+        self.readiness.set_install(Check::Ok);
+        if !self.opts.self_test {
+            self.readiness.set_self_test(Check::Ok);
+        } else if !installed.changes.is_empty() || !self.readiness.self_test_passed() {
+            self.self_test().await;
+        }
+    }
+
+    fn record_rewrite(&mut self, file: &std::path::Path) {
+        let now = Instant::now();
+        self.metrics.conflist_rewrites.inc();
+        self.rewrites.push_back(now);
+        while self
+            .rewrites
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.opts.conflict_window)
+        {
+            self.rewrites.pop_front();
+        }
+        log::info!(
+            "another writer dropped our entry from {}; chained it again",
+            file.display()
+        );
+        if self.rewrites.len() > self.opts.conflict_limit {
+            let delay = self.backoff.map_or(Duration::from_secs(1), |(_, d)| {
+                (d * 2).min(Duration::from_secs(60))
+            });
+            let reason = format!(
+                "{} was rewritten without our entry {} times within {:?}; another agent or operator is managing it; retrying in {delay:?}",
+                file.display(),
+                self.rewrites.len(),
+                self.opts.conflict_window
+            );
+            log::warn!("{reason}");
+            self.readiness.set_conflict(Some(reason));
+            self.metrics.conflict.set(1);
+            self.backoff = Some((now + delay, delay));
+        }
+    }
+
+    async fn self_test(&mut self) {
+        let plugin = self.cfg.bin_dir.join(PLUGIN_BINARY);
+        let (bin_dir, entry, work) = (
+            self.cfg.bin_dir.clone(),
+            self.cfg.plugin_entry(),
+            self.cfg.agent_run_dir.clone(),
+        );
+        let result =
+            tokio::task::spawn_blocking(move || selftest::run(&plugin, &bin_dir, &entry, &work))
+                .await
+                .unwrap_or_else(|e| Err(selftest::SelfTestError::Setup(e.to_string())));
+        self.metrics
+            .self_test_runs
+            .get_or_create(&Outcome::of(result.is_ok()))
+            .inc();
+        match result {
+            Ok(took) => {
+                self.metrics.self_test_duration.observe(took.as_secs_f64());
+                log::info!("self-test passed in {took:?}");
+                self.readiness.set_self_test(Check::Ok);
+            }
+            Err(e) => {
+                log::error!("{e}");
+                self.readiness.set_self_test(Check::Failed(e.to_string()));
+            }
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The agent's Prometheus metrics, created in one place and handed down.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Label of an outcome: `result="success"` or `result="failure"`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Outcome {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
+impl Outcome {
+    /// The label for `ok`.
+    pub fn of(ok: bool) -> Outcome {
+        Outcome {
+            result: if ok { "success" } else { "failure" },
+        }
+    }
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    /// `istio_cni_install_attempts_total{result}`: install passes.
+    pub install_attempts: Family<Outcome, Counter>,
+    /// `istio_cni_ready`: 1 when ready (see [`crate::readiness`]), else 0.
+    pub ready: Gauge,
+    /// `istio_cni_conflist_rewrites_total`: times another writer dropped our entry and we
+    /// chained it again.
+    pub conflist_rewrites: Counter,
+    /// `istio_cni_conflict`: 1 while backing off from a fight with another writer.
+    pub conflict: Gauge,
+    /// `istio_cni_self_test_runs_total{result}`.
+    pub self_test_runs: Family<Outcome, Counter>,
+    /// `istio_cni_self_test_duration_seconds`.
+    pub self_test_duration: Histogram,
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Metrics {
+        let install_attempts = Family::<Outcome, Counter>::default();
+        let ready = Gauge::default();
+        let conflist_rewrites = Counter::default();
+        let conflict = Gauge::default();
+        let self_test_runs = Family::<Outcome, Counter>::default();
+        let self_test_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        let mut registry = Registry::with_prefix("istio_cni");
+        registry.register(
+            "install_attempts",
+            "Install passes, by result",
+            install_attempts.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 when the plugin is installed and proven on this node",
+            ready.clone(),
+        );
+        registry.register(
+            "conflist_rewrites",
+            "Times another writer dropped the istio-cni entry from the primary CNI config",
+            conflist_rewrites.clone(),
+        );
+        registry.register(
+            "conflict",
+            "1 while backing off from another writer of the CNI config",
+            conflict.clone(),
+        );
+        registry.register(
+            "self_test_runs",
+            "Self-tests, by result",
+            self_test_runs.clone(),
+        );
+        registry.register(
+            "self_test_duration_seconds",
+            "Self-test wall time",
+            self_test_duration.clone(),
+        );
+        Metrics {
+            registry,
+            install_attempts,
+            ready,
+            conflist_rewrites,
+            conflict,
+            self_test_runs,
+            self_test_duration,
+        }
+    }
+
+    /// The metrics in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

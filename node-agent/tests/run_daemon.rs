@@ -1,0 +1,303 @@
+//! `istio-cni-node-agent run`, the real binary with the real plugin, against temp dirs laid
+//! out like the agent's mounts: readiness goes 503 → 200 once a primary config appears and
+//! the self-test passes; a rewrite by the primary CNI is re-chained; a token rotation
+//! (projected volume `..data` swap) rewrites the kubeconfig; SIGTERM cleans up. Needs root.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_istio-cni-node-agent");
+
+fn plugin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().join("istio-cni")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET over HTTP/1.0 on loopback: (status, body).
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let status = resp.split_whitespace().nth(1)?.parse().ok()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Waits for `cond`, polling every 5 ms; panics with `what` after 20 s.
+fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = cond() {
+            return (v, start.elapsed());
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes the service account files as a projected volume does: timestamped dir, `..data`
+/// symlink swapped atomically, `token` and `ca.crt` linked through `..data`.
+fn project_token(sa: &Path, generation: u32, token: &str) {
+    let data = sa.join(format!("..gen_{generation}"));
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("token"), token).unwrap();
+    std::fs::write(
+        data.join("ca.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let tmp = sa.join("..data_tmp");
+    std::os::unix::fs::symlink(data.file_name().unwrap(), &tmp).unwrap();
+    std::fs::rename(&tmp, sa.join("..data")).unwrap();
+    for f in ["token", "ca.crt"] {
+        if !sa.join(f).exists() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), sa.join(f)).unwrap();
+        }
+    }
+}
+
+fn chained(conf: &Path) -> bool {
+    std::fs::read(conf)
+        .ok()
+        .and_then(|c| serde_json::from_slice::<Value>(&c).ok())
+        .and_then(|v| {
+            v["plugins"]
+                .as_array()?
+                .last()?
+                .get("type")?
+                .as_str()
+                .map(|t| t == "istio-cni")
+        })
+        .unwrap_or(false)
+}
+
+const PRIMARY: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"ptp","ipam":{"type":"host-local","subnet":"10.1.0.0/24"}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+#[test]
+fn daemon_installs_keeps_chained_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (net, bin, run, sa) = (
+        dir.path().join("net.d"),
+        dir.path().join("bin"),
+        dir.path().join("run"),
+        dir.path().join("sa"),
+    );
+    for d in [&net, &bin, &run, &sa] {
+        std::fs::create_dir(d).unwrap();
+    }
+    project_token(&sa, 1, "token-one");
+    let (ready_port, metrics_port) = (free_port(), free_port());
+    let child = Command::new(BIN)
+        .arg("run")
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--readiness-port",
+            &ready_port.to_string(),
+        ])
+        .args([
+            "--monitoring-port",
+            &metrics_port.to_string(),
+            "--log-level",
+            "debug",
+        ])
+        .arg("--mounted-cni-net-dir")
+        .arg(&net)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .arg("--cni-agent-run-dir")
+        .arg(&run)
+        .arg("--service-account-dir")
+        .arg(&sa)
+        .arg("--plugin-bin")
+        .arg(plugin())
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+
+    // No primary config yet: alive but not ready, saying why.
+    let (body, _) = wait_for("/readyz 503", || match get(ready_port, "/readyz") {
+        Some((503, body)) if body.contains("no primary CNI config") => Some(body),
+        _ => None,
+    });
+    assert!(body.contains("install:"), "{body}");
+    assert_eq!(get(ready_port, "/healthz").unwrap().0, 200);
+
+    // The primary CNI writes its config: chained, self-tested, ready.
+    let conf = net.join("10-ptp.conflist");
+    std::fs::write(&conf, PRIMARY).unwrap();
+    let (_, took) = wait_for("/readyz 200", || {
+        (get(ready_port, "/readyz")?.0 == 200).then_some(())
+    });
+    eprintln!("ready {took:?} after the primary config appeared");
+    assert!(chained(&conf));
+    assert!(bin.join("istio-cni").is_file());
+    let kubeconfig = run.join("istio-cni-kubeconfig");
+    let token = || -> Option<String> {
+        let v: Value = serde_json::from_slice(&std::fs::read(&kubeconfig).ok()?).ok()?;
+        v["users"][0]["user"]["token"].as_str().map(str::to_owned)
+    };
+    assert_eq!(token().as_deref(), Some("token-one"));
+
+    // The primary CNI rewrites its file without our entry: re-chained.
+    let mut rechain = Vec::new();
+    for _ in 0..3 {
+        std::fs::write(&conf, PRIMARY).unwrap();
+        let (_, took) = wait_for("re-chain", || chained(&conf).then_some(()));
+        rechain.push(took);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("re-chained after primary rewrites in {rechain:?}");
+
+    // Token rotation through the projected volume's ..data swap.
+    project_token(&sa, 2, "token-two");
+    let (_, took) = wait_for("kubeconfig with the rotated token", || {
+        (token()? == "token-two").then_some(())
+    });
+    eprintln!("kubeconfig rewritten {took:?} after the token rotated");
+
+    let (_, metrics) = get(metrics_port, "/metrics").unwrap();
+    assert!(metrics.contains("istio_cni_ready 1"), "{metrics}");
+    assert!(
+        metrics.contains("istio_cni_conflist_rewrites_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("istio_cni_self_test_runs_total{result=\"success\"}"),
+        "{metrics}"
+    );
+
+    // SIGTERM: our entry, the kubeconfig and the binary are removed; the primary stays.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (status, _) = wait_for("exit after SIGTERM", || daemon.0.try_wait().unwrap());
+    assert!(status.success(), "{status}");
+    assert!(!chained(&conf));
+    let left: Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
+    assert_eq!(left, serde_json::from_str::<Value>(PRIMARY).unwrap());
+    assert!(!kubeconfig.exists() && !bin.join("istio-cni").exists());
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        0,
+        "no self-test files left"
+    );
+}
+
+#[test]
+fn a_fight_over_the_config_backs_off_and_shows_in_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let (net, bin, run, sa) = (
+        dir.path().join("net.d"),
+        dir.path().join("bin"),
+        dir.path().join("run"),
+        dir.path().join("sa"),
+    );
+    for d in [&net, &bin, &run, &sa] {
+        std::fs::create_dir(d).unwrap();
+    }
+    project_token(&sa, 1, "t");
+    let conf = net.join("10-ptp.conflist");
+    std::fs::write(&conf, PRIMARY).unwrap();
+    let ready_port = free_port();
+    let child = Command::new(BIN)
+        .arg("run")
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--readiness-port",
+            &ready_port.to_string(),
+        ])
+        .args([
+            "--monitoring-port",
+            &free_port().to_string(),
+            "--self-test",
+            "false",
+        ])
+        .args(["--cleanup-on-exit", "false"])
+        .arg("--mounted-cni-net-dir")
+        .arg(&net)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .arg("--cni-agent-run-dir")
+        .arg(&run)
+        .arg("--service-account-dir")
+        .arg(&sa)
+        .arg("--plugin-bin")
+        .arg(plugin())
+        .env_clear()
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut daemon = Daemon(child);
+    wait_for("ready", || {
+        (get(ready_port, "/readyz")?.0 == 200).then_some(())
+    });
+    // Another writer keeps dropping our entry.
+    let (body, _) = wait_for("conflict in /readyz", || {
+        if chained(&conf) {
+            std::fs::write(&conf, PRIMARY).unwrap();
+        }
+        match get(ready_port, "/readyz") {
+            Some((503, body)) if body.contains("conflict:") => Some(body),
+            _ => None,
+        }
+    });
+    assert!(
+        body.contains("10-ptp.conflist") && body.contains("retrying in"),
+        "{body}"
+    );
+    // The other writer stops: after the back-off our entry is back and the conflict clears.
+    wait_for("conflict over", || {
+        (get(ready_port, "/readyz")?.0 == 200).then_some(())
+    });
+    assert!(chained(&conf));
+
+    // Without cleanup (an upgrade), SIGTERM leaves the plugin installed.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (status, _) = wait_for("exit", || daemon.0.try_wait().unwrap());
+    assert!(status.success());
+    assert!(chained(&conf) && bin.join("istio-cni").exists());
+}
