@@ -1,17 +1,28 @@
 //! Logs go to stderr, and also to a file when `plugin_log_file` is set; never to stdout,
 //! which belongs to the CNI result. One line per record:
-//! `2026-11-22T05:00:00.123Z INFO istio-cni[ADD abc123]: message`.
+//! `2026-11-22T05:00:00.123Z INFO istio-cni[ADD abc123 default/web-0]: message`.
+//!
+//! Each record is also sent, best effort, to the node agent's log socket
+//! ([`AGENT_LOG_SOCKET`] in `cni_agent_run_dir`), so that `kubectl logs` on the agent shows
+//! what ADD did. One JSON datagram per record (`{"level", "context", "msg"}`), sent
+//! non-blocking: when the socket is absent or full, the record is dropped and nothing
+//! waits or fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::path::Path;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use log::{LevelFilter, Log, Metadata, Record};
 
+/// File name of the node agent's log socket in `cni_agent_run_dir`.
+pub const AGENT_LOG_SOCKET: &str = "log.sock";
+
 struct Logger {
     context: String,
     file: Option<Mutex<File>>,
+    agent: Option<(UnixDatagram, PathBuf)>,
 }
 
 impl Log for Logger {
@@ -38,15 +49,24 @@ impl Log for Logger {
                 let _ = f.write_all(line.as_bytes());
             }
         }
+        if let Some((sock, path)) = &self.agent {
+            let msg = serde_json::json!({
+                "level": r.level().as_str(),
+                "context": self.context,
+                "msg": r.args().to_string(),
+            });
+            let _ = sock.send_to(msg.to_string().as_bytes(), path);
+        }
     }
 
     fn flush(&self) {}
 }
 
-/// Installs the logger. `context` tags every line (e.g. `ADD 3f2a9c1b`); `file` is appended
-/// to when given (a file that cannot be opened is reported on stderr and skipped). Only
-/// the first call in a process takes effect.
-pub fn init(level: LevelFilter, context: String, file: Option<&Path>) {
+/// Installs the logger. `context` tags every line (e.g. `ADD 3f2a9c1b default/web-0`);
+/// `file` is appended to when given (a file that cannot be opened is reported on stderr and
+/// skipped); `agent_dir` is where the agent's log socket may be. Only the first call in a
+/// process takes effect.
+pub fn init(level: LevelFilter, context: String, file: Option<&Path>, agent_dir: Option<&Path>) {
     let file = file.and_then(
         |p| match OpenOptions::new().create(true).append(true).open(p) {
             Ok(f) => Some(Mutex::new(f)),
@@ -56,7 +76,20 @@ pub fn init(level: LevelFilter, context: String, file: Option<&Path>) {
             }
         },
     );
-    if log::set_boxed_logger(Box::new(Logger { context, file })).is_ok() {
+    let agent = agent_dir
+        .map(|d| d.join(AGENT_LOG_SOCKET))
+        .filter(|p| p.exists())
+        .and_then(|p| {
+            let sock = UnixDatagram::unbound().ok()?;
+            sock.set_nonblocking(true).ok()?;
+            Some((sock, p))
+        });
+    let logger = Logger {
+        context,
+        file,
+        agent,
+    };
+    if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
     }
 }

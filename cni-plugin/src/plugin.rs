@@ -32,6 +32,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
         conf.log_level.filter(),
         log_context(env),
         conf.log_file.as_deref(),
+        Some(&conf.agent_run_dir),
     );
     if conf.native_nftables {
         return Err(Error::Unsupported(
@@ -55,7 +56,14 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
 
 fn log_context(env: &CniEnv) -> String {
     let id = env.container_id.as_deref().unwrap_or("-");
-    format!("{} {}", env.command, &id[..id.len().min(12)])
+    let mut ctx = format!("{} {}", env.command, &id[..id.len().min(12)]);
+    if let (Some(ns), Some(name)) = (
+        env.args.get(crate::pod::ARG_POD_NAMESPACE),
+        env.args.get(crate::pod::ARG_POD_NAME),
+    ) {
+        ctx.push_str(&format!(" {ns}/{name}"));
+    }
+    ctx
 }
 
 /// VERSION: the supported versions, echoing the request's `cniVersion` when it has one.

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod http;
 pub mod install;
+pub mod logsink;
 pub mod metrics;
 pub mod readiness;
 pub mod selftest;

@@ -11,7 +11,7 @@ use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
-use istio_cni_node_agent::{http, install, selftest};
+use istio_cni_node_agent::{http, install, logsink, selftest};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,7 @@ fn init_logging(args: &AgentArgs) {
     istio_cni::logging::init(
         args.log_level.parse().unwrap_or(log::LevelFilter::Info),
         "node-agent".into(),
+        None,
         None,
     );
 }
@@ -151,6 +152,19 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                 run.monitoring_port
             )
         })?;
+        let sink = match logsink::bind(&cfg.agent_run_dir) {
+            Ok((sock, path)) => {
+                tokio::spawn(logsink::serve(sock));
+                Some(path)
+            }
+            Err(e) => {
+                log::warn!(
+                    "no plugin log socket in {}: {e}",
+                    cfg.agent_run_dir.display()
+                );
+                None
+            }
+        };
         tokio::spawn(http::serve_readiness(ready_listener, readiness.clone()));
         tokio::spawn(http::serve_metrics(
             metrics_listener,
@@ -165,7 +179,11 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             run.monitoring_port
         );
         let agent = Agent::new(cfg, opts, readiness, metrics);
-        agent.run(shutdown_signal()).await
+        let outcome = agent.run(shutdown_signal()).await;
+        if let Some(path) = sink {
+            let _ = std::fs::remove_file(path);
+        }
+        outcome
     });
     match outcome {
         Ok(_) => {

@@ -56,12 +56,20 @@ fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> (T, Duration)
     }
 }
 
-struct Daemon(Child);
+struct Daemon(Child, Option<PathBuf>);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            if let Some(log) = &self.1 {
+                eprintln!(
+                    "agent log:\n{}",
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+        }
     }
 }
 
@@ -145,10 +153,10 @@ fn daemon_installs_keeps_chained_and_cleans_up() {
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
         .spawn()
         .unwrap();
-    let mut daemon = Daemon(child);
+    let mut daemon = Daemon(child, Some(dir.path().join("agent.log")));
 
     // No primary config yet: alive but not ready, saying why.
     let (body, _) = wait_for("/readyz 503", || match get(ready_port, "/readyz") {
@@ -267,7 +275,7 @@ fn a_fight_over_the_config_backs_off_and_shows_in_readiness() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let mut daemon = Daemon(child);
+    let mut daemon = Daemon(child, None);
     wait_for("ready", || {
         (get(ready_port, "/readyz")?.0 == 200).then_some(())
     });
