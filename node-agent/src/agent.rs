@@ -48,6 +48,49 @@ impl Default for RunOptions {
     }
 }
 
+/// What the file watcher watches: each wanted dir, or while it does not exist yet, its
+/// nearest existing ancestor (whose events then tell when the dir appears).
+#[derive(Default)]
+struct Watches {
+    /// wanted dir → the path watched for it.
+    watched: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Watches {
+    fn update(&mut self, watcher: &mut notify::RecommendedWatcher, wanted: &[PathBuf]) {
+        for dir in wanted {
+            let target = dir
+                .ancestors()
+                .find(|a| a.is_dir())
+                .unwrap_or(dir)
+                .to_path_buf();
+            let current = self.watched.iter().position(|(w, _)| w == dir);
+            if current.is_some_and(|i| self.watched[i].1 == target) {
+                continue;
+            }
+            if let Some(i) = current {
+                let (_, old) = self.watched.remove(i);
+                if !self.watched.iter().any(|(_, t)| *t == old) {
+                    let _ = watcher.unwatch(&old);
+                }
+            }
+            match watcher.watch(&target, RecursiveMode::NonRecursive) {
+                Ok(()) if target == *dir => log::debug!("watching {}", dir.display()),
+                Ok(()) => log::info!(
+                    "{} does not exist yet; watching {} for it",
+                    dir.display(),
+                    target.display()
+                ),
+                Err(e) => log::warn!(
+                    "cannot watch {}: {e}; relying on the resync",
+                    target.display()
+                ),
+            }
+            self.watched.push((dir.clone(), target));
+        }
+    }
+}
+
 /// The agent's state across passes.
 pub struct Agent {
     cfg: InstallConfig,
@@ -97,16 +140,8 @@ impl Agent {
             }
         })
         .map_err(|e| format!("cannot watch files: {e}"))?;
-        for dir in self.watched_dirs() {
-            match watcher.watch(&dir, RecursiveMode::NonRecursive) {
-                Ok(()) => log::debug!("watching {}", dir.display()),
-                Err(e) => log::warn!(
-                    "cannot watch {}: {e}; relying on the {:?} resync",
-                    dir.display(),
-                    self.opts.resync
-                ),
-            }
-        }
+        let mut watches = Watches::default();
+        watches.update(&mut watcher, &self.watched_dirs());
         tokio::pin!(shutdown);
         self.pass().await;
         loop {
@@ -117,6 +152,7 @@ impl Agent {
                     // Let a burst of writes (a writer that is not atomic) settle.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while rx.try_recv().is_ok() {}
+                    watches.update(&mut watcher, &self.watched_dirs());
                     self.pass().await;
                 }
                 _ = tokio::time::sleep_until(wake) => self.pass().await,

@@ -257,3 +257,80 @@ fn clear_errors_when_it_cannot_install() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("KUBERNETES_SERVICE_HOST"));
 }
+
+#[test]
+fn sigkill_at_any_point_never_leaves_a_partial_file() {
+    let node = Node::new();
+    node.copy_conf("10-bridge.conf");
+    // A big binary, so that kills land inside its copy too.
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(node.path("istio-cni"), &big).unwrap();
+    let mut seed = 0x2545_f491_u64;
+    for round in 0..40 {
+        // Alternate the entry so that every pass has something to write.
+        let ns = if round % 2 == 0 {
+            "kube-system"
+        } else {
+            "kube-system,other"
+        };
+        let mut child = Command::new(BIN)
+            .args([
+                "install",
+                "--once",
+                "--self-test",
+                "false",
+                "--exclude-namespaces",
+                ns,
+            ])
+            .arg("--mounted-cni-net-dir")
+            .arg(node.path("net.d"))
+            .arg("--cni-bin-dir")
+            .arg(node.path("bin"))
+            .arg("--cni-agent-run-dir")
+            .arg(node.path("run"))
+            .arg("--plugin-bin")
+            .arg(node.path("istio-cni"))
+            .arg("--service-account-dir")
+            .arg(node.path("sa"))
+            .env_clear()
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(std::time::Duration::from_micros(seed % 3000));
+        let _ = child.kill();
+        let _ = child.wait();
+
+        // The runtime's view: a valid primary config is always there.
+        let files: Vec<(String, Vec<u8>)> = std::fs::read_dir(node.path("net.d"))
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        let picked = istio_cni_node_agent::install::conflist::pick_primary(&files, None);
+        assert!(
+            picked.as_ref().is_ok_and(|(_, skipped)| skipped.is_empty()),
+            "round {round}: {picked:?}"
+        );
+        // The binary is absent or whole.
+        if let Ok(installed) = std::fs::read(node.path("bin/istio-cni")) {
+            assert_eq!(installed.len(), big.len(), "round {round}: partial binary");
+        }
+    }
+    // A final pass repairs whatever a kill interrupted, temp files included.
+    ok(&node.agent("install", &[]));
+    let names: Vec<String> = std::fs::read_dir(node.path("net.d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["10-bridge.conflist"]);
+    assert_eq!(std::fs::read(node.path("bin/istio-cni")).unwrap(), big);
+}

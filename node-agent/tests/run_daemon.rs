@@ -309,3 +309,64 @@ fn a_fight_over_the_config_backs_off_and_shows_in_readiness() {
     assert!(status.success());
     assert!(chained(&conf) && bin.join("istio-cni").exists());
 }
+
+#[test]
+fn a_conf_dir_that_appears_late_is_picked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let (net, bin, run, sa) = (
+        dir.path().join("cni/net.d"),
+        dir.path().join("bin"),
+        dir.path().join("run"),
+        dir.path().join("sa"),
+    );
+    for d in [&bin, &run, &sa] {
+        std::fs::create_dir(d).unwrap();
+    }
+    project_token(&sa, 1, "t");
+    let ready_port = free_port();
+    let child = Command::new(BIN)
+        .arg("run")
+        .args([
+            "--bind-address",
+            "127.0.0.1",
+            "--readiness-port",
+            &ready_port.to_string(),
+        ])
+        .args([
+            "--monitoring-port",
+            &free_port().to_string(),
+            "--self-test",
+            "false",
+        ])
+        .arg("--mounted-cni-net-dir")
+        .arg(&net)
+        .arg("--cni-bin-dir")
+        .arg(&bin)
+        .arg("--cni-agent-run-dir")
+        .arg(&run)
+        .arg("--service-account-dir")
+        .arg(&sa)
+        .arg("--plugin-bin")
+        .arg(plugin())
+        .env_clear()
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _daemon = Daemon(child, None);
+    wait_for("/readyz 503 while the conf dir is missing", || {
+        match get(ready_port, "/readyz") {
+            Some((503, body)) if body.contains("install:") => Some(()),
+            _ => None,
+        }
+    });
+    // The primary CNI creates its dir and config (no resync needed: the resync is 60 s).
+    std::fs::create_dir_all(&net).unwrap();
+    let conf = net.join("10-ptp.conflist");
+    std::fs::write(&conf, PRIMARY).unwrap();
+    let (_, took) = wait_for("ready", || {
+        (get(ready_port, "/readyz")?.0 == 200).then_some(())
+    });
+    eprintln!("ready {took:?} after the conf dir appeared");
+    assert!(chained(&conf));
+}
