@@ -133,7 +133,13 @@ pub fn program(
             }
             let timeout = Duration::from_millis(conf.validation.timeout_ms);
             for f in &ruleset.families {
-                validate::probe(inside, f.family, ruleset.proxy_uid, timeout)?;
+                validate::probe(
+                    inside,
+                    f.family,
+                    ruleset.proxy_uid,
+                    ruleset.probe_port,
+                    timeout,
+                )?;
             }
             log::debug!("probed after {:?}", t.elapsed());
             Ok(())

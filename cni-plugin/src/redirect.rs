@@ -435,6 +435,14 @@ mod tests {
     }
 
     #[test]
+    fn probe_port_avoids_excluded_ports() {
+        use crate::rules::iptables::probe_port;
+        assert_eq!(probe_port(&Redirect::from_pod(&pod(&[])).unwrap()), 15002);
+        let r = Redirect::from_pod(&pod(&[(ANNOT_EXCLUDE_OUTBOUND_PORTS, "15002,15003")])).unwrap();
+        assert_eq!(probe_port(&r), 15004);
+    }
+
+    #[test]
     fn env_booleans_follow_go_parse_bool() {
         let mut p = pod(&[]);
         p.proxy_env.insert(ENV_DNS_CAPTURE.into(), "True".into());

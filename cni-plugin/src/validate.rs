@@ -5,7 +5,8 @@
 //!    chains our rules must appear in order (other software may have rules there too). The
 //!    TPROXY policy rule must exist.
 //! 2. **Loopback probe** ([`probe`]): listen on the inbound capture port (15006) on
-//!    loopback, connect to `127.0.0.6:15002` (or `[::6]:15002`) from a socket created with
+//!    loopback, connect to `127.0.0.6:15002` (or `[::6]:15002`; the port moves up when the
+//!    pod excludes 15002 from capture) from a socket created with
 //!    the proxy's fsuid, and require the connection to arrive at the listener with
 //!    `SO_ORIGINAL_DST` naming the probe port. This is the check upstream's init container
 //!    makes (`tools/istio-iptables/pkg/validation`), done in milliseconds inside the CNI
@@ -24,9 +25,6 @@ use crate::netns::Inside;
 use crate::rules::canon::{CanonRule, SavedRule};
 use crate::rules::iptables::INBOUND_CAPTURE_PORT;
 use crate::rules::{is_own_chain, Family, FamilyRules, Ruleset};
-
-/// The destination port the probe connects to (upstream's `IPTABLES_PROBE_PORT` default).
-pub const PROBE_PORT: u16 = 15002;
 
 /// Validation failed: the rules are not as ADD meant them.
 #[derive(Debug, thiserror::Error)]
@@ -154,7 +152,9 @@ fn compare_subsequence(
     }
 }
 
-/// Runs the loopback probe for `family` inside the netns, as the proxy's UID would connect.
+/// Runs the loopback probe for `family` inside the netns, as the proxy's UID would connect,
+/// to `probe_port` (the ruleset's [`probe_port`](crate::rules::Ruleset::probe_port)),
+/// waiting at most `timeout`.
 ///
 /// Errors: [`ValidateError::Probe`] saying what failed: the listener, the connection (e.g.
 /// refused: not redirected), a connection that did not arrive at the capture port, or an
@@ -163,6 +163,7 @@ pub fn probe(
     _inside: &Inside<'_>,
     family: Family,
     proxy_uid: u32,
+    probe_port: u16,
     timeout: Duration,
 ) -> Result<(), ValidateError> {
     let fail = |reason: String| ValidateError::Probe { family, reason };
@@ -186,7 +187,7 @@ pub fn probe(
         .set_nonblocking(true)
         .map_err(|e| fail(format!("listener: {e}")))?;
     let deadline = Instant::now() + timeout;
-    let target = SocketAddr::new(target, PROBE_PORT);
+    let target = SocketAddr::new(target, probe_port);
     let client = connect_as(proxy_uid, SocketAddr::new(loopback, 0), target, timeout)
         .map_err(|e| fail(format!("connect to {target} as uid {proxy_uid}: {e}")))?;
     let accepted = loop {

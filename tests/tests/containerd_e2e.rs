@@ -108,6 +108,7 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
                 inside,
                 istio_cni::rules::Family::V4,
                 ruleset.proxy_uid,
+                ruleset.probe_port,
                 std::time::Duration::from_secs(2),
             )
         })

@@ -299,3 +299,21 @@ fn legacy_backend_never_takes_the_hosts_xtables_lock() {
     let legacy = f.pod.exec(&["iptables-legacy-save", "-t", "nat"]);
     assert!(!legacy.contains("ISTIO"), "DEL removes them:\n{legacy}");
 }
+
+#[test]
+fn a_pod_excluding_the_probe_port_still_validates() {
+    // 15002 is the probe's default port; excluding it must not make a correct ADD fail.
+    let p = injected_pod(
+        "default",
+        "noprobe",
+        json!({"traffic.sidecar.istio.io/excludeOutboundPorts": "15002,15020"}),
+        json!({}),
+    );
+    let f = Sandbox::new(p);
+    f.add().unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    let rules = f.pod.istio_rules(false);
+    assert!(
+        rules.iter().any(|r| r.contains("--dport 15002 -j RETURN")),
+        "{rules:#?}"
+    );
+}

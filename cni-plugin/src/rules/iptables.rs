@@ -24,6 +24,8 @@ pub const DNS_CAPTURE_PORT: u16 = 15053;
 pub const TPROXY_MARK: u32 = 1337;
 /// Mark of packets from the proxy to the workload over `lo` in TPROXY mode.
 pub const OUTBOUND_MARK: u32 = 1338;
+/// Default destination port of the validation probe (upstream's `IPTABLES_PROBE_PORT`).
+pub const DEFAULT_PROBE_PORT: u16 = 15002;
 /// Routing table of the TPROXY policy route.
 pub const TPROXY_ROUTE_TABLE: u32 = 133;
 
@@ -81,7 +83,22 @@ pub fn build(redirect: &Redirect, ipv6: bool) -> Ruleset {
         tproxy_routing: redirect.mode == InterceptionMode::Tproxy
             && redirect.include_inbound_ports != PortSet::List(Vec::new()),
         proxy_uid: redirect.proxy_uid,
+        probe_port: probe_port(redirect),
     }
+}
+
+/// The port the validation probe connects to: upstream's `IPTABLES_PROBE_PORT` (15002),
+/// or the next one up when the pod excludes it from outbound capture (then a connection
+/// to it would rightly not be redirected). Never the tunnel port, which the owner rule
+/// exempts, nor the DNS port with DNS capture.
+pub fn probe_port(r: &Redirect) -> u16 {
+    (DEFAULT_PROBE_PORT..=u16::MAX)
+        .find(|p| {
+            !r.exclude_outbound_ports.contains(p)
+                && *p != INBOUND_TUNNEL_PORT
+                && !(r.dns_capture && *p == 53)
+        })
+        .unwrap_or(DEFAULT_PROBE_PORT)
 }
 
 /// Whether `pod_ips` contains an IPv6 address.

@@ -187,6 +187,8 @@ pub struct Ruleset {
     pub tproxy_routing: bool,
     /// The proxy's UID, exempt from capture; the validation probe connects as it.
     pub proxy_uid: u32,
+    /// The destination port of the validation probe: one these rules redirect.
+    pub probe_port: u16,
 }
 
 impl Ruleset {
