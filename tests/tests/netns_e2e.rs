@@ -118,6 +118,11 @@ fn tproxy_inbound_keeps_the_original_destination() {
 
     f.chain.del(&f.attachment, Some(&result)).unwrap();
     assert!(f.pod.istio_rules(false).is_empty());
+    let mangle = f.pod.exec(&["iptables-save", "-t", "mangle"]);
+    assert!(
+        !mangle.contains("0x539") && !mangle.contains("0x53a"),
+        "DEL removes the mark rules too:\n{mangle}"
+    );
     assert!(
         !f.pod.exec(&["ip", "rule"]).contains("lookup 133"),
         "DEL removes the policy rule"

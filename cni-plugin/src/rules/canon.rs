@@ -159,6 +159,22 @@ impl CanonRule {
     pub fn target_name(&self) -> Option<&str> {
         self.target.as_ref().map(|(n, _)| n.as_str())
     }
+
+    /// Whether a match or the target uses firewall mark `mark` (any mask), e.g. `-m mark
+    /// --mark 1337`, `-j MARK --set-mark 1338`, `-j TPROXY --tproxy-mark 1337/…`.
+    pub fn uses_mark(&self, mark: u32) -> bool {
+        let prefix = format!("{mark:#x}/");
+        let is_mark = |v: &Option<String>| v.as_deref().is_some_and(|v| v.starts_with(&prefix));
+        let in_matches = self
+            .matches
+            .iter()
+            .any(|(_, opts)| opts.iter().any(|(k, (_, v))| k == "--mark" && is_mark(v)));
+        let in_target = self.target.as_ref().is_some_and(|(_, opts)| {
+            opts.iter()
+                .any(|(k, v)| matches!(k.as_str(), "--set-xmark" | "--tproxy-mark") && is_mark(v))
+        });
+        in_matches || in_target
+    }
 }
 
 fn base_key(tok: &str) -> &'static str {
@@ -434,6 +450,18 @@ mod tests {
             p("-A X -m owner --uid-owner 1 -m mark --mark 1 -j RETURN"),
             p("-A X -m mark --mark 1 -m owner --uid-owner 1 -j RETURN")
         );
+    }
+
+    #[test]
+    fn finds_marks_in_any_spelling() {
+        let p = |s| CanonRule::parse(s, Family::V4).unwrap();
+        assert!(
+            p("-A OUTPUT -p tcp -m connmark --mark 0x539 -j CONNMARK --restore-mark")
+                .uses_mark(1337)
+        );
+        assert!(p("-A OUTPUT -j MARK --set-mark 1338").uses_mark(1338));
+        assert!(!p("-A OUTPUT -j MARK --set-mark 1338").uses_mark(1337));
+        assert!(!p("-A OUTPUT -p tcp --dport 1337 -j RETURN").uses_mark(1337));
     }
 
     #[test]

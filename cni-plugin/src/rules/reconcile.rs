@@ -11,13 +11,16 @@
 use std::fmt::Write as _;
 
 use super::canon::{CanonRule, SavedTables};
+use super::iptables::{OUTBOUND_MARK, TPROXY_MARK};
 use super::{is_own_chain, FamilyRules, Rule, Table};
 
 /// Builds the script that replaces our rules in `current` with `desired`.
 ///
 /// `also_ours` lists further rules to recognise as ours in built-in chains (for example the
-/// rules of a ruleset being rolled back); rules that jump to an `ISTIO_*` chain are always
-/// recognised. Returns an empty string when there is nothing to change.
+/// rules of a ruleset being rolled back). Always recognised as ours: rules that jump to an
+/// `ISTIO_*` chain, and rules in the mangle table that use Istio's TPROXY marks (1337,
+/// 1338), which TPROXY mode puts in built-in chains; so DEL, which has no ruleset, still
+/// removes everything ADD wrote. Returns an empty string when there is nothing to change.
 pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) -> String {
     let family = desired.family;
     let known: Vec<(Table, CanonRule)> = desired
@@ -41,6 +44,8 @@ pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) 
                 let ours = match &r.canon {
                     Some(c) => {
                         c.target_name().is_some_and(is_own_chain)
+                            || (table == Table::Mangle
+                                && (c.uses_mark(TPROXY_MARK) || c.uses_mark(OUTBOUND_MARK)))
                             || known.iter().any(|(t, k)| *t == table && k == c)
                     }
                     None => false,
