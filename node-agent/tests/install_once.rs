@@ -36,8 +36,13 @@ impl Node {
     }
 
     fn agent(&self, verb: &str, extra: &[&str]) -> Output {
-        Command::new(BIN)
-            .args([verb, "--once", "--self-test", "false"])
+        self.command(verb, extra).output().unwrap()
+    }
+
+    /// The agent command for one pass of `verb` on this node, self-test off.
+    fn command(&self, verb: &str, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.args([verb, "--once", "--self-test", "false"])
             .arg("--mounted-cni-net-dir")
             .arg(self.path("net.d"))
             .arg("--cni-bin-dir")
@@ -51,9 +56,8 @@ impl Node {
             .args(extra)
             .env_clear()
             .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-            .env("KUBERNETES_SERVICE_PORT", "443")
-            .output()
-            .unwrap()
+            .env("KUBERNETES_SERVICE_PORT", "443");
+        cmd
     }
 
     fn copy_conf(&self, name: &str) {
@@ -273,27 +277,8 @@ fn sigkill_at_any_point_never_leaves_a_partial_file() {
         } else {
             "kube-system,other"
         };
-        let mut child = Command::new(BIN)
-            .args([
-                "install",
-                "--once",
-                "--self-test",
-                "false",
-                "--exclude-namespaces",
-                ns,
-            ])
-            .arg("--mounted-cni-net-dir")
-            .arg(node.path("net.d"))
-            .arg("--cni-bin-dir")
-            .arg(node.path("bin"))
-            .arg("--cni-agent-run-dir")
-            .arg(node.path("run"))
-            .arg("--plugin-bin")
-            .arg(node.path("istio-cni"))
-            .arg("--service-account-dir")
-            .arg(node.path("sa"))
-            .env_clear()
-            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        let mut child = node
+            .command("install", &["--exclude-namespaces", ns])
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();

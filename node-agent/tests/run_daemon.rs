@@ -56,19 +56,106 @@ fn wait_for<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> (T, Duration)
     }
 }
 
-struct Daemon(Child, Option<PathBuf>);
+/// A running agent; killed on drop. Its log goes to `log`, printed if the test fails.
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    ready_port: u16,
+    metrics_port: u16,
+}
+
+impl Daemon {
+    fn readyz(&self) -> Option<(u16, String)> {
+        get(self.ready_port, "/readyz")
+    }
+
+    fn wait_ready(&self) -> Duration {
+        wait_for("/readyz 200", || (self.readyz()?.0 == 200).then_some(())).1
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        wait_for("exit after SIGTERM", || self.child.try_wait().unwrap()).0
+    }
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
         if std::thread::panicking() {
-            if let Some(log) = &self.1 {
-                eprintln!(
-                    "agent log:\n{}",
-                    std::fs::read_to_string(log).unwrap_or_default()
-                );
-            }
+            eprintln!(
+                "agent log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// Temp dirs laid out like the agent's mounts, with a projected service account token.
+struct Node {
+    dir: tempfile::TempDir,
+    net: PathBuf,
+    bin: PathBuf,
+    run: PathBuf,
+    sa: PathBuf,
+}
+
+impl Node {
+    /// `net_subdir` is the conf dir's path below the temp dir; it is not created.
+    fn new(net_subdir: &str) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |s: &str| dir.path().join(s);
+        let (net, bin, run, sa) = (p(net_subdir), p("bin"), p("run"), p("sa"));
+        for d in [&bin, &run, &sa] {
+            std::fs::create_dir(d).unwrap();
+        }
+        project_token(&sa, 1, "token-one");
+        Node {
+            dir,
+            net,
+            bin,
+            run,
+            sa,
+        }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.net.join("10-ptp.conflist")
+    }
+
+    fn daemon(&self, extra: &[&str]) -> Daemon {
+        let (ready_port, metrics_port) = (free_port(), free_port());
+        let log = self.dir.path().join("agent.log");
+        let child = Command::new(BIN)
+            .arg("run")
+            .args(["--bind-address", "127.0.0.1", "--log-level", "debug"])
+            .args(["--readiness-port", &ready_port.to_string()])
+            .args(["--monitoring-port", &metrics_port.to_string()])
+            .arg("--mounted-cni-net-dir")
+            .arg(&self.net)
+            .arg("--cni-bin-dir")
+            .arg(&self.bin)
+            .arg("--cni-agent-run-dir")
+            .arg(&self.run)
+            .arg("--service-account-dir")
+            .arg(&self.sa)
+            .arg("--plugin-bin")
+            .arg(plugin())
+            .args(extra)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            log,
+            ready_port,
+            metrics_port,
         }
     }
 }
@@ -113,69 +200,28 @@ const PRIMARY: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins
 
 #[test]
 fn daemon_installs_keeps_chained_and_cleans_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let (net, bin, run, sa) = (
-        dir.path().join("net.d"),
-        dir.path().join("bin"),
-        dir.path().join("run"),
-        dir.path().join("sa"),
-    );
-    for d in [&net, &bin, &run, &sa] {
-        std::fs::create_dir(d).unwrap();
-    }
-    project_token(&sa, 1, "token-one");
-    let (ready_port, metrics_port) = (free_port(), free_port());
-    let child = Command::new(BIN)
-        .arg("run")
-        .args([
-            "--bind-address",
-            "127.0.0.1",
-            "--readiness-port",
-            &ready_port.to_string(),
-        ])
-        .args([
-            "--monitoring-port",
-            &metrics_port.to_string(),
-            "--log-level",
-            "debug",
-        ])
-        .arg("--mounted-cni-net-dir")
-        .arg(&net)
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-agent-run-dir")
-        .arg(&run)
-        .arg("--service-account-dir")
-        .arg(&sa)
-        .arg("--plugin-bin")
-        .arg(plugin())
-        .env_clear()
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child, Some(dir.path().join("agent.log")));
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    let mut daemon = node.daemon(&[]);
 
     // No primary config yet: alive but not ready, saying why.
-    let (body, _) = wait_for("/readyz 503", || match get(ready_port, "/readyz") {
+    let (body, _) = wait_for("/readyz 503", || match daemon.readyz() {
         Some((503, body)) if body.contains("no primary CNI config") => Some(body),
         _ => None,
     });
     assert!(body.contains("install:"), "{body}");
-    assert_eq!(get(ready_port, "/healthz").unwrap().0, 200);
+    assert_eq!(get(daemon.ready_port, "/healthz").unwrap().0, 200);
 
     // The primary CNI writes its config: chained, self-tested, ready.
-    let conf = net.join("10-ptp.conflist");
+    let conf = node.conf();
     std::fs::write(&conf, PRIMARY).unwrap();
-    let (_, took) = wait_for("/readyz 200", || {
-        (get(ready_port, "/readyz")?.0 == 200).then_some(())
-    });
-    eprintln!("ready {took:?} after the primary config appeared");
+    eprintln!(
+        "ready {:?} after the primary config appeared",
+        daemon.wait_ready()
+    );
     assert!(chained(&conf));
-    assert!(bin.join("istio-cni").is_file());
-    let kubeconfig = run.join("istio-cni-kubeconfig");
+    assert!(node.bin.join("istio-cni").is_file());
+    let kubeconfig = node.run.join("istio-cni-kubeconfig");
     let token = || -> Option<String> {
         let v: Value = serde_json::from_slice(&std::fs::read(&kubeconfig).ok()?).ok()?;
         v["users"][0]["user"]["token"].as_str().map(str::to_owned)
@@ -186,20 +232,19 @@ fn daemon_installs_keeps_chained_and_cleans_up() {
     let mut rechain = Vec::new();
     for _ in 0..3 {
         std::fs::write(&conf, PRIMARY).unwrap();
-        let (_, took) = wait_for("re-chain", || chained(&conf).then_some(()));
-        rechain.push(took);
+        rechain.push(wait_for("re-chain", || chained(&conf).then_some(())).1);
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("re-chained after primary rewrites in {rechain:?}");
 
     // Token rotation through the projected volume's ..data swap.
-    project_token(&sa, 2, "token-two");
+    project_token(&node.sa, 2, "token-two");
     let (_, took) = wait_for("kubeconfig with the rotated token", || {
         (token()? == "token-two").then_some(())
     });
     eprintln!("kubeconfig rewritten {took:?} after the token rotated");
 
-    let (_, metrics) = get(metrics_port, "/metrics").unwrap();
+    let (_, metrics) = get(daemon.metrics_port, "/metrics").unwrap();
     assert!(metrics.contains("istio_cni_ready 1"), "{metrics}");
     assert!(
         metrics.contains("istio_cni_conflist_rewrites_total 3"),
@@ -211,80 +256,37 @@ fn daemon_installs_keeps_chained_and_cleans_up() {
     );
 
     // SIGTERM: our entry, the kubeconfig and the binary are removed; the primary stays.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let (status, _) = wait_for("exit after SIGTERM", || daemon.0.try_wait().unwrap());
-    assert!(status.success(), "{status}");
-    assert!(!chained(&conf));
+    assert!(daemon.sigterm().success());
     let left: Value = serde_json::from_slice(&std::fs::read(&conf).unwrap()).unwrap();
     assert_eq!(left, serde_json::from_str::<Value>(PRIMARY).unwrap());
-    assert!(!kubeconfig.exists() && !bin.join("istio-cni").exists());
+    assert!(!kubeconfig.exists() && !node.bin.join("istio-cni").exists());
     assert_eq!(
-        std::fs::read_dir(&run).unwrap().count(),
+        std::fs::read_dir(&node.run).unwrap().count(),
         0,
-        "no self-test files left"
+        "no self-test files, no log socket left"
+    );
+    // The plugin's own log lines reached the agent's log, tagged with the pod.
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("plugin[ADD") && log.contains("istio-cni-self-test/self-test]: pod istio-cni-self-test/self-test: redirection rules written and validated"),
+        "{log}"
     );
 }
 
 #[test]
 fn a_fight_over_the_config_backs_off_and_shows_in_readiness() {
-    let dir = tempfile::tempdir().unwrap();
-    let (net, bin, run, sa) = (
-        dir.path().join("net.d"),
-        dir.path().join("bin"),
-        dir.path().join("run"),
-        dir.path().join("sa"),
-    );
-    for d in [&net, &bin, &run, &sa] {
-        std::fs::create_dir(d).unwrap();
-    }
-    project_token(&sa, 1, "t");
-    let conf = net.join("10-ptp.conflist");
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    let conf = node.conf();
     std::fs::write(&conf, PRIMARY).unwrap();
-    let ready_port = free_port();
-    let child = Command::new(BIN)
-        .arg("run")
-        .args([
-            "--bind-address",
-            "127.0.0.1",
-            "--readiness-port",
-            &ready_port.to_string(),
-        ])
-        .args([
-            "--monitoring-port",
-            &free_port().to_string(),
-            "--self-test",
-            "false",
-        ])
-        .args(["--cleanup-on-exit", "false"])
-        .arg("--mounted-cni-net-dir")
-        .arg(&net)
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-agent-run-dir")
-        .arg(&run)
-        .arg("--service-account-dir")
-        .arg(&sa)
-        .arg("--plugin-bin")
-        .arg(plugin())
-        .env_clear()
-        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut daemon = Daemon(child, None);
-    wait_for("ready", || {
-        (get(ready_port, "/readyz")?.0 == 200).then_some(())
-    });
+    let mut daemon = node.daemon(&["--self-test", "false", "--cleanup-on-exit", "false"]);
+    daemon.wait_ready();
     // Another writer keeps dropping our entry.
     let (body, _) = wait_for("conflict in /readyz", || {
         if chained(&conf) {
             std::fs::write(&conf, PRIMARY).unwrap();
         }
-        match get(ready_port, "/readyz") {
+        match daemon.readyz() {
             Some((503, body)) if body.contains("conflict:") => Some(body),
             _ => None,
         }
@@ -294,79 +296,31 @@ fn a_fight_over_the_config_backs_off_and_shows_in_readiness() {
         "{body}"
     );
     // The other writer stops: after the back-off our entry is back and the conflict clears.
-    wait_for("conflict over", || {
-        (get(ready_port, "/readyz")?.0 == 200).then_some(())
-    });
+    daemon.wait_ready();
     assert!(chained(&conf));
 
     // Without cleanup (an upgrade), SIGTERM leaves the plugin installed.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let (status, _) = wait_for("exit", || daemon.0.try_wait().unwrap());
-    assert!(status.success());
-    assert!(chained(&conf) && bin.join("istio-cni").exists());
+    assert!(daemon.sigterm().success());
+    assert!(chained(&conf) && node.bin.join("istio-cni").exists());
 }
 
 #[test]
 fn a_conf_dir_that_appears_late_is_picked_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let (net, bin, run, sa) = (
-        dir.path().join("cni/net.d"),
-        dir.path().join("bin"),
-        dir.path().join("run"),
-        dir.path().join("sa"),
-    );
-    for d in [&bin, &run, &sa] {
-        std::fs::create_dir(d).unwrap();
-    }
-    project_token(&sa, 1, "t");
-    let ready_port = free_port();
-    let child = Command::new(BIN)
-        .arg("run")
-        .args([
-            "--bind-address",
-            "127.0.0.1",
-            "--readiness-port",
-            &ready_port.to_string(),
-        ])
-        .args([
-            "--monitoring-port",
-            &free_port().to_string(),
-            "--self-test",
-            "false",
-        ])
-        .arg("--mounted-cni-net-dir")
-        .arg(&net)
-        .arg("--cni-bin-dir")
-        .arg(&bin)
-        .arg("--cni-agent-run-dir")
-        .arg(&run)
-        .arg("--service-account-dir")
-        .arg(&sa)
-        .arg("--plugin-bin")
-        .arg(plugin())
-        .env_clear()
-        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _daemon = Daemon(child, None);
-    wait_for("/readyz 503 while the conf dir is missing", || {
-        match get(ready_port, "/readyz") {
+    let node = Node::new("cni/net.d");
+    let daemon = node.daemon(&["--self-test", "false"]);
+    wait_for(
+        "/readyz 503 while the conf dir is missing",
+        || match daemon.readyz() {
             Some((503, body)) if body.contains("install:") => Some(()),
             _ => None,
-        }
-    });
+        },
+    );
     // The primary CNI creates its dir and config (no resync needed: the resync is 60 s).
-    std::fs::create_dir_all(&net).unwrap();
-    let conf = net.join("10-ptp.conflist");
-    std::fs::write(&conf, PRIMARY).unwrap();
-    let (_, took) = wait_for("ready", || {
-        (get(ready_port, "/readyz")?.0 == 200).then_some(())
-    });
-    eprintln!("ready {took:?} after the conf dir appeared");
-    assert!(chained(&conf));
+    std::fs::create_dir_all(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    eprintln!(
+        "ready {:?} after the conf dir appeared",
+        daemon.wait_ready()
+    );
+    assert!(chained(&node.conf()));
 }
