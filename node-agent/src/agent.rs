@@ -25,8 +25,6 @@ use crate::selftest;
 pub struct RunOptions {
     /// Run the self-test after each install change.
     pub self_test: bool,
-    /// On shutdown, remove our entry, kubeconfig and binary (not during an upgrade).
-    pub cleanup_on_exit: bool,
     /// Re-check everything at least this often, even without events.
     pub resync: Duration,
     /// More rewrites by another writer than this within [`RunOptions::conflict_window`]
@@ -40,7 +38,6 @@ impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
             self_test: true,
-            cleanup_on_exit: true,
             resync: Duration::from_secs(60),
             conflict_limit: 5,
             conflict_window: Duration::from_secs(60),
@@ -127,11 +124,11 @@ impl Agent {
         }
     }
 
-    /// Runs until `shutdown` completes, then cleans up if configured. Returns what the
-    /// cleanup removed.
+    /// Runs until `shutdown` completes; readiness then reports the agent as stopping. What
+    /// to remove on exit is the caller's decision (see [`crate::upgrade`]).
     ///
     /// Errors: a message when the file watcher cannot be set up.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<Vec<String>, String> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             if res.is_ok() {
@@ -160,19 +157,7 @@ impl Agent {
         }
         self.readiness.set_stopping();
         drop(watcher);
-        if !self.opts.cleanup_on_exit {
-            log::info!("shutting down without cleanup: the plugin stays installed");
-            return Ok(Vec::new());
-        }
-        let cfg = self.cfg.clone();
-        let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
-            .await
-            .map_err(|e| format!("cleanup task: {e}"))?
-            .map_err(|e| format!("cleanup: {e}"))?;
-        for r in &removed {
-            log::info!("{r}");
-        }
-        Ok(removed)
+        Ok(())
     }
 
     fn watched_dirs(&self) -> Vec<PathBuf> {

@@ -150,6 +150,14 @@ mod tests {
 /// Options of the daemon (`run`) only.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
+    /// A kubeconfig for the agent's own API access, instead of the in-cluster settings
+    /// (service account and `KUBERNETES_SERVICE_*`).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's own pod name (downward API). With it, SIGTERM asks the API whether the
+    /// DaemonSet is being removed (clean up) or updated (keep the plugin installed).
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
     /// Port of `/healthz` and `/readyz`.
     #[arg(long, env = "READINESS_PORT", default_value_t = 8000)]
     pub readiness_port: u16,
@@ -159,8 +167,9 @@ pub struct RunArgs {
     /// Address the HTTP endpoints listen on.
     #[arg(long, env = "BIND_ADDRESS", default_value = "0.0.0.0")]
     pub bind_address: std::net::IpAddr,
-    /// On SIGTERM, remove our entry, the kubeconfig and the binary. Set it to false for a
-    /// DaemonSet upgrade: removing the plugin mid-upgrade breaks pod teardown on the node.
+    /// On SIGTERM, remove our entry, the kubeconfig and the binary, unless the DaemonSet
+    /// is only being updated (see `--pod-name`). False never removes anything: removing the
+    /// plugin mid-upgrade breaks pod teardown on the node.
     #[arg(long, env = "CLEANUP_ON_EXIT", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub cleanup_on_exit: bool,

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod apiclient;
 pub mod config;
 pub mod http;
 pub mod install;
@@ -11,3 +12,4 @@ pub mod logsink;
 pub mod metrics;
 pub mod readiness;
 pub mod selftest;
+pub mod upgrade;

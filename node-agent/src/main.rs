@@ -11,7 +11,8 @@ use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
-use istio_cni_node_agent::{http, install, logsink, selftest};
+use istio_cni_node_agent::upgrade::{self, OnExit};
+use istio_cni_node_agent::{apiclient, http, install, logsink, selftest};
 
 #[derive(Parser)]
 #[command(
@@ -134,11 +135,11 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
     let opts = RunOptions {
         self_test: args.self_test,
-        cleanup_on_exit: run.cleanup_on_exit,
         resync: Duration::from_secs(run.resync_seconds.max(1)),
         ..RunOptions::default()
     };
-    let outcome: Result<Vec<String>, String> = rt.block_on(async {
+    let outcome: Result<(), String> = rt.block_on(async {
+        let shutdown = shutdown_signal().map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
         let bind = |port| tokio::net::TcpListener::bind((run.bind_address, port));
         let ready_listener = bind(run.readiness_port).await.map_err(|e| {
             format!(
@@ -178,12 +179,24 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             run.bind_address,
             run.monitoring_port
         );
-        let agent = Agent::new(cfg, opts, readiness, metrics);
-        let outcome = agent.run(shutdown_signal()).await;
+        let agent = Agent::new(cfg.clone(), opts, readiness, metrics);
+        let outcome = agent.run(shutdown).await;
         if let Some(path) = sink {
             let _ = std::fs::remove_file(path);
         }
-        outcome
+        outcome?;
+        match on_exit(&cfg, args, run).await {
+            OnExit::Keep(why) => log::info!("keeping the plugin installed: {why}"),
+            OnExit::Cleanup(why) => {
+                log::info!("removing the plugin: {why}");
+                let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
+                    .await
+                    .map_err(|e| format!("cleanup task: {e}"))?
+                    .map_err(|e| format!("cleanup: {e}"))?;
+                removed.iter().for_each(|r| log::info!("{r}"));
+            }
+        }
+        Ok(())
     });
     match outcome {
         Ok(_) => {
@@ -197,19 +210,43 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     }
 }
 
-/// Completes on SIGTERM (the kubelet stopping the pod) or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
+/// Whether to remove the plugin now that the agent stops: never with
+/// `--cleanup-on-exit=false`; as the API says (see [`upgrade`]) when the agent knows its pod
+/// name; else (outside a cluster) yes.
+async fn on_exit(cfg: &install::InstallConfig, args: &AgentArgs, run: &RunArgs) -> OnExit {
+    if !run.cleanup_on_exit {
+        return OnExit::Keep("--cleanup-on-exit=false".into());
+    }
+    let Some(pod) = &run.pod_name else {
+        return OnExit::Cleanup("no --pod-name: not running as a DaemonSet pod".into());
+    };
+    let timeout = Duration::from_secs(3);
+    let client = match apiclient::client(cfg, run.kubeconfig.as_deref(), timeout).await {
+        Ok(c) => c,
         Err(e) => {
-            log::error!("cannot handle SIGTERM: {e}");
-            std::future::pending::<()>().await;
-            unreachable!()
+            return OnExit::Keep(format!(
+                "no API client to ask whether this is an upgrade: {e}"
+            ))
         }
     };
-    tokio::select! {
-        _ = term.recv() => log::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => log::info!("SIGINT received"),
-    }
+    // Well inside the pod's termination grace period (30 s by default).
+    let deadline = Duration::from_secs(10);
+    tokio::time::timeout(deadline, upgrade::decide(client, &args.pod_namespace, pod))
+        .await
+        .unwrap_or_else(|_| OnExit::Keep(format!("the API did not answer within {deadline:?}")))
+}
+
+/// Registers the SIGTERM (the kubelet stopping the pod) and SIGINT handlers now, before
+/// any work, so that no signal can take the default action (exit without cleanup); the
+/// returned future completes on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM received"),
+            _ = int.recv() => log::info!("SIGINT received"),
+        }
+    })
 }

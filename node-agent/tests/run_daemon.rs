@@ -324,3 +324,78 @@ fn a_conf_dir_that_appears_late_is_picked_up() {
     );
     assert!(chained(&node.conf()));
 }
+
+/// The agent's pod, owned by DaemonSet `istio-cni-node`, and that DaemonSet, in the API.
+fn agent_objects(api: &istio_cni_e2e::fake_api::FakeApi) -> serde_json::Value {
+    let ds = api.put(
+        "daemonsets",
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "istio-cni-node", "namespace": "istio-system"},
+            "spec": {"selector": {"matchLabels": {"k8s-app": "istio-cni-node"}},
+                     "template": {"metadata": {"labels": {"k8s-app": "istio-cni-node"}},
+                                  "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}}}),
+    );
+    api.put(
+        "pods",
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "istio-cni-node-x7k2p", "namespace": "istio-system",
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                              "name": "istio-cni-node", "uid": ds["metadata"]["uid"],
+                                              "controller": true}]},
+            "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}),
+    );
+    ds
+}
+
+#[test]
+fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let mut api = istio_cni_e2e::fake_api::FakeApi::start();
+    let kubeconfig = api.write_kubeconfig(node.dir.path());
+    agent_objects(&api);
+    let kc = kubeconfig.to_str().unwrap();
+    let in_cluster = [
+        "--self-test",
+        "false",
+        "--kubeconfig",
+        kc,
+        "--pod-name",
+        "istio-cni-node-x7k2p",
+    ];
+
+    // Upgrade: the DaemonSet is still there, so the plugin stays for the next agent.
+    let mut daemon = node.daemon(&in_cluster);
+    daemon.wait_ready();
+    assert!(daemon.sigterm().success());
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains(
+            "keeping the plugin installed: DaemonSet istio-system/istio-cni-node still exists"
+        ),
+        "{log}"
+    );
+    assert!(chained(&node.conf()) && node.bin.join("istio-cni").exists());
+
+    // The API cannot answer: the plugin stays too (safe for pod teardown).
+    let mut daemon = node.daemon(&in_cluster);
+    daemon.wait_ready();
+    api.set_fault(istio_cni_e2e::fake_api::Fault::Status(503));
+    assert!(daemon.sigterm().success());
+    assert!(chained(&node.conf()));
+    api.set_fault(istio_cni_e2e::fake_api::Fault::None);
+
+    // Uninstall: the DaemonSet is deleted, so everything is removed.
+    let mut daemon = node.daemon(&in_cluster);
+    daemon.wait_ready();
+    assert!(api.remove("daemonsets", "istio-system", "istio-cni-node"));
+    assert!(daemon.sigterm().success());
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("removing the plugin: DaemonSet istio-system/istio-cni-node is gone"),
+        "{log}"
+    );
+    assert!(!chained(&node.conf()) && !node.bin.join("istio-cni").exists());
+    api.stop();
+}

@@ -10,10 +10,11 @@
 //! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
 //! [`FakeApi::stop`] closes the listener so that connections are refused.
 //!
-//! Routes (core group, `v1`), built so that later resources (nodes, events) slot in:
-//! `GET|PUT|DELETE /api/v1/namespaces/{ns}/{resource}/{name}`,
-//! `GET|POST /api/v1/namespaces/{ns}/{resource}`, `GET /api/v1/{resource}` (all
-//! namespaces), `GET|PUT|DELETE /api/v1/{resource}/{name}` (cluster-scoped).
+//! Routes, the same under `/api/v1` (core group) and `/apis/{group}/{version}`, so that
+//! later resources (nodes, events, daemonsets) slot in:
+//! `GET|PUT|DELETE …/namespaces/{ns}/{resource}/{name}`, `GET|POST
+//! …/namespaces/{ns}/{resource}`, `GET|POST …/{resource}` (all namespaces, or
+//! cluster-scoped), `GET|PUT|DELETE …/{resource}/{name}` (cluster-scoped).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -257,24 +258,88 @@ async fn apply_fault(shared: &Shared) -> Option<Response> {
 
 type Shared_ = State<Arc<Shared>>;
 
+/// The path parameters of a resource URL; the group and version are not part of the key
+/// (resource plurals are unique across the groups this server serves).
+#[derive(serde::Deserialize)]
+struct Loc {
+    ns: Option<String>,
+    resource: String,
+    name: Option<String>,
+}
+
+impl Loc {
+    fn key(self) -> Key {
+        (
+            self.resource,
+            self.ns.unwrap_or_default(),
+            self.name.unwrap_or_default(),
+        )
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
+    // The same routes for the core group (`/api/v1`) and named groups (`/apis/G/V`).
+    let routes = Router::new()
+        .route(
+            "/namespaces/{ns}/{resource}/{name}",
+            get(get_one).put(put_one).delete(delete_one),
+        )
+        .route(
+            "/namespaces/{ns}/{resource}",
+            get(list_some).post(create_one),
+        )
+        .route("/{resource}", get(list_some).post(create_one))
+        .route(
+            "/{resource}/{name}",
+            get(get_one).put(put_one).delete(delete_one),
+        );
     Router::new()
-        .route(
-            "/api/v1/namespaces/{ns}/{resource}/{name}",
-            get(get_namespaced)
-                .put(put_namespaced)
-                .delete(delete_namespaced),
-        )
-        .route(
-            "/api/v1/namespaces/{ns}/{resource}",
-            get(list_namespaced).post(create_namespaced),
-        )
-        .route("/api/v1/{resource}", get(list_all))
-        .route(
-            "/api/v1/{resource}/{name}",
-            get(get_cluster).put(put_cluster).delete(delete_cluster),
-        )
+        .nest("/api/v1", routes.clone())
+        .nest("/apis/{group}/{version}", routes)
         .with_state(shared)
+}
+
+async fn get_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    get_obj(&s, loc.key())
+}
+
+async fn put_one(
+    State(s): Shared_,
+    UrlPath(loc): UrlPath<Loc>,
+    Json(obj): Json<Value>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    replace(&s, loc.key(), obj)
+}
+
+async fn delete_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    delete(&s, loc.key())
+}
+
+async fn list_some(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    list(&s, &loc.resource, loc.ns.as_deref())
+}
+
+async fn create_one(
+    State(s): Shared_,
+    UrlPath(loc): UrlPath<Loc>,
+    Json(obj): Json<Value>,
+) -> Response {
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    create(&s, &loc.resource, loc.ns.as_deref().unwrap_or(""), obj)
 }
 
 fn get_obj(shared: &Shared, key: Key) -> Response {
@@ -349,88 +414,4 @@ fn delete(shared: &Shared, key: Key) -> Response {
         }
         None => not_found(&key.0, &key.2),
     }
-}
-
-async fn get_namespaced(
-    State(s): Shared_,
-    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    get_obj(&s, (r, ns, n))
-}
-
-async fn put_namespaced(
-    State(s): Shared_,
-    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
-    Json(obj): Json<Value>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    replace(&s, (r, ns, n), obj)
-}
-
-async fn delete_namespaced(
-    State(s): Shared_,
-    UrlPath((ns, r, n)): UrlPath<(String, String, String)>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    delete(&s, (r, ns, n))
-}
-
-async fn list_namespaced(
-    State(s): Shared_,
-    UrlPath((ns, r)): UrlPath<(String, String)>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    list(&s, &r, Some(&ns))
-}
-
-async fn create_namespaced(
-    State(s): Shared_,
-    UrlPath((ns, r)): UrlPath<(String, String)>,
-    Json(obj): Json<Value>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    create(&s, &r, &ns, obj)
-}
-
-async fn list_all(State(s): Shared_, UrlPath(r): UrlPath<String>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    list(&s, &r, None)
-}
-
-async fn get_cluster(State(s): Shared_, UrlPath((r, n)): UrlPath<(String, String)>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    get_obj(&s, (r, String::new(), n))
-}
-
-async fn put_cluster(
-    State(s): Shared_,
-    UrlPath((r, n)): UrlPath<(String, String)>,
-    Json(obj): Json<Value>,
-) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    replace(&s, (r, String::new(), n), obj)
-}
-
-async fn delete_cluster(State(s): Shared_, UrlPath((r, n)): UrlPath<(String, String)>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
-    delete(&s, (r, String::new(), n))
 }
