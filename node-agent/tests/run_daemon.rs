@@ -399,3 +399,31 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
     assert!(!chained(&node.conf()) && !node.bin.join("istio-cni").exists());
     api.stop();
 }
+
+#[test]
+fn a_read_only_bin_dir_keeps_the_agent_not_ready_with_the_reason() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(&node.bin)
+        .status()
+        .unwrap();
+    assert!(mounted.success(), "mount a read-only tmpfs (needs root)");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&node.bin);
+    let daemon = node.daemon(&[]);
+    let (body, _) = wait_for("/readyz 503 naming the read-only dir", || {
+        match daemon.readyz() {
+            Some((503, body)) if body.contains("mounted read-only") => Some(body),
+            _ => None,
+        }
+    });
+    assert!(body.contains(&node.bin.display().to_string()), "{body}");
+}
