@@ -57,6 +57,16 @@ struct Shared {
     uid_counter: AtomicU64,
     fault: Mutex<Fault>,
     requests: AtomicUsize,
+    writes: AtomicUsize,
+    before_patch: Mutex<Vec<BeforePatch>>,
+}
+
+/// A one-shot mutation applied to an object just before the next PATCH of it: "another
+/// writer changed it between our read and our patch".
+struct BeforePatch {
+    resource: String,
+    name: String,
+    mutate: Box<dyn FnOnce(&mut Value) + Send>,
 }
 
 impl Shared {
@@ -90,6 +100,8 @@ impl FakeApi {
             uid_counter: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             requests: AtomicUsize::new(0),
+            writes: AtomicUsize::new(0),
+            before_patch: Mutex::new(Vec::new()),
         });
         let app = router(shared.clone());
         std_listener.set_nonblocking(true).expect("nonblocking");
@@ -153,6 +165,32 @@ impl FakeApi {
     /// How many requests the server has received.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// How many write requests (POST, PUT, PATCH, DELETE) to `resource` it has received.
+    pub fn writes(&self) -> usize {
+        self.shared.writes.load(Ordering::SeqCst)
+    }
+
+    /// The stored object, if any (`namespace` is empty for cluster-scoped objects).
+    pub fn get(&self, resource: &str, namespace: &str, name: &str) -> Option<Value> {
+        let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
+        self.shared.store.lock().unwrap().objects.get(&key).cloned()
+    }
+
+    /// Right before the next PATCH of `resource/name`, applies `mutate` to the stored
+    /// object as another writer would (bumping its resourceVersion), once.
+    pub fn before_next_patch(
+        &self,
+        resource: &str,
+        name: &str,
+        mutate: impl FnOnce(&mut Value) + Send + 'static,
+    ) {
+        self.shared.before_patch.lock().unwrap().push(BeforePatch {
+            resource: resource.into(),
+            name: name.into(),
+            mutate: Box::new(mutate),
+        });
     }
 
     /// Creates or replaces a namespaced object (`resource` is the plural, e.g. `pods`),
@@ -282,7 +320,14 @@ fn router(shared: Arc<Shared>) -> Router {
     let routes = Router::new()
         .route(
             "/namespaces/{ns}/{resource}/{name}",
-            get(get_one).put(put_one).delete(delete_one),
+            get(get_one)
+                .put(put_one)
+                .delete(delete_one)
+                .patch(patch_one),
+        )
+        .route(
+            "/namespaces/{ns}/{resource}/{name}/status",
+            axum::routing::patch(patch_one),
         )
         .route(
             "/namespaces/{ns}/{resource}",
@@ -291,8 +336,12 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/{resource}", get(list_some).post(create_one))
         .route(
             "/{resource}/{name}",
-            get(get_one).put(put_one).delete(delete_one),
-        );
+            get(get_one)
+                .put(put_one)
+                .delete(delete_one)
+                .patch(patch_one),
+        )
+        .route("/{resource}/{name}/status", axum::routing::patch(patch_one));
     Router::new()
         .nest("/api/v1", routes.clone())
         .nest("/apis/{group}/{version}", routes)
@@ -318,6 +367,7 @@ async fn put_one(
 }
 
 async fn delete_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
+    s.writes.fetch_add(1, Ordering::SeqCst);
     if let Some(f) = apply_fault(&s).await {
         return f;
     }
@@ -340,6 +390,88 @@ async fn create_one(
         return f;
     }
     create(&s, &loc.resource, loc.ns.as_deref().unwrap_or(""), obj)
+}
+
+/// PATCH: `application/json-patch+json` (RFC 6902; a failed `test` is a 409 Conflict, as
+/// the optimistic-lock idiom expects) or a merge patch (`merge-patch+json`; strategic merge
+/// patches are treated as merge patches). The `status` subresource patches the same object.
+async fn patch_one(
+    State(s): Shared_,
+    UrlPath(loc): UrlPath<Loc>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    s.writes.fetch_add(1, Ordering::SeqCst);
+    if let Some(f) = apply_fault(&s).await {
+        return f;
+    }
+    let key = loc.key();
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let patch: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("patch is not JSON: {e}"),
+            )
+        }
+    };
+    let mut store = s.store.lock().unwrap();
+    let hooks: Vec<BeforePatch> = {
+        let mut all = s.before_patch.lock().unwrap();
+        let (mine, rest) = std::mem::take(&mut *all)
+            .into_iter()
+            .partition(|h| h.resource == key.0 && h.name == key.2);
+        *all = rest;
+        mine
+    };
+    let Some(existing) = store.objects.get_mut(&key) else {
+        return not_found(&key.0, &key.2);
+    };
+    for hook in hooks {
+        (hook.mutate)(existing);
+        existing["metadata"]["resourceVersion"] = json!(s.next_rv());
+    }
+    let mut patched = existing.clone();
+    if content_type.starts_with("application/json-patch+json") {
+        let ops: json_patch::Patch = match serde_json::from_value(patch) {
+            Ok(p) => p,
+            Err(e) => {
+                return status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("not a JSON patch: {e}"),
+                )
+            }
+        };
+        if let Err(e) = json_patch::patch(&mut patched, &ops) {
+            let code = if matches!(e.kind, json_patch::PatchErrorKind::TestFailed) {
+                StatusCode::CONFLICT
+            } else {
+                StatusCode::UNPROCESSABLE_ENTITY
+            };
+            return status(
+                code,
+                if code == StatusCode::CONFLICT {
+                    "Conflict"
+                } else {
+                    "Invalid"
+                },
+                e.to_string(),
+            );
+        }
+    } else {
+        json_patch::merge(&mut patched, &patch);
+    }
+    let uid = existing["metadata"]["uid"].clone();
+    let patched = stamp(&s, patched, Some(uid));
+    *existing = patched.clone();
+    Json(patched).into_response()
 }
 
 fn get_obj(shared: &Shared, key: Key) -> Response {
