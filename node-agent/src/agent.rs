@@ -112,6 +112,10 @@ impl Agent {
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> Agent {
+        if !opts.self_test {
+            // Off means never pending: readiness then flips in one step when installed.
+            readiness.set_self_test(Check::Ok);
+        }
         Agent {
             cfg,
             opts,
@@ -228,9 +232,9 @@ impl Agent {
         }
         self.chained_before = true;
         self.readiness.set_install(Check::Ok);
-        if !self.opts.self_test {
-            self.readiness.set_self_test(Check::Ok);
-        } else if !installed.changes.is_empty() || !self.readiness.self_test_passed() {
+        if self.opts.self_test
+            && (!installed.changes.is_empty() || !self.readiness.self_test_passed())
+        {
             self.self_test().await;
         }
     }

@@ -176,4 +176,21 @@ pub struct RunArgs {
     /// Re-check the installation at least this often, in seconds, even without file events.
     #[arg(long, env = "RESYNC_SECONDS", default_value_t = 60)]
     pub resync_seconds: u64,
+    /// The node this agent runs on (downward API `spec.nodeName`); needed for the taint.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Keep the not-ready taint on the node until the plugin is proven here.
+    #[arg(long, env = "TAINT_ENABLED", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub taint_enabled: bool,
+    /// Key of the not-ready taint.
+    #[arg(long, env = "TAINT_KEY", default_value = "cni.istio.io/not-ready")]
+    pub taint_key: String,
+    /// Effect of the not-ready taint.
+    #[arg(long, env = "TAINT_EFFECT", default_value = "NoSchedule",
+          value_parser = ["NoSchedule", "NoExecute"])]
+    pub taint_effect: String,
+    /// How long the agent may be not ready before the taint comes back, in seconds.
+    #[arg(long, env = "TAINT_GRACE_SECONDS", default_value_t = 10)]
+    pub taint_grace_seconds: u64,
 }

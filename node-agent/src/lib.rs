@@ -12,4 +12,5 @@ pub mod logsink;
 pub mod metrics;
 pub mod readiness;
 pub mod selftest;
+pub mod taint;
 pub mod upgrade;

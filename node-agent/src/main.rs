@@ -11,6 +11,7 @@ use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
+use istio_cni_node_agent::taint::{TaintConfig, TaintController};
 use istio_cni_node_agent::upgrade::{self, OnExit};
 use istio_cni_node_agent::{apiclient, http, install, logsink, selftest};
 
@@ -179,16 +180,50 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             run.bind_address,
             run.monitoring_port
         );
+        let taint = match (&run.node_name, run.taint_enabled) {
+            (Some(node), true) => Some(Arc::new(TaintController::new(
+                TaintConfig {
+                    node: node.clone(),
+                    key: run.taint_key.clone(),
+                    effect: run.taint_effect.clone(),
+                    grace: Duration::from_secs(run.taint_grace_seconds),
+                },
+                cfg.clone(),
+                run.kubeconfig.clone(),
+                readiness.clone(),
+                metrics.clone(),
+            ))),
+            (None, true) => {
+                log::warn!("no --node-name: the node taint is not managed");
+                None
+            }
+            (_, false) => None,
+        };
+        let taint_task = taint
+            .clone()
+            .map(|t| tokio::spawn(async move { t.run_shared().await }));
         let agent = Agent::new(cfg.clone(), opts, readiness, metrics);
         let outcome = agent.run(shutdown).await;
         if let Some(path) = sink {
             let _ = std::fs::remove_file(path);
+        }
+        if let Some(task) = taint_task {
+            task.abort();
         }
         outcome?;
         match on_exit(&cfg, args, run).await {
             OnExit::Keep(why) => log::info!("keeping the plugin installed: {why}"),
             OnExit::Cleanup(why) => {
                 log::info!("removing the plugin: {why}");
+                if let Some(t) = &taint {
+                    let tainted =
+                        tokio::time::timeout(Duration::from_secs(5), t.taint_on_exit(&why)).await;
+                    match tainted {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => log::warn!("tainting the node on exit: {e}"),
+                        Err(_) => log::warn!("tainting the node on exit: no answer within 5s"),
+                    }
+                }
                 let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
                     .await
                     .map_err(|e| format!("cleanup task: {e}"))?

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub self_test_runs: Family<Outcome, Counter>,
     /// `istio_cni_self_test_duration_seconds`.
     pub self_test_duration: Histogram,
+    /// `istio_cni_node_tainted`: 1 while the agent keeps the not-ready taint on its node.
+    pub node_tainted: Gauge,
 }
 
 impl Metrics {
@@ -50,6 +52,7 @@ impl Metrics {
         let conflict = Gauge::default();
         let self_test_runs = Family::<Outcome, Counter>::default();
         let self_test_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        let node_tainted = Gauge::default();
         let mut registry = Registry::with_prefix("istio_cni");
         registry.register(
             "install_attempts",
@@ -81,8 +84,14 @@ impl Metrics {
             "Self-test wall time",
             self_test_duration.clone(),
         );
+        registry.register(
+            "node_tainted",
+            "1 while the node carries the not-ready taint set by this agent",
+            node_tainted.clone(),
+        );
         Metrics {
             registry,
+            node_tainted,
             install_attempts,
             ready,
             conflist_rewrites,

@@ -25,30 +25,50 @@ struct State {
 
 /// Readiness of the agent: binary, kubeconfig and chained entry in place (install), the
 /// last self-test passed, no fight with another writer over the config, not shutting down.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     state: Mutex<State>,
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            state: Mutex::default(),
+            changed: tokio::sync::watch::channel(()).0,
+        }
+    }
 }
 
 impl Readiness {
+    /// A receiver that is notified after every update (for the node taint).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        f(&mut self.state.lock().expect("readiness lock"));
+        self.changed.send_replace(());
+    }
+
     /// Records the outcome of an install pass.
     pub fn set_install(&self, check: Check) {
-        self.state.lock().expect("readiness lock").install = check;
+        self.update(|s| s.install = check);
     }
 
     /// Records the outcome of a self-test.
     pub fn set_self_test(&self, check: Check) {
-        self.state.lock().expect("readiness lock").self_test = check;
+        self.update(|s| s.self_test = check);
     }
 
     /// Records (or clears) a fight with another writer over the primary config.
     pub fn set_conflict(&self, conflict: Option<String>) {
-        self.state.lock().expect("readiness lock").conflict = conflict;
+        self.update(|s| s.conflict = conflict);
     }
 
     /// Marks the agent as shutting down: never ready again.
     pub fn set_stopping(&self) {
-        self.state.lock().expect("readiness lock").stopping = true;
+        self.update(|s| s.stopping = true);
     }
 
     /// Whether the self-test has passed since the last install change.

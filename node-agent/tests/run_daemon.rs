@@ -355,6 +355,7 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
     let mut api = istio_cni_e2e::fake_api::FakeApi::start();
     let kubeconfig = api.write_kubeconfig(node.dir.path());
     agent_objects(&api);
+    registered_node(&api);
     let kc = kubeconfig.to_str().unwrap();
     let in_cluster = [
         "--self-test",
@@ -363,12 +364,22 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
         kc,
         "--pod-name",
         "istio-cni-node-x7k2p",
+        "--node-name",
+        "node-1",
     ];
 
-    // Upgrade: the DaemonSet is still there, so the plugin stays for the next agent.
+    // Upgrade: the DaemonSet is still there, so the plugin stays for the next agent, and
+    // the node stays untainted.
     let mut daemon = node.daemon(&in_cluster);
     daemon.wait_ready();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
     assert!(daemon.sigterm().success());
+    assert!(
+        !taint_keys(&api).contains(&TAINT.to_owned()),
+        "no taint during an upgrade"
+    );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(
         log.contains(
@@ -396,6 +407,11 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
         log.contains("removing the plugin: DaemonSet istio-system/istio-cni-node is gone"),
         "{log}"
     );
+    assert!(
+        taint_keys(&api).contains(&TAINT.to_owned()),
+        "an uninstall taints the node again"
+    );
+    assert_eq!(our_condition(&api).unwrap()["reason"], "Uninstalled");
     assert!(!chained(&node.conf()) && !node.bin.join("istio-cni").exists());
     api.stop();
 }
@@ -426,4 +442,217 @@ fn a_read_only_bin_dir_keeps_the_agent_not_ready_with_the_reason() {
         }
     });
     assert!(body.contains(&node.bin.display().to_string()), "{body}");
+}
+
+const TAINT: &str = "cni.istio.io/not-ready";
+
+/// A node registered with our taint and another one, and kubelet's Ready condition.
+fn registered_node(api: &istio_cni_e2e::fake_api::FakeApi) {
+    api.put(
+        "nodes",
+        serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"},
+            "spec": {"taints": [{"key": "example.com/other", "effect": "NoSchedule"},
+                                {"key": TAINT, "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
+    );
+}
+
+fn taint_keys(api: &istio_cni_e2e::fake_api::FakeApi) -> Vec<String> {
+    api.get("nodes", "", "node-1").unwrap()["spec"]["taints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn our_condition(api: &istio_cni_e2e::fake_api::FakeApi) -> Option<Value> {
+    api.get("nodes", "", "node-1").unwrap()["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "IstioCNIReady")
+        .cloned()
+}
+
+fn taint_args(kubeconfig: &Path) -> Vec<String> {
+    [
+        "--self-test",
+        "false",
+        "--node-name",
+        "node-1",
+        "--taint-grace-seconds",
+        "1",
+        "--kubeconfig",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([kubeconfig.display().to_string()])
+    .collect()
+}
+
+#[test]
+fn the_node_is_untainted_when_ready_keeping_other_taints_and_then_left_alone() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let api = istio_cni_e2e::fake_api::FakeApi::start();
+    registered_node(&api);
+    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
+    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    daemon.wait_ready();
+    let ready_at = Instant::now();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    eprintln!(
+        "untainted {:?} after /readyz turned 200",
+        ready_at.elapsed()
+    );
+    assert_eq!(
+        taint_keys(&api),
+        ["example.com/other"],
+        "the other taint is kept"
+    );
+    let (cond, _) = wait_for("condition True", || {
+        our_condition(&api).filter(|c| c["status"] == "True")
+    });
+    assert_eq!(cond["reason"], "Ready");
+    let conditions = api.get("nodes", "", "node-1").unwrap()["status"]["conditions"].clone();
+    assert!(
+        conditions
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready"),
+        "kubelet's condition kept"
+    );
+    let (events, _) = wait_for("the IstioCNITaintRemoved event", || {
+        let events = api.list("events");
+        events
+            .iter()
+            .any(|e| e["reason"] == "IstioCNITaintRemoved")
+            .then_some(events)
+    });
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "IstioCNITaintRemoved"
+                && e["involvedObject"]["name"] == "node-1"),
+        "{events:?}"
+    );
+
+    // Steady state: no writes at all.
+    let writes = api.writes();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(api.writes(), writes, "the steady state writes nothing");
+}
+
+#[test]
+fn a_concurrent_taint_change_is_retried_not_clobbered() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    let api = istio_cni_e2e::fake_api::FakeApi::start();
+    registered_node(&api);
+    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
+    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Not ready (no primary config): the condition says so, the taint stays. Wait for the
+    // final not-ready message, so that the next node patch is the taint removal.
+    wait_for("condition False with the install error", || {
+        our_condition(&api).filter(|c| {
+            c["status"] == "False"
+                && c["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("no primary CNI config"))
+        })
+    });
+    // Between the agent's read and its taint patch, another writer adds a taint.
+    api.before_next_patch("nodes", "node-1", |n| {
+        n["spec"]["taints"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"key": "late", "effect": "NoExecute"}));
+    });
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    daemon.wait_ready();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    assert_eq!(
+        taint_keys(&api),
+        ["example.com/other", "late"],
+        "their change survives"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("taints changed since read (409); reading again"),
+        "the conflict path ran: {log}"
+    );
+}
+
+#[test]
+fn lost_readiness_retaints_after_the_grace_period_and_recovery_untaints() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let api = istio_cni_e2e::fake_api::FakeApi::start();
+    registered_node(&api);
+    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
+    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    daemon.wait_ready();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+
+    // The primary config becomes unusable: not ready; after the 1 s grace, tainted again.
+    std::fs::write(node.conf(), "{ broken").unwrap();
+    let (_, took) = wait_for("re-tainted", || {
+        taint_keys(&api).contains(&TAINT.to_owned()).then_some(())
+    });
+    eprintln!("re-tainted {took:?} after readiness was lost (grace 1 s)");
+    assert!(our_condition(&api).unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("install:"));
+    wait_for("the IstioCNITaintAdded event", || {
+        api.list("events")
+            .iter()
+            .any(|e| e["reason"] == "IstioCNITaintAdded")
+            .then_some(())
+    });
+
+    // Recovery.
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    daemon.wait_ready();
+    wait_for("untainted again", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    assert_eq!(taint_keys(&api), ["example.com/other"]);
+}
+
+#[test]
+fn an_unavailable_api_server_delays_but_does_not_stop_the_untaint() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let api = istio_cni_e2e::fake_api::FakeApi::start();
+    registered_node(&api);
+    api.set_fault(istio_cni_e2e::fake_api::Fault::Status(503));
+    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
+    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    daemon.wait_ready();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        taint_keys(&api).contains(&TAINT.to_owned()),
+        "no change while the API is down"
+    );
+    assert_eq!(
+        get(daemon.ready_port, "/healthz").unwrap().0,
+        200,
+        "no crash"
+    );
+    api.set_fault(istio_cni_e2e::fake_api::Fault::None);
+    let (_, took) = wait_for("untainted once the API is back", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    eprintln!("untainted {took:?} after the API came back");
 }

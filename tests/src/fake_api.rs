@@ -178,6 +178,17 @@ impl FakeApi {
         self.shared.store.lock().unwrap().objects.get(&key).cloned()
     }
 
+    /// Every stored object of `resource`, in all namespaces.
+    pub fn list(&self, resource: &str) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap();
+        store
+            .objects
+            .iter()
+            .filter(|((r, _, _), _)| r == resource)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
     /// Right before the next PATCH of `resource/name`, applies `mutate` to the stored
     /// object as another writer would (bumping its resourceVersion), once.
     pub fn before_next_patch(
@@ -495,13 +506,24 @@ fn list(shared: &Shared, resource: &str, ns: Option<&str>) -> Response {
 }
 
 fn create(shared: &Shared, resource: &str, ns: &str, mut obj: Value) -> Response {
-    let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+    let generated = obj["metadata"]["generateName"].as_str().map(|prefix| {
+        format!(
+            "{prefix}{:05x}",
+            shared.uid_counter.fetch_add(1, Ordering::SeqCst)
+        )
+    });
+    let Some(name) = obj["metadata"]["name"]
+        .as_str()
+        .map(str::to_owned)
+        .or(generated)
+    else {
         return status(
             StatusCode::UNPROCESSABLE_ENTITY,
             "Invalid",
-            "metadata.name is required".into(),
+            "metadata.name or metadata.generateName is required".into(),
         );
     };
+    obj["metadata"]["name"] = json!(name);
     if !ns.is_empty() {
         obj["metadata"]["namespace"] = json!(ns);
     }

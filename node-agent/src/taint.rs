@@ -1,0 +1,452 @@
+//! The node's not-ready taint and `IstioCNIReady` condition, driven by [`Readiness`].
+//!
+//! Nodes register with the taint (kubelet `--register-with-taints`, Karpenter
+//! `startupTaints`), so meshed pods stay off a node until the plugin is proven there. The
+//! controller removes the taint as soon as the agent is ready, puts it back when the agent
+//! stays not ready longer than the grace period, and mirrors the state in the node
+//! condition (`kubectl describe node` shows why a node is gated) and in Events.
+//!
+//! Writes are JSON patches that `test` the value they replace (the taint list, the
+//! condition list), so a concurrent writer is never clobbered: its change makes the test
+//! fail (409), and the controller reads again and retries. Only our key and our condition
+//! are touched. When the node already is as desired nothing is written: the steady state
+//! costs no API writes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::install::InstallConfig;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
+
+/// Type of the node condition this agent owns.
+pub const CONDITION_TYPE: &str = "IstioCNIReady";
+/// Component name in Events.
+pub const COMPONENT: &str = "istio-cni-node-agent";
+
+/// The taint and where it goes.
+#[derive(Debug, Clone)]
+pub struct TaintConfig {
+    /// The node (`--node-name`, from the downward API).
+    pub node: String,
+    /// Taint key (default `cni.istio.io/not-ready`).
+    pub key: String,
+    /// Taint effect: `NoSchedule` (default) or `NoExecute`.
+    pub effect: String,
+    /// How long the agent may be not ready before the taint comes back.
+    pub grace: Duration,
+}
+
+/// `current` with our taint present (`tainted`) or absent; every other taint unchanged and
+/// in place. `None` when `current` already is that.
+pub fn with_taint(current: &[Taint], key: &str, effect: &str, tainted: bool) -> Option<Vec<Taint>> {
+    let ours = |t: &Taint| t.key == key;
+    let present = current.iter().any(|t| ours(t) && t.effect == effect);
+    let others_of_ours = current.iter().filter(|t| ours(t)).count() != usize::from(present);
+    if present == tainted && !others_of_ours {
+        return None;
+    }
+    let mut out: Vec<Taint> = current.iter().filter(|t| !ours(t)).cloned().collect();
+    if tainted {
+        out.push(Taint {
+            key: key.to_owned(),
+            effect: effect.to_owned(),
+            ..Taint::default()
+        });
+    }
+    Some(out)
+}
+
+/// `current` with our condition set to `ready` with `reason` and `message`; other
+/// conditions unchanged. `None` when ours already says the same. The transition time
+/// moves only when the status changes.
+pub fn with_condition(
+    current: &[NodeCondition],
+    ready: bool,
+    reason: &str,
+    message: &str,
+    now: Time,
+) -> Option<Vec<NodeCondition>> {
+    let status = if ready { "True" } else { "False" };
+    let old = current.iter().find(|c| c.type_ == CONDITION_TYPE);
+    if let Some(c) = old {
+        if c.status == status
+            && c.reason.as_deref() == Some(reason)
+            && c.message.as_deref() == Some(message)
+        {
+            return None;
+        }
+    }
+    let transition = match old {
+        Some(c) if c.status == status => c.last_transition_time.clone(),
+        _ => Some(now.clone()),
+    };
+    let ours = NodeCondition {
+        type_: CONDITION_TYPE.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        last_transition_time: transition,
+        last_heartbeat_time: Some(now),
+    };
+    let mut out: Vec<NodeCondition> = current
+        .iter()
+        .filter(|c| c.type_ != CONDITION_TYPE)
+        .cloned()
+        .collect();
+    out.push(ours);
+    Some(out)
+}
+
+/// A JSON patch that sets `path` to `new` only if it still holds `old` (or, when absent,
+/// only if the object is still at `resource_version`).
+pub fn test_and_set(
+    path: &str,
+    old: Option<Value>,
+    resource_version: &str,
+    new: Value,
+) -> json_patch::Patch {
+    let ops = match old {
+        Some(old) => json!([
+            {"op": "test", "path": path, "value": old},
+            {"op": "replace", "path": path, "value": new},
+        ]),
+        None => json!([
+            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+            {"op": "add", "path": path, "value": new},
+        ]),
+    };
+    serde_json::from_value(ops).expect("a well-formed JSON patch")
+}
+
+/// Drives the taint and condition of one node.
+pub struct TaintController {
+    cfg: TaintConfig,
+    install: InstallConfig,
+    kubeconfig: Option<PathBuf>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+}
+
+/// What the node should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Desired {
+    /// `Some(true)`: tainted; `Some(false)`: untainted; `None`: leave the taint as it is.
+    tainted: Option<bool>,
+    ready: bool,
+    reason: &'static str,
+    message: String,
+}
+
+impl TaintController {
+    /// A controller for `cfg.node`, using the agent's API credentials (`install`) or
+    /// `kubeconfig`.
+    pub fn new(
+        cfg: TaintConfig,
+        install: InstallConfig,
+        kubeconfig: Option<PathBuf>,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> TaintController {
+        TaintController {
+            cfg,
+            install,
+            kubeconfig,
+            readiness,
+            metrics,
+        }
+    }
+
+    /// [`TaintController::run`] for a shared controller (the agent also uses it on exit).
+    pub async fn run_shared(self: Arc<Self>) {
+        self.run().await
+    }
+
+    /// Runs until the task is dropped: applies the desired state whenever readiness changes
+    /// or the grace period ends, retrying failed writes with backoff (200 ms doubling to
+    /// 10 s), and re-checking every minute.
+    pub async fn run(&self) {
+        let mut changed = self.readiness.subscribe();
+        let mut not_ready_since: Option<Instant> = Some(Instant::now());
+        let mut applied: Option<Desired> = None;
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let status = self.readiness.status();
+            let now = Instant::now();
+            let ready = status.is_ok();
+            if ready {
+                not_ready_since = None;
+            } else if not_ready_since.is_none() {
+                not_ready_since = Some(now);
+            }
+            let grace_end = not_ready_since.map(|t| t + self.cfg.grace);
+            let desired = match &status {
+                Ok(()) => Desired {
+                    tainted: Some(false),
+                    ready: true,
+                    reason: "Ready",
+                    message: "istio-cni is installed and its self-test passed".into(),
+                },
+                Err(reasons) => Desired {
+                    // Before the grace period ends the taint is left as it is: a node that
+                    // registered tainted stays tainted, a brief hiccup does not taint.
+                    tainted: grace_end.is_some_and(|end| now >= end).then_some(true),
+                    ready: false,
+                    reason: "NotReady",
+                    message: reasons.join("; "),
+                },
+            };
+            let mut wake = now + Duration::from_secs(60);
+            if applied.as_ref() != Some(&desired) {
+                match self.apply(&desired).await {
+                    Ok(()) => {
+                        applied = Some(desired.clone());
+                        backoff = Duration::from_millis(200);
+                    }
+                    Err(e) => {
+                        log::warn!("node {}: {e}; retrying in {backoff:?}", self.cfg.node);
+                        wake = now + backoff;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            if desired.tainted.is_none() {
+                if let Some(end) = grace_end {
+                    wake = wake.min(end);
+                }
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(wake) => {
+                    // The minute's re-check compares with the node itself.
+                    if applied.as_ref() == Some(&desired) && Instant::now() >= now + Duration::from_secs(60) {
+                        applied = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets the taint (and the condition to not ready) once, as the agent leaves for good.
+    ///
+    /// Errors: the API error.
+    pub async fn taint_on_exit(&self, why: &str) -> Result<(), String> {
+        self.apply(&Desired {
+            tainted: Some(true),
+            ready: false,
+            reason: "Uninstalled",
+            message: format!("istio-cni was removed from this node: {why}"),
+        })
+        .await
+    }
+
+    async fn apply(&self, d: &Desired) -> Result<(), String> {
+        let client = crate::apiclient::client(
+            &self.install,
+            self.kubeconfig.as_deref(),
+            Duration::from_secs(5),
+        )
+        .await?;
+        let nodes: kube::Api<Node> = kube::Api::all(client.clone());
+        let name = &self.cfg.node;
+        // Conflicts (another writer between our read and our patch) are retried at once.
+        for _ in 0..5 {
+            let node = nodes
+                .get(name)
+                .await
+                .map_err(|e| format!("reading the node: {e}"))?;
+            let rv = node.metadata.resource_version.clone().unwrap_or_default();
+            let taints = node.spec.as_ref().and_then(|s| s.taints.clone());
+            let conditions = node.status.as_ref().and_then(|s| s.conditions.clone());
+            if let Some(tainted) = d.tainted {
+                let current = taints.clone().unwrap_or_default();
+                if let Some(new) = with_taint(&current, &self.cfg.key, &self.cfg.effect, tainted) {
+                    let patch =
+                        test_and_set("/spec/taints", taints.map(|t| json!(t)), &rv, json!(new));
+                    match nodes
+                        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                        .await
+                    {
+                        Ok(_) => {
+                            let (reason, verb) = if tainted {
+                                ("IstioCNITaintAdded", "added")
+                            } else {
+                                ("IstioCNITaintRemoved", "removed")
+                            };
+                            log::info!(
+                                "node {name}: taint {}:{} {verb} ({})",
+                                self.cfg.key,
+                                self.cfg.effect,
+                                d.message
+                            );
+                            self.metrics.node_tainted.set(i64::from(tainted));
+                            self.event(
+                                &client,
+                                &node,
+                                reason,
+                                &format!("taint {} {verb}: {}", self.cfg.key, d.message),
+                            )
+                            .await;
+                            continue; // re-read for the condition patch
+                        }
+                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                            log::debug!(
+                                "node {name}: taints changed since read (409); reading again"
+                            );
+                            continue;
+                        }
+                        Err(e) => return Err(format!("patching the taints: {e}")),
+                    }
+                }
+                self.metrics.node_tainted.set(i64::from(tainted));
+            }
+            let now = Time(k8s_openapi::jiff::Timestamp::now());
+            let current = conditions.clone().unwrap_or_default();
+            let Some(new) = with_condition(&current, d.ready, d.reason, &d.message, now) else {
+                return Ok(());
+            };
+            let patch = test_and_set(
+                "/status/conditions",
+                conditions.map(|c| json!(c)),
+                &rv,
+                json!(new),
+            );
+            match nodes
+                .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    log::debug!("node {name}: conditions changed since read (409); reading again");
+                    continue;
+                }
+                Err(e) => return Err(format!("patching the condition {CONDITION_TYPE}: {e}")),
+            }
+        }
+        Err("the node kept changing under us (5 conflicts)".into())
+    }
+
+    /// Records an Event on the node; best effort.
+    async fn event(&self, client: &kube::Client, node: &Node, reason: &str, message: &str) {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let name = node.metadata.name.clone().unwrap_or_default();
+        let ev = Event {
+            metadata: ObjectMeta {
+                generate_name: Some(format!("{name}.")),
+                namespace: Some("default".into()),
+                ..ObjectMeta::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(name.clone()),
+                uid: node.metadata.uid.clone(),
+                ..ObjectReference::default()
+            },
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+            type_: Some(
+                if reason == "IstioCNITaintAdded" {
+                    "Warning"
+                } else {
+                    "Normal"
+                }
+                .into(),
+            ),
+            source: Some(EventSource {
+                component: Some(COMPONENT.into()),
+                host: Some(name),
+            }),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            count: Some(1),
+            reporting_component: Some(COMPONENT.into()),
+            ..Event::default()
+        };
+        let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), "default");
+        if let Err(e) = events.create(&PostParams::default(), &ev).await {
+            log::warn!("recording event {reason}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taint(key: &str, effect: &str) -> Taint {
+        Taint {
+            key: key.into(),
+            effect: effect.into(),
+            ..Taint::default()
+        }
+    }
+
+    #[test]
+    fn only_our_taint_changes() {
+        let others = vec![taint("a", "NoSchedule"), taint("b", "NoExecute")];
+        let key = "cni.istio.io/not-ready";
+        let added = with_taint(&others, key, "NoSchedule", true).unwrap();
+        assert_eq!(added[..2], others[..]);
+        assert_eq!(added[2], taint(key, "NoSchedule"));
+        assert_eq!(
+            with_taint(&added, key, "NoSchedule", true),
+            None,
+            "already tainted"
+        );
+        assert_eq!(
+            with_taint(&added, key, "NoSchedule", false).unwrap(),
+            others
+        );
+        assert_eq!(
+            with_taint(&others, key, "NoSchedule", false),
+            None,
+            "already untainted"
+        );
+        let other_effect = with_taint(&added, key, "NoExecute", true).unwrap();
+        assert_eq!(
+            other_effect[2],
+            taint(key, "NoExecute"),
+            "the effect is corrected"
+        );
+    }
+
+    #[test]
+    fn condition_is_ours_only_and_written_on_change() {
+        let t = |s: &str| Time(s.parse().unwrap());
+        let kubelet = NodeCondition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..NodeCondition::default()
+        };
+        let c1 = with_condition(
+            std::slice::from_ref(&kubelet),
+            false,
+            "NotReady",
+            "install: x",
+            t("2026-01-01T00:00:00Z"),
+        )
+        .unwrap();
+        assert_eq!(c1[0], kubelet);
+        assert_eq!(c1[1].status, "False");
+        assert_eq!(
+            with_condition(
+                &c1,
+                false,
+                "NotReady",
+                "install: x",
+                t("2026-01-01T00:01:00Z")
+            ),
+            None
+        );
+        let c2 = with_condition(&c1, true, "Ready", "ok", t("2026-01-01T00:02:00Z")).unwrap();
+        assert_eq!(c2[1].last_transition_time, Some(t("2026-01-01T00:02:00Z")));
+    }
+}
