@@ -474,6 +474,25 @@ fn our_condition(api: &istio_cni_e2e::fake_api::FakeApi) -> Option<Value> {
         .cloned()
 }
 
+/// A node registered tainted in a fake API, and an agent for it (grace 1 s, no self-test).
+/// With `primary`, the primary CNI config is already there; with `api_down`, the API
+/// answers 503 from the start.
+fn taint_setup(primary: bool, api_down: bool) -> (Node, istio_cni_e2e::fake_api::FakeApi, Daemon) {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    if primary {
+        std::fs::write(node.conf(), PRIMARY).unwrap();
+    }
+    let api = istio_cni_e2e::fake_api::FakeApi::start();
+    registered_node(&api);
+    if api_down {
+        api.set_fault(istio_cni_e2e::fake_api::Fault::Status(503));
+    }
+    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
+    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    (node, api, daemon)
+}
+
 fn taint_args(kubeconfig: &Path) -> Vec<String> {
     [
         "--self-test",
@@ -492,13 +511,7 @@ fn taint_args(kubeconfig: &Path) -> Vec<String> {
 
 #[test]
 fn the_node_is_untainted_when_ready_keeping_other_taints_and_then_left_alone() {
-    let node = Node::new("net.d");
-    std::fs::create_dir(&node.net).unwrap();
-    std::fs::write(node.conf(), PRIMARY).unwrap();
-    let api = istio_cni_e2e::fake_api::FakeApi::start();
-    registered_node(&api);
-    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
-    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (_node, api, daemon) = taint_setup(true, false);
     daemon.wait_ready();
     let ready_at = Instant::now();
     wait_for("untainted", || {
@@ -549,12 +562,7 @@ fn the_node_is_untainted_when_ready_keeping_other_taints_and_then_left_alone() {
 
 #[test]
 fn a_concurrent_taint_change_is_retried_not_clobbered() {
-    let node = Node::new("net.d");
-    std::fs::create_dir(&node.net).unwrap();
-    let api = istio_cni_e2e::fake_api::FakeApi::start();
-    registered_node(&api);
-    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
-    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (node, api, daemon) = taint_setup(false, false);
     // Not ready (no primary config): the condition says so, the taint stays. Wait for the
     // final not-ready message, so that the next node patch is the taint removal.
     wait_for("condition False with the install error", || {
@@ -591,13 +599,7 @@ fn a_concurrent_taint_change_is_retried_not_clobbered() {
 
 #[test]
 fn lost_readiness_retaints_after_the_grace_period_and_recovery_untaints() {
-    let node = Node::new("net.d");
-    std::fs::create_dir(&node.net).unwrap();
-    std::fs::write(node.conf(), PRIMARY).unwrap();
-    let api = istio_cni_e2e::fake_api::FakeApi::start();
-    registered_node(&api);
-    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
-    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (node, api, daemon) = taint_setup(true, false);
     daemon.wait_ready();
     wait_for("untainted", || {
         (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
@@ -631,14 +633,7 @@ fn lost_readiness_retaints_after_the_grace_period_and_recovery_untaints() {
 
 #[test]
 fn an_unavailable_api_server_delays_but_does_not_stop_the_untaint() {
-    let node = Node::new("net.d");
-    std::fs::create_dir(&node.net).unwrap();
-    std::fs::write(node.conf(), PRIMARY).unwrap();
-    let api = istio_cni_e2e::fake_api::FakeApi::start();
-    registered_node(&api);
-    api.set_fault(istio_cni_e2e::fake_api::Fault::Status(503));
-    let args = taint_args(&api.write_kubeconfig(node.dir.path()));
-    let daemon = node.daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let (_node, api, daemon) = taint_setup(true, true);
     daemon.wait_ready();
     std::thread::sleep(Duration::from_secs(2));
     assert!(

@@ -167,7 +167,7 @@ impl FakeApi {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
-    /// How many write requests (POST, PUT, PATCH, DELETE) to `resource` it has received.
+    /// How many write requests (any method but GET) it has received.
     pub fn writes(&self) -> usize {
         self.shared.writes.load(Ordering::SeqCst)
     }
@@ -353,10 +353,22 @@ fn router(shared: Arc<Shared>) -> Router {
                 .patch(patch_one),
         )
         .route("/{resource}/{name}/status", axum::routing::patch(patch_one));
+    let counter = shared.clone();
     Router::new()
         .nest("/api/v1", routes.clone())
         .nest("/apis/{group}/{version}", routes)
         .with_state(shared)
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let counter = counter.clone();
+                async move {
+                    if req.method() != axum::http::Method::GET {
+                        counter.writes.fetch_add(1, Ordering::SeqCst);
+                    }
+                    next.run(req).await
+                }
+            },
+        ))
 }
 
 async fn get_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
@@ -378,7 +390,6 @@ async fn put_one(
 }
 
 async fn delete_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    s.writes.fetch_add(1, Ordering::SeqCst);
     if let Some(f) = apply_fault(&s).await {
         return f;
     }
@@ -412,7 +423,6 @@ async fn patch_one(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    s.writes.fetch_add(1, Ordering::SeqCst);
     if let Some(f) = apply_fault(&s).await {
         return f;
     }
