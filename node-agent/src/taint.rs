@@ -177,6 +177,8 @@ impl TaintController {
         let mut not_ready_since: Option<Instant> = Some(Instant::now());
         let mut applied: Option<Desired> = None;
         let mut backoff = Duration::from_millis(200);
+        // After a failed write, no new attempt before this instant, whatever wakes us.
+        let mut retry_at: Option<Instant> = None;
         loop {
             let status = self.readiness.status();
             let now = Instant::now();
@@ -204,15 +206,19 @@ impl TaintController {
                 },
             };
             let mut wake = now + Duration::from_secs(60);
-            if applied.as_ref() != Some(&desired) {
+            if let Some(at) = retry_at.filter(|at| now < *at) {
+                wake = at;
+            } else if applied.as_ref() != Some(&desired) {
                 match self.apply(&desired).await {
                     Ok(()) => {
                         applied = Some(desired.clone());
                         backoff = Duration::from_millis(200);
+                        retry_at = None;
                     }
                     Err(e) => {
                         log::warn!("node {}: {e}; retrying in {backoff:?}", self.cfg.node);
                         wake = now + backoff;
+                        retry_at = Some(wake);
                         backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
