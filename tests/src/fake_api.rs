@@ -289,8 +289,13 @@ fn not_found(resource: &str, name: &str) -> Response {
     )
 }
 
-async fn apply_fault(shared: &Shared) -> Option<Response> {
+/// Every request passes here first: it is counted (writes: any method but GET), then the
+/// current [`Fault`] applies — a delay, or an injected status instead of the answer.
+async fn count_and_fault(shared: &Shared, method: &axum::http::Method) -> Option<Response> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
+    if method != axum::http::Method::GET {
+        shared.writes.fetch_add(1, Ordering::SeqCst);
+    }
     let fault = *shared.fault.lock().unwrap();
     match fault {
         Fault::None => None,
@@ -353,28 +358,25 @@ fn router(shared: Arc<Shared>) -> Router {
                 .patch(patch_one),
         )
         .route("/{resource}/{name}/status", axum::routing::patch(patch_one));
-    let counter = shared.clone();
+    let for_layer = shared.clone();
     Router::new()
         .nest("/api/v1", routes.clone())
         .nest("/apis/{group}/{version}", routes)
         .with_state(shared)
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let counter = counter.clone();
+                let shared = for_layer.clone();
                 async move {
-                    if req.method() != axum::http::Method::GET {
-                        counter.writes.fetch_add(1, Ordering::SeqCst);
+                    match count_and_fault(&shared, req.method()).await {
+                        Some(injected) => injected,
+                        None => next.run(req).await,
                     }
-                    next.run(req).await
                 }
             },
         ))
 }
 
 async fn get_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     get_obj(&s, loc.key())
 }
 
@@ -383,23 +385,14 @@ async fn put_one(
     UrlPath(loc): UrlPath<Loc>,
     Json(obj): Json<Value>,
 ) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     replace(&s, loc.key(), obj)
 }
 
 async fn delete_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     delete(&s, loc.key())
 }
 
 async fn list_some(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     list(&s, &loc.resource, loc.ns.as_deref())
 }
 
@@ -408,9 +401,6 @@ async fn create_one(
     UrlPath(loc): UrlPath<Loc>,
     Json(obj): Json<Value>,
 ) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     create(&s, &loc.resource, loc.ns.as_deref().unwrap_or(""), obj)
 }
 
@@ -423,9 +413,6 @@ async fn patch_one(
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Some(f) = apply_fault(&s).await {
-        return f;
-    }
     let key = loc.key();
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
