@@ -74,7 +74,7 @@ pub fn read_back(
 }
 
 /// Appends to `problems` every difference between `expected` and `saved`.
-pub fn compare_family(
+fn compare_family(
     expected: &FamilyRules,
     saved: &crate::rules::canon::SavedTables,
     problems: &mut Vec<String>,

@@ -365,13 +365,6 @@ impl SavedTables {
     pub fn chain(&self, table: Table, chain: &str) -> Option<&[SavedRule]> {
         self.tables.get(&table)?.get(chain).map(Vec::as_slice)
     }
-
-    /// Whether any of our chains (`ISTIO_*`) exists in any table.
-    pub fn has_own_chains(&self) -> bool {
-        Table::ALL
-            .into_iter()
-            .any(|t| self.chains(t).any(|(c, _)| super::is_own_chain(c)))
-    }
 }
 
 #[cfg(test)]
