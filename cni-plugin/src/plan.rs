@@ -2,11 +2,13 @@
 //! the ruleset. Shared by ADD, CHECK, `istio-cni render` and the conformance tests, so
 //! that they cannot drift apart.
 
+use std::net::IpAddr;
+
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::cni::result::pod_ips;
 use crate::config::NetConf;
-use crate::pod::{decide, Skip};
+use crate::pod::{decide, skip_by_name, Skip};
 use crate::redirect::{Redirect, RedirectError};
 use crate::rules::{iptables, Ruleset};
 
@@ -31,4 +33,106 @@ pub fn plan_for_pod(conf: &NetConf, pod: &Pod) -> Result<Plan, RedirectError> {
     let redirect = Redirect::from_pod(&meshed)?;
     let ipv6 = iptables::has_ipv6(&pod_ips(conf.prev_result.as_ref()));
     Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
+}
+
+/// What ADD would program for a pod that is already running, as the node agent's repair
+/// loop needs it: the whole decision (the agent's own pods in `agent_namespace` and pods in
+/// `exclude_namespaces` pass through, then [`decide`]), with IPv6 rules when
+/// `status.podIPs` holds an IPv6 address (ADD reads the same addresses from `prevResult`).
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn plan_for_running_pod(
+    pod: &Pod,
+    agent_namespace: &str,
+    exclude_namespaces: &[String],
+) -> Result<Plan, RedirectError> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    if let Some(skip) = skip_by_name(namespace, name, agent_namespace, |ns| {
+        exclude_namespaces.iter().any(|e| e == ns)
+    }) {
+        return Ok(Plan::Skip(skip));
+    }
+    let meshed = match decide(pod) {
+        Ok(m) => m,
+        Err(skip) => return Ok(Plan::Skip(skip)),
+    };
+    let redirect = Redirect::from_pod(&meshed)?;
+    let ipv6 = iptables::has_ipv6(&running_pod_ips(pod));
+    Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
+}
+
+/// The addresses in a pod's `status.podIPs` (or `status.podIP`); unparsable entries are
+/// left out.
+pub fn running_pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
+    let ips: Vec<IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
+    if ips.is_empty() {
+        status.pod_ip.iter().filter_map(|ip| ip.parse().ok()).collect()
+    } else {
+        ips
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(namespace: &str, name: &str, ips: &[&str]) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {
+                "namespace": namespace,
+                "name": name,
+                "annotations": {"sidecar.istio.io/status": "{}"},
+            },
+            "spec": {"containers": [
+                {"name": "app"},
+                {"name": "istio-proxy", "args": ["proxy", "sidecar"]},
+            ]},
+            "status": {"podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>()},
+        }))
+        .expect("pod")
+    }
+
+    fn families(plan: Plan) -> Vec<crate::rules::Family> {
+        match plan {
+            Plan::Redirect(r) => r.families.iter().map(|f| f.family).collect(),
+            Plan::Skip(s) => panic!("skipped: {s}"),
+        }
+    }
+
+    #[test]
+    fn running_pod_gets_the_families_of_its_status_ips() {
+        use crate::rules::Family::{V4, V6};
+        let excluded = ["kube-system".to_owned()];
+        let v4 = pod("default", "web", &["10.0.0.5"]);
+        let dual = pod("default", "web", &["10.0.0.5", "fd00::5"]);
+        assert_eq!(
+            families(plan_for_running_pod(&v4, "istio-system", &excluded).unwrap()),
+            [V4]
+        );
+        assert_eq!(
+            families(plan_for_running_pod(&dual, "istio-system", &excluded).unwrap()),
+            [V4, V6]
+        );
+    }
+
+    #[test]
+    fn running_pod_decision_includes_the_name_checks() {
+        let excluded = ["kube-system".to_owned()];
+        let system = pod("kube-system", "dns", &["10.0.0.5"]);
+        let agent = pod("istio-system", "istio-cni-node-abcde", &["10.0.0.6"]);
+        assert_eq!(
+            plan_for_running_pod(&system, "istio-system", &excluded).unwrap(),
+            Plan::Skip(Skip::ExcludedNamespace)
+        );
+        assert_eq!(
+            plan_for_running_pod(&agent, "istio-system", &excluded).unwrap(),
+            Plan::Skip(Skip::NodeAgent)
+        );
+    }
 }

@@ -104,7 +104,11 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
     let xt = Xtables::detect()?;
     let netns = Netns::open(env.netns.as_deref().expect("ADD has CNI_NETNS"))?;
     let start = Instant::now();
-    netns.run(|inside| program(inside, &xt, &ruleset, conf))??;
+    let probe = conf
+        .validation
+        .probe
+        .then(|| Duration::from_millis(conf.validation.timeout_ms));
+    netns.run(|inside| program(inside, &xt, &ruleset, probe))??;
     log::info!(
         "pod {pod_ref}: redirection rules written and validated in {:?}",
         start.elapsed()
@@ -112,12 +116,17 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
     Ok(result)
 }
 
-/// Writes and validates `ruleset` inside the netns; on any failure removes what was written.
+/// Writes `ruleset` inside the netns and validates it: read-back, then, with `probe`, the
+/// loopback probe with that timeout per family. On any failure removes what was written.
+/// ADD uses it, and so does the node agent's repair (without the probe, since the
+/// sidecar's own listener holds the capture port).
+///
+/// Errors: [`Error::Apply`] when the write fails, [`Error::Validate`] when a check does.
 pub fn program(
     inside: &Inside<'_>,
     xt: &Xtables,
     ruleset: &Ruleset,
-    conf: &NetConf,
+    probe: Option<Duration>,
 ) -> Result<(), Error> {
     let t = Instant::now();
     let outcome = apply::apply(inside, xt, ruleset)
@@ -128,10 +137,9 @@ pub fn program(
         })
         .and_then(|()| {
             log::debug!("read back after {:?}", t.elapsed());
-            if !conf.validation.probe {
+            let Some(timeout) = probe else {
                 return Ok(());
-            }
-            let timeout = Duration::from_millis(conf.validation.timeout_ms);
+            };
             for f in &ruleset.families {
                 validate::probe(
                     inside,

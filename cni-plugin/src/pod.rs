@@ -111,16 +111,33 @@ pub fn pre_api(conf: &NetConf, args: &CniArgs) -> Result<PodRef, Skip> {
     else {
         return Err(Skip::NotKubernetes);
     };
-    if namespace == conf.pod_namespace && name.starts_with(NODE_AGENT_PREFIX) {
-        return Err(Skip::NodeAgent);
-    }
-    if conf.is_excluded(namespace) {
-        return Err(Skip::ExcludedNamespace);
+    if let Some(skip) = skip_by_name(namespace, name, &conf.pod_namespace, |ns| {
+        conf.is_excluded(ns)
+    }) {
+        return Err(skip);
     }
     Ok(PodRef {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
     })
+}
+
+/// Decision steps 2 and 3, from the pod's namespace and name alone: the node agent's own
+/// pods (named `istio-cni-node-*` in `agent_namespace`) and pods in a namespace for which
+/// `excluded` is true pass through. Shared by ADD and the node agent's repair loop.
+pub fn skip_by_name(
+    namespace: &str,
+    name: &str,
+    agent_namespace: &str,
+    excluded: impl Fn(&str) -> bool,
+) -> Option<Skip> {
+    if namespace == agent_namespace && name.starts_with(NODE_AGENT_PREFIX) {
+        Some(Skip::NodeAgent)
+    } else if excluded(namespace) {
+        Some(Skip::ExcludedNamespace)
+    } else {
+        None
+    }
 }
 
 /// Decision step 5: whether a pod read from the API gets sidecar rules.
