@@ -71,7 +71,11 @@ pub fn running_pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let listed = status.pod_ips.iter().flatten().map(|ip| ip.ip.as_str());
     let ips: Vec<IpAddr> = listed.filter_map(|ip| ip.parse().ok()).collect();
     if ips.is_empty() {
-        status.pod_ip.iter().filter_map(|ip| ip.parse().ok()).collect()
+        status
+            .pod_ip
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect()
     } else {
         ips
     }

@@ -10,6 +10,19 @@
 //! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
 //! [`FakeApi::stop`] closes the listener so that connections are refused.
 //!
+//! Watches (`?watch=true`, as `kube-runtime`'s watcher sends them): events after the given
+//! `resourceVersion` are replayed from a change log, then streamed as they happen, one JSON
+//! object per line; without a version (or with "0") the stream starts with an `ADDED` for
+//! every current object. `fieldSelector` (`=`, `==`, `!=` on dotted paths such as
+//! `spec.nodeName`) and `labelSelector` (`k=v`, `k!=v`, `k`) filter lists and watches; an
+//! object that starts or stops matching arrives as `ADDED` or `DELETED`, as from a real
+//! server. `allowWatchBookmarks` adds a `BOOKMARK` every [`FakeApi::set_bookmark_interval`].
+//! [`FakeApi::compact`] drops the change log, so older versions get `410 Expired` and the
+//! client has to list again. `timeoutSeconds` ends a watch.
+//!
+//! DELETE honours `preconditions` (`uid`, `resourceVersion`) in its `DeleteOptions` body:
+//! a mismatch is 409 `Conflict`, as kubectl's and controllers' safe deletes expect.
+//!
 //! Routes, the same under `/api/v1` (core group) and `/apis/{group}/{version}`, so that
 //! later resources (nodes, events, daemonsets) slot in:
 //! `GET|PUT|DELETE …/namespaces/{ns}/{resource}/{name}`, `GET|POST
@@ -46,18 +59,37 @@ pub enum Fault {
 /// (resource, namespace or "" for cluster-scoped, name)
 type Key = (String, String, String);
 
+/// One write, as watches see it.
+struct Change {
+    rv: u64,
+    resource: String,
+    namespace: String,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
 #[derive(Default)]
 struct Store {
     objects: BTreeMap<Key, Value>,
+    /// Every write since `log_start`, in resourceVersion order.
+    log: Vec<Change>,
+    /// Watches from a version below this get `410 Expired`.
+    log_start: u64,
 }
 
 struct Shared {
     store: Mutex<Store>,
+    /// The resourceVersion of the last change, for watches to wait on.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// True once the server is stopping: watches end so that shutdown can finish.
+    closing: tokio::sync::watch::Sender<bool>,
+    bookmark_interval: Mutex<Duration>,
     resource_version: AtomicU64,
     uid_counter: AtomicU64,
     fault: Mutex<Fault>,
     requests: AtomicUsize,
     writes: AtomicUsize,
+    watches: AtomicUsize,
     before_patch: Mutex<Vec<BeforePatch>>,
 }
 
@@ -73,6 +105,48 @@ impl Shared {
     fn next_rv(&self) -> String {
         (self.resource_version.fetch_add(1, Ordering::SeqCst) + 1).to_string()
     }
+
+    /// Stores `new` under `key` (or removes the object when `None`), logs the change for
+    /// watches and wakes them. `new` must already carry its new resourceVersion; a removed
+    /// object gets one here. Returns the previous object.
+    fn commit(&self, store: &mut Store, key: &Key, new: Option<Value>) -> Option<Value> {
+        let old = match &new {
+            Some(obj) => store.objects.insert(key.clone(), obj.clone()),
+            None => store.objects.remove(key),
+        };
+        let (rv, logged_new) = match new {
+            Some(obj) => (rv_of(&obj), Some(obj)),
+            None => {
+                let rv = self.next_rv();
+                (rv.parse().expect("numeric rv"), None)
+            }
+        };
+        if old.is_some() || logged_new.is_some() {
+            let mut old_logged = old.clone();
+            if logged_new.is_none() {
+                // A DELETED event carries the object at the deletion's resourceVersion.
+                if let Some(o) = old_logged.as_mut() {
+                    o["metadata"]["resourceVersion"] = json!(rv.to_string());
+                }
+            }
+            store.log.push(Change {
+                rv,
+                resource: key.0.clone(),
+                namespace: key.1.clone(),
+                old: old_logged,
+                new: logged_new,
+            });
+            self.changed.send_replace(rv);
+        }
+        old
+    }
+}
+
+fn rv_of(obj: &Value) -> u64 {
+    obj["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A running fake API server. Dropping it stops the server.
@@ -96,11 +170,15 @@ impl FakeApi {
     pub fn serve(std_listener: std::net::TcpListener) -> FakeApi {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
+            changed: tokio::sync::watch::channel(0).0,
+            closing: tokio::sync::watch::channel(false).0,
+            bookmark_interval: Mutex::new(Duration::from_secs(1)),
             resource_version: AtomicU64::new(1000),
             uid_counter: AtomicU64::new(0),
             fault: Mutex::new(Fault::None),
             requests: AtomicUsize::new(0),
             writes: AtomicUsize::new(0),
+            watches: AtomicUsize::new(0),
             before_patch: Mutex::new(Vec::new()),
         });
         let app = router(shared.clone());
@@ -222,29 +300,42 @@ impl FakeApi {
             .get(&key)
             .map(|o| o["metadata"]["uid"].clone());
         let obj = stamp(&self.shared, obj, existing_uid);
-        store.objects.insert(key, obj.clone());
+        self.shared.commit(&mut store, &key, Some(obj.clone()));
         obj
     }
 
     /// Removes an object; true when it existed.
     pub fn remove(&self, resource: &str, namespace: &str, name: &str) -> bool {
         let key = (resource.to_owned(), namespace.to_owned(), name.to_owned());
-        let removed = self
-            .shared
-            .store
-            .lock()
-            .unwrap()
-            .objects
-            .remove(&key)
-            .is_some();
-        if removed {
-            self.shared.next_rv();
+        let mut store = self.shared.store.lock().unwrap();
+        if !store.objects.contains_key(&key) {
+            return false;
         }
-        removed
+        self.shared.commit(&mut store, &key, None);
+        true
     }
 
-    /// Stops the server: further connections are refused.
+    /// Drops the change log: watches from any version up to now get `410 Expired` and
+    /// their clients must list again (what etcd compaction does to a real server).
+    pub fn compact(&self) {
+        let mut store = self.shared.store.lock().unwrap();
+        store.log.clear();
+        store.log_start = self.shared.resource_version.load(Ordering::SeqCst) + 1;
+    }
+
+    /// How often watches that allow bookmarks get one (default 1 s).
+    pub fn set_bookmark_interval(&self, every: Duration) {
+        *self.shared.bookmark_interval.lock().unwrap() = every;
+    }
+
+    /// Number of watch requests served so far.
+    pub fn watches(&self) -> usize {
+        self.shared.watches.load(Ordering::SeqCst)
+    }
+
+    /// Stops the server: open watches end, further connections are refused.
     pub fn stop(&mut self) {
+        self.shared.closing.send_replace(true);
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -388,12 +479,29 @@ async fn put_one(
     replace(&s, loc.key(), obj)
 }
 
-async fn delete_one(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    delete(&s, loc.key())
+async fn delete_one(
+    State(s): Shared_,
+    UrlPath(loc): UrlPath<Loc>,
+    body: axum::body::Bytes,
+) -> Response {
+    let options = serde_json::from_slice::<Value>(&body).ok();
+    delete(&s, loc.key(), options)
 }
 
-async fn list_some(State(s): Shared_, UrlPath(loc): UrlPath<Loc>) -> Response {
-    list(&s, &loc.resource, loc.ns.as_deref())
+async fn list_some(
+    State(s): Shared_,
+    UrlPath(loc): UrlPath<Loc>,
+    axum::extract::Query(params): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let q = match Query::parse(&params) {
+        Ok(q) => q,
+        Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", e),
+    };
+    if q.watch {
+        watch(s.clone(), loc.resource, loc.ns, q)
+    } else {
+        list(&s, &loc.resource, loc.ns.as_deref(), &q)
+    }
 }
 
 async fn create_one(
@@ -438,12 +546,13 @@ async fn patch_one(
         *all = rest;
         mine
     };
-    let Some(existing) = store.objects.get_mut(&key) else {
+    let Some(mut existing) = store.objects.get(&key).cloned() else {
         return not_found(&key.0, &key.2);
     };
     for hook in hooks {
-        (hook.mutate)(existing);
+        (hook.mutate)(&mut existing);
         existing["metadata"]["resourceVersion"] = json!(s.next_rv());
+        s.commit(&mut store, &key, Some(existing.clone()));
     }
     let mut patched = existing.clone();
     if content_type.starts_with("application/json-patch+json") {
@@ -478,7 +587,7 @@ async fn patch_one(
     }
     let uid = existing["metadata"]["uid"].clone();
     let patched = stamp(&s, patched, Some(uid));
-    *existing = patched.clone();
+    s.commit(&mut store, &key, Some(patched.clone()));
     Json(patched).into_response()
 }
 
@@ -487,19 +596,6 @@ fn get_obj(shared: &Shared, key: Key) -> Response {
         Some(obj) => Json(obj.clone()).into_response(),
         None => not_found(&key.0, &key.2),
     }
-}
-
-fn list(shared: &Shared, resource: &str, ns: Option<&str>) -> Response {
-    let store = shared.store.lock().unwrap();
-    let items: Vec<Value> = store
-        .objects
-        .iter()
-        .filter(|((r, n, _), _)| r == resource && ns.is_none_or(|ns| ns == n))
-        .map(|(_, v)| v.clone())
-        .collect();
-    let rv = shared.resource_version.load(Ordering::SeqCst).to_string();
-    Json(json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}))
-        .into_response()
 }
 
 fn create(shared: &Shared, resource: &str, ns: &str, mut obj: Value) -> Response {
@@ -534,7 +630,7 @@ fn create(shared: &Shared, resource: &str, ns: &str, mut obj: Value) -> Response
         );
     }
     let obj = stamp(shared, obj, None);
-    store.objects.insert(key, obj.clone());
+    shared.commit(&mut store, &key, Some(obj.clone()));
     (StatusCode::CREATED, Json(obj)).into_response()
 }
 
@@ -553,16 +649,292 @@ fn replace(shared: &Shared, key: Key, obj: Value) -> Response {
     }
     let uid = existing["metadata"]["uid"].clone();
     let obj = stamp(shared, obj, Some(uid));
-    store.objects.insert(key, obj.clone());
+    shared.commit(&mut store, &key, Some(obj.clone()));
     Json(obj).into_response()
 }
 
-fn delete(shared: &Shared, key: Key) -> Response {
-    match shared.store.lock().unwrap().objects.remove(&key) {
-        Some(obj) => {
-            shared.next_rv();
-            Json(obj).into_response()
+/// DELETE, honouring `preconditions` in the `DeleteOptions` body. Objects go at once
+/// (no graceful deletion: tests that need a terminating pod set `deletionTimestamp`).
+fn delete(shared: &Shared, key: Key, options: Option<Value>) -> Response {
+    let mut store = shared.store.lock().unwrap();
+    let Some(existing) = store.objects.get(&key) else {
+        return not_found(&key.0, &key.2);
+    };
+    let pre = options.as_ref().map(|o| &o["preconditions"]);
+    for field in ["uid", "resourceVersion"] {
+        let want = pre.and_then(|p| p[field].as_str());
+        let have = existing["metadata"][field].as_str().unwrap_or_default();
+        if let Some(want) = want.filter(|w| *w != have) {
+            return status(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!(
+                    "Precondition failed: {field} in precondition: {want}, {field} in object meta: {have}"
+                ),
+            );
         }
-        None => not_found(&key.0, &key.2),
+    }
+    let old = shared.commit(&mut store, &key, None).expect("present");
+    Json(old).into_response()
+}
+
+/// A `fieldSelector` or `labelSelector` term.
+#[derive(Debug, Clone)]
+struct Term {
+    /// Dotted path (fields) or label key.
+    key: String,
+    /// `None`: the label must exist.
+    value: Option<String>,
+    negate: bool,
+}
+
+/// The list and watch query parameters this server understands.
+#[derive(Debug, Default)]
+struct Query {
+    watch: bool,
+    resource_version: Option<u64>,
+    fields: Vec<Term>,
+    labels: Vec<Term>,
+    bookmarks: bool,
+    timeout: Option<Duration>,
+}
+
+impl Query {
+    fn parse(params: &std::collections::HashMap<String, String>) -> Result<Query, String> {
+        let terms = |text: Option<&String>| -> Vec<Term> {
+            text.into_iter()
+                .flat_map(|t| t.split(','))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    if let Some((k, v)) = t.split_once("!=") {
+                        Term {
+                            key: k.into(),
+                            value: Some(v.into()),
+                            negate: true,
+                        }
+                    } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+                        Term {
+                            key: k.into(),
+                            value: Some(v.into()),
+                            negate: false,
+                        }
+                    } else {
+                        Term {
+                            key: t.into(),
+                            value: None,
+                            negate: false,
+                        }
+                    }
+                })
+                .collect()
+        };
+        let resource_version = match params.get("resourceVersion").map(String::as_str) {
+            None | Some("") | Some("0") => None,
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| format!("resourceVersion {v:?} is not a number"))?,
+            ),
+        };
+        Ok(Query {
+            watch: matches!(params.get("watch").map(String::as_str), Some("true" | "1")),
+            resource_version,
+            fields: terms(params.get("fieldSelector")),
+            labels: terms(params.get("labelSelector")),
+            bookmarks: params
+                .get("allowWatchBookmarks")
+                .is_some_and(|v| v == "true"),
+            timeout: params
+                .get("timeoutSeconds")
+                .and_then(|t| t.parse().ok())
+                .map(Duration::from_secs),
+        })
+    }
+
+    fn matches(&self, obj: &Value) -> bool {
+        let field_ok = self.fields.iter().all(|t| {
+            let mut v = obj;
+            for part in t.key.split('.') {
+                v = &v[part];
+            }
+            let have = v.as_str().map(str::to_owned).unwrap_or_else(|| match v {
+                Value::Null => String::new(),
+                other => other.to_string(),
+            });
+            (Some(have.as_str()) == t.value.as_deref()) != t.negate
+        });
+        let labels = &obj["metadata"]["labels"];
+        let label_ok = self.labels.iter().all(|t| match &t.value {
+            None => !labels[&t.key].is_null(),
+            Some(want) => (labels[&t.key].as_str() == Some(want)) != t.negate,
+        });
+        field_ok && label_ok
+    }
+}
+
+fn list(shared: &Shared, resource: &str, ns: Option<&str>, q: &Query) -> Response {
+    let store = shared.store.lock().unwrap();
+    let items: Vec<Value> = store
+        .objects
+        .iter()
+        .filter(|((r, n, _), v)| r == resource && ns.is_none_or(|ns| ns == n) && q.matches(v))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let rv = shared.resource_version.load(Ordering::SeqCst).to_string();
+    Json(json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}))
+        .into_response()
+}
+
+/// The watch event a change is for a watcher with `q`, if any.
+fn watch_event(q: &Query, c: &Change) -> Option<Value> {
+    let was = c.old.as_ref().filter(|o| q.matches(o));
+    let is = c.new.as_ref().filter(|o| q.matches(o));
+    let (kind, obj) = match (was, is) {
+        (None, Some(new)) => ("ADDED", new.clone()),
+        (Some(_), Some(new)) => ("MODIFIED", new.clone()),
+        (Some(old), None) => match &c.new {
+            // It stopped matching: DELETED, with the object as it is now.
+            Some(new) => ("DELETED", new.clone()),
+            None => ("DELETED", old.clone()),
+        },
+        (None, None) => return None,
+    };
+    Some(json!({"type": kind, "object": obj}))
+}
+
+fn line(v: &Value) -> axum::body::Bytes {
+    let mut bytes = serde_json::to_vec(v).expect("JSON");
+    bytes.push(b'\n');
+    bytes.into()
+}
+
+/// Serves a watch: replays the log after the requested version (or every current object),
+/// then streams changes, bookmarks and finally ends at the timeout or at shutdown.
+fn watch(shared: Arc<Shared>, resource: String, ns: Option<String>, q: Query) -> Response {
+    shared.watches.fetch_add(1, Ordering::SeqCst);
+    let (tx, rx) = tokio::sync::mpsc::channel::<axum::body::Bytes>(256);
+    let kind = kind_of(&resource);
+    let in_scope =
+        move |c: &Change| c.resource == resource && ns.as_ref().is_none_or(|n| *n == c.namespace);
+    // What the watcher has seen: replay starts after this version.
+    let mut seen: u64;
+    let mut backlog = Vec::new();
+    {
+        let store = shared.store.lock().unwrap();
+        match q.resource_version {
+            Some(rv) if rv + 1 < store.log_start => {
+                let expired = json!({"type": "ERROR", "object": {
+                    "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                    "message": format!("too old resource version: {rv} ({})", store.log_start - 1),
+                    "reason": "Expired", "code": 410,
+                }});
+                backlog.push(line(&expired));
+                seen = u64::MAX;
+            }
+            Some(rv) => {
+                seen = rv;
+                for c in store.log.iter().filter(|c| c.rv > rv && in_scope(c)) {
+                    backlog.extend(watch_event(&q, c).as_ref().map(line));
+                }
+            }
+            None => {
+                for ((r, n, _), obj) in &store.objects {
+                    let change = Change {
+                        rv: 0,
+                        resource: r.clone(),
+                        namespace: n.clone(),
+                        old: None,
+                        new: Some(obj.clone()),
+                    };
+                    if in_scope(&change) {
+                        backlog.extend(watch_event(&q, &change).as_ref().map(line));
+                    }
+                }
+                seen = 0;
+            }
+        }
+        if seen != u64::MAX {
+            seen = seen.max(store.log.last().map_or(0, |c| c.rv));
+        }
+    }
+    let mut changed = shared.changed.subscribe();
+    let mut closing = shared.closing.subscribe();
+    let bookmark_every = *shared.bookmark_interval.lock().unwrap();
+    let deadline = tokio::time::Instant::now() + q.timeout.unwrap_or(Duration::from_secs(1800));
+    tokio::spawn(async move {
+        for b in backlog {
+            if tx.send(b).await.is_err() {
+                return;
+            }
+        }
+        if seen == u64::MAX {
+            return; // expired: the client must list again
+        }
+        let mut bookmark =
+            tokio::time::interval_at(tokio::time::Instant::now() + bookmark_every, bookmark_every);
+        loop {
+            let out: Vec<axum::body::Bytes> = {
+                let store = shared.store.lock().unwrap();
+                let fresh: Vec<&Change> = store.log.iter().filter(|c| c.rv > seen).collect();
+                if let Some(last) = fresh.last() {
+                    seen = last.rv;
+                }
+                fresh
+                    .into_iter()
+                    .filter(|c| in_scope(c))
+                    .filter_map(|c| watch_event(&q, c))
+                    .map(|e| line(&e))
+                    .collect()
+            };
+            for b in out {
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+            if *closing.borrow() {
+                return;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = closing.changed() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = bookmark.tick(), if q.bookmarks => {
+                    let rv = shared.resource_version.load(Ordering::SeqCst).max(seen);
+                    let mark = json!({"type": "BOOKMARK", "object": {
+                        "kind": kind, "apiVersion": "v1",
+                        "metadata": {"resourceVersion": rv.to_string()},
+                    }});
+                    if tx.send(line(&mark)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+    });
+    Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(body))
+        .expect("response")
+}
+
+/// The `kind` of a resource plural, for bookmarks.
+fn kind_of(resource: &str) -> String {
+    match resource {
+        "pods" => "Pod".into(),
+        "nodes" => "Node".into(),
+        "events" => "Event".into(),
+        "daemonsets" => "DaemonSet".into(),
+        other => {
+            let singular = other.strip_suffix('s').unwrap_or(other);
+            let mut c = singular.chars();
+            c.next()
+                .map(|f| f.to_uppercase().chain(c).collect())
+                .unwrap_or_default()
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! subresource, named API groups, and the write counter.
 
 use istio_cni_e2e::fake_api::FakeApi;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
@@ -57,5 +57,192 @@ fn nodes_patches_and_conflicts() {
         nodes.patch_status("n1", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
         assert_eq!(api.get("nodes", "", "n1").unwrap()["status"]["conditions"][0]["type"], "IstioCNIReady");
         assert_eq!(api.writes(), before + 1);
+    });
+}
+
+fn pod(name: &str, node: &str) -> serde_json::Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"nodeName": node, "containers": [{"name": "app"}]}})
+}
+
+fn names(pods: &[Pod]) -> Vec<String> {
+    let mut n: Vec<String> = pods
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    n.sort();
+    n
+}
+
+/// What kube-runtime's watcher (list, then watch from the list's version) sees through a
+/// field selector: the initial list as InitApply, later matching pods as Apply, a pod that
+/// stops matching and a deleted pod as Delete, other nodes' pods never; after compaction,
+/// a 410 makes it list again.
+#[test]
+fn watcher_with_field_selector_and_relist() {
+    use futures::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    api.put("pods", pod("a", "n1"));
+    api.put("pods", pod("other", "n2"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pods: kube::Api<Pod> = kube::Api::all(client(&api, dir.path()).await);
+        // Watches end after 1 s and resume from the last version seen; no bookmarks, so
+        // that version stays the last matching change's.
+        api.set_bookmark_interval(std::time::Duration::from_secs(600));
+        let config = watcher::Config::default()
+            .fields("spec.nodeName=n1")
+            .timeout(1);
+        let mut events = watcher::watcher(pods.clone(), config).boxed();
+        let mut next_result = async || {
+            tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+                .await
+                .expect("an event within 5s")
+                .expect("stream open")
+        };
+        assert!(matches!(
+            next_result().await.expect("no watch error"),
+            Event::Init
+        ));
+        let Event::InitApply(p) = next_result().await.expect("no watch error") else {
+            panic!("InitApply expected")
+        };
+        assert_eq!(names(&[p]), ["a"]);
+        assert!(matches!(
+            next_result().await.expect("no watch error"),
+            Event::InitDone
+        ));
+
+        api.put("pods", pod("other2", "n2"));
+        api.put("pods", pod("b", "n1"));
+        let Event::Apply(p) = next_result().await.expect("no watch error") else {
+            panic!("Apply expected")
+        };
+        assert_eq!(names(&[p]), ["b"]);
+
+        // `a` moves to another node: DELETED for this watcher; `b` is deleted.
+        api.put("pods", pod("a", "n2"));
+        let Event::Delete(p) = next_result().await.expect("no watch error") else {
+            panic!("Delete expected")
+        };
+        assert_eq!(names(&[p]), ["a"]);
+        assert!(api.remove("pods", "default", "b"));
+        let Event::Delete(p) = next_result().await.expect("no watch error") else {
+            panic!("Delete expected")
+        };
+        assert_eq!(names(&[p]), ["b"]);
+
+        // Compaction while the watch is open changes nothing for it; once it times out,
+        // the next watch from its version gets 410 and the watcher lists again.
+        api.put("pods", pod("c", "n1"));
+        let Event::Apply(_) = next_result().await.expect("no watch error") else {
+            panic!("Apply expected")
+        };
+        api.put("pods", pod("other3", "n2"));
+        api.compact();
+        let err = next_result().await.unwrap_err();
+        assert!(err.to_string().contains("Expired"), "{err}");
+        assert!(matches!(
+            next_result().await.expect("no watch error"),
+            Event::Init
+        ));
+        let Event::InitApply(p) = next_result().await.expect("no watch error") else {
+            panic!("InitApply expected")
+        };
+        assert_eq!(names(&[p]), ["c"]);
+        assert!(matches!(
+            next_result().await.expect("no watch error"),
+            Event::InitDone
+        ));
+        assert!(api.watches() >= 2);
+    });
+}
+
+/// Raw watch: bookmarks arrive, carrying the current resourceVersion; a watch from a
+/// compacted version gets a 410 error event.
+#[test]
+fn bookmarks_and_expired_versions() {
+    use futures::StreamExt;
+    use kube::api::{WatchEvent, WatchParams};
+    let api = FakeApi::start();
+    api.set_bookmark_interval(std::time::Duration::from_millis(50));
+    let dir = tempfile::tempdir().unwrap();
+    let created = api.put("pods", pod("a", "n1"));
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pods: kube::Api<Pod> = kube::Api::all(client(&api, dir.path()).await);
+        let params = WatchParams::default().fields("spec.nodeName=n1");
+        let mut stream = pods.watch(&params, &rv).await.unwrap().boxed();
+        let ev = stream.next().await.unwrap().unwrap();
+        let WatchEvent::Bookmark(b) = ev else {
+            panic!("bookmark expected, got {ev:?}")
+        };
+        assert_eq!(b.metadata.resource_version, rv);
+        drop(stream);
+
+        api.put("pods", pod("b", "n1"));
+        api.compact();
+        let mut stream = pods.watch(&params, &rv).await.unwrap().boxed();
+        match stream.next().await.unwrap().unwrap() {
+            WatchEvent::Error(e) => assert_eq!(e.code, 410),
+            other => panic!("410 expected, got {other:?}"),
+        }
+    });
+}
+
+/// DELETE with preconditions: a stale uid or resourceVersion is a 409 and the pod stays.
+#[test]
+fn delete_preconditions() {
+    use kube::api::{DeleteParams, Preconditions};
+    let api = FakeApi::start();
+    let dir = tempfile::tempdir().unwrap();
+    let created = api.put("pods", pod("a", "n1"));
+    let uid = created["metadata"]["uid"].as_str().unwrap().to_owned();
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pods: kube::Api<Pod> = kube::Api::namespaced(client(&api, dir.path()).await, "default");
+        let with = |uid: &str, rv: &str| DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.into()),
+                resource_version: Some(rv.into()),
+            }),
+            ..DeleteParams::default()
+        };
+        let err = pods
+            .delete("a", &with("someone-else", &rv))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 409),
+            "{err}"
+        );
+        let err = pods.delete("a", &with(&uid, "1")).await.unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 409),
+            "{err}"
+        );
+        assert!(api.get("pods", "default", "a").is_some());
+        pods.delete("a", &with(&uid, &rv)).await.unwrap();
+        assert!(api.get("pods", "default", "a").is_none());
     });
 }
