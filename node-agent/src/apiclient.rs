@@ -19,6 +19,36 @@ pub async fn client(
     kubeconfig_override: Option<&Path>,
     timeout: Duration,
 ) -> Result<kube::Client, String> {
+    client_with_timeouts(cfg, kubeconfig_override, timeout, timeout).await
+}
+
+/// A client for long watches: connecting times out after 5 s, but a read may wait up to
+/// `WATCH_READ_TIMEOUT`, longer than a watch's server-side timeout (290 s).
+///
+/// Errors: as [`client`].
+pub async fn watch_client(
+    cfg: &InstallConfig,
+    kubeconfig_override: Option<&Path>,
+) -> Result<kube::Client, String> {
+    client_with_timeouts(
+        cfg,
+        kubeconfig_override,
+        Duration::from_secs(5),
+        WATCH_READ_TIMEOUT,
+    )
+    .await
+}
+
+/// How long a watch client waits for the next byte: above the 290 s watch timeout that
+/// `kube-runtime` asks for, so that only a dead connection hits it.
+pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(330);
+
+async fn client_with_timeouts(
+    cfg: &InstallConfig,
+    kubeconfig_override: Option<&Path>,
+    timeout: Duration,
+    read_timeout: Duration,
+) -> Result<kube::Client, String> {
     let kc = match kubeconfig_override {
         Some(path) => {
             Kubeconfig::read_from(path).map_err(|e| format!("{}: {e}", path.display()))?
@@ -38,7 +68,7 @@ pub async fn client(
         .await
         .map_err(|e| e.to_string())?;
     config.connect_timeout = Some(timeout);
-    config.read_timeout = Some(timeout);
+    config.read_timeout = Some(read_timeout);
     config.write_timeout = Some(timeout);
     kube::Client::try_from(config).map_err(|e| e.to_string())
 }

@@ -193,4 +193,44 @@ pub struct RunArgs {
     /// How long the agent may be not ready before the taint comes back, in seconds.
     #[arg(long, env = "TAINT_GRACE_SECONDS", default_value_t = 10)]
     pub taint_grace_seconds: u64,
+    /// Find running pods on this node whose netns lacks the rules, and act on them.
+    #[arg(long, env = "REPAIR_ENABLED", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub repair_enabled: bool,
+    /// What to do with a broken pod: repair (rewrite the rules in place), delete (its
+    /// controller recreates it) or label (leave it to the operator).
+    #[arg(long, env = "REPAIR_MODE", default_value = "repair")]
+    pub repair_mode: crate::repair::act::Mode,
+    /// Interval of the sweep over every pod on the node, in seconds.
+    #[arg(long, env = "REPAIR_RESYNC_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub repair_resync_seconds: u64,
+    /// Minimum time between two actions on the same pod, in seconds.
+    #[arg(long, env = "REPAIR_COOLDOWN_SECONDS", default_value_t = 300)]
+    pub repair_cooldown_seconds: u64,
+    /// Node-wide limit on pod deletions per minute (delete mode), evenly spaced.
+    #[arg(long, env = "REPAIR_MAX_DELETES_PER_MINUTE", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub repair_max_deletes_per_minute: u32,
+    /// Label key set on broken pods in label mode.
+    #[arg(
+        long,
+        env = "REPAIR_BROKEN_POD_LABEL_KEY",
+        default_value = "cni.istio.io/uninitialized"
+    )]
+    pub repair_broken_pod_label_key: String,
+    /// Label value set on broken pods in label mode.
+    #[arg(long, env = "REPAIR_BROKEN_POD_LABEL_VALUE", default_value = "true")]
+    pub repair_broken_pod_label_value: String,
+    /// The host's /proc as mounted in the agent (pod processes and their netns).
+    #[arg(long, env = "HOST_PROC_DIR", default_value = "/host/proc")]
+    pub host_proc_dir: PathBuf,
+    /// Dirs of runtime-pinned netns files, comma-separated (pods without a process).
+    #[arg(
+        long,
+        env = "NETNS_DIRS",
+        default_value = "/host/var/run/netns,/host/run/netns",
+        value_delimiter = ','
+    )]
+    pub netns_dirs: Vec<PathBuf>,
 }

@@ -6,11 +6,13 @@
 pub mod agent;
 pub mod apiclient;
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod install;
 pub mod logsink;
 pub mod metrics;
 pub mod readiness;
+pub mod repair;
 pub mod selftest;
 pub mod taint;
 pub mod upgrade;

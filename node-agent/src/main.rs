@@ -11,6 +11,8 @@ use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
+use istio_cni_node_agent::repair::inspect::Exclusions;
+use istio_cni_node_agent::repair::{RepairConfig, RepairController};
 use istio_cni_node_agent::taint::{TaintConfig, TaintController};
 use istio_cni_node_agent::upgrade::{self, OnExit};
 use istio_cni_node_agent::{apiclient, http, install, logsink, selftest};
@@ -34,7 +36,7 @@ enum Cmd {
         #[command(flatten)]
         args: AgentArgs,
         #[command(flatten)]
-        run: RunArgs,
+        run: Box<RunArgs>,
     },
     /// Install the binary and kubeconfig and chain the plugin into the primary CNI config.
     Install {
@@ -202,12 +204,32 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         let taint_task = taint
             .clone()
             .map(|t| tokio::spawn(async move { t.run_shared().await }));
+        let repair_task = match (&run.node_name, run.repair_enabled) {
+            (Some(node), true) => {
+                let repair = RepairController::new(
+                    repair_config(node, args, run),
+                    cfg.clone(),
+                    run.kubeconfig.clone(),
+                    readiness.clone(),
+                    metrics.clone(),
+                );
+                Some(tokio::spawn(repair.run()))
+            }
+            (None, true) => {
+                log::warn!("no --node-name: the repair loop is off");
+                None
+            }
+            (_, false) => None,
+        };
         let agent = Agent::new(cfg.clone(), opts, readiness, metrics);
         let outcome = agent.run(shutdown).await;
         if let Some(path) = sink {
             let _ = std::fs::remove_file(path);
         }
         if let Some(task) = taint_task {
+            task.abort();
+        }
+        if let Some(task) = repair_task {
             task.abort();
         }
         outcome?;
@@ -242,6 +264,32 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             log::error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The repair loop's settings from the flags.
+fn repair_config(node: &str, args: &AgentArgs, run: &RunArgs) -> RepairConfig {
+    RepairConfig {
+        node: node.to_owned(),
+        mode: run.repair_mode,
+        resync: Duration::from_secs(run.repair_resync_seconds),
+        cooldown: Duration::from_secs(run.repair_cooldown_seconds),
+        max_deletes_per_minute: run.repair_max_deletes_per_minute,
+        label: (
+            run.repair_broken_pod_label_key.clone(),
+            run.repair_broken_pod_label_value.clone(),
+        ),
+        host_proc: run.host_proc_dir.clone(),
+        netns_dirs: run.netns_dirs.clone(),
+        exclusions: Exclusions {
+            agent_namespace: args.pod_namespace.clone(),
+            exclude_namespaces: args
+                .exclude_namespaces
+                .iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect(),
+        },
     }
 }
 

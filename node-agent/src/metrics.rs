@@ -23,6 +23,16 @@ impl Outcome {
     }
 }
 
+/// Labels of a repair action: `action` (`repair`, `delete`, `label`) and `result`
+/// (`success`, `failure`, `cooldown`, `rate_limited`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairAction {
+    /// The repair mode.
+    pub action: &'static str,
+    /// How it ended, or why it was held back.
+    pub result: &'static str,
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -41,6 +51,16 @@ pub struct Metrics {
     pub self_test_duration: Histogram,
     /// `istio_cni_node_tainted`: 1 while the agent keeps the not-ready taint on its node.
     pub node_tainted: Gauge,
+    /// `istio_cni_repair_pods_checked_total`: meshed pods whose netns was read.
+    pub repair_pods_checked: Counter,
+    /// `istio_cni_repair_broken_pods_found_total`: checks that found rules missing or wrong.
+    pub repair_broken_found: Counter,
+    /// `istio_cni_repair_actions_total{action,result}`.
+    pub repair_actions: Family<RepairAction, Counter>,
+    /// `istio_cni_repair_sweep_duration_seconds`: wall time of a sweep over every pod.
+    pub repair_sweep_duration: Histogram,
+    /// `istio_cni_repair_last_sweep_timestamp_seconds`: Unix time of the last sweep's end.
+    pub repair_last_sweep: Gauge,
 }
 
 impl Metrics {
@@ -53,6 +73,12 @@ impl Metrics {
         let self_test_runs = Family::<Outcome, Counter>::default();
         let self_test_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         let node_tainted = Gauge::default();
+        let repair_pods_checked = Counter::default();
+        let repair_broken_found = Counter::default();
+        let repair_actions = Family::<RepairAction, Counter>::default();
+        let repair_sweep_duration =
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
+        let repair_last_sweep = Gauge::default();
         let mut registry = Registry::with_prefix("istio_cni");
         registry.register(
             "install_attempts",
@@ -89,8 +115,38 @@ impl Metrics {
             "1 while the node carries the not-ready taint set by this agent",
             node_tainted.clone(),
         );
+        registry.register(
+            "repair_pods_checked",
+            "Meshed pods whose netns rules were read back by the repair loop",
+            repair_pods_checked.clone(),
+        );
+        registry.register(
+            "repair_broken_pods_found",
+            "Checks that found a pod's redirection rules missing or wrong",
+            repair_broken_found.clone(),
+        );
+        registry.register(
+            "repair_actions",
+            "Repair actions on broken pods, by action and result",
+            repair_actions.clone(),
+        );
+        registry.register(
+            "repair_sweep_duration_seconds",
+            "Wall time of a repair sweep over every pod on the node",
+            repair_sweep_duration.clone(),
+        );
+        registry.register(
+            "repair_last_sweep_timestamp_seconds",
+            "Unix time at which the last repair sweep ended",
+            repair_last_sweep.clone(),
+        );
         Metrics {
             registry,
+            repair_pods_checked,
+            repair_broken_found,
+            repair_actions,
+            repair_sweep_duration,
+            repair_last_sweep,
             node_tainted,
             install_attempts,
             ready,

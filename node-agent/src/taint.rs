@@ -16,21 +16,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference, Taint};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, NodeCondition, Taint};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::events::{self, EventType};
 use crate::install::InstallConfig;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
 /// Type of the node condition this agent owns.
 pub const CONDITION_TYPE: &str = "IstioCNIReady";
-/// Component name in Events.
-pub const COMPONENT: &str = "istio-cni-node-agent";
-
 /// The taint and where it goes.
 #[derive(Debug, Clone)]
 pub struct TaintConfig {
@@ -293,13 +291,13 @@ impl TaintController {
                                 d.message
                             );
                             self.metrics.node_tainted.set(i64::from(tainted));
-                            self.event(
-                                &client,
-                                &node,
-                                reason,
-                                &format!("taint {} {verb}: {}", self.cfg.key, d.message),
-                            )
-                            .await;
+                            let type_ = if tainted {
+                                EventType::Warning
+                            } else {
+                                EventType::Normal
+                            };
+                            let message = format!("taint {} {verb}: {}", self.cfg.key, d.message);
+                            events::record(&client, &node, type_, reason, &message, name).await;
                             continue; // re-read for the condition patch
                         }
                         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -337,49 +335,6 @@ impl TaintController {
             }
         }
         Err("the node kept changing under us (5 conflicts)".into())
-    }
-
-    /// Records an Event on the node; best effort.
-    async fn event(&self, client: &kube::Client, node: &Node, reason: &str, message: &str) {
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
-        let name = node.metadata.name.clone().unwrap_or_default();
-        let ev = Event {
-            metadata: ObjectMeta {
-                generate_name: Some(format!("{name}.")),
-                namespace: Some("default".into()),
-                ..ObjectMeta::default()
-            },
-            involved_object: ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Node".into()),
-                name: Some(name.clone()),
-                uid: node.metadata.uid.clone(),
-                ..ObjectReference::default()
-            },
-            reason: Some(reason.into()),
-            message: Some(message.into()),
-            type_: Some(
-                if reason == "IstioCNITaintAdded" {
-                    "Warning"
-                } else {
-                    "Normal"
-                }
-                .into(),
-            ),
-            source: Some(EventSource {
-                component: Some(COMPONENT.into()),
-                host: Some(name),
-            }),
-            first_timestamp: Some(now.clone()),
-            last_timestamp: Some(now),
-            count: Some(1),
-            reporting_component: Some(COMPONENT.into()),
-            ..Event::default()
-        };
-        let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), "default");
-        if let Err(e) = events.create(&PostParams::default(), &ev).await {
-            log::warn!("recording event {reason}: {e}");
-        }
     }
 }
 

@@ -282,8 +282,9 @@ impl FakeApi {
         });
     }
 
-    /// Creates or replaces a namespaced object (`resource` is the plural, e.g. `pods`),
-    /// filling `uid`, `resourceVersion` and `creationTimestamp`. Returns the stored object.
+    /// Creates or replaces an object (`resource` is the plural, e.g. `pods`), filling
+    /// `uid` (unless a new object brings its own), `resourceVersion` and
+    /// `creationTimestamp`. Returns the stored object.
     pub fn put(&self, resource: &str, obj: Value) -> Value {
         let ns = obj["metadata"]["namespace"]
             .as_str()
@@ -295,10 +296,12 @@ impl FakeApi {
             .to_owned();
         let mut store = self.shared.store.lock().unwrap();
         let key = (resource.to_owned(), ns, name);
+        // A test may choose the uid of a new object (to match a cgroup it created).
         let existing_uid = store
             .objects
             .get(&key)
-            .map(|o| o["metadata"]["uid"].clone());
+            .map(|o| o["metadata"]["uid"].clone())
+            .or_else(|| Some(obj["metadata"]["uid"].clone()));
         let obj = stamp(&self.shared, obj, existing_uid);
         self.shared.commit(&mut store, &key, Some(obj.clone()));
         obj

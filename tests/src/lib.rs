@@ -3,8 +3,10 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod chain;
 pub mod cri;
 pub mod fake_api;
+pub mod kubelet;
 pub mod net;
 pub mod sandbox;

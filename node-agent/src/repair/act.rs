@@ -1,0 +1,268 @@
+//! What the repair loop does to a broken pod, chosen by `--repair-mode`, each recorded as an
+//! Event on the pod.
+
+use std::fmt;
+use std::str::FromStr;
+
+use istio_cni::apply::Xtables;
+use istio_cni::netns::Netns;
+use istio_cni::plugin::program;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
+use kube::ResourceExt;
+use serde_json::json;
+
+use super::inspect::Candidate;
+use super::locate::PodNetns;
+use crate::events::{self, EventType};
+
+/// Event reason: the rules were written again in place.
+pub const REASON_REPAIRED: &str = "IstioCNIRepaired";
+/// Event reason: writing the rules in place failed.
+pub const REASON_REPAIR_FAILED: &str = "IstioCNIRepairFailed";
+/// Event reason: the pod was deleted so that its controller recreates it.
+pub const REASON_DELETED: &str = "IstioCNIDeletedBrokenPod";
+/// Event reason: the pod was labeled as broken.
+pub const REASON_LABELED: &str = "IstioCNILabeledBrokenPod";
+
+/// The action for a broken pod (`--repair-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Write the rules in place through ADD's code path, then read them back. The pod keeps
+    /// running; connections opened while it was unredirected bypassed the sidecar.
+    #[default]
+    Repair,
+    /// Delete the pod (with UID and resourceVersion preconditions) so that its controller
+    /// recreates it through a fresh ADD. Bare pods are gone for good.
+    Delete,
+    /// Label the pod (`--repair-broken-pod-label-key`=`-value`) and leave it to the
+    /// operator or another controller.
+    Label,
+}
+
+impl Mode {
+    /// The mode's name, as the flag takes it; also the `action` metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Repair => "repair",
+            Mode::Delete => "delete",
+            Mode::Label => "label",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "repair" => Ok(Mode::Repair),
+            "delete" => Ok(Mode::Delete),
+            "label" => Ok(Mode::Label),
+            other => Err(format!(
+                "unknown repair mode {other:?}: use repair, delete or label"
+            )),
+        }
+    }
+}
+
+/// How an action ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done.
+    Done,
+    /// Nothing to do after all (the pod changed or is already labeled).
+    Moot(String),
+    /// Failed, with why.
+    Failed(String),
+}
+
+/// The pod's broken state, for messages: at most the first three problems.
+pub fn summary(problems: &[String]) -> String {
+    let mut s = problems
+        .iter()
+        .take(3)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > 3 {
+        s.push_str(&format!("; and {} more", problems.len() - 3));
+    }
+    s
+}
+
+/// Writes the candidate's rules into `netns` as ADD does, and reads them back (no probe:
+/// the sidecar holds the capture port). Blocking; run it off the async runtime.
+///
+/// Errors: a message from the write or the read-back.
+pub fn repair_in_place(
+    netns: &PodNetns,
+    candidate: &Candidate,
+    xt: &Xtables,
+) -> Result<(), String> {
+    let ns = Netns::open(&netns.path).map_err(|e| e.to_string())?;
+    ns.run(|inside| program(inside, xt, &candidate.ruleset, None))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Records the outcome of an in-place repair as an Event on `pod`.
+pub async fn report_repair(
+    client: &kube::Client,
+    pod: &Pod,
+    node: &str,
+    problems: &[String],
+    result: &Result<(), String>,
+) {
+    match result {
+        Ok(()) => {
+            let message = format!(
+                "istio-cni restored the traffic redirection rules in the pod's netns (found: {})",
+                summary(problems)
+            );
+            events::record(
+                client,
+                pod,
+                EventType::Normal,
+                REASON_REPAIRED,
+                &message,
+                node,
+            )
+            .await;
+        }
+        Err(e) => {
+            let message = format!(
+                "istio-cni could not restore the traffic redirection rules ({e}); the pod's traffic bypasses the sidecar"
+            );
+            events::record(
+                client,
+                pod,
+                EventType::Warning,
+                REASON_REPAIR_FAILED,
+                &message,
+                node,
+            )
+            .await;
+        }
+    }
+}
+
+/// Deletes `pod` if it is still the same pod, not yet terminating: a fresh read gives the
+/// resourceVersion for the preconditions, so a pod that changes in between is not deleted.
+pub async fn delete(client: &kube::Client, pod: &Pod, node: &str, problems: &[String]) -> Outcome {
+    let ns = pod.namespace().unwrap_or_default();
+    let name = pod.name_any();
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns);
+    let fresh = match pods.get_opt(&name).await {
+        Ok(Some(p)) => p,
+        Ok(None) => return Outcome::Moot("the pod is gone".into()),
+        Err(e) => return Outcome::Failed(format!("reading the pod: {e}")),
+    };
+    if fresh.metadata.uid != pod.metadata.uid {
+        return Outcome::Moot("the pod was replaced".into());
+    }
+    if fresh.metadata.deletion_timestamp.is_some() {
+        return Outcome::Moot("the pod is already being deleted".into());
+    }
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: fresh.metadata.uid.clone(),
+            resource_version: fresh.metadata.resource_version.clone(),
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(&name, &params).await {
+        Ok(_) => {
+            let message = format!(
+                "istio-cni deleted the pod because its traffic redirection rules are missing or wrong ({}); its controller recreates it",
+                summary(problems)
+            );
+            events::record(
+                client,
+                &fresh,
+                EventType::Warning,
+                REASON_DELETED,
+                &message,
+                node,
+            )
+            .await;
+            Outcome::Done
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            Outcome::Moot("the pod changed since it was read".into())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Outcome::Moot("the pod is gone".into()),
+        Err(e) => Outcome::Failed(format!("deleting the pod: {e}")),
+    }
+}
+
+/// Sets the label `key=value` on `pod`, unless it already has it.
+pub async fn label(
+    client: &kube::Client,
+    pod: &Pod,
+    node: &str,
+    (key, value): (&str, &str),
+    problems: &[String],
+) -> Outcome {
+    if pod.labels().get(key).map(String::as_str) == Some(value) {
+        return Outcome::Moot(format!("already labeled {key}={value}"));
+    }
+    let ns = pod.namespace().unwrap_or_default();
+    let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns);
+    let patch = json!({"metadata": {"labels": {key: value}}});
+    match pods
+        .patch(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(labeled) => {
+            let message = format!(
+                "istio-cni labeled the pod {key}={value} because its traffic redirection rules are missing or wrong ({})",
+                summary(problems)
+            );
+            events::record(
+                client,
+                &labeled,
+                EventType::Warning,
+                REASON_LABELED,
+                &message,
+                node,
+            )
+            .await;
+            Outcome::Done
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Outcome::Moot("the pod is gone".into()),
+        Err(e) => Outcome::Failed(format!("labeling the pod: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for m in [Mode::Repair, Mode::Delete, Mode::Label] {
+            assert_eq!(m.as_str().parse::<Mode>(), Ok(m));
+        }
+        assert!("fix"
+            .parse::<Mode>()
+            .unwrap_err()
+            .contains("repair, delete or label"));
+    }
+
+    #[test]
+    fn summaries_are_short() {
+        let p: Vec<String> = (1..=5).map(|i| format!("p{i}")).collect();
+        assert_eq!(summary(&p[..2]), "p1; p2");
+        assert_eq!(summary(&p), "p1; p2; p3; and 2 more");
+    }
+}

@@ -1,0 +1,289 @@
+//! One pod, checked: should it have rules (the plugin's own decision), where is its netns,
+//! and does the netns hold exactly what ADD would have written (the plugin's read-back
+//! validator). The loopback probe is not run: the sidecar's own listener holds the
+//! capture port in a running pod.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use istio_cni::apply::Xtables;
+use istio_cni::netns::Netns;
+use istio_cni::plan::{plan_for_running_pod, running_pod_ips, Plan};
+use istio_cni::rules::Ruleset;
+use istio_cni::validate::{self, ValidateError};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::locate::{self, BindMounts, PodNetns, ProcIndex};
+
+/// Which pods the agent leaves to the plugin's pass-through: the same settings as the
+/// plugin's config.
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    /// The agent's namespace: its own pods are never touched.
+    pub agent_namespace: String,
+    /// Namespaces whose pods never get rules.
+    pub exclude_namespaces: Vec<String>,
+}
+
+/// Why a pod is not checked. None of these is an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ineligible {
+    /// `metadata.deletionTimestamp` is set: the pod is going away.
+    Deleting,
+    /// `spec.hostNetwork`: the pod shares the node's netns.
+    HostNetwork,
+    /// `status.phase` is not `Running` (ADD may still be in progress).
+    NotRunning,
+    /// The pod has no IP in its status yet.
+    NoPodIp,
+    /// The plugin's decision gives it no rules.
+    NoRules(String),
+    /// An annotation does not parse; ADD would have refused the pod.
+    BadSetting(String),
+}
+
+impl fmt::Display for Ineligible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ineligible::Deleting => write!(f, "being deleted"),
+            Ineligible::HostNetwork => write!(f, "on the host network"),
+            Ineligible::NotRunning => write!(f, "not running"),
+            Ineligible::NoPodIp => write!(f, "no pod IP yet"),
+            Ineligible::NoRules(why) => write!(f, "gets no rules: {why}"),
+            Ineligible::BadSetting(why) => write!(f, "has a bad setting: {why}"),
+        }
+    }
+}
+
+/// A pod that should be redirected: its ruleset and addresses.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// What ADD would program.
+    pub ruleset: Box<Ruleset>,
+    /// `status.podIPs`.
+    pub ips: Vec<IpAddr>,
+}
+
+/// Whether `pod` should hold rules now, from the pod object alone (no side effects).
+///
+/// Errors: [`Ineligible`], why it is not checked.
+pub fn candidate(pod: &Pod, exclusions: &Exclusions) -> Result<Candidate, Ineligible> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Err(Ineligible::Deleting);
+    }
+    if pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.host_network)
+        .unwrap_or(false)
+    {
+        return Err(Ineligible::HostNetwork);
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if phase != Some("Running") {
+        return Err(Ineligible::NotRunning);
+    }
+    let ips = running_pod_ips(pod);
+    if ips.is_empty() {
+        return Err(Ineligible::NoPodIp);
+    }
+    match plan_for_running_pod(
+        pod,
+        &exclusions.agent_namespace,
+        &exclusions.exclude_namespaces,
+    ) {
+        Ok(Plan::Redirect(ruleset)) => Ok(Candidate { ruleset, ips }),
+        Ok(Plan::Skip(skip)) => Err(Ineligible::NoRules(skip.to_string())),
+        Err(e) => Err(Ineligible::BadSetting(e.to_string())),
+    }
+}
+
+/// The state of a candidate's netns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Every expected rule is in place.
+    Healthy,
+    /// Rules are missing or wrong: what read-back found.
+    Broken(Vec<String>),
+}
+
+/// A candidate could not be checked.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// Neither a process in the pod's cgroup nor a netns file with its IP was found.
+    #[error("no netns found for the pod (no process in a cgroup naming its UID, no netns file holding {0})")]
+    NotFound(String),
+    /// The netns found does not hold the pod's IP: it is not (or no longer) this pod's.
+    #[error("netns {netns} does not hold the pod IP {ips}; not touching it")]
+    WrongNetns {
+        /// The netns found.
+        netns: String,
+        /// The pod IPs.
+        ips: String,
+    },
+    /// The netns could not be entered.
+    #[error("netns {netns}: {reason}")]
+    Enter {
+        /// The netns.
+        netns: String,
+        /// What failed.
+        reason: String,
+    },
+    /// `iptables-save` failed.
+    #[error("netns {netns}: {source}")]
+    ReadBack {
+        /// The netns.
+        netns: String,
+        /// The read-back error.
+        #[source]
+        source: ValidateError,
+    },
+}
+
+/// Where to look for netns: built once per batch of checks.
+pub struct Finder<'a> {
+    procs: &'a ProcIndex,
+    bind_mounts: std::sync::OnceLock<BindMounts>,
+    netns_dirs: &'a [std::path::PathBuf],
+}
+
+impl<'a> Finder<'a> {
+    /// A finder over one [`ProcIndex`] scan; the netns dirs are scanned only if a pod has
+    /// no process.
+    pub fn new(procs: &'a ProcIndex, netns_dirs: &'a [std::path::PathBuf]) -> Finder<'a> {
+        Finder {
+            procs,
+            bind_mounts: std::sync::OnceLock::new(),
+            netns_dirs,
+        }
+    }
+
+    /// The netns of the pod `uid` with addresses `ips`.
+    pub fn find(&self, uid: &str, ips: &[IpAddr]) -> Option<PodNetns> {
+        self.procs.netns_of(uid).or_else(|| {
+            self.bind_mounts
+                .get_or_init(|| BindMounts::scan(self.netns_dirs, self.procs.host_netns()))
+                .netns_of(ips)
+        })
+    }
+}
+
+/// Checks `candidate`'s rules in `netns`: the netns must hold one of the pod's IPs, then
+/// read-back compares its rules with the ruleset.
+///
+/// Errors: [`InspectError`] when the netns cannot be used or read.
+pub fn inspect(
+    netns: &PodNetns,
+    candidate: &Candidate,
+    xt: &Xtables,
+) -> Result<Health, InspectError> {
+    let name = netns.to_string();
+    let enter = |reason: String| InspectError::Enter {
+        netns: name.clone(),
+        reason,
+    };
+    let ns = Netns::open(&netns.path).map_err(|e| enter(e.to_string()))?;
+    let outcome = ns
+        .run(|inside| {
+            let here = locate::local_addresses().map_err(&enter)?;
+            if !candidate.ips.iter().any(|ip| here.contains(ip)) {
+                return Err(InspectError::WrongNetns {
+                    netns: name.clone(),
+                    ips: join(&candidate.ips),
+                });
+            }
+            match validate::read_back(inside, xt, &candidate.ruleset) {
+                Ok(()) => Ok(Health::Healthy),
+                Err(ValidateError::Mismatch(problems)) => Ok(Health::Broken(problems)),
+                Err(source) => Err(InspectError::ReadBack {
+                    netns: name.clone(),
+                    source,
+                }),
+            }
+        })
+        .map_err(|e| enter(e.to_string()))?;
+    outcome
+}
+
+/// `ips` as a comma-separated list.
+pub fn join(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(extra: serde_json::Value) -> Pod {
+        let mut base = json!({
+            "metadata": {"namespace": "default", "name": "web", "uid": "u1",
+                "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.0.0.5"}]},
+        });
+        json_patch::merge(&mut base, &extra);
+        serde_json::from_value(base).expect("pod")
+    }
+
+    fn excl() -> Exclusions {
+        Exclusions {
+            agent_namespace: "istio-system".into(),
+            exclude_namespaces: vec!["kube-system".into()],
+        }
+    }
+
+    #[test]
+    fn a_running_meshed_pod_is_a_candidate() {
+        let c = candidate(&pod(json!({})), &excl()).unwrap();
+        assert_eq!(c.ips, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn pods_that_are_left_alone() {
+        let cases = [
+            (
+                json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}),
+                Ineligible::Deleting,
+            ),
+            (
+                json!({"spec": {"hostNetwork": true}}),
+                Ineligible::HostNetwork,
+            ),
+            (
+                json!({"status": {"phase": "Pending"}}),
+                Ineligible::NotRunning,
+            ),
+            (json!({"status": {"podIPs": null}}), Ineligible::NoPodIp),
+        ];
+        for (patch, want) in cases {
+            assert_eq!(
+                candidate(&pod(patch.clone()), &excl()).unwrap_err(),
+                want,
+                "{patch}"
+            );
+        }
+        let skipped = [
+            json!({"metadata": {"namespace": "kube-system"}}),
+            json!({"metadata": {"annotations": {"sidecar.istio.io/status": null}}}),
+            json!({"metadata": {"labels": {"sidecar.istio.io/inject": "false"}}}),
+        ];
+        for patch in skipped {
+            assert!(
+                matches!(
+                    candidate(&pod(patch.clone()), &excl()),
+                    Err(Ineligible::NoRules(_))
+                ),
+                "{patch}"
+            );
+        }
+        let bad = json!({"metadata": {"annotations": {"traffic.sidecar.istio.io/includeInboundPorts": "80,x"}}});
+        assert!(matches!(
+            candidate(&pod(bad), &excl()),
+            Err(Ineligible::BadSetting(_))
+        ));
+    }
+}

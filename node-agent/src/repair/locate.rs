@@ -1,0 +1,356 @@
+//! Finding a running pod's network namespace from the host, without asking the runtime.
+//!
+//! 1. **Cgroups**: every process of a pod lives in a cgroup whose path names the pod UID.
+//!    kubelet lays the path out in one of two ways, on cgroup v1 and v2 alike:
+//!    - cgroupfs driver: `…/kubepods/<qos>/pod<uid>/<container>` (no `<qos>` for
+//!      Guaranteed pods);
+//!    - systemd driver: `…/kubepods.slice/kubepods-<qos>.slice/kubepods-<qos>-pod<uid with
+//!      '-' replaced by '_'>.slice/<container>.scope`.
+//!
+//!    [`ProcIndex::scan`] reads `<host proc>/*/cgroup` once and maps pod UIDs to PIDs; a
+//!    PID's `ns/net` is the pod's netns.
+//! 2. **Bind mounts**: a runtime without a process per pod sandbox (CRI-O with
+//!    `drop_infra_ctr`) still pins the netns as a file under `/var/run/netns` or
+//!    `/run/netns`. [`BindMounts::scan`] enters each once and maps the addresses on its
+//!    interfaces to the file, so a pod is found by its IP.
+//!
+//! The host's own netns (`<host proc>/1/ns/net`) is never returned: a host-network pod, or
+//! a cgroup path that only looks like a pod's, must not get pod rules.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use istio_cni::netns::Netns;
+
+/// Identity of a netns: device and inode of its nsfs file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NetnsId {
+    /// The identity of the netns `path` refers to (`/proc/<pid>/ns/net` or a bind mount).
+    ///
+    /// Errors: the `stat` error (the process exited, the file is gone).
+    pub fn of(path: &Path) -> std::io::Result<NetnsId> {
+        let m = std::fs::metadata(path)?;
+        Ok(NetnsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// How a pod's netns was found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// Through this process in the pod's cgroup.
+    Process(u32),
+    /// Through a runtime's bind-mounted netns file holding the pod's IP.
+    BindMount,
+}
+
+/// A pod's netns, as found from the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetns {
+    /// Path to enter: `<host proc>/<pid>/ns/net` or the bind mount.
+    pub path: PathBuf,
+    /// How it was found.
+    pub via: Via,
+}
+
+impl fmt::Display for PodNetns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.via {
+            Via::Process(pid) => write!(f, "{} (pid {pid})", self.path.display()),
+            Via::BindMount => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+/// The pod UID named by one cgroup path, in either kubelet layout (see the module docs);
+/// `None` when the path is not under `kubepods`.
+///
+/// ```
+/// use istio_cni_node_agent::repair::locate::pod_uid_from_cgroup_path as uid;
+/// let u = "0b6f43d5-5e6c-4ed6-a3d5-3c2b2fb4a0a7";
+/// assert_eq!(uid(&format!("/kubepods/burstable/pod{u}/abc")).as_deref(), Some(u));
+/// assert_eq!(
+///     uid("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod0b6f43d5_5e6c_4ed6_a3d5_3c2b2fb4a0a7.slice/cri-containerd-1.scope").as_deref(),
+///     Some(u),
+/// );
+/// assert_eq!(uid("/system.slice/containerd.service"), None);
+/// ```
+pub fn pod_uid_from_cgroup_path(path: &str) -> Option<String> {
+    let mut under_kubepods = false;
+    for segment in path.split('/') {
+        if let Some(slice) = segment.strip_suffix(".slice") {
+            // systemd: kubepods-[<qos>-]pod<uid_>.slice; kind and others nest it under
+            // e.g. kubelet-kubepods.slice, hence "contains".
+            if slice.contains("kubepods") {
+                under_kubepods = true;
+                if let Some((_, uid)) = slice.rsplit_once("-pod") {
+                    return normalize_uid(&uid.replace('_', "-"));
+                }
+            }
+            continue;
+        }
+        if segment == "kubepods" || segment.ends_with("-kubepods") {
+            under_kubepods = true;
+        } else if under_kubepods {
+            if let Some(uid) = segment.strip_prefix("pod") {
+                return normalize_uid(uid);
+            }
+        }
+    }
+    None
+}
+
+/// The pod UID named by the contents of a `/proc/<pid>/cgroup` file (v1 lines
+/// `ID:controllers:/path`, the v2 line `0::/path`); the first line that names one wins.
+pub fn pod_uid_from_proc_cgroup(contents: &str) -> Option<String> {
+    contents
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .find_map(pod_uid_from_cgroup_path)
+}
+
+/// A UID as the API writes it: 36 characters, lowercase hex in 8-4-4-4-12 groups. Static
+/// pods' UIDs are 32 hex digits (a config hash) and are accepted as they are.
+fn normalize_uid(raw: &str) -> Option<String> {
+    let uid = raw.to_ascii_lowercase();
+    let hex_or_dash = uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+    let dashed = uid.len() == 36
+        && uid
+            .char_indices()
+            .all(|(i, c)| (c == '-') == matches!(i, 8 | 13 | 18 | 23));
+    let hash = uid.len() == 32 && !uid.contains('-');
+    (hex_or_dash && (dashed || hash)).then_some(uid)
+}
+
+/// Pod UID → PIDs, from one pass over `<host proc>/*/cgroup`.
+#[derive(Debug, Default)]
+pub struct ProcIndex {
+    host_proc: PathBuf,
+    pods: HashMap<String, Vec<u32>>,
+    host_netns: Option<NetnsId>,
+}
+
+impl ProcIndex {
+    /// Reads every process's cgroup file under `host_proc` (the host's `/proc` as mounted
+    /// in the agent). Processes that exit meanwhile are skipped.
+    ///
+    /// Errors: `host_proc` cannot be listed.
+    pub fn scan(host_proc: &Path) -> std::io::Result<ProcIndex> {
+        let mut pods: HashMap<String, Vec<u32>> = HashMap::new();
+        for entry in std::fs::read_dir(host_proc)? {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(contents) = std::fs::read_to_string(entry.path().join("cgroup")) else {
+                continue;
+            };
+            if let Some(uid) = pod_uid_from_proc_cgroup(&contents) {
+                pods.entry(uid).or_default().push(pid);
+            }
+        }
+        for pids in pods.values_mut() {
+            pids.sort_unstable();
+        }
+        Ok(ProcIndex {
+            host_proc: host_proc.to_owned(),
+            pods,
+            host_netns: NetnsId::of(&host_proc.join("1/ns/net")).ok(),
+        })
+    }
+
+    /// The identity of the host's netns (that of PID 1), when readable.
+    pub fn host_netns(&self) -> Option<NetnsId> {
+        self.host_netns
+    }
+
+    /// Number of pods with at least one process.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// Whether no pod process was found.
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// The netns of pod `uid`: that of its lowest PID (the sandbox's pause process, in
+    /// practice) that is still alive and not in the host's netns.
+    pub fn netns_of(&self, uid: &str) -> Option<PodNetns> {
+        self.pods.get(uid)?.iter().find_map(|&pid| {
+            let path = self.host_proc.join(pid.to_string()).join("ns/net");
+            let id = NetnsId::of(&path).ok()?;
+            (Some(id) != self.host_netns).then_some(PodNetns {
+                path,
+                via: Via::Process(pid),
+            })
+        })
+    }
+}
+
+/// Pod IP → bind-mounted netns file, from one pass over the runtime's netns dirs.
+#[derive(Debug, Default)]
+pub struct BindMounts {
+    by_ip: HashMap<IpAddr, PathBuf>,
+}
+
+impl BindMounts {
+    /// Enters every file in `dirs` (missing dirs are skipped) and records the addresses on
+    /// its interfaces. Files that are not netns, and the host's netns (`host_netns`), are
+    /// skipped.
+    pub fn scan(dirs: &[PathBuf], host_netns: Option<NetnsId>) -> BindMounts {
+        let mut by_ip = HashMap::new();
+        for dir in dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if NetnsId::of(&path).ok() == host_netns && host_netns.is_some() {
+                    continue;
+                }
+                match addresses_in(&path) {
+                    Ok(ips) => {
+                        for ip in ips {
+                            by_ip.entry(ip).or_insert_with(|| path.clone());
+                        }
+                    }
+                    Err(e) => log::debug!("netns file {}: {e}", path.display()),
+                }
+            }
+        }
+        BindMounts { by_ip }
+    }
+
+    /// The netns file holding one of `ips`.
+    pub fn netns_of(&self, ips: &[IpAddr]) -> Option<PodNetns> {
+        ips.iter().find_map(|ip| {
+            self.by_ip.get(ip).map(|path| PodNetns {
+                path: path.clone(),
+                via: Via::BindMount,
+            })
+        })
+    }
+}
+
+/// The addresses on the interfaces of the netns at `path` (loopback's left out).
+///
+/// Errors: a message when the netns cannot be entered or its addresses read.
+pub fn addresses_in(path: &Path) -> Result<Vec<IpAddr>, String> {
+    let netns = Netns::open(path).map_err(|e| e.to_string())?;
+    netns
+        .run(|_inside| local_addresses())
+        .map_err(|e| e.to_string())?
+}
+
+/// The addresses on the current netns's interfaces, loopback's left out.
+///
+/// Errors: a message when `getifaddrs` fails.
+pub fn local_addresses() -> Result<Vec<IpAddr>, String> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(|e| format!("getifaddrs: {e}"))?;
+    Ok(addrs
+        .filter_map(|a| {
+            let sa = a.address?;
+            let ip: IpAddr = if let Some(v4) = sa.as_sockaddr_in() {
+                v4.ip().into()
+            } else {
+                sa.as_sockaddr_in6()?.ip().into()
+            };
+            (!ip.is_loopback()).then_some(ip)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UID: &str = "0b6f43d5-5e6c-4ed6-a3d5-3c2b2fb4a0a7";
+    const UID_: &str = "0b6f43d5_5e6c_4ed6_a3d5_3c2b2fb4a0a7";
+
+    #[test]
+    fn cgroupfs_layouts() {
+        for path in [
+            format!("/kubepods/burstable/pod{UID}/0123abcd"),
+            format!("/kubepods/besteffort/pod{UID}/0123abcd"),
+            format!("/kubepods/pod{UID}/0123abcd"),
+            format!("/kubepods/pod{UID}"),
+            // kind: kubelet nested under the node container's cgroup
+            format!("/docker/8f1e/kubelet/kubepods/burstable/pod{UID}/c1"),
+        ] {
+            assert_eq!(
+                pod_uid_from_cgroup_path(&path).as_deref(),
+                Some(UID),
+                "{path}"
+            );
+        }
+    }
+
+    #[test]
+    fn systemd_layouts() {
+        for path in [
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/cri-containerd-abc.scope"),
+            format!("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/crio-abc.scope"),
+            format!("/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-abc.scope"),
+            format!("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{UID_}.slice/cri-containerd-abc.scope"),
+        ] {
+            assert_eq!(pod_uid_from_cgroup_path(&path).as_deref(), Some(UID), "{path}");
+        }
+    }
+
+    #[test]
+    fn paths_that_are_not_pods() {
+        for path in [
+            "/",
+            "/system.slice/containerd.service",
+            "/kubepods.slice",
+            "/kubepods/burstable",
+            "/user.slice/user-0.slice/session-1.scope",
+            // "pod" segments outside kubepods, and malformed UIDs inside
+            &format!("/somewhere/pod{UID}/x"),
+            "/kubepods/burstable/podnot-a-uid/c1",
+            "/kubepods.slice/kubepods-podzzz.slice",
+        ] {
+            assert_eq!(pod_uid_from_cgroup_path(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn proc_cgroup_files_v1_and_v2() {
+        let v1 = format!(
+            "12:pids:/kubepods/burstable/pod{UID}/abc\n4:memory:/kubepods/burstable/pod{UID}/abc\n1:name=systemd:/kubepods/burstable/pod{UID}/abc\n0::/\n"
+        );
+        let v2 = format!("0::/kubepods.slice/kubepods-pod{UID_}.slice/cri-containerd-abc.scope\n");
+        let host = "12:pids:/system.slice/kubelet.service\n0::/system.slice/kubelet.service\n";
+        assert_eq!(pod_uid_from_proc_cgroup(&v1).as_deref(), Some(UID));
+        assert_eq!(pod_uid_from_proc_cgroup(&v2).as_deref(), Some(UID));
+        assert_eq!(pod_uid_from_proc_cgroup(host), None);
+    }
+
+    #[test]
+    fn static_pod_hash_uids_and_case() {
+        let hash = "6f1d7a2b9c3e4f5a6b7c8d9e0f1a2b3c";
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/kubepods/burstable/pod{hash}/c")).as_deref(),
+            Some(hash)
+        );
+        assert_eq!(
+            pod_uid_from_cgroup_path(&format!("/kubepods/pod{}", UID.to_uppercase())).as_deref(),
+            Some(UID)
+        );
+    }
+}

@@ -1,0 +1,544 @@
+//! The repair loop: finds running pods on this node whose netns lacks the redirection
+//! rules, and repairs, deletes or labels them (see [`act::Mode`]). It replaces upstream
+//! Istio's detection by the `istio-validation` init container's exit code, which needs a
+//! crash first and misses `restartPolicy: Never` pods: here each pod's netns is read.
+//!
+//! - **Input**: one `kube-runtime` watcher on pods with field selector
+//!   `spec.nodeName=<node>`, cached by a reflector; no periodic LISTs. A pod is checked
+//!   when it is first seen (including the watcher's initial list, `InitApply`), when it
+//!   becomes Running, when its containers restart or its IPs change, and on every resync
+//!   sweep over the cache (`--repair-resync-seconds`).
+//! - **Check** ([`inspect`]): the plugin's own decision for the pod; its netns found through
+//!   its cgroup or a bind-mounted netns file ([`locate`]); the plugin's read-back.
+//! - **Brakes** ([`policy`]): nothing happens while the agent is not ready; a pod is acted
+//!   on at most once per cooldown (`--repair-cooldown-seconds`, 5 min); deletions are spaced
+//!   node-wide (`--repair-max-deletes-per-minute`).
+
+pub mod act;
+pub mod inspect;
+pub mod locate;
+pub mod policy;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::{FutureExt, StreamExt};
+use istio_cni::apply::Xtables;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::ResourceExt;
+use tokio::time::Instant;
+
+use self::act::{Mode, Outcome};
+use self::inspect::{Candidate, Exclusions, Finder, Health, InspectError};
+use self::locate::{PodNetns, ProcIndex};
+use self::policy::{Cooldown, DeleteBudget};
+use crate::install::InstallConfig;
+use crate::metrics::{Metrics, RepairAction};
+use crate::readiness::Readiness;
+
+/// The repair loop's settings (`--repair-*`, `--host-proc-dir`, `--netns-dirs`).
+#[derive(Debug, Clone)]
+pub struct RepairConfig {
+    /// This node (`--node-name`): only its pods are watched.
+    pub node: String,
+    /// What to do with a broken pod.
+    pub mode: Mode,
+    /// Interval of the sweep over every cached pod.
+    pub resync: Duration,
+    /// Minimum time between two actions on the same pod.
+    pub cooldown: Duration,
+    /// Node-wide limit on pod deletions per minute (delete mode), evenly spaced.
+    pub max_deletes_per_minute: u32,
+    /// Label set in label mode: key and value.
+    pub label: (String, String),
+    /// The host's `/proc` as mounted in the agent.
+    pub host_proc: PathBuf,
+    /// Dirs of bind-mounted netns files, for pods without a process.
+    pub netns_dirs: Vec<PathBuf>,
+    /// Pods the plugin passes through.
+    pub exclusions: Exclusions,
+}
+
+/// A pod's state as far as triggering a check goes: a change means "check again".
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fingerprint {
+    running: bool,
+    restarts: i32,
+    ips: Vec<String>,
+}
+
+impl Fingerprint {
+    fn of(pod: &Pod) -> Fingerprint {
+        let status = pod.status.as_ref();
+        let restarts = status
+            .into_iter()
+            .flat_map(|s| {
+                s.container_statuses
+                    .iter()
+                    .flatten()
+                    .chain(s.init_container_statuses.iter().flatten())
+            })
+            .map(|c| c.restart_count)
+            .sum();
+        Fingerprint {
+            running: status.and_then(|s| s.phase.as_deref()) == Some("Running"),
+            restarts,
+            ips: status
+                .and_then(|s| s.pod_ips.as_ref())
+                .map(|ips| ips.iter().map(|i| i.ip.clone()).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// State that outlives a watcher restart.
+struct State {
+    fingerprints: HashMap<String, Fingerprint>,
+    /// Pods to check at the next pass.
+    due: HashSet<ObjectRef<Pod>>,
+    /// Check every cached pod at the next pass.
+    sweep: bool,
+    /// Pods whose deletion waits for the budget, and when it allows the next one.
+    deferred: HashSet<ObjectRef<Pod>>,
+    deferred_until: Option<Instant>,
+    cooldown: Cooldown,
+    budget: DeleteBudget,
+}
+
+/// How a watch ended.
+enum WatchEnd {
+    /// The credentials were refused: build a new client (the token may have rotated).
+    Unauthorized,
+    /// The stream ended.
+    Closed,
+}
+
+/// A broken pod, as found by a pass.
+struct Broken {
+    pod: Arc<Pod>,
+    candidate: Candidate,
+    netns: PodNetns,
+    problems: Vec<String>,
+}
+
+/// The repair loop of one node.
+pub struct RepairController {
+    cfg: RepairConfig,
+    install: InstallConfig,
+    kubeconfig: Option<PathBuf>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+}
+
+impl RepairController {
+    /// A controller for `cfg.node`, using the agent's API credentials (`install`) or
+    /// `kubeconfig`.
+    pub fn new(
+        cfg: RepairConfig,
+        install: InstallConfig,
+        kubeconfig: Option<PathBuf>,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> RepairController {
+        RepairController {
+            cfg,
+            install,
+            kubeconfig,
+            readiness,
+            metrics,
+        }
+    }
+
+    /// Runs until the task is dropped. API errors are retried with the watcher's backoff; a
+    /// refused token gets a new client.
+    pub async fn run(self) {
+        let mut st = State {
+            fingerprints: HashMap::new(),
+            due: HashSet::new(),
+            sweep: false,
+            deferred: HashSet::new(),
+            deferred_until: None,
+            cooldown: Cooldown::new(self.cfg.cooldown),
+            budget: DeleteBudget::new(self.cfg.max_deletes_per_minute),
+        };
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let client =
+                match crate::apiclient::watch_client(&self.install, self.kubeconfig.as_deref())
+                    .await
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        log::warn!("repair: no API client: {e}; retrying in {backoff:?}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        continue;
+                    }
+                };
+            backoff = Duration::from_millis(500);
+            match self.watch(client, &mut st).await {
+                WatchEnd::Unauthorized => {
+                    log::warn!("repair: the API refused the credentials; reconnecting")
+                }
+                WatchEnd::Closed => log::debug!("repair: pod watch ended; restarting"),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn watch(&self, client: kube::Client, st: &mut State) -> WatchEnd {
+        let pods: kube::Api<Pod> = kube::Api::all(client);
+        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node));
+        let (reader, writer) = reflector::store();
+        let mut events = reflector::reflector(writer, watcher::watcher(pods, config))
+            .default_backoff()
+            .boxed();
+        let mut ready_rx = self.readiness.subscribe();
+        let mut was_ready = false;
+        let mut synced = false;
+        let mut next_sweep = Instant::now() + self.cfg.resync;
+        loop {
+            let deferred_until = st.deferred_until;
+            tokio::select! {
+                ev = events.next() => match ev {
+                    None => return WatchEnd::Closed,
+                    Some(ev) => if let Some(end) = self.on_event(ev, st, &reader, &mut synced) {
+                        return end;
+                    },
+                },
+                _ = tokio::time::sleep_until(next_sweep) => {
+                    st.sweep = true;
+                    next_sweep = Instant::now() + self.cfg.resync;
+                }
+                _ = async { tokio::time::sleep_until(deferred_until.expect("guarded")).await },
+                    if deferred_until.is_some() => {
+                    st.due.extend(st.deferred.drain());
+                    st.deferred_until = None;
+                }
+                r = ready_rx.changed() => if r.is_err() { return WatchEnd::Closed },
+            }
+            // Take in everything already received before checking.
+            while let Some(Some(ev)) = events.next().now_or_never() {
+                if let Some(end) = self.on_event(ev, st, &reader, &mut synced) {
+                    return end;
+                }
+            }
+            let ready = self.readiness.status().is_ok();
+            if ready && !was_ready {
+                // Whatever happened while not ready is looked at now.
+                st.sweep = true;
+            }
+            was_ready = ready;
+            if ready && synced && (st.sweep || !st.due.is_empty()) {
+                self.pass(&reader, st).await;
+            }
+        }
+    }
+
+    /// Applies one watcher event to the trigger state.
+    fn on_event(
+        &self,
+        ev: Result<Event<Pod>, watcher::Error>,
+        st: &mut State,
+        reader: &Store<Pod>,
+        synced: &mut bool,
+    ) -> Option<WatchEnd> {
+        match ev {
+            Err(e) => {
+                log::warn!("repair: watching pods on {}: {e}", self.cfg.node);
+                return is_unauthorized(&e).then_some(WatchEnd::Unauthorized);
+            }
+            Ok(Event::Init) => {}
+            Ok(Event::InitApply(pod) | Event::Apply(pod)) => {
+                let fp = Fingerprint::of(&pod);
+                let running = fp.running;
+                if st
+                    .fingerprints
+                    .insert(pod.uid().unwrap_or_default(), fp.clone())
+                    != Some(fp)
+                    && running
+                {
+                    st.due.insert(ObjectRef::from(&pod));
+                }
+            }
+            Ok(Event::Delete(pod)) => {
+                let uid = pod.uid().unwrap_or_default();
+                st.fingerprints.remove(&uid);
+                st.cooldown.forget(&uid, std::time::Instant::now());
+                let key = ObjectRef::from(&pod);
+                st.due.remove(&key);
+                st.deferred.remove(&key);
+            }
+            Ok(Event::InitDone) => {
+                *synced = true;
+                let live: HashSet<String> = reader.state().iter().filter_map(|p| p.uid()).collect();
+                st.fingerprints.retain(|uid, _| live.contains(uid));
+            }
+        }
+        None
+    }
+
+    /// Checks the due pods (every cached pod on a sweep) and acts on the broken ones.
+    async fn pass(&self, reader: &Store<Pod>, st: &mut State) {
+        let sweep = std::mem::take(&mut st.sweep);
+        let pods: Vec<Arc<Pod>> = if sweep {
+            st.due.clear();
+            reader.state()
+        } else {
+            st.due.drain().filter_map(|k| reader.get(&k)).collect()
+        };
+        let started = std::time::Instant::now();
+        let candidates: Vec<(Arc<Pod>, Candidate)> = pods
+            .into_iter()
+            .filter_map(|pod| match inspect::candidate(&pod, &self.cfg.exclusions) {
+                Ok(c) => Some((pod, c)),
+                Err(why) => {
+                    log::trace!("repair: {}: {why}", pod_name(&pod));
+                    None
+                }
+            })
+            .collect();
+        let checked = candidates.len();
+        let host_proc = self.cfg.host_proc.clone();
+        let netns_dirs = self.cfg.netns_dirs.clone();
+        let results =
+            tokio::task::spawn_blocking(move || check_all(candidates, &host_proc, &netns_dirs))
+                .await;
+        let results = match results {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                log::warn!("repair: cannot check pods: {e}");
+                return;
+            }
+            Err(e) => {
+                log::error!("repair: check task failed: {e}");
+                return;
+            }
+        };
+        self.metrics.repair_pods_checked.inc_by(checked as u64);
+        let mut broken = Vec::new();
+        for (pod, candidate, result) in results {
+            match result {
+                Ok((_, Health::Healthy)) => {}
+                Ok((netns, Health::Broken(problems))) => {
+                    self.metrics.repair_broken_found.inc();
+                    broken.push(Broken {
+                        pod,
+                        candidate,
+                        netns,
+                        problems,
+                    });
+                }
+                // A pod just started or stopped, or a runtime we cannot see into: logged,
+                // and looked at again on the next sweep.
+                Err(e @ InspectError::NotFound(_)) => {
+                    log::debug!("repair: {}: {e}", pod_name(&pod))
+                }
+                Err(e) => log::warn!("repair: {}: {e}", pod_name(&pod)),
+            }
+        }
+        if sweep {
+            self.metrics
+                .repair_sweep_duration
+                .observe(started.elapsed().as_secs_f64());
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            self.metrics.repair_last_sweep.set(now.as_secs() as i64);
+            log::debug!(
+                "repair: swept {checked} meshed pod(s) in {:?}, {} broken",
+                started.elapsed(),
+                broken.len()
+            );
+        }
+        if !broken.is_empty() {
+            self.act_on(broken, st).await;
+        }
+    }
+
+    async fn act_on(&self, broken: Vec<Broken>, st: &mut State) {
+        let client = match crate::apiclient::client(
+            &self.install,
+            self.kubeconfig.as_deref(),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("repair: no API client to act on broken pods: {e}");
+                return;
+            }
+        };
+        let mode = self.cfg.mode;
+        let node = &self.cfg.node;
+        for b in broken {
+            let name = pod_name(&b.pod);
+            let uid = b.pod.uid().unwrap_or_default();
+            let what = act::summary(&b.problems);
+            let now = std::time::Instant::now();
+            if let Err(until) = st.cooldown.check(&uid, now) {
+                log::info!(
+                    "repair: {name}: redirection broken ({what}); cooling down for {:?}",
+                    until - now
+                );
+                self.count(mode, "cooldown");
+                continue;
+            }
+            let mut taken = None;
+            if mode == Mode::Delete {
+                match st.budget.take(now) {
+                    Ok(()) => taken = Some(now),
+                    Err(next) => {
+                        log::info!(
+                            "repair: {name}: redirection broken ({what}); deletion waits for the rate limit ({:?})",
+                            next - now
+                        );
+                        self.count(mode, "rate_limited");
+                        st.deferred.insert(ObjectRef::from(b.pod.as_ref()));
+                        let next = Instant::from_std(next);
+                        st.deferred_until = Some(st.deferred_until.map_or(next, |d| d.min(next)));
+                        continue;
+                    }
+                }
+            }
+            st.cooldown.record(&uid, now);
+            log::warn!(
+                "repair: {name}: redirection broken in netns {} ({what}); action: {mode}",
+                b.netns
+            );
+            let outcome = match mode {
+                Mode::Repair => {
+                    let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
+                    let result = tokio::task::spawn_blocking(move || {
+                        let xt = Xtables::detect().map_err(|e| e.to_string())?;
+                        act::repair_in_place(&netns, &candidate, &xt)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(format!("repair task failed: {e}")));
+                    act::report_repair(&client, &b.pod, node, &b.problems, &result).await;
+                    match result {
+                        Ok(()) => Outcome::Done,
+                        Err(e) => Outcome::Failed(e),
+                    }
+                }
+                Mode::Delete => act::delete(&client, &b.pod, node, &b.problems).await,
+                Mode::Label => {
+                    let (k, v) = &self.cfg.label;
+                    act::label(&client, &b.pod, node, (k, v), &b.problems).await
+                }
+            };
+            match &outcome {
+                Outcome::Done => {
+                    log::info!("repair: {name}: {mode} done");
+                    self.count(mode, "success");
+                }
+                Outcome::Moot(why) => {
+                    log::info!("repair: {name}: nothing to {mode}: {why}");
+                    if let Some(t) = taken {
+                        st.budget.give_back(t);
+                    }
+                }
+                Outcome::Failed(e) => {
+                    log::warn!("repair: {name}: {mode} failed: {e}");
+                    self.count(mode, "failure");
+                }
+            }
+        }
+    }
+
+    fn count(&self, mode: Mode, result: &'static str) {
+        self.metrics
+            .repair_actions
+            .get_or_create(&RepairAction {
+                action: mode.as_str(),
+                result,
+            })
+            .inc();
+    }
+}
+
+/// `namespace/name` of a pod.
+fn pod_name(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// Where a pod's netns is and what it holds, or why that is unknown.
+type CheckResult = Result<(PodNetns, Health), InspectError>;
+
+/// The outcome of checking one pod.
+type Checked = (Arc<Pod>, Candidate, CheckResult);
+
+/// Checks candidates in parallel (one worker per CPU, at most 8): one `/proc` scan for all,
+/// then per pod its netns and the read-back. Blocking.
+///
+/// Errors: a message when the iptables binaries or `host_proc` are unusable.
+fn check_all(
+    candidates: Vec<(Arc<Pod>, Candidate)>,
+    host_proc: &std::path::Path,
+    netns_dirs: &[PathBuf],
+) -> Result<Vec<Checked>, String> {
+    if candidates.is_empty() {
+        return Ok(Vec::new());
+    }
+    let xt = Xtables::detect().map_err(|e| e.to_string())?;
+    let procs =
+        ProcIndex::scan(host_proc).map_err(|e| format!("reading {}: {e}", host_proc.display()))?;
+    let finder = Finder::new(&procs, netns_dirs);
+    let check = |pod: &Pod, c: &Candidate| {
+        let uid = pod.uid().unwrap_or_default();
+        let netns = finder
+            .find(&uid, &c.ips)
+            .ok_or_else(|| InspectError::NotFound(inspect::join(&c.ips)))?;
+        let health = inspect::inspect(&netns, c, &xt)?;
+        Ok((netns, health))
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(2, usize::from)
+        .clamp(1, 8)
+        .min(candidates.len());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<CheckResult>>> = candidates
+        .iter()
+        .map(|_| std::sync::Mutex::new(None))
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((pod, c)) = candidates.get(i) else {
+                    return;
+                };
+                *results[i].lock().expect("result slot") = Some(check(pod, c));
+            });
+        }
+    });
+    Ok(candidates
+        .into_iter()
+        .zip(results)
+        .map(|((pod, c), r)| {
+            let r = r
+                .into_inner()
+                .expect("result slot")
+                .expect("every slot filled");
+            (pod, c, r)
+        })
+        .collect())
+}
+
+/// Whether a watch error means the credentials were refused.
+fn is_unauthorized(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => return false,
+    };
+    code == 401
+}

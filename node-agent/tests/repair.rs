@@ -1,0 +1,381 @@
+//! The repair loop of the real `istio-cni-node-agent run`, against real pod netns laid out
+//! as a kubelet leaves them (a process in a cgroup naming the pod UID, or only a
+//! bind-mounted netns file), rules written by the real plugin's ADD, and the fake API
+//! server's pod watch. Needs root.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use istio_cni_e2e::agent::{get, wait_for, Daemon, Node, PRIMARY};
+use istio_cni_e2e::fake_api::FakeApi;
+use istio_cni_e2e::kubelet::{istio_chain, Layout, NodePods, RunningPod};
+use istio_cni_e2e::sandbox::injected_pod;
+use serde_json::{json, Value};
+
+const NODE: &str = "node-1";
+
+/// One test's node: agent dirs with a primary config, the API, the pods' cgroups and
+/// netns dir.
+struct Setup {
+    node: Node,
+    api: FakeApi,
+    pods: NodePods,
+    kubeconfig: std::path::PathBuf,
+    next_ip: u8,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let node = Node::new("net.d");
+        std::fs::create_dir(&node.net).unwrap();
+        std::fs::write(node.conf(), PRIMARY).unwrap();
+        let api = FakeApi::start();
+        let kubeconfig = api.write_kubeconfig(node.dir.path());
+        Setup {
+            node,
+            api,
+            pods: NodePods::new(),
+            kubeconfig,
+            next_ip: 10,
+        }
+    }
+
+    /// Starts a pod laid out as `layout`, stores `object` for it in the API, and gives it
+    /// rules through the plugin's ADD when the plugin's decision says so.
+    fn pod(&mut self, layout: Layout, object: Value) -> RunningPod {
+        self.next_ip += 1;
+        let pod = self
+            .pods
+            .start(layout, Ipv4Addr::new(10, 77, 0, self.next_ip));
+        let object = pod.object(object, NODE);
+        let ns = object["metadata"]["namespace"].as_str().unwrap().to_owned();
+        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+        self.api.put("pods", object);
+        pod.add(&istio_chain(&self.kubeconfig), &ns, &name)
+            .unwrap_or_else(|e| panic!("ADD for {ns}/{name}: {e:?}"));
+        pod
+    }
+
+    fn agent(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "--self-test",
+            "false",
+            "--taint-enabled",
+            "false",
+            "--kubeconfig",
+            self.kubeconfig.to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--host-proc-dir",
+            "/proc",
+            "--netns-dirs",
+            self.pods.netns_dir().to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.node.daemon(&args)
+    }
+
+    /// Reasons of the Events recorded on pod `name`.
+    fn events_for(&self, name: &str) -> Vec<String> {
+        self.api
+            .list("events")
+            .into_iter()
+            .filter(|e| e["involvedObject"]["name"] == name)
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+fn meshed(namespace: &str, name: &str) -> Value {
+    injected_pod(namespace, name, json!({}), json!({}))
+}
+
+fn plain(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "default"},
+           "spec": {"containers": [{"name": "app", "image": "app"}]}})
+}
+
+fn metric(daemon: &Daemon, line_start: &str) -> Option<f64> {
+    let (_, body) = get(daemon.metrics_port, "/metrics")?;
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// The agent starts on a node where some pods lost their rules: it finds exactly those
+/// from its initial list (the resync is an hour away, so only `InitApply` can trigger),
+/// through each kubelet layout and the bind-mount fallback, and repairs them in place. A
+/// `restartPolicy: Never` pod is repaired without a restart. Pods that must not be touched
+/// are left alone.
+#[test]
+fn finds_exactly_the_broken_pods_and_repairs_them_in_place() {
+    let mut s = Setup::new();
+    let healthy = s.pod(Layout::Systemd, meshed("default", "healthy"));
+    let broken_systemd = s.pod(Layout::Systemd, meshed("default", "broken-systemd"));
+    let broken_cgroupfs = s.pod(Layout::Cgroupfs, meshed("default", "broken-cgroupfs"));
+    let broken_no_process = s.pod(
+        Layout::BindMountOnly,
+        meshed("default", "broken-no-process"),
+    );
+    let mut never = meshed("default", "never-restarts");
+    never["spec"]["restartPolicy"] = json!("Never");
+    let broken_never = s.pod(Layout::Systemd, never);
+    let not_injected = s.pod(Layout::Systemd, plain("not-injected"));
+    let excluded = s.pod(Layout::Systemd, meshed("kube-system", "excluded"));
+    let deleting = s.pod(Layout::Systemd, meshed("default", "deleting"));
+
+    let expected = healthy.rules();
+    assert!(!expected.is_empty(), "ADD wrote rules");
+    assert!(not_injected.rules().is_empty() && excluded.rules().is_empty());
+    for p in [
+        &broken_systemd,
+        &broken_cgroupfs,
+        &broken_no_process,
+        &broken_never,
+        &deleting,
+    ] {
+        assert_eq!(
+            p.rules(),
+            expected,
+            "ADD wrote the same rules for every meshed pod"
+        );
+        p.flush();
+        assert_ne!(p.rules(), expected);
+    }
+    // A pod being deleted is left to its teardown.
+    let mut d = s.api.get("pods", "default", "deleting").unwrap();
+    d["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    s.api.put("pods", d);
+    let writes_before = s.api.writes();
+
+    let daemon = s.agent(&["--repair-resync-seconds", "3600"]);
+    daemon.wait_ready();
+    let repaired = [
+        ("broken-systemd", &broken_systemd),
+        ("broken-cgroupfs", &broken_cgroupfs),
+        ("broken-no-process", &broken_no_process),
+        ("never-restarts", &broken_never),
+    ];
+    let (_, took) = wait_for("the broken pods repaired", || {
+        repaired
+            .iter()
+            .all(|(_, p)| p.rules() == expected)
+            .then_some(())
+    });
+    eprintln!("4 broken pods repaired {took:?} after the agent became ready");
+    wait_for("an IstioCNIRepaired event on each", || {
+        repaired
+            .iter()
+            .all(|(name, _)| s.events_for(name) == ["IstioCNIRepaired"])
+            .then_some(())
+    });
+    assert_eq!(
+        metric(
+            &daemon,
+            "istio_cni_repair_actions_total{action=\"repair\",result=\"success\"}"
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(&daemon, "istio_cni_repair_broken_pods_found_total"),
+        Some(4.0)
+    );
+
+    // The others were not touched: no rules appeared, no events, no pod writes.
+    for name in ["healthy", "not-injected", "excluded", "deleting"] {
+        assert!(
+            s.events_for(name).is_empty(),
+            "{name}: {:?}",
+            s.events_for(name)
+        );
+    }
+    assert!(not_injected.rules().is_empty() && excluded.rules().is_empty());
+    assert_ne!(
+        deleting.rules(),
+        expected,
+        "the deleting pod is left as it is"
+    );
+    assert_eq!(healthy.rules(), expected);
+    let pod_writes: Vec<Value> = s.api.list("pods");
+    assert!(
+        pod_writes.iter().all(|p| p["metadata"]["labels"].is_null()),
+        "repair mode writes no pods"
+    );
+    assert_eq!(
+        s.api.writes() - writes_before,
+        4,
+        "the only API writes are the 4 events"
+    );
+    let never_now = s.api.get("pods", "default", "never-restarts").unwrap();
+    assert_eq!(
+        never_now["status"]["containerStatuses"][0]["restartCount"],
+        0
+    );
+}
+
+/// A meshed pod's rules are flushed while the agent runs: the next sweep finds and repairs
+/// it. Prints the time from the flush to the repair.
+#[test]
+fn a_flush_while_running_is_repaired_by_the_next_sweep() {
+    let mut s = Setup::new();
+    let pod = s.pod(Layout::Cgroupfs, meshed("default", "web"));
+    let expected = pod.rules();
+    let daemon = s.agent(&["--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    wait_for("a first sweep", || {
+        metric(&daemon, "istio_cni_repair_last_sweep_timestamp_seconds").filter(|t| *t > 0.0)
+    });
+    pod.flush();
+    let (_, took) = wait_for("the flushed pod repaired", || {
+        (pod.rules() == expected).then_some(())
+    });
+    eprintln!("flush → repaired in {took:?} (resync 1 s)");
+    wait_for("the event", || {
+        (s.events_for("web") == ["IstioCNIRepaired"]).then_some(())
+    });
+}
+
+/// Delete mode deletes broken pods with preconditions and an Event; label mode labels them
+/// once. Healthy pods stay.
+#[test]
+fn delete_and_label_modes() {
+    let mut s = Setup::new();
+    let _healthy = s.pod(Layout::Systemd, meshed("default", "healthy"));
+    let to_delete = s.pod(Layout::Systemd, meshed("default", "to-delete"));
+    let to_label = s.pod(Layout::Cgroupfs, meshed("default", "to-label"));
+    to_delete.flush();
+    to_label.flush();
+
+    // Delete mode, on the only broken pod it may see (to-label is not yet broken: it is
+    // labeled by the second agent).
+    let mut label_obj = s.api.get("pods", "default", "to-label").unwrap();
+    label_obj["status"]["phase"] = json!("Pending");
+    s.api.put("pods", label_obj.clone());
+    let mut daemon = s.agent(&["--repair-mode", "delete", "--repair-resync-seconds", "3600"]);
+    daemon.wait_ready();
+    wait_for("the broken pod deleted", || {
+        s.api
+            .get("pods", "default", "to-delete")
+            .is_none()
+            .then_some(())
+    });
+    wait_for("its event", || {
+        (s.events_for("to-delete") == ["IstioCNIDeletedBrokenPod"]).then_some(())
+    });
+    assert!(s.api.get("pods", "default", "healthy").is_some());
+    assert!(daemon.sigterm().success());
+
+    // Label mode: the pod becomes Running (a watch event) and is labeled, once.
+    let daemon = s.agent(&["--repair-mode", "label", "--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    label_obj["status"]["phase"] = json!("Running");
+    label_obj["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("resourceVersion");
+    s.api.put("pods", label_obj);
+    wait_for("the broken pod labeled", || {
+        let p = s.api.get("pods", "default", "to-label")?;
+        (p["metadata"]["labels"]["cni.istio.io/uninitialized"] == "true").then_some(())
+    });
+    wait_for("its event", || {
+        (s.events_for("to-label") == ["IstioCNILabeledBrokenPod"]).then_some(())
+    });
+    // Later sweeps neither label again nor record more events (cooldown, and the label is
+    // already there).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(s.events_for("to-label"), ["IstioCNILabeledBrokenPod"]);
+    assert!(
+        to_label.rules().iter().all(|r| !r.starts_with("-A")),
+        "label mode writes no rules"
+    );
+}
+
+/// A node-wide failure breaks 50 pods. Delete mode spaces deletions by the rate limit;
+/// repair mode repairs each once, and a second flush within the cooldown is not repaired.
+#[test]
+fn rate_limit_and_cooldown_hold_under_a_node_wide_failure() {
+    let mut s = Setup::new();
+    let pods: Vec<RunningPod> = (0..50)
+        .map(|i| {
+            let layout = if i % 2 == 0 {
+                Layout::Systemd
+            } else {
+                Layout::Cgroupfs
+            };
+            s.pod(layout, meshed("default", &format!("p{i}")))
+        })
+        .collect();
+    let expected = pods[0].rules();
+    pods.iter().for_each(RunningPod::flush);
+
+    // Delete mode at 30/min: one deletion every 2 s, no burst.
+    let mut daemon = s.agent(&[
+        "--repair-mode",
+        "delete",
+        "--repair-max-deletes-per-minute",
+        "30",
+        "--repair-resync-seconds",
+        "3600",
+    ]);
+    daemon.wait_ready();
+    let count = |s: &Setup| s.api.list("pods").len();
+    wait_for("the first deletion", || (count(&s) == 49).then_some(()));
+    let started = std::time::Instant::now();
+    std::thread::sleep(Duration::from_millis(4500));
+    let deleted = 50 - count(&s);
+    let window = started.elapsed().as_secs_f64();
+    assert!(
+        deleted >= 2 && deleted as f64 <= 1.0 + window / 2.0 + 1.0,
+        "{deleted} deletions in {window:.1}s after the first, at one per 2 s"
+    );
+    assert!(
+        metric(
+            &daemon,
+            "istio_cni_repair_actions_total{action=\"delete\",result=\"rate_limited\"}"
+        )
+        .unwrap_or(0.0)
+            >= 40.0
+    );
+    assert!(daemon.sigterm().success());
+
+    // Repair mode: every remaining pod is repaired once.
+    let left: Vec<&RunningPod> = pods
+        .iter()
+        .filter(|p| {
+            s.api
+                .list("pods")
+                .iter()
+                .any(|o| o["metadata"]["uid"] == p.uid.as_str())
+        })
+        .collect();
+    let daemon = s.agent(&["--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    let (_, took) = wait_for("every remaining pod repaired", || {
+        left.iter().all(|p| p.rules() == expected).then_some(())
+    });
+    eprintln!("{} pods repaired in {took:?}", left.len());
+    // They break again at once: the cooldown (5 min) holds them, sweep after sweep.
+    left.iter().for_each(|p| p.flush());
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(
+        left.iter().all(|p| p.rules() != expected),
+        "no repair within the cooldown"
+    );
+    assert!(
+        metric(
+            &daemon,
+            "istio_cni_repair_actions_total{action=\"repair\",result=\"cooldown\"}"
+        )
+        .unwrap_or(0.0)
+            >= left.len() as f64
+    );
+    assert_eq!(
+        metric(
+            &daemon,
+            "istio_cni_repair_actions_total{action=\"repair\",result=\"success\"}"
+        ),
+        Some(left.len() as f64)
+    );
+}
