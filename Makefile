@@ -18,10 +18,12 @@ test: build
 	$(CARGO) test --workspace
 
 ## ADD wall time over 200 pod netns against the iptables floor measured in the same run,
-## then 50 concurrent ADDs. Prints ratios; asserts no timing.
+## then 50 concurrent ADDs; then the repair loop's sweep over 500 running pods and its
+## flush-to-repaired time. Prints ratios; asserts no timing.
 bench:
 	$(CARGO) build --release --workspace --bins
 	./target/release/istio-cni-bench 200
+	./target/release/istio-cni-repair-bench 500
 
 lint:
 	$(CARGO) fmt --all --check

@@ -10,3 +10,4 @@ pub mod fake_api;
 pub mod kubelet;
 pub mod net;
 pub mod sandbox;
+pub mod stats;

@@ -19,6 +19,7 @@ use istio_cni_e2e::chain::istio_cni_bin;
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::net::TestNetns;
 use istio_cni_e2e::sandbox::injected_pod;
+use istio_cni_e2e::stats::{ms, quantile};
 use serde_json::json;
 
 const CONCURRENT: usize = 50;
@@ -209,11 +210,5 @@ fn run_add(
 }
 
 fn stats(v: &mut [Duration]) -> (Duration, Duration) {
-    v.sort();
-    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    (p(0.5), p(0.99))
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    (quantile(v, 0.5), quantile(v, 0.99))
 }
