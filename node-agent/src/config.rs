@@ -9,7 +9,7 @@ use clap::{ArgAction, Args};
 use crate::install::{InstallConfig, PluginSettings};
 
 /// Options shared by `install` and `uninstall`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct AgentArgs {
     /// The node's CNI conf dir, as mounted in the agent.
     #[arg(
@@ -148,7 +148,7 @@ mod tests {
 }
 
 /// Options of the daemon (`run`) only.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, serde::Serialize)]
 pub struct RunArgs {
     /// A kubeconfig for the agent's own API access, instead of the in-cluster settings
     /// (service account and `KUBERNETES_SERVICE_*`).
@@ -233,4 +233,9 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub netns_dirs: Vec<PathBuf>,
+    /// Parse every flag and env var, print the effective settings as JSON on stdout and
+    /// exit: checks a DaemonSet's command line and environment without running anything.
+    #[arg(long)]
+    #[serde(skip)]
+    pub print_config: bool,
 }

@@ -115,6 +115,11 @@ fn main() -> ExitCode {
 }
 
 fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
+    if run.print_config {
+        let all = serde_json::json!({"agent": args, "run": run});
+        println!("{}", serde_json::to_string_pretty(&all).expect("JSON"));
+        return ExitCode::SUCCESS;
+    }
     init_logging(args);
     let cfg = match args.install_config() {
         Ok(c) => c,
