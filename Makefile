@@ -1,7 +1,7 @@
 # Entry points. Everything that touches network namespaces needs root.
 CARGO ?= cargo
 
-.PHONY: all build demo test lint bench e2e clean
+.PHONY: all build demo test chart chart-test lint bench e2e clean
 
 all: build
 
@@ -13,9 +13,26 @@ build:
 demo: build
 	$(CARGO) run --quiet -p istio-cni-e2e --bin istio-cni-demo
 
-## Every test: unit, conformance (../shared/conformance), netns end to end.
-test: build
+## Every test: unit, conformance (../shared/conformance), netns end to end, and the Helm
+## chart (rendered and linted by Helm's own engine, in a venv).
+test: build chart-test
 	$(CARGO) test --workspace
+
+# The chart's Python tools (Helm 4 SDK, Kubernetes schemas, CEL), pinned.
+VENV ?= .venv
+$(VENV)/.installed: charts/tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r charts/tests/requirements.txt
+	touch $@
+
+## The chart's tests: render/lint every profile and mode, OpenAPI validation, security
+## properties, RBAC, values schema, the admission policy's CEL, the agent's command line.
+chart-test: build $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q charts/tests
+
+## Lint the chart (every profile) and package it into target/chart/.
+chart: $(VENV)/.installed
+	$(VENV)/bin/python charts/chart.py target/chart
 
 ## ADD wall time over 200 pod netns against the iptables floor measured in the same run,
 ## then 50 concurrent ADDs; then the repair loop's sweep over 500 running pods and its
