@@ -42,6 +42,11 @@ bench:
 	./target/release/istio-cni-bench 200
 	./target/release/istio-cni-repair-bench 500
 
+## The node lifecycle acceptance test: containerd + the real agent and plugin over one
+## node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
+e2e: build
+	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
+
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

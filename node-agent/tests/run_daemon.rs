@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use istio_cni_e2e::agent::{chained, get, project_token, wait_for, Daemon, Node, PRIMARY};
+use istio_cni_e2e::agent::{
+    chained, get, project_token, register_agent_pod, wait_for, Daemon, Node, PRIMARY,
+};
 
 #[test]
 fn daemon_installs_keeps_chained_and_cleans_up() {
@@ -138,28 +140,6 @@ fn a_conf_dir_that_appears_late_is_picked_up() {
     assert!(chained(&node.conf()));
 }
 
-/// The agent's pod, owned by DaemonSet `istio-cni-node`, and that DaemonSet, in the API.
-fn agent_objects(api: &istio_cni_e2e::fake_api::FakeApi) -> serde_json::Value {
-    let ds = api.put(
-        "daemonsets",
-        serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
-            "metadata": {"name": "istio-cni-node", "namespace": "istio-system"},
-            "spec": {"selector": {"matchLabels": {"k8s-app": "istio-cni-node"}},
-                     "template": {"metadata": {"labels": {"k8s-app": "istio-cni-node"}},
-                                  "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}}}),
-    );
-    api.put(
-        "pods",
-        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "istio-cni-node-x7k2p", "namespace": "istio-system",
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
-                                              "name": "istio-cni-node", "uid": ds["metadata"]["uid"],
-                                              "controller": true}]},
-            "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}),
-    );
-    ds
-}
-
 #[test]
 fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
     let node = Node::new("net.d");
@@ -167,7 +147,7 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
     std::fs::write(node.conf(), PRIMARY).unwrap();
     let mut api = istio_cni_e2e::fake_api::FakeApi::start();
     let kubeconfig = api.write_kubeconfig(node.dir.path());
-    agent_objects(&api);
+    register_agent_pod(&api);
     registered_node(&api);
     let kc = kubeconfig.to_str().unwrap();
     let in_cluster = [

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::chain::{istio_cni_bin, workspace_bin};
+use crate::net::TestNetns;
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
@@ -60,12 +61,32 @@ pub struct Daemon {
     pub ready_port: u16,
     /// Port of `/metrics`.
     pub metrics_port: u16,
+    /// The netns it runs in, when not the caller's.
+    pub netns: Option<PathBuf>,
 }
 
 impl Daemon {
+    /// GET `path` on the agent's `port`, from the agent's netns.
+    pub fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        match &self.netns {
+            None => get(port, path),
+            Some(ns) => istio_cni::netns::Netns::open(ns)
+                .ok()?
+                .run(|_| get(port, path))
+                .ok()?,
+        }
+    }
+
     /// GET /readyz.
     pub fn readyz(&self) -> Option<(u16, String)> {
-        get(self.ready_port, "/readyz")
+        self.get(self.ready_port, "/readyz")
+    }
+
+    /// GET /metrics: the text.
+    pub fn metrics(&self) -> String {
+        self.get(self.metrics_port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
 
     /// Waits for /readyz 200; returns how long it took.
@@ -127,6 +148,12 @@ impl Node {
         }
     }
 
+    /// Agent dirs around an existing CNI conf dir `net` and bin dir `bin` (a runtime's).
+    pub fn with_cni_dirs(net: PathBuf, bin: PathBuf) -> Node {
+        let node = Node::new("unused-net.d");
+        Node { net, bin, ..node }
+    }
+
     /// The primary CNI config's path.
     pub fn conf(&self) -> PathBuf {
         self.net.join("10-ptp.conflist")
@@ -134,10 +161,27 @@ impl Node {
 
     /// Starts `istio-cni-node-agent run` for these dirs, with `extra` flags.
     pub fn daemon(&self, extra: &[&str]) -> Daemon {
+        self.spawn(
+            None,
+            &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
+            extra,
+        )
+    }
+
+    /// Starts `istio-cni-node-agent run` for these dirs inside `netns` (or here), with
+    /// `env` (besides `PATH`) and `extra` flags. Each start logs to a new file.
+    pub fn spawn(
+        &self,
+        netns: Option<&TestNetns>,
+        env: &[(&str, String)],
+        extra: &[&str],
+    ) -> Daemon {
+        static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (ready_port, metrics_port) = (free_port(), free_port());
-        let log = self.dir.path().join("agent.log");
-        let child = Command::new(workspace_bin("istio-cni-node-agent"))
-            .arg("run")
+        let log = self.dir.path().join(format!("agent-{n}.log"));
+        let mut cmd = Command::new(workspace_bin("istio-cni-node-agent"));
+        cmd.arg("run")
             .args(["--bind-address", "127.0.0.1", "--log-level", "debug"])
             .args(["--readiness-port", &ready_port.to_string()])
             .args(["--monitoring-port", &metrics_port.to_string()])
@@ -154,16 +198,20 @@ impl Node {
             .args(extra)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(std::fs::File::create(&log).unwrap());
+        let child = match netns {
+            None => cmd.spawn(),
+            Some(ns) => ns.open().run(|_| cmd.spawn()).expect("enter netns"),
+        }
+        .expect("spawn the agent");
         Daemon {
             child,
             log,
             ready_port,
             metrics_port,
+            netns: netns.map(TestNetns::path),
         }
     }
 }
@@ -207,3 +255,31 @@ pub fn chained(conf: &Path) -> bool {
 
 /// A primary CNI config (ptp + portmap).
 pub const PRIMARY: &str = r#"{"cniVersion":"1.0.0","name":"k8s-pod-network","plugins":[{"type":"ptp","ipam":{"type":"host-local","subnet":"10.1.0.0/24"}},{"type":"portmap","capabilities":{"portMappings":true}}]}"#;
+
+/// The agent's pod (`istio-system/istio-cni-node-x7k2p`), owned by DaemonSet
+/// `istio-cni-node`, and that DaemonSet, in the API: with `--pod-name
+/// istio-cni-node-x7k2p`, SIGTERM is an upgrade while the DaemonSet exists. Returns the
+/// DaemonSet.
+pub fn register_agent_pod(api: &crate::fake_api::FakeApi) -> Value {
+    let ds = api.put(
+        "daemonsets",
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+            "metadata": {"name": "istio-cni-node", "namespace": "istio-system"},
+            "spec": {"selector": {"matchLabels": {"k8s-app": "istio-cni-node"}},
+                     "template": {"metadata": {"labels": {"k8s-app": "istio-cni-node"}},
+                                  "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}}}),
+    );
+    api.put(
+        "pods",
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": AGENT_POD, "namespace": "istio-system",
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "DaemonSet",
+                                              "name": "istio-cni-node", "uid": ds["metadata"]["uid"],
+                                              "controller": true}]},
+            "spec": {"containers": [{"name": "install-cni", "image": "agent"}]}}),
+    );
+    ds
+}
+
+/// Name of the agent's pod registered by [`register_agent_pod`].
+pub const AGENT_POD: &str = "istio-cni-node-x7k2p";

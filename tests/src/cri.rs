@@ -102,6 +102,8 @@ pub struct PodSandbox {
     pub id: String,
     /// Its network namespace path, from the sandbox's runtime spec.
     pub netns: PathBuf,
+    /// Its pod IP, from the sandbox status.
+    pub ip: String,
 }
 
 impl Containerd {
@@ -235,6 +237,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         name: &str,
         uid: &str,
     ) -> Result<PodSandbox, String> {
+        self.run_pod_sandbox_in(namespace, name, uid, None)
+    }
+
+    /// [`Self::run_pod_sandbox`] with the sandbox's processes in `cgroup_parent` (what
+    /// kubelet passes: e.g. `/kubepods/besteffort/pod<uid>` with the cgroupfs driver).
+    ///
+    /// Errors: the CRI status (for example a CNI ADD failure) as text.
+    pub fn run_pod_sandbox_in(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        cgroup_parent: Option<&str>,
+    ) -> Result<PodSandbox, String> {
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: name.into(),
@@ -254,6 +270,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     }),
                     ..Default::default()
                 }),
+                cgroup_parent: cgroup_parent.unwrap_or_default().to_owned(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -276,6 +293,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             }))
             .map_err(|s| s.message().to_owned())?
             .into_inner();
+        let ip = status
+            .status
+            .as_ref()
+            .and_then(|s| s.network.as_ref())
+            .map(|n| n.ip.clone())
+            .unwrap_or_default();
         let info: Value =
             serde_json::from_str(status.info.get("info").map(String::as_str).unwrap_or("{}"))
                 .map_err(|e| format!("sandbox info: {e}"))?;
@@ -289,6 +312,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Ok(PodSandbox {
             id,
             netns: netns.into(),
+            ip,
         })
     }
 
@@ -444,4 +468,33 @@ pub fn write_pause_image(path: &Path) {
 
 fn digest(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// Removes the cgroup subtree `relative` (e.g. `/istio-cni-e2e-x`) from every mounted
+/// cgroup hierarchy, deepest first; runtimes leave the parents they were given. Best
+/// effort.
+pub fn remove_cgroup_tree(relative: &str) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(_), Some(dir), Some(kind)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        if kind == "cgroup" || kind == "cgroup2" {
+            rmdir_tree(&Path::new(dir).join(relative.trim_start_matches('/')));
+        }
+    }
+}
+
+/// Removes a cgroup dir and its sub-cgroups, deepest first (cgroup dirs go with rmdir
+/// only). Best effort.
+pub fn rmdir_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

@@ -173,21 +173,8 @@ impl NodePods {
 
 impl Drop for NodePods {
     fn drop(&mut self) {
-        rmdir_tree(&self.cgroup_root);
+        crate::cri::rmdir_tree(&self.cgroup_root);
     }
-}
-
-/// Removes a cgroup dir and its sub-cgroups, deepest first (cgroup dirs go with rmdir
-/// only). Best effort.
-fn rmdir_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                rmdir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// One running pod on the node.
