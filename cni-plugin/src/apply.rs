@@ -335,7 +335,11 @@ fn run_tool(
     let mut child = cmd.spawn().map_err(spawn_err)?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin is piped");
-        pipe.write_all(input.as_bytes()).map_err(spawn_err)?;
+        // If the tool exits before reading all of it, its status and stderr below say why.
+        match pipe.write_all(input.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
+            _ => {}
+        }
     }
     let out = child.wait_with_output().map_err(spawn_err)?;
     if !out.status.success() {

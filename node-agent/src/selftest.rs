@@ -140,7 +140,12 @@ fn exec(
         .spawn()
         .map_err(spawn_err)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin.write_all(conf.as_bytes()).map_err(spawn_err)?;
+        // A plugin that fails before reading its config closes stdin early: its exit code
+        // and error output below say why, so a broken pipe here is not the error.
+        match stdin.write_all(conf.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
+            _ => {}
+        }
     }
     let out = child.wait_with_output().map_err(spawn_err)?;
     if out.status.success() {

@@ -211,6 +211,11 @@ impl Chain {
             .take()
             .unwrap()
             .write_all(conf.to_string().as_bytes())
+            // A plugin may fail before reading stdin; its exit and output tell why.
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::BrokenPipe => Ok(()),
+                _ => Err(e),
+            })
             .unwrap();
         let out = child.wait_with_output().unwrap();
         let stdout: Option<Value> = serde_json::from_slice(&out.stdout).ok();
