@@ -93,6 +93,8 @@ pub struct Containerd {
     child: Option<Child>,
     rt: tokio::runtime::Runtime,
     client: RuntimeServiceClient<Channel>,
+    /// Sandboxes' cgroups go below this (removed on drop), as kubelet's `kubepods` tree.
+    cgroup_root: String,
 }
 
 /// A sandbox created through CRI.
@@ -195,6 +197,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             child: Some(child),
             rt,
             client,
+            cgroup_root: format!("/istio-cni-test-{}", crate::net::unique_name("ctd")),
         };
         c.import_pause_image();
         c
@@ -228,7 +231,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         );
     }
 
-    /// `RunPodSandbox` for a pod `namespace/name` with `uid`, in its own network namespace.
+    /// `RunPodSandbox` for a pod `namespace/name` with `uid`, in its own network namespace,
+    /// its processes in the cgroup parent kubelet's cgroupfs driver would give it
+    /// (`…/kubepods/besteffort/pod<uid>`, below this instance's own cgroup root).
     ///
     /// Errors: the CRI status (for example a CNI ADD failure) as text.
     pub fn run_pod_sandbox(
@@ -237,20 +242,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         name: &str,
         uid: &str,
     ) -> Result<PodSandbox, String> {
-        self.run_pod_sandbox_in(namespace, name, uid, None)
-    }
-
-    /// [`Self::run_pod_sandbox`] with the sandbox's processes in `cgroup_parent` (what
-    /// kubelet passes: e.g. `/kubepods/besteffort/pod<uid>` with the cgroupfs driver).
-    ///
-    /// Errors: the CRI status (for example a CNI ADD failure) as text.
-    pub fn run_pod_sandbox_in(
-        &mut self,
-        namespace: &str,
-        name: &str,
-        uid: &str,
-        cgroup_parent: Option<&str>,
-    ) -> Result<PodSandbox, String> {
+        let cgroup_parent = format!("{}/kubepods/besteffort/pod{uid}", self.cgroup_root);
         let config = PodSandboxConfig {
             metadata: Some(PodSandboxMetadata {
                 name: name.into(),
@@ -270,7 +262,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                     }),
                     ..Default::default()
                 }),
-                cgroup_parent: cgroup_parent.unwrap_or_default().to_owned(),
+                cgroup_parent,
                 ..Default::default()
             }),
             ..Default::default()
@@ -373,6 +365,7 @@ impl Drop for Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
+        remove_cgroup_tree(&self.cgroup_root);
     }
 }
 

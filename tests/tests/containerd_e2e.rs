@@ -87,10 +87,10 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
     let mut containerd = dirs.start(&host);
 
     let web = containerd
-        .run_pod_sandbox("default", "web", "uid-web")
+        .run_pod_sandbox("default", "web", &istio_cni_e2e::kubelet::unique_uid())
         .unwrap_or_else(|e| panic!("RunPodSandbox(web): {e}\n{}", containerd.log()));
     let plain = containerd
-        .run_pod_sandbox("default", "plain", "uid-plain")
+        .run_pod_sandbox("default", "plain", &istio_cni_e2e::kubelet::unique_uid())
         .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", containerd.log()));
 
     // The meshed sandbox holds exactly the rules ADD plans for it, and they redirect.

@@ -20,7 +20,7 @@ use istio_cni::rules::{Family, Ruleset};
 use istio_cni::validate;
 use istio_cni_e2e::agent::{register_agent_pod, wait_for, Daemon, Node, AGENT_POD};
 use istio_cni_e2e::chain::REFERENCE_PLUGIN_DIR;
-use istio_cni_e2e::cri::{remove_cgroup_tree, Containerd, ContainerdDirs, PodSandbox};
+use istio_cni_e2e::cri::{Containerd, ContainerdDirs, PodSandbox};
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::unique_uid;
 use istio_cni_e2e::net::{unique_name, TestNetns};
@@ -40,7 +40,6 @@ struct World {
     node: Node,
     primary: String,
     conf: PathBuf,
-    cgroup_root: String,
     xt: Xtables,
     empty_netns_dir: tempfile::TempDir,
 }
@@ -62,10 +61,7 @@ impl World {
         let ns = object["metadata"]["namespace"].as_str().unwrap().to_owned();
         let name = object["metadata"]["name"].as_str().unwrap().to_owned();
         self.api.put("pods", object.clone());
-        let parent = format!("{}/kubepods/besteffort/pod{uid}", self.cgroup_root);
-        let sandbox = self
-            .containerd
-            .run_pod_sandbox_in(&ns, &name, &uid, Some(&parent))?;
+        let sandbox = self.containerd.run_pod_sandbox(&ns, &name, &uid)?;
         object["status"] = json!({"phase": "Running", "podIP": sandbox.ip,
             "podIPs": [{"ip": sandbox.ip}],
             "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
@@ -256,7 +252,6 @@ fn node_lifecycle() {
         node,
         primary,
         conf,
-        cgroup_root: format!("/istio-cni-e2e-{}", unique_name("lc")),
         xt,
         empty_netns_dir: tempfile::tempdir().unwrap(),
     };
@@ -377,10 +372,8 @@ fn node_lifecycle() {
             p.sandbox.netns.display()
         );
     }
-    let cgroup_root = w.cgroup_root.clone();
     drop(agent2);
     drop(w);
-    remove_cgroup_tree(&cgroup_root);
     println!(
         "step 9: cleaned up: no sandbox, netns, containerd state or cgroup left ({} in all)",
         secs(started.elapsed())
