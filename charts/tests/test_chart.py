@@ -44,6 +44,7 @@ CASES: dict[str, dict] = {
     "taint-off": {"taint": {"enabled": False}},
     "taint-noexecute": {"taint": {"effect": "NoExecute", "key": "example.com/cni-not-ready"}},
     "all-off": {"repair": {"enabled": False}, "taint": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": False}},
+    "env-override": {"env": {"KUBECONFIG_MODE": "640", "RESYNC_SECONDS": 30}},
 }
 
 
@@ -313,7 +314,7 @@ def agent_bin() -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "profile-openshift"])
+@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "profile-openshift", "env-override"])
 def test_agent_parses_the_daemonset_command(case: str) -> None:
     objs = render(CASES[case])
     c = container(objs)
@@ -345,6 +346,9 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     # An empty name means "pick the first valid config", as unset does.
     assert (agent["cni_conf_name"] or None) == (values["cniConfFileName"] or None)
     assert agent["validation_timeout_ms"] == values["validation"]["timeoutMs"]
+    # `env` reaches every other option, and wins over the ConfigMap.
+    assert agent["kubeconfig_mode"] == int(str(values["env"].get("KUBECONFIG_MODE", "600")), 8)
+    assert run["resync_seconds"] == int(values["env"].get("RESYNC_SECONDS", 60))
 
 
 # --- istiod values ----------------------------------------------------------------------
