@@ -140,14 +140,12 @@ pub fn program(
             let Some(timeout) = probe else {
                 return Ok(());
             };
+            let Some(port) = ruleset.probe_port else {
+                log::debug!("the pod excludes lo from capture: no loopback probe");
+                return Ok(());
+            };
             for f in &ruleset.families {
-                validate::probe(
-                    inside,
-                    f.family,
-                    ruleset.proxy_uid,
-                    ruleset.probe_port,
-                    timeout,
-                )?;
+                validate::probe(inside, f.family, ruleset.proxy_uid, port, timeout)?;
             }
             log::debug!("probed after {:?}", t.elapsed());
             Ok(())

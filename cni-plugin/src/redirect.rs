@@ -437,9 +437,14 @@ mod tests {
     #[test]
     fn probe_port_avoids_excluded_ports() {
         use crate::rules::iptables::probe_port;
-        assert_eq!(probe_port(&Redirect::from_pod(&pod(&[])).unwrap()), 15002);
+        assert_eq!(
+            probe_port(&Redirect::from_pod(&pod(&[])).unwrap()),
+            Some(15002)
+        );
         let r = Redirect::from_pod(&pod(&[(ANNOT_EXCLUDE_OUTBOUND_PORTS, "15002,15003")])).unwrap();
-        assert_eq!(probe_port(&r), 15004);
+        assert_eq!(probe_port(&r), Some(15004));
+        let r = Redirect::from_pod(&pod(&[(ANNOT_EXCLUDE_INTERFACES, "eth1,lo")])).unwrap();
+        assert_eq!(probe_port(&r), None, "nothing on lo is captured: no probe");
     }
 
     #[test]

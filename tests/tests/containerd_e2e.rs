@@ -108,7 +108,7 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
                 inside,
                 istio_cni::rules::Family::V4,
                 ruleset.proxy_uid,
-                ruleset.probe_port,
+                ruleset.probe_port.expect("a probe port"),
                 std::time::Duration::from_secs(2),
             )
         })

@@ -142,7 +142,7 @@ impl World {
                     inside,
                     Family::V4,
                     ruleset.proxy_uid,
-                    ruleset.probe_port,
+                    ruleset.probe_port.expect("a probe port"),
                     Duration::from_secs(2),
                 )?;
             }

@@ -322,3 +322,22 @@ fn a_pod_excluding_the_probe_port_still_validates() {
         "{rules:#?}"
     );
 }
+
+#[test]
+fn a_pod_excluding_loopback_is_validated_by_read_back_alone() {
+    // With `lo` excluded nothing on loopback is captured, so the loopback probe cannot
+    // pass and must not run; the rules are still read back.
+    let p = injected_pod(
+        "default",
+        "nolo",
+        json!({"traffic.sidecar.istio.io/excludeInterfaces": "lo"}),
+        json!({}),
+    );
+    let f = Sandbox::new(p);
+    let result = f.add().unwrap_or_else(|e| panic!("ADD failed: {e:?}"));
+    let nat = f.pod.exec(&["iptables-save", "-t", "nat"]);
+    assert!(nat.contains("-A OUTPUT -o lo -j RETURN"), "{nat}");
+    f.ours()
+        .check(&f.attachment, &result)
+        .expect("CHECK reads the rules back");
+}

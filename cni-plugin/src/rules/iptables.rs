@@ -91,14 +91,19 @@ pub fn build(redirect: &Redirect, ipv6: bool) -> Ruleset {
 /// or the next one up when the pod excludes it from outbound capture (then a connection
 /// to it would rightly not be redirected). Never the tunnel port, which the owner rule
 /// exempts, nor the DNS port with DNS capture.
-pub fn probe_port(r: &Redirect) -> u16 {
-    (DEFAULT_PROBE_PORT..=u16::MAX)
-        .find(|p| {
-            !r.exclude_outbound_ports.contains(p)
-                && *p != INBOUND_TUNNEL_PORT
-                && !(r.dns_capture && *p == 53)
-        })
-        .unwrap_or(DEFAULT_PROBE_PORT)
+///
+/// `None` when no loopback probe can pass on correct rules: the pod excludes `lo`
+/// (`traffic.sidecar.istio.io/excludeInterfaces`), so nothing on loopback is captured.
+/// Validation is then read-back alone.
+pub fn probe_port(r: &Redirect) -> Option<u16> {
+    if r.exclude_interfaces.iter().any(|i| i.as_str() == "lo") {
+        return None;
+    }
+    (DEFAULT_PROBE_PORT..=u16::MAX).find(|p| {
+        !r.exclude_outbound_ports.contains(p)
+            && *p != INBOUND_TUNNEL_PORT
+            && !(r.dns_capture && *p == 53)
+    })
 }
 
 /// Whether `pod_ips` contains an IPv6 address.

@@ -187,8 +187,9 @@ pub struct Ruleset {
     pub tproxy_routing: bool,
     /// The proxy's UID, exempt from capture; the validation probe connects as it.
     pub proxy_uid: u32,
-    /// The destination port of the validation probe: one these rules redirect.
-    pub probe_port: u16,
+    /// The destination port of the validation probe: one these rules redirect. `None`
+    /// when the rules leave loopback alone, so only read-back can validate them.
+    pub probe_port: Option<u16>,
 }
 
 impl Ruleset {
