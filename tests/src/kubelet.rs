@@ -4,7 +4,7 @@
 //! file (a runtime without an infra container). Rules come from the real `istio-cni`
 //! binary's ADD. Everything is removed on drop.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -113,6 +113,7 @@ impl NodePods {
         let mut pod = RunningPod {
             uid: uid.clone(),
             ip,
+            ipv6: None,
             netns,
             holder: None,
             cgroup_dirs: Vec::new(),
@@ -183,6 +184,8 @@ pub struct RunningPod {
     pub uid: String,
     /// Its IPv4 address, on `eth0`.
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, on `eth0`, for a dual-stack pod ([`RunningPod::with_ipv6`]).
+    pub ipv6: Option<Ipv6Addr>,
     /// Its netns.
     pub netns: TestNetns,
     holder: Option<Child>,
@@ -191,6 +194,28 @@ pub struct RunningPod {
 }
 
 impl RunningPod {
+    /// Makes the pod dual-stack: `ip`/64 on `eth0` too (DAD is off in test netns).
+    pub fn with_ipv6(mut self, ip: Ipv6Addr) -> RunningPod {
+        self.netns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/64"),
+            "dev",
+            "eth0",
+        ]);
+        self.ipv6 = Some(ip);
+        self
+    }
+
+    /// The pod's addresses, IPv4 first.
+    fn addresses(&self) -> Vec<String> {
+        std::iter::once(self.ip.to_string())
+            .chain(self.ipv6.map(|ip| ip.to_string()))
+            .collect()
+    }
+
     /// The pod object for the API: `base` (e.g. from
     /// [`injected_pod`](crate::sandbox::injected_pod)) with this pod's UID, `node`, phase
     /// Running, its IP, and containers that have never restarted.
@@ -206,7 +231,7 @@ impl RunningPod {
         base["status"] = json!({
             "phase": "Running",
             "podIP": self.ip.to_string(),
-            "podIPs": [{"ip": self.ip.to_string()}],
+            "podIPs": self.addresses().iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
             "containerStatuses": statuses,
         });
         base
@@ -231,7 +256,10 @@ impl RunningPod {
         let prev = json!({
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": self.netns.path()}],
-            "ips": [{"address": format!("{}/24", self.ip), "interface": 0}],
+            "ips": std::iter::once(format!("{}/24", self.ip))
+                .chain(self.ipv6.map(|ip| format!("{ip}/64")))
+                .map(|address| json!({"address": address, "interface": 0}))
+                .collect::<Vec<_>>(),
         });
         chain.add_with_prev(&a, &prev).map_err(Box::new)
     }
@@ -241,11 +269,25 @@ impl RunningPod {
         self.netns.istio_rules(false)
     }
 
+    /// Lines of `ip6tables-save` in the pod that mention an ISTIO chain.
+    pub fn rules_v6(&self) -> Vec<String> {
+        self.netns.istio_rules(true)
+    }
+
     /// Flushes the nat and mangle tables in the pod (rules gone, chains kept), as a
-    /// careless admin or a runtime bug would.
+    /// careless admin or a runtime bug would; both families for a dual-stack pod.
     pub fn flush(&self) {
         self.netns.exec(&["iptables", "-t", "nat", "-F"]);
         self.netns.exec(&["iptables", "-t", "mangle", "-F"]);
+        if self.ipv6.is_some() {
+            self.netns.exec(&["ip6tables", "-t", "nat", "-F"]);
+            self.netns.exec(&["ip6tables", "-t", "mangle", "-F"]);
+        }
+    }
+
+    /// Flushes the IPv6 nat table only.
+    pub fn flush_v6(&self) {
+        self.netns.exec(&["ip6tables", "-t", "nat", "-F"]);
     }
 }
 
