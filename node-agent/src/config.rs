@@ -92,6 +92,15 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 impl AgentArgs {
+    /// `--exclude-namespaces`, trimmed, without empty entries.
+    pub fn excluded_namespaces(&self) -> Vec<String> {
+        self.exclude_namespaces
+            .iter()
+            .map(|n| n.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .collect()
+    }
+
     /// The install configuration, with the API server from the pod environment.
     ///
     /// Errors: a message when the API server address or the plugin binary cannot be
@@ -119,12 +128,7 @@ impl AgentArgs {
             skip_tls_verify: self.skip_tls_verify,
             plugin: PluginSettings {
                 log_level: self.plugin_log_level.clone(),
-                exclude_namespaces: self
-                    .exclude_namespaces
-                    .iter()
-                    .map(|n| n.trim().to_owned())
-                    .filter(|n| !n.is_empty())
-                    .collect(),
+                exclude_namespaces: self.excluded_namespaces(),
                 pod_namespace: self.pod_namespace.clone(),
                 probe: self.validation_probe,
                 probe_timeout_ms: self.validation_timeout_ms,

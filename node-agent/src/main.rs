@@ -288,12 +288,7 @@ fn repair_config(node: &str, args: &AgentArgs, run: &RunArgs) -> RepairConfig {
         netns_dirs: run.netns_dirs.clone(),
         exclusions: Exclusions {
             agent_namespace: args.pod_namespace.clone(),
-            exclude_namespaces: args
-                .exclude_namespaces
-                .iter()
-                .map(|n| n.trim().to_owned())
-                .filter(|n| !n.is_empty())
-                .collect(),
+            exclude_namespaces: args.excluded_namespaces(),
         },
     }
 }

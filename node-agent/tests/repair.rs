@@ -77,12 +77,7 @@ impl Setup {
 
     /// Reasons of the Events recorded on pod `name`.
     fn events_for(&self, name: &str) -> Vec<String> {
-        self.api
-            .list("events")
-            .into_iter()
-            .filter(|e| e["involvedObject"]["name"] == name)
-            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
-            .collect()
+        self.api.event_reasons(name)
     }
 }
 

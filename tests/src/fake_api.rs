@@ -165,6 +165,17 @@ impl FakeApi {
         FakeApi::serve(listener)
     }
 
+    /// Starts a server on `127.0.0.1` at a free port inside `netns`: it answers only
+    /// there, as a cluster's API answers the processes of one test node.
+    pub fn start_in(netns: &crate::net::TestNetns) -> FakeApi {
+        let listener = netns
+            .open()
+            .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("enter the netns")
+            .expect("bind loopback in the netns");
+        FakeApi::serve(listener)
+    }
+
     /// Starts a server on an already bound listener, e.g. one bound inside a test netns
     /// (the socket keeps its namespace, so the server answers only there).
     pub fn serve(std_listener: std::net::TcpListener) -> FakeApi {
@@ -264,6 +275,17 @@ impl FakeApi {
             .iter()
             .filter(|((r, _, _), _)| r == resource)
             .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Reasons of the Events recorded about the object named `name`, in creation order.
+    pub fn event_reasons(&self, name: &str) -> Vec<String> {
+        let mut events = self.list("events");
+        events.retain(|e| e["involvedObject"]["name"] == name);
+        events.sort_by_key(rv_of);
+        events
+            .iter()
+            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
             .collect()
     }
 

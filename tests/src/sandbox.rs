@@ -70,12 +70,7 @@ impl Sandbox {
     pub fn with(pod: Value, opts: Options) -> Sandbox {
         let dir = tempfile::tempdir().expect("temp dir");
         let host = TestNetns::new("h");
-        let listener = host
-            .open()
-            .run(|_| TcpListener::bind("127.0.0.1:0"))
-            .expect("enter host netns")
-            .expect("bind API listener");
-        let api = FakeApi::serve(listener);
+        let api = FakeApi::start_in(&host);
         let kubeconfig = api.write_kubeconfig(dir.path());
         let namespace = pod["metadata"]["namespace"]
             .as_str()

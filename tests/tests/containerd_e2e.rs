@@ -22,12 +22,7 @@ use serde_json::json;
 #[test]
 fn containerd_sandboxes_get_validated_rules_through_the_chain() {
     let host = TestNetns::new("k");
-    let listener = host
-        .open()
-        .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApi::serve(listener);
+    let api = FakeApi::start_in(&host);
     let dir = tempfile::tempdir().unwrap();
     let meshed = injected_pod("default", "web", json!({}), json!({}));
     api.put("pods", meshed.clone());

@@ -114,12 +114,7 @@ impl World {
     }
 
     fn events(&self, name: &str) -> Vec<String> {
-        self.api
-            .list("events")
-            .into_iter()
-            .filter(|e| e["involvedObject"]["name"] == name)
-            .map(|e| e["reason"].as_str().unwrap_or_default().to_owned())
-            .collect()
+        self.api.event_reasons(name)
     }
 
     /// The ruleset the plugin plans for `pod`, if it is meshed.
@@ -212,12 +207,7 @@ fn node_lifecycle() {
     let started = Instant::now();
     // 1. The node registers tainted; containerd runs with the primary CNI config only.
     let host = TestNetns::new("lc");
-    let listener = host
-        .open()
-        .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .unwrap()
-        .unwrap();
-    let api = FakeApi::serve(listener);
+    let api = FakeApi::start_in(&host);
     api.put(
         "nodes",
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},

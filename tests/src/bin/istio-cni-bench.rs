@@ -31,12 +31,7 @@ fn main() {
         .unwrap_or(200);
     let bin = istio_cni_bin();
     let host = TestNetns::new("bh");
-    let listener = host
-        .open()
-        .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("enter host netns")
-        .expect("bind");
-    let api = FakeApi::serve(listener);
+    let api = FakeApi::start_in(&host);
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = api.write_kubeconfig(dir.path());
     for i in 0..pods.max(CONCURRENT) {
