@@ -99,7 +99,8 @@ fn metric(daemon: &Daemon, line_start: &str) -> Option<f64> {
 }
 
 /// The agent starts on a node where some pods lost their rules: it finds exactly those
-/// from its initial list (the resync is an hour away, so only `InitApply` can trigger),
+/// without a timed sweep (the resync is an hour away; the initial list's `InitApply`
+/// events and the check when the agent turns ready find them),
 /// through each kubelet layout and the bind-mount fallback, and repairs them in place. A
 /// `restartPolicy: Never` pod is repaired without a restart. Pods that must not be touched
 /// are left alone.

@@ -15,6 +15,15 @@ async fn client(api: &FakeApi, dir: &std::path::Path) -> kube::Client {
     kube::Client::try_from(config).unwrap()
 }
 
+/// Runs `f` to completion on a fresh single-threaded runtime.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 #[test]
 fn nodes_patches_and_conflicts() {
     let api = FakeApi::start();
@@ -24,11 +33,7 @@ fn nodes_patches_and_conflicts() {
         json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
         "spec": {"taints": [{"key": "other", "effect": "NoSchedule"}]}}),
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let nodes: kube::Api<Node> = kube::Api::all(client(&api, dir.path()).await);
         assert!(nodes.get_opt("missing").await.unwrap().is_none());
         let n = nodes.get("n1").await.unwrap();
@@ -41,21 +46,45 @@ fn nodes_patches_and_conflicts() {
             {"op": "replace", "path": "/spec/taints", "value": [{"key": "other", "effect": "NoSchedule"}, {"key": "mine", "effect": "NoSchedule"}]},
         ]))
         .unwrap();
-        let n = nodes.patch("n1", &PatchParams::default(), &Patch::<()>::Json(patch.clone())).await.unwrap();
+        let n = nodes
+            .patch(
+                "n1",
+                &PatchParams::default(),
+                &Patch::<()>::Json(patch.clone()),
+            )
+            .await
+            .unwrap();
         assert_eq!(n.spec.unwrap().taints.unwrap().len(), 2);
         assert_ne!(n.metadata.resource_version.unwrap(), rv);
 
         // Another writer changes the taints first: the same test fails with 409.
         api.before_next_patch("nodes", "n1", |n| n["spec"]["taints"] = json!([]));
-        let err = nodes.patch("n1", &PatchParams::default(), &Patch::<()>::Json(patch)).await.unwrap_err();
-        assert!(matches!(err, kube::Error::Api(ref s) if s.code == 409), "{err}");
-        assert_eq!(api.get("nodes", "", "n1").unwrap()["spec"]["taints"], json!([]), "their change stays");
+        let err = nodes
+            .patch("n1", &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 409),
+            "{err}"
+        );
+        assert_eq!(
+            api.get("nodes", "", "n1").unwrap()["spec"]["taints"],
+            json!([]),
+            "their change stays"
+        );
 
         // Merge patch on the status subresource.
         let before = api.writes();
-        let status = json!({"status": {"conditions": [{"type": "IstioCNIReady", "status": "True"}]}});
-        nodes.patch_status("n1", &PatchParams::default(), &Patch::Merge(&status)).await.unwrap();
-        assert_eq!(api.get("nodes", "", "n1").unwrap()["status"]["conditions"][0]["type"], "IstioCNIReady");
+        let status =
+            json!({"status": {"conditions": [{"type": "IstioCNIReady", "status": "True"}]}});
+        nodes
+            .patch_status("n1", &PatchParams::default(), &Patch::Merge(&status))
+            .await
+            .unwrap();
+        assert_eq!(
+            api.get("nodes", "", "n1").unwrap()["status"]["conditions"][0]["type"],
+            "IstioCNIReady"
+        );
         assert_eq!(api.writes(), before + 1);
     });
 }
@@ -75,6 +104,35 @@ fn names(pods: &[Pod]) -> Vec<String> {
     n
 }
 
+type PodEvents = futures::stream::BoxStream<
+    'static,
+    Result<kube::runtime::watcher::Event<Pod>, kube::runtime::watcher::Error>,
+>;
+
+/// The watcher's next event, within 5 s.
+async fn next_event(
+    events: &mut PodEvents,
+) -> Result<kube::runtime::watcher::Event<Pod>, kube::runtime::watcher::Error> {
+    use futures::StreamExt;
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
+        .await
+        .expect("an event within 5s")
+        .expect("stream open")
+}
+
+/// A (re)list: Init, one InitApply for the pod `name`, InitDone.
+async fn expect_list(events: &mut PodEvents, name: &str) {
+    use kube::runtime::watcher::Event;
+    let ev = next_event(events).await.expect("no watch error");
+    assert!(matches!(ev, Event::Init), "Init expected");
+    let Event::InitApply(p) = next_event(events).await.expect("no watch error") else {
+        panic!("InitApply expected")
+    };
+    assert_eq!(names(&[p]), [name]);
+    let ev = next_event(events).await.expect("no watch error");
+    assert!(matches!(ev, Event::InitDone), "InitDone expected");
+}
+
 /// What kube-runtime's watcher (list, then watch from the list's version) sees through a
 /// field selector: the initial list as InitApply, later matching pods as Apply, a pod that
 /// stops matching and a deleted pod as Delete, other nodes' pods never; after compaction,
@@ -87,11 +145,7 @@ fn watcher_with_field_selector_and_relist() {
     let dir = tempfile::tempdir().unwrap();
     api.put("pods", pod("a", "n1"));
     api.put("pods", pod("other", "n2"));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let pods: kube::Api<Pod> = kube::Api::all(client(&api, dir.path()).await);
         // Watches end after 1 s and resume from the last version seen; no bookmarks, so
         // that version stays the last matching change's.
@@ -100,40 +154,23 @@ fn watcher_with_field_selector_and_relist() {
             .fields("spec.nodeName=n1")
             .timeout(1);
         let mut events = watcher::watcher(pods.clone(), config).boxed();
-        let mut next_result = async || {
-            tokio::time::timeout(std::time::Duration::from_secs(5), events.next())
-                .await
-                .expect("an event within 5s")
-                .expect("stream open")
-        };
-        assert!(matches!(
-            next_result().await.expect("no watch error"),
-            Event::Init
-        ));
-        let Event::InitApply(p) = next_result().await.expect("no watch error") else {
-            panic!("InitApply expected")
-        };
-        assert_eq!(names(&[p]), ["a"]);
-        assert!(matches!(
-            next_result().await.expect("no watch error"),
-            Event::InitDone
-        ));
+        expect_list(&mut events, "a").await;
 
         api.put("pods", pod("other2", "n2"));
         api.put("pods", pod("b", "n1"));
-        let Event::Apply(p) = next_result().await.expect("no watch error") else {
+        let Event::Apply(p) = next_event(&mut events).await.expect("no watch error") else {
             panic!("Apply expected")
         };
         assert_eq!(names(&[p]), ["b"]);
 
         // `a` moves to another node: DELETED for this watcher; `b` is deleted.
         api.put("pods", pod("a", "n2"));
-        let Event::Delete(p) = next_result().await.expect("no watch error") else {
+        let Event::Delete(p) = next_event(&mut events).await.expect("no watch error") else {
             panic!("Delete expected")
         };
         assert_eq!(names(&[p]), ["a"]);
         assert!(api.remove("pods", "default", "b"));
-        let Event::Delete(p) = next_result().await.expect("no watch error") else {
+        let Event::Delete(p) = next_event(&mut events).await.expect("no watch error") else {
             panic!("Delete expected")
         };
         assert_eq!(names(&[p]), ["b"]);
@@ -141,25 +178,14 @@ fn watcher_with_field_selector_and_relist() {
         // Compaction while the watch is open changes nothing for it; once it times out,
         // the next watch from its version gets 410 and the watcher lists again.
         api.put("pods", pod("c", "n1"));
-        let Event::Apply(_) = next_result().await.expect("no watch error") else {
+        let Event::Apply(_) = next_event(&mut events).await.expect("no watch error") else {
             panic!("Apply expected")
         };
         api.put("pods", pod("other3", "n2"));
         api.compact();
-        let err = next_result().await.unwrap_err();
+        let err = next_event(&mut events).await.unwrap_err();
         assert!(err.to_string().contains("Expired"), "{err}");
-        assert!(matches!(
-            next_result().await.expect("no watch error"),
-            Event::Init
-        ));
-        let Event::InitApply(p) = next_result().await.expect("no watch error") else {
-            panic!("InitApply expected")
-        };
-        assert_eq!(names(&[p]), ["c"]);
-        assert!(matches!(
-            next_result().await.expect("no watch error"),
-            Event::InitDone
-        ));
+        expect_list(&mut events, "c").await;
         assert!(api.watches() >= 2);
     });
 }
@@ -178,11 +204,7 @@ fn bookmarks_and_expired_versions() {
         .as_str()
         .unwrap()
         .to_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let pods: kube::Api<Pod> = kube::Api::all(client(&api, dir.path()).await);
         let params = WatchParams::default().fields("spec.nodeName=n1");
         let mut stream = pods.watch(&params, &rv).await.unwrap().boxed();
@@ -215,11 +237,7 @@ fn delete_preconditions() {
         .as_str()
         .unwrap()
         .to_owned();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         let pods: kube::Api<Pod> = kube::Api::namespaced(client(&api, dir.path()).await, "default");
         let with = |uid: &str, rv: &str| DeleteParams {
             preconditions: Some(Preconditions {
