@@ -1,21 +1,35 @@
-# Entry points. Everything that touches network namespaces needs root.
+# Entry points. Each public target first runs scripts/deps.sh, which installs the Debian
+# packages it needs (as root) or says which are missing, before anything is compiled.
+# Everything that touches network namespaces needs root.
 CARGO ?= cargo
+DEPS = bash scripts/deps.sh
 
-.PHONY: all build demo test chart chart-test lint bench e2e clean
+.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e clean
 
 all: build
 
+## Install what every target needs (the set-up that the other targets do on their own).
+deps:
+	@$(DEPS) test
+
 build:
+	@$(DEPS) build
 	$(CARGO) build --workspace --bins
 
 ## The main job on a built-in example: a demo pod netns with the chain, its rules, and a
-## redirected connection.
-demo: build
-	$(CARGO) run --quiet -p istio-cni-e2e --bin istio-cni-demo
+## redirected connection. Builds only the plugin and the demo, without the containerd
+## client (no protoc needed).
+demo:
+	@$(DEPS) demo
+	$(CARGO) build --quiet -p istio-cni -p istio-cni-e2e --no-default-features --bins
+	$(CARGO) run --quiet -p istio-cni-e2e --no-default-features --bin istio-cni-demo
 
-## Every test: unit, conformance (../shared/conformance), netns end to end, and the Helm
-## chart (rendered and linted by Helm's own engine, in a venv).
-test: build chart-test
+## Every test: unit, conformance (cni-plugin/tests/conformance), netns end to end, and the
+## Helm chart (rendered and linted by Helm's own engine, in a venv).
+test:
+	@$(DEPS) test
+	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory _chart-test
 	$(CARGO) test --workspace
 
 # The chart's Python tools (Helm 4 SDK, Kubernetes schemas, CEL), pinned.
@@ -27,29 +41,41 @@ $(VENV)/.installed: charts/tests/requirements.txt
 
 ## The chart's tests: render/lint every profile and mode, OpenAPI validation, security
 ## properties, RBAC, values schema, the admission policy's CEL, the agent's command line.
-chart-test: build $(VENV)/.installed
+chart-test:
+	@$(DEPS) test
+	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory _chart-test
+
+_chart-test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q charts/tests
 
 ## Lint the chart (every profile) and package it into target/chart/.
-chart: $(VENV)/.installed
+chart:
+	@$(DEPS) test
+	@$(MAKE) --no-print-directory $(VENV)/.installed
 	$(VENV)/bin/python charts/chart.py target/chart
 
 ## ADD wall time over 200 pod netns against the iptables floor measured in the same run,
 ## then 50 concurrent ADDs; then the repair loop's sweep over 500 running pods and its
 ## flush-to-repaired time. Prints ratios; asserts no timing.
 bench:
-	$(CARGO) build --release --workspace --bins
+	@$(DEPS) bench
+	$(CARGO) build --release --workspace --no-default-features --bins
 	./target/release/istio-cni-bench 200
 	./target/release/istio-cni-repair-bench 500
 
 ## The node lifecycle acceptance test: containerd + the real agent and plugin over one
 ## node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
-e2e: build
+e2e:
+	@$(DEPS) e2e
+	$(CARGO) build --workspace --bins
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
 
 lint:
+	@$(DEPS) lint
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p istio-cni-e2e --no-default-features --all-targets -- -D warnings
 
 clean:
 	$(CARGO) clean

@@ -1,7 +1,8 @@
 //! The rules must equal upstream Istio's for the same input: every case in
-//! `../shared/conformance/istio-plugin/` (pod + netconf → expected rules), compared as that
-//! directory's README says: per table, the same sequence of lines; tables in any order;
-//! blank lines and `iptables-save` marker lines dropped.
+//! `tests/conformance/istio-plugin/` (pod + netconf → expected rules; upstream's goldens,
+//! byte-identical, see its `SOURCE.md`), compared as that file says: per table, the same
+//! sequence of lines; tables in any order; blank lines and `iptables-save` marker lines
+//! dropped.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,11 +12,7 @@ use istio_cni::plan::{plan_for_pod, Plan};
 use istio_cni::rules::Family;
 
 fn conformance_dir() -> PathBuf {
-    std::env::var_os("ISTIO_CNI_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance/istio-plugin")
-        })
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/istio-plugin")
 }
 
 /// Splits restore text into table → lines, as the conformance README prescribes.

@@ -474,20 +474,7 @@ pub fn remove_cgroup_tree(relative: &str) {
             continue;
         };
         if kind == "cgroup" || kind == "cgroup2" {
-            rmdir_tree(&Path::new(dir).join(relative.trim_start_matches('/')));
+            crate::kubelet::rmdir_tree(&Path::new(dir).join(relative.trim_start_matches('/')));
         }
     }
-}
-
-/// Removes a cgroup dir and its sub-cgroups, deepest first (cgroup dirs go with rmdir
-/// only). Best effort.
-pub fn rmdir_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                rmdir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }

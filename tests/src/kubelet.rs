@@ -174,7 +174,7 @@ impl NodePods {
 
 impl Drop for NodePods {
     fn drop(&mut self) {
-        crate::cri::rmdir_tree(&self.cgroup_root);
+        rmdir_tree(&self.cgroup_root);
     }
 }
 
@@ -320,4 +320,17 @@ pub fn istio_chain(kubeconfig: &Path) -> Chain {
         runtime_netns: None,
         env: Vec::new(),
     }
+}
+
+/// Removes a cgroup dir and its sub-cgroups, deepest first (cgroup dirs go with rmdir
+/// only). Best effort.
+pub fn rmdir_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                rmdir_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod chain;
+#[cfg(feature = "cri")]
 pub mod cri;
 pub mod fake_api;
 pub mod kubelet;

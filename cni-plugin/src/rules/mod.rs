@@ -1,6 +1,6 @@
 //! [`Redirect`](crate::redirect::Redirect) → the rules ADD writes, per address family.
 //! Pure: no I/O. Golden-tested against upstream Istio's outputs
-//! (`../shared/conformance/istio-plugin/`).
+//! (`cni-plugin/tests/conformance/istio-plugin/`).
 //!
 //! - [`iptables`] builds the rules in upstream's order;
 //! - [`canon`] reads rules back from `iptables-save` in a canonical form, so that the
