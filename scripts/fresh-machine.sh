@@ -35,6 +35,8 @@ mmdebstrap --quiet --variant=minbase bookworm "$root" "$sources"
 cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 git clone --quiet --no-local "$repo" "$root/src"
+# The root must be a mount point, as on a machine: `ip netns exec` remounts / as a slave.
+mount --bind "$root" "$root" && mounts+=("$root")
 
 bind() { # bind SRC DST [ro]
     mkdir -p "$root$2"
