@@ -42,6 +42,9 @@ pub enum Error {
     /// STATUS: the plugin cannot serve ADD now (50).
     #[error("istio-cni is not ready: {0}")]
     NotAvailable(String),
+    /// A bug: the plugin panicked (105). Whatever ADD had written was removed again.
+    #[error("internal error in istio-cni (please report it): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -52,15 +55,18 @@ impl Error {
             Error::Stdin(_) => ErrorCode::IO_FAILURE,
             Error::Config(e) => e.code(),
             Error::Unsupported(_) => ErrorCode::UNSUPPORTED_FIELD,
-            Error::Lookup(LookupError::Rejected { .. } | LookupError::LocalFile { .. }) => {
-                ErrorCode::POD_LOOKUP_FAILED
-            }
+            Error::Lookup(
+                LookupError::Rejected { .. }
+                | LookupError::LocalFile { .. }
+                | LookupError::WrongPod { .. },
+            ) => ErrorCode::POD_LOOKUP_FAILED,
             Error::Lookup(_) => ErrorCode::TRY_AGAIN_LATER,
             Error::Redirect(_) => ErrorCode::INVALID_POD_SETTING,
             Error::Netns(_) => ErrorCode::NETNS_FAILED,
             Error::Apply(_) => ErrorCode::APPLY_FAILED,
             Error::Validate(_) => ErrorCode::VALIDATION_FAILED,
             Error::NotAvailable(_) => ErrorCode::PLUGIN_NOT_AVAILABLE,
+            Error::Internal(_) => ErrorCode::INTERNAL,
         }
     }
 }

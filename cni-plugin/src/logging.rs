@@ -36,12 +36,12 @@ impl Log for Logger {
         if !self.enabled(r.metadata()) {
             return;
         }
+        let msg = escape_controls(&r.args().to_string());
         let line = format!(
-            "{} {} istio-cni[{}]: {}\n",
+            "{} {} istio-cni[{}]: {msg}\n",
             humantime::format_rfc3339_millis(std::time::SystemTime::now()),
             r.level(),
             self.context,
-            r.args()
         );
         let _ = std::io::stderr().write_all(line.as_bytes());
         if let Some(f) = &self.file {
@@ -53,13 +53,31 @@ impl Log for Logger {
             let msg = serde_json::json!({
                 "level": r.level().as_str(),
                 "context": self.context,
-                "msg": r.args().to_string(),
+                "msg": msg,
             });
             let _ = sock.send_to(msg.to_string().as_bytes(), path);
         }
     }
 
     fn flush(&self) {}
+}
+
+/// `s` with every control character (newline, carriage return, escape, …) written as a
+/// Rust escape (`\n`, `\u{1b}`), so that a value from stdin, `CNI_ARGS` or the API can
+/// never start a new log line or drive a terminal.
+pub fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// Installs the logger. `context` tags every line (e.g. `ADD 3f2a9c1b default/web-0`);
@@ -85,11 +103,25 @@ pub fn init(level: LevelFilter, context: String, file: Option<&Path>, agent_dir:
             Some((sock, p))
         });
     let logger = Logger {
-        context,
+        context: escape_controls(&context),
         file,
         agent,
     };
     if log::set_boxed_logger(Box::new(logger)).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_controls;
+
+    #[test]
+    fn control_characters_cannot_forge_lines() {
+        assert_eq!(escape_controls("plain ünïcode"), "plain ünïcode");
+        assert_eq!(
+            escape_controls("a\n2026-01-01 INFO forged\r\u{1b}[31m"),
+            "a\\n2026-01-01 INFO forged\\r\\u{1b}[31m"
+        );
     }
 }

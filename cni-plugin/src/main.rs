@@ -55,14 +55,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Largest network configuration read from stdin, in bytes. A conflist entry with its
+/// prevResult is a few KiB; anything near this is not a configuration.
+const MAX_STDIN_BYTES: u64 = 4 << 20;
+
 fn cni_main() -> ExitCode {
-    let mut stdin = Vec::new();
-    let outcome = CniEnv::from_process().map_err(Error::from).and_then(|env| {
-        std::io::stdin()
-            .read_to_end(&mut stdin)
-            .map_err(Error::Stdin)?;
-        istio_cni::plugin::run(&env, &stdin)
-    });
+    let stdin = read_stdin();
+    let is_del = std::env::var_os("CNI_COMMAND").is_some_and(|c| c == "DEL");
+    let bytes = stdin.as_deref().unwrap_or_default();
+    // A bug must still end in a CNI error on stdout (and, for DEL, in success).
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let stdin = stdin.as_deref().map_err(|e| Error::Stdin(clone_io(e)))?;
+        let env = CniEnv::from_process()?;
+        istio_cni::plugin::run(&env, stdin)
+    }))
+    .unwrap_or_else(|panic| Err(Error::Internal(istio_cni::plugin::panic_message(&*panic))));
     match outcome {
         Ok(out) => {
             if let Some(out) = out {
@@ -72,10 +79,18 @@ fn cni_main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
+        Err(e) if is_del => {
+            // Nothing could be done safely; the rules go with the netns. Failing would
+            // block the pod's teardown.
+            default_logging();
+            log::warn!("DEL: {e}; nothing removed, exiting 0 so that teardown goes on");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
+            default_logging();
             log::error!("{e}");
             let err = ErrorResult {
-                cni_version: request_version(&stdin)
+                cni_version: request_version(bytes)
                     .unwrap_or_else(|| CniVersion::LATEST.to_string()),
                 code: e.code(),
                 msg: e.to_string(),
@@ -86,6 +101,32 @@ fn cni_main() -> ExitCode {
             ExitCode::from(u8::try_from(err.code.0).unwrap_or(1).max(1))
         }
     }
+}
+
+/// Reads stdin, at most [`MAX_STDIN_BYTES`].
+fn read_stdin() -> Result<Vec<u8>, std::io::Error> {
+    let mut buf = Vec::new();
+    std::io::stdin()
+        .lock()
+        .take(MAX_STDIN_BYTES + 1)
+        .read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_STDIN_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("more than {MAX_STDIN_BYTES} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
+}
+
+/// Logging for failures before the configuration is known: info to stderr. A no-op when
+/// the plugin already installed its logger.
+fn default_logging() {
+    istio_cni::logging::init(log::LevelFilter::Info, "-".into(), None, None);
 }
 
 /// The cause chain below the top-level message.

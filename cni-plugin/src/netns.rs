@@ -7,10 +7,12 @@
 //! probe, netlink) are bound to it for their whole life.
 
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::{open, OFlag};
 use nix::sched::{setns, CloneFlags};
+use nix::sys::stat::{fstat, stat, Mode};
 use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 
 /// A network namespace could not be opened or entered.
@@ -38,43 +40,104 @@ pub enum NetnsError {
     /// The thread running inside the namespace panicked.
     #[error("the worker thread inside network namespace {0} panicked")]
     Panicked(PathBuf),
+    /// The path names the namespace this process runs in, or that of PID 1: on a node,
+    /// the host's. Writing pod rules there would capture every host connection.
+    #[error("refusing network namespace {path}: it is {which}, not a pod's (is CNI_NETNS wrong?)")]
+    HostNamespace {
+        /// The netns path.
+        path: PathBuf,
+        /// `"this process's own network namespace"` or `"PID 1's network namespace"`.
+        which: &'static str,
+    },
 }
 
-/// An open network namespace, e.g. the pod's `CNI_NETNS`.
+/// Identity of a namespace: device and inode of its nsfs file (`stat -L`), as `ip netns
+/// identify` and `/proc/<pid>/ns/net` links compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NetnsId {
+    /// `st_dev` of the nsfs file.
+    pub dev: u64,
+    /// `st_ino` of the nsfs file: the namespace's inode number.
+    pub ino: u64,
+}
+
+impl NetnsId {
+    fn of_stat(st: &nix::sys::stat::FileStat) -> NetnsId {
+        NetnsId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+
+    /// The identity of the namespace at `path`, or `None` when it cannot be read.
+    fn of_path(path: &str) -> Option<NetnsId> {
+        stat(path).ok().map(|st| NetnsId::of_stat(&st))
+    }
+}
+
+/// An open network namespace, e.g. the pod's `CNI_NETNS`. Never the namespace of this
+/// process or of PID 1 (see [`Netns::open`]).
 #[derive(Debug)]
 pub struct Netns {
     file: File,
     path: PathBuf,
+    id: NetnsId,
 }
 
 impl Netns {
     /// Opens the namespace at `path` (a bind mount under `/var/run/netns`, or
-    /// `/proc/<pid>/ns/net`) and checks that it is a namespace file.
+    /// `/proc/<pid>/ns/net`), checks that it is a namespace file, and refuses the
+    /// namespace this process runs in and that of PID 1.
+    ///
+    /// The path is first opened with `O_PATH`, which never blocks (a FIFO) and has no side
+    /// effect (a device file); only an nsfs file is then opened for real, through that
+    /// descriptor, so the file checked is the file entered.
     ///
     /// Errors: [`NetnsError::NotFound`] when the path is gone (DEL treats that as done),
+    /// [`NetnsError::HostNamespace`] for this process's or PID 1's namespace,
     /// [`NetnsError::Open`] otherwise.
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
-        let file = File::open(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => NetnsError::NotFound(path.into()),
-            _ => NetnsError::Open {
-                path: path.into(),
-                reason: e.to_string(),
-            },
-        })?;
-        let fs = fstatfs(file.as_fd()).map_err(|e| NetnsError::Open {
+        let fail = |reason: String| NetnsError::Open {
             path: path.into(),
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let opath: OwnedFd =
+            open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| match e {
+                nix::Error::ENOENT => NetnsError::NotFound(path.into()),
+                e => fail(e.desc().to_owned()),
+            })?;
+        let fs = fstatfs(&opath).map_err(|e| fail(e.desc().to_owned()))?;
         if fs.filesystem_type() != NSFS_MAGIC {
-            return Err(NetnsError::Open {
-                path: path.into(),
-                reason: "not a namespace file (nsfs)".into(),
-            });
+            return Err(fail("not a namespace file (nsfs)".into()));
+        }
+        let file = File::open(format!("/proc/self/fd/{}", opath.as_raw_fd()))
+            .map_err(|e| fail(e.to_string()))?;
+        let id = NetnsId::of_stat(&fstat(&file).map_err(|e| fail(e.desc().to_owned()))?);
+        for (own, which) in [
+            (
+                "/proc/thread-self/ns/net",
+                "this process's own network namespace",
+            ),
+            ("/proc/self/ns/net", "this process's own network namespace"),
+            ("/proc/1/ns/net", "PID 1's network namespace"),
+        ] {
+            if NetnsId::of_path(own) == Some(id) {
+                return Err(NetnsError::HostNamespace {
+                    path: path.into(),
+                    which,
+                });
+            }
         }
         Ok(Netns {
             file,
             path: path.into(),
+            id,
         })
+    }
+
+    /// The namespace's identity (device and inode).
+    pub fn id(&self) -> NetnsId {
+        self.id
     }
 
     /// The path it was opened from.
@@ -153,8 +216,9 @@ impl ScratchNetns {
             std::process::id(),
             file.as_raw_fd()
         ));
+        let id = NetnsId::of_stat(&fstat(&file).map_err(|e| err(e.to_string()))?);
         let scratch = ScratchNetns {
-            netns: Netns { file, path },
+            netns: Netns { file, path, id },
         };
         scratch
             .netns

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 
 use crate::apply::{self, Xtables};
 use crate::cni::result::chained_result;
-use crate::cni::{CniEnv, CniVersion, Command};
-use crate::config::NetConf;
+use crate::cni::{CniEnv, CniVersion, Command, ErrorCode};
+use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
 use crate::netns::{Inside, Netns, NetnsError};
 use crate::plan::{plan_for_pod, Plan};
@@ -22,18 +22,23 @@ use crate::validate;
 /// Runs the verb in `env` with the network configuration `stdin`. Returns the JSON to print
 /// on stdout, if any (ADD's result, VERSION's answer).
 ///
+/// DEL never fails: it parses the configuration leniently (a bad field is logged and
+/// ignored, since removing rules needs none of it) and removes what it safely can (CNI
+/// spec 1.1.0, DEL: "Plugins should generally complete a DEL action without error even if
+/// some resources are missing"). A DEL that failed would block the pod's teardown.
+///
 /// Errors: [`Error`], which carries the CNI error code.
 pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
-    if env.command == Command::Version {
-        return Ok(Some(version(stdin)));
+    match env.command {
+        Command::Version => return Ok(Some(version(stdin))),
+        Command::Del => {
+            del(env, stdin);
+            return Ok(None);
+        }
+        _ => {}
     }
     let conf = NetConf::parse(stdin)?;
-    crate::logging::init(
-        conf.log_level.filter(),
-        log_context(env),
-        conf.log_file.as_deref(),
-        Some(&conf.agent_run_dir),
-    );
+    init_logging(env, Some(&conf));
     if conf.native_nftables {
         return Err(Error::Unsupported(
             "native_nftables is not supported yet; remove it or set it to false to use iptables"
@@ -43,20 +48,42 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
     match env.command {
         Command::Add => add(env, &conf).map(Some),
         Command::Check => check(env, &conf).map(|()| None),
-        Command::Del => {
-            del(env);
-            Ok(None)
-        }
         Command::Status => status(&conf).map(|()| None),
         // Nothing of ours outlives a netns, so there is nothing to collect.
         Command::Gc => Ok(None),
-        Command::Version => unreachable!("handled above"),
+        Command::Version | Command::Del => Ok(None),
     }
 }
 
+/// Installs the logger for this invocation: the configuration's level, file and agent
+/// socket, or (without a usable configuration) info to stderr and the default agent dir.
+pub fn init_logging(env: &CniEnv, conf: Option<&NetConf>) {
+    match conf {
+        Some(conf) => crate::logging::init(
+            conf.log_level.filter(),
+            log_context(env),
+            conf.log_file.as_deref(),
+            Some(&conf.agent_run_dir),
+        ),
+        None => crate::logging::init(
+            log::LevelFilter::Info,
+            log_context(env),
+            None,
+            Some(std::path::Path::new(crate::config::DEFAULT_AGENT_RUN_DIR)),
+        ),
+    }
+}
+
+/// `VERB <first 12 characters of the container ID> [namespace/name]`.
 fn log_context(env: &CniEnv) -> String {
-    let id = env.container_id.as_deref().unwrap_or("-");
-    let mut ctx = format!("{} {}", env.command, &id[..id.len().min(12)]);
+    let id: String = env
+        .container_id
+        .as_deref()
+        .unwrap_or("-")
+        .chars()
+        .take(12)
+        .collect();
+    let mut ctx = format!("{} {id}", env.command);
     if let (Some(ns), Some(name)) = (
         env.args.get(crate::pod::ARG_POD_NAMESPACE),
         env.args.get(crate::pod::ARG_POD_NAME),
@@ -102,7 +129,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         return Ok(result);
     };
     let xt = Xtables::detect()?;
-    let netns = Netns::open(env.netns.as_deref().expect("ADD has CNI_NETNS"))?;
+    let netns = Netns::open(env_netns(env)?)?;
     let start = Instant::now();
     let probe = conf
         .validation
@@ -129,8 +156,49 @@ pub fn program(
     probe: Option<Duration>,
 ) -> Result<(), Error> {
     let t = Instant::now();
-    let outcome = apply::apply(inside, xt, ruleset)
+    // A panic below must not skip the rollback: it is caught here, still inside the netns,
+    // and treated like any other failure.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_and_validate(inside, xt, ruleset, probe, t)
+    }))
+    .unwrap_or_else(|panic| Err(Error::Internal(panic_message(&*panic))));
+    if let Err(e) = &outcome {
+        log::warn!("{e}; removing the rules written so far");
+        if let Err(cleanup) = apply::remove(inside, xt, Some(ruleset)) {
+            log::error!("removing the rules after a failed ADD also failed: {cleanup}");
+        }
+    }
+    outcome
+}
+
+/// The text of a caught panic's payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
+}
+
+/// Test seam: panic right after the rules are written (tests only).
+#[cfg(test)]
+static PANIC_AFTER_APPLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn write_and_validate(
+    inside: &Inside<'_>,
+    xt: &Xtables,
+    ruleset: &Ruleset,
+    probe: Option<Duration>,
+    t: Instant,
+) -> Result<(), Error> {
+    apply::apply(inside, xt, ruleset)
         .map_err(Error::from)
+        .inspect(|()| {
+            #[cfg(test)]
+            if PANIC_AFTER_APPLY.load(std::sync::atomic::Ordering::SeqCst) {
+                panic!("injected panic after apply");
+            }
+        })
         .and_then(|()| {
             log::debug!("applied in {:?}", t.elapsed());
             validate::read_back(inside, xt, ruleset).map_err(Error::from)
@@ -149,30 +217,50 @@ pub fn program(
             }
             log::debug!("probed after {:?}", t.elapsed());
             Ok(())
-        });
-    if let Err(e) = &outcome {
-        log::warn!("{e}; removing the rules written so far");
-        if let Err(cleanup) = apply::remove(inside, xt, Some(ruleset)) {
-            log::error!("removing the rules after a failed ADD also failed: {cleanup}");
-        }
-    }
-    outcome
+        })
 }
 
+/// `CNI_NETNS`, which [`CniEnv`] requires for ADD and CHECK.
+fn env_netns(env: &CniEnv) -> Result<&std::path::Path, Error> {
+    env.netns
+        .as_deref()
+        .ok_or(Error::Env(crate::cni::EnvError::Missing("CNI_NETNS")))
+}
+
+/// CHECK: the rules are in place (read-back). CHECK exists from CNI 0.4.0 on; an older
+/// request is refused with code 1.
 fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
+    if conf.cni_version < CniVersion::V0_4_0 {
+        return Err(Error::Config(ConfigError::Version(
+            format!(
+                "CHECK needs cniVersion 0.4.0 or later; this request is {}",
+                conf.cni_version
+            ),
+            ErrorCode::INCOMPATIBLE_VERSION,
+        )));
+    }
     let Some((pod_ref, ruleset)) = plan(env, conf)? else {
         return Ok(());
     };
     let xt = Xtables::detect()?;
-    let netns = Netns::open(env.netns.as_deref().expect("CHECK has CNI_NETNS"))?;
+    let netns = Netns::open(env_netns(env)?)?;
     netns.run(|inside| validate::read_back(inside, &xt, &ruleset))??;
     log::info!("pod {pod_ref}: redirection rules present");
     Ok(())
 }
 
 /// DEL: removes our rules when the netns still exists. Never fails: a failed DEL would
-/// block the pod's teardown, and the rules go away with the netns anyway.
-fn del(env: &CniEnv) {
+/// block the pod's teardown, and the rules go away with the netns anyway. A configuration
+/// that does not parse is logged and otherwise ignored. Never touches this process's or
+/// PID 1's namespace ([`Netns::open`] refuses them).
+fn del(env: &CniEnv, stdin: &[u8]) {
+    match NetConf::parse(stdin) {
+        Ok(conf) => init_logging(env, Some(&conf)),
+        Err(e) => {
+            init_logging(env, None);
+            log::warn!("ignoring a network configuration error for DEL: {e}");
+        }
+    }
     let Some(path) = env.netns.as_deref() else {
         log::debug!("no CNI_NETNS: nothing to remove");
         return;
@@ -242,3 +330,50 @@ pub const REQUIRED_CAPS: &[(caps::Capability, &str)] = &[
     (caps::Capability::CAP_NET_RAW, "run iptables"),
     (caps::Capability::CAP_SETUID, "probe as the proxy's fsuid"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::ScratchNetns;
+
+    /// A panic between the write and the end of validation is caught inside the netns,
+    /// and the rules are removed before ADD reports it (code 105). Needs root.
+    #[test]
+    fn a_panic_after_the_write_still_rolls_back() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "default",
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}
+        }))
+        .unwrap();
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
+            panic!("meshed pod")
+        };
+        let xt = Xtables::detect().unwrap();
+        let scratch = ScratchNetns::create().unwrap();
+        PANIC_AFTER_APPLY.store(true, std::sync::atomic::Ordering::SeqCst);
+        let outcome = scratch
+            .netns()
+            .run(|inside| program(inside, &xt, &ruleset, None))
+            .expect("the netns thread returns, it does not die");
+        PANIC_AFTER_APPLY.store(false, std::sync::atomic::Ordering::SeqCst);
+        let err = outcome.unwrap_err();
+        assert_eq!(err.code(), ErrorCode::INTERNAL, "{err}");
+        assert!(err.to_string().contains("injected panic"), "{err}");
+        let left = scratch
+            .netns()
+            .run(|inside| validate::read_back(inside, &xt, &ruleset))
+            .unwrap();
+        assert!(left.is_err(), "the rules were removed");
+        let saved = scratch
+            .netns()
+            .run(|inside| xt.binaries(Family::V4).and_then(|b| b.save_text(inside)))
+            .unwrap()
+            .unwrap();
+        assert!(
+            !saved.contains("ISTIO"),
+            "nothing of ours is left:\n{saved}"
+        );
+    }
+}

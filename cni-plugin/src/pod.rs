@@ -31,18 +31,50 @@ pub const STATUS_KEY: &str = "sidecar.istio.io/status";
 /// Proxy env var that turns the proxy off.
 pub const ENV_DISABLE_ENVOY: &str = "DISABLE_ENVOY";
 
-/// `CNI_ARGS` keys a Kubernetes runtime passes.
-pub const ARG_POD_NAME: &str = "K8S_POD_NAME";
-/// See [`ARG_POD_NAME`].
-pub const ARG_POD_NAMESPACE: &str = "K8S_POD_NAMESPACE";
+pub use crate::cni::env::{ARG_POD_NAME, ARG_POD_NAMESPACE, ARG_POD_UID};
 
-/// Namespace and name of the pod being set up, from `CNI_ARGS`.
+/// Largest pod the plugin reads, from the API or `local_pod_file`, in bytes. A real Pod is
+/// a few KiB to a few hundred KiB (the API server's own request limit is 3 MiB,
+/// `--max-request-bytes` of etcd at 1.5 MiB per object by default); a longer answer is
+/// not a Pod, and reading it would only grow memory on the node.
+pub const MAX_POD_BYTES: usize = 4 << 20;
+
+/// Namespace, name and (when the runtime passes it) UID of the pod being set up, from
+/// `CNI_ARGS`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRef {
     /// `K8S_POD_NAMESPACE`.
     pub namespace: String,
     /// `K8S_POD_NAME`.
     pub name: String,
+    /// `K8S_POD_UID`, when given.
+    pub uid: Option<String>,
+}
+
+impl PodRef {
+    /// Checks that `pod` is the pod asked for: same namespace and name, and the same UID
+    /// when `K8S_POD_UID` was given. A pod recreated under the same name has a new UID; a
+    /// proxy or server answering for another object is a fault. Either way the answer
+    /// must not decide this sandbox's rules.
+    ///
+    /// Errors: [`LookupError::WrongPod`].
+    pub fn check(&self, pod: &Pod) -> Result<(), LookupError> {
+        let meta = &pod.metadata;
+        let got_ns = meta.namespace.as_deref().unwrap_or_default();
+        let got_name = meta.name.as_deref().unwrap_or_default();
+        let got_uid = meta.uid.as_deref();
+        let uid_ok = self.uid.as_deref().is_none_or(|want| got_uid == Some(want));
+        if got_ns == self.namespace && got_name == self.name && uid_ok {
+            return Ok(());
+        }
+        Err(LookupError::WrongPod {
+            pod: self.clone(),
+            got: format!(
+                "{got_ns:?}/{got_name:?} uid {:?}",
+                got_uid.unwrap_or_default()
+            ),
+        })
+    }
 }
 
 impl fmt::Display for PodRef {
@@ -72,6 +104,9 @@ pub enum Skip {
     InjectionDisabled,
     /// Annotation `sidecar.istio.io/status` is absent: the injector did not run.
     NotInjected,
+    /// `spec.hostNetwork` is true: the pod shares the node's netns, which never gets
+    /// rules (kubelet does not call CNI for such pods, so a call is a mistake somewhere).
+    HostNetwork,
 }
 
 impl fmt::Display for Skip {
@@ -86,6 +121,7 @@ impl fmt::Display for Skip {
             Skip::EnvoyDisabled => write!(f, "{ISTIO_PROXY} has {ENV_DISABLE_ENVOY}=true"),
             Skip::InjectionDisabled => write!(f, "{INJECT_KEY} is false"),
             Skip::NotInjected => write!(f, "annotation {STATUS_KEY} is absent"),
+            Skip::HostNetwork => write!(f, "the pod uses the host network (spec.hostNetwork)"),
         }
     }
 }
@@ -119,6 +155,7 @@ pub fn pre_api(conf: &NetConf, args: &CniArgs) -> Result<PodRef, Skip> {
     Ok(PodRef {
         namespace: namespace.to_owned(),
         name: name.to_owned(),
+        uid: args.get(ARG_POD_UID).map(str::to_owned),
     })
 }
 
@@ -140,9 +177,13 @@ pub fn skip_by_name(
     }
 }
 
-/// Decision step 5: whether a pod read from the API gets sidecar rules.
+/// Decision step 5: whether a pod read from the API gets sidecar rules. A host-network
+/// pod never does, whatever its annotations.
 pub fn decide(pod: &Pod) -> Result<MeshedPod, Skip> {
     let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.host_network) == Some(true) {
+        return Err(Skip::HostNetwork);
+    }
     let init = spec
         .and_then(|s| s.init_containers.as_deref())
         .unwrap_or(&[]);
@@ -230,6 +271,14 @@ pub enum LookupError {
         /// The API status (code and message).
         status: String,
     },
+    /// The answer is a different pod than the one asked for (code 100).
+    #[error("the pod read for {pod} is another pod: {got}; refusing to decide its rules from it")]
+    WrongPod {
+        /// The pod asked for.
+        pod: PodRef,
+        /// Namespace, name and UID of what came back.
+        got: String,
+    },
     /// The local pod file cannot be read or is not a Pod (code 100).
     #[error("local pod file {path}: {reason}")]
     LocalFile {
@@ -256,24 +305,36 @@ pub enum PodSource<'a> {
 }
 
 impl PodSource<'_> {
-    /// Reads the pod `pod`.
+    /// Reads the pod `pod` and checks that the answer is that pod ([`PodRef::check`]).
+    /// At most [`MAX_POD_BYTES`] are read.
     ///
     /// Errors: see [`LookupError`].
     pub fn fetch(&self, pod: &PodRef) -> Result<Pod, LookupError> {
-        match *self {
+        let got = match *self {
             PodSource::Api {
                 kubeconfig,
                 deadline,
-            } => lookup(kubeconfig, pod, deadline),
+            } => lookup(kubeconfig, pod, deadline)?,
             PodSource::File(path) => {
                 let err = |reason: String| LookupError::LocalFile {
                     path: path.into(),
                     reason,
                 };
-                let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-                serde_json::from_slice(&bytes).map_err(|e| err(format!("not a Pod: {e}")))
+                let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(
+                    &mut std::io::Read::take(file, MAX_POD_BYTES as u64 + 1),
+                    &mut bytes,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                if bytes.len() > MAX_POD_BYTES {
+                    return Err(err(format!("larger than {MAX_POD_BYTES} bytes")));
+                }
+                serde_json::from_slice(&bytes).map_err(|e| err(format!("not a Pod: {e}")))?
             }
-        }
+        };
+        pod.check(&got)?;
+        Ok(got)
     }
 }
 
@@ -301,35 +362,97 @@ async fn lookup_async(
 ) -> Result<Pod, LookupError> {
     let start = Instant::now();
     let client = client(kubeconfig, deadline).await?;
-    let api: kube::Api<Pod> = kube::Api::namespaced(client, &pod.namespace);
     let mut backoff = Duration::from_millis(50);
     let mut attempts = 0;
+    // The most telling failure so far: a timeout at the deadline does not hide the 500s
+    // before it.
+    let mut cause: Option<String> = None;
     loop {
         attempts += 1;
         let remaining = deadline.saturating_sub(start.elapsed());
-        let last = match tokio::time::timeout(remaining, api.get(&pod.name)).await {
+        let failure = match tokio::time::timeout(remaining, get_pod(&client, pod)).await {
             Ok(Ok(p)) => return Ok(p),
-            Ok(Err(kube::Error::Api(status))) if !is_retryable(status.code) => {
+            Ok(Err(Attempt::Rejected(status))) => {
                 return Err(LookupError::Rejected {
                     pod: pod.clone(),
-                    status: format!("{} {}: {}", status.code, status.reason, status.message),
+                    status,
                 })
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "request timed out".to_owned(),
+            Ok(Err(Attempt::Retry(e))) => {
+                cause = Some(e.clone());
+                e
+            }
+            Err(_) => match &cause {
+                Some(c) => format!("request timed out; before that: {c}"),
+                None => "request timed out".to_owned(),
+            },
         };
-        log::debug!("GET pod {pod} attempt {attempts} failed: {last}");
+        log::debug!("GET pod {pod} attempt {attempts} failed: {failure}");
         let remaining = deadline.saturating_sub(start.elapsed());
         if remaining.is_zero() {
             return Err(LookupError::Unreachable {
                 pod: pod.clone(),
                 elapsed: start.elapsed(),
                 attempts,
-                last,
+                last: failure,
             });
         }
         tokio::time::sleep(backoff.min(remaining)).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// How one GET failed.
+enum Attempt {
+    /// A definite answer (404, 403, a body that is not a Pod, …): do not retry.
+    Rejected(String),
+    /// Worth another try (connection error, 401, 429, 5xx).
+    Retry(String),
+}
+
+/// One `GET /api/v1/namespaces/{ns}/pods/{name}`, reading at most [`MAX_POD_BYTES`] of the
+/// body. Error bodies are `metav1.Status` objects; their message is kept.
+async fn get_pod(client: &kube::Client, pod: &PodRef) -> Result<Pod, Attempt> {
+    use http_body_util::BodyExt as _;
+    let request = kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", pod.namespace))
+        .get(&pod.name, &kube::api::GetParams::default())
+        .map_err(|e| Attempt::Rejected(e.to_string()))?;
+    let response = client
+        .send(request.map(kube::client::Body::from))
+        .await
+        .map_err(|e| Attempt::Retry(e.to_string()))?;
+    let status = response.status();
+    let body = http_body_util::Limited::new(response.into_body(), MAX_POD_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            let e = if e.is::<http_body_util::LengthLimitError>() {
+                format!("the answer is larger than {MAX_POD_BYTES} bytes")
+            } else {
+                format!("reading the answer: {e}")
+            };
+            if status.is_success() {
+                Attempt::Rejected(e)
+            } else {
+                Attempt::Retry(format!("{status}: {e}"))
+            }
+        })?
+        .to_bytes();
+    if status.is_success() {
+        return serde_json::from_slice(&body)
+            .map_err(|e| Attempt::Rejected(format!("the answer is not a Pod: {e}")));
+    }
+    let detail = match serde_json::from_slice::<kube::core::Status>(&body) {
+        Ok(s) => format!("{} {}: {}", status.as_u16(), s.reason, s.message),
+        Err(_) => format!(
+            "{status}: {}",
+            String::from_utf8_lossy(body.get(..512).unwrap_or(&body)).trim()
+        ),
+    };
+    if is_retryable(status.as_u16()) {
+        Err(Attempt::Retry(detail))
+    } else {
+        Err(Attempt::Rejected(detail))
     }
 }
 
@@ -465,6 +588,30 @@ mod tests {
                 serde_json::from_value(json!({"name": "istio-init"})).unwrap()
             ]);
         assert_eq!(decide(&init), Err(Skip::HasIstioInit));
+        let mut host = injected(json!({}), json!({}));
+        host.spec.as_mut().unwrap().host_network = Some(true);
+        assert_eq!(decide(&host), Err(Skip::HostNetwork));
+    }
+
+    #[test]
+    fn the_answer_must_be_the_pod_asked_for() {
+        let want = PodRef {
+            namespace: "default".into(),
+            name: "p".into(),
+            uid: Some("u1".into()),
+        };
+        let mut got = injected(json!({"uid": "u1"}), json!({}));
+        assert!(want.check(&got).is_ok());
+        got.metadata.name = Some("other".into());
+        let e = want.check(&got).unwrap_err();
+        assert!(e.to_string().contains("\"other\""), "{e}");
+        let got = injected(json!({"uid": "u2"}), json!({}));
+        assert!(matches!(
+            want.check(&got),
+            Err(LookupError::WrongPod { .. })
+        ));
+        let no_uid = PodRef { uid: None, ..want };
+        assert!(no_uid.check(&got).is_ok());
     }
 
     #[test]

@@ -82,9 +82,11 @@ pub enum IpRanges {
     List(Vec<IpNet>),
 }
 
-/// A network interface name that satisfies the kernel's rules (1 to 15 bytes, not `.` or
-/// `..`, no `/`, `:` or whitespace) and contains no character that iptables-restore would
-/// read specially (quotes, `\`, `#`, `!`). Non-ASCII names are refused as well.
+/// A network interface name that satisfies the kernel's rules (`dev_valid_name` in
+/// `net/core/dev.c`: 1 to 15 bytes, not `.` or `..`, no `/`, `:` or whitespace), does not
+/// start with `-` (iptables would read it as an option: `-i -j` parses), and contains no
+/// character that iptables-restore would read specially (quotes, `\`, `#`, `!`).
+/// Non-ASCII names are refused as well.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceName(String);
 
@@ -101,6 +103,11 @@ impl InterfaceName {
         }
         if name == "." || name == ".." {
             return Err(format!("{name:?} is not a valid interface name"));
+        }
+        if name.starts_with('-') {
+            return Err(format!(
+                "interface name {name:?} starts with '-', which iptables reads as an option"
+            ));
         }
         if let Some(c) = name.chars().find(|c| {
             !c.is_ascii_graphic() || matches!(c, '/' | ':' | '"' | '\'' | '\\' | '#' | '!')
@@ -327,6 +334,58 @@ impl Annotations<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Every annotation the redirect reads.
+    const ANNOTATIONS: [&str; 10] = [
+        ANNOT_INTERCEPTION_MODE,
+        ANNOT_INCLUDE_OUTBOUND_IP_RANGES,
+        ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
+        ANNOT_INCLUDE_INBOUND_PORTS,
+        ANNOT_EXCLUDE_INBOUND_PORTS,
+        ANNOT_INCLUDE_OUTBOUND_PORTS,
+        ANNOT_EXCLUDE_OUTBOUND_PORTS,
+        ANNOT_EXCLUDE_INTERFACES,
+        ANNOT_REROUTE_VIRTUAL_INTERFACES,
+        ANNOT_KUBEVIRT_INTERFACES,
+    ];
+
+    /// Values shaped like what people and attackers write: anything, lists of tokens, and
+    /// tokens that read as iptables options.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".*",
+            "[-a-zA-Z0-9,./:*+! ]{0,24}",
+            "(-{1,2}[a-zA-Z]{1,6})(,[a-z0-9]{1,4})?",
+            "([0-9]{1,3}\\.){3}[0-9]{1,3}/[0-9]{1,2}(,::/[0-9]{1,3})?",
+        ]
+    }
+
+    proptest! {
+        /// Any string in any annotation gives a redirect whose every rule the read-back can
+        /// parse, or an error that names the annotation; never a panic.
+        #[test]
+        fn any_annotation_value_parses_or_names_the_annotation(
+            key in proptest::sample::select(&ANNOTATIONS[..]),
+            value in value(),
+        ) {
+            match Redirect::from_pod(&pod(&[(key, &value)])) {
+                Ok(r) => {
+                    let ruleset = crate::rules::iptables::build(&r, true);
+                    for f in &ruleset.families {
+                        for rule in &f.rules {
+                            let line = rule.restore_line();
+                            prop_assert!(
+                                crate::rules::canon::CanonRule::parse(&line, f.family).is_ok(),
+                                "{key}={value:?} generated {line:?}, which read-back cannot parse"
+                            );
+                        }
+                    }
+                }
+                Err(e) => prop_assert!(e.source_name.ends_with(key), "{e} does not name {key}"),
+            }
+        }
+    }
 
     fn pod(annotations: &[(&str, &str)]) -> MeshedPod {
         MeshedPod {
@@ -424,6 +483,9 @@ mod tests {
             ),
             (ANNOT_EXCLUDE_INTERFACES, "eth\"0", "'\"'"),
             (ANNOT_EXCLUDE_INTERFACES, "..", "\"..\""),
+            (ANNOT_EXCLUDE_INTERFACES, "-j", "\"-j\""),
+            (ANNOT_EXCLUDE_INTERFACES, "eth0,--goto", "\"--goto\""),
+            (ANNOT_REROUTE_VIRTUAL_INTERFACES, "-A", "\"-A\""),
             (ANNOT_INTERCEPTION_MODE, "redirect", "\"redirect\""),
         ];
         for (key, value, token) in cases {

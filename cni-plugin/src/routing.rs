@@ -160,8 +160,8 @@ fn has_tproxy_rule(family: Family) -> Result<bool, String> {
             .recv_from_full()
             .map_err(|e| format!("dumping ip rules: {e}"))?;
         let mut offset = 0;
-        while offset < buf.len() {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
+        while let Some(rest) = buf.get(offset..).filter(|r| !r.is_empty()) {
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
                 .map_err(|e| format!("decoding ip rule dump: {e}"))?;
             let len = reply.header.length as usize;
             match reply.payload {

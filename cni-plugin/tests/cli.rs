@@ -262,3 +262,180 @@ fn render_prints_the_rules_or_why_not() {
         "{err}"
     );
 }
+
+/// Runs the binary with exactly `env` (plus PATH) and raw `stdin` bytes.
+fn cni_raw(env: &[(&str, &str)], stdin: &[u8]) -> Output {
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = child.stdin.take().unwrap();
+    // The plugin may stop reading early (size limit); that is its answer, not a failure.
+    let _ = pipe.write_all(stdin);
+    drop(pipe);
+    child.wait_with_output().unwrap()
+}
+
+/// Every hostile input ends in one CNI error object on stdout with the expected code, the
+/// same exit status, the request's cniVersion when it has one, and no panic. None of these
+/// reaches a netns: CNI_NETNS names a path that does not exist.
+#[test]
+fn hostile_input_table() {
+    let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    // 1 MiB of a configuration that never ends.
+    let big = format!(
+        "{{\"cniVersion\":\"1.0.0\",\"pad\":\"{}",
+        "x".repeat(1 << 20)
+    );
+    let huge = vec![b' '; 5 << 20];
+    let good = conf("0.4.0").to_string();
+    let base = |verb: &'static str| -> Vec<(&'static str, &'static str)> {
+        vec![
+            ("CNI_COMMAND", verb),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_NETNS", "/var/run/netns/istio-cni-test-absent"),
+            ("CNI_IFNAME", "eth0"),
+            (
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
+            ),
+        ]
+    };
+    let with = |verb: &'static str, k: &'static str, v: &'static str| {
+        let mut e = base(verb);
+        e.retain(|(key, _)| *key != k);
+        if !v.is_empty() {
+            e.push((k, v));
+        }
+        e
+    };
+    // (what, environment, stdin, expected code, expected cniVersion)
+    type Case<'a> = (
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        &'a [u8],
+        u64,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
+        ("empty stdin", base("ADD"), b"", 6, None),
+        ("1 MiB of stdin", base("ADD"), big.as_bytes(), 6, None),
+        ("5 MiB of stdin", base("ADD"), &huge, 5, None),
+        (
+            "invalid UTF-8",
+            base("ADD"),
+            b"{\"cniVersion\":\"\xff\xfe\"}",
+            6,
+            None,
+        ),
+        ("nested JSON", base("ADD"), nested.as_bytes(), 6, None),
+        ("a JSON string", base("ADD"), b"\"ADD\"", 7, None),
+        (
+            "unknown verb",
+            with("FROB", "CNI_COMMAND", "FROB"),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "lower-case verb",
+            with("add", "CNI_COMMAND", "add"),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "no CNI_NETNS",
+            with("ADD", "CNI_NETNS", ""),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "no CNI_IFNAME",
+            with("CHECK", "CNI_IFNAME", ""),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "multibyte CNI_CONTAINERID",
+            with("ADD", "CNI_CONTAINERID", "aéééééééééééé"),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "newline in CNI_CONTAINERID",
+            with("ADD", "CNI_CONTAINERID", "c1\n2026 INFO forged"),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "CNI_ARGS without =",
+            with("ADD", "CNI_ARGS", "K8S_POD_NAME"),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "newline in a pod name",
+            with(
+                "ADD",
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web\nforged",
+            ),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "a path as a pod name",
+            with(
+                "ADD",
+                "CNI_ARGS",
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=../../nodes/n1",
+            ),
+            good.as_bytes(),
+            4,
+            Some("0.4.0"),
+        ),
+        (
+            "CHECK before 0.4.0",
+            base("CHECK"),
+            conf("0.3.1").to_string().leak().as_bytes(),
+            1,
+            Some("0.3.1"),
+        ),
+    ];
+    for (what, env, stdin, code, version) in cases {
+        let out = cni_raw(&env, stdin);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+        let e: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|err| {
+            panic!(
+                "{what}: stdout is not one JSON value ({err}): {:?}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        assert_eq!(e["code"], code, "{what}: {e}");
+        assert_eq!(out.status.code(), Some(code as i32), "{what}");
+        if let Some(v) = version {
+            assert_eq!(e["cniVersion"], v, "{what}");
+        }
+        assert!(
+            !e["msg"].as_str().unwrap_or_default().contains('\n'),
+            "{what}: {e}"
+        );
+        assert!(
+            stderr.lines().all(|l| l.is_empty() || l.starts_with("20")),
+            "{what}: every log line is one record: {stderr}"
+        );
+    }
+}

@@ -25,13 +25,16 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
     let api = FakeApi::start_in(&host);
     let dir = tempfile::tempdir().unwrap();
     let meshed = injected_pod("default", "web", json!({}), json!({}));
-    api.put("pods", meshed.clone());
-    api.put(
+    // kubelet passes the pod's UID to the runtime (K8S_POD_UID), and the plugin checks it
+    // against the API's answer: the sandboxes below use the UIDs the API gave the pods.
+    let uid_of = |pod: serde_json::Value| pod["metadata"]["uid"].as_str().unwrap().to_owned();
+    let web_uid = uid_of(api.put("pods", meshed.clone()));
+    let plain_uid = uid_of(api.put(
         "pods",
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": "plain", "namespace": "default"},
                "spec": {"containers": [{"name": "app", "image": "app"}]}}),
-    );
+    ));
     // The node's primary CNI: bridge + host-local, with the reference plugins installed.
     let dirs = ContainerdDirs::new();
     let primary = json!({
@@ -82,10 +85,10 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
     let mut containerd = dirs.start(&host);
 
     let web = containerd
-        .run_pod_sandbox("default", "web", &istio_cni_e2e::kubelet::unique_uid())
+        .run_pod_sandbox("default", "web", &web_uid)
         .unwrap_or_else(|e| panic!("RunPodSandbox(web): {e}\n{}", containerd.log()));
     let plain = containerd
-        .run_pod_sandbox("default", "plain", &istio_cni_e2e::kubelet::unique_uid())
+        .run_pod_sandbox("default", "plain", &plain_uid)
         .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", containerd.log()));
 
     // The meshed sandbox holds exactly the rules ADD plans for it, and they redirect.

@@ -40,6 +40,8 @@ impl ErrorCode {
     pub const APPLY_FAILED: ErrorCode = ErrorCode(103);
     /// 104: the rules were written but validation (read-back or probe) failed.
     pub const VALIDATION_FAILED: ErrorCode = ErrorCode(104);
+    /// 105: an internal error (a bug); anything written was removed again.
+    pub const INTERNAL: ErrorCode = ErrorCode(105);
 }
 
 /// The JSON object a plugin prints on stdout when a verb fails (CNI spec 1.1.0, "Error").

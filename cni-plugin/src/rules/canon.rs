@@ -73,8 +73,7 @@ impl CanonRule {
                 .filter(|t| !t.starts_with('-') && *t != "!")
                 .cloned()
         };
-        while i < tokens.len() {
-            let tok = tokens[i].as_str();
+        while let Some(tok) = tokens.get(i).map(String::as_str) {
             i += 1;
             match tok {
                 "!" => {

@@ -111,6 +111,21 @@ pub fn has_ipv6(pod_ips: &[IpAddr]) -> bool {
     pod_ips.iter().any(IpAddr::is_ipv6)
 }
 
+/// A destination match, `-d NET`, written as iptables stores it: nothing at all for a
+/// zero-length prefix (`0.0.0.0/0`, `::/0`), which matches every address, so that what
+/// `iptables-save` prints back is what was written.
+struct Dst<'a>(&'a IpNet);
+
+impl std::fmt::Display for Dst<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.prefix_len() == 0 {
+            Ok(())
+        } else {
+            write!(f, "-d {}", self.0)
+        }
+    }
+}
+
 /// Collects rules in order. Rules are written as iptables text: every interpolated value
 /// is a validated type (port, UID, CIDR, [`InterfaceName`](crate::redirect::InterfaceName))
 /// that contains no whitespace, so splitting on whitespace yields exactly the tokens.
@@ -256,7 +271,7 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
         .iter()
         .filter(|n| in_family(n, family))
     {
-        append!(b, Nat, ISTIO_OUTPUT, "-d {net} -j RETURN");
+        append!(b, Nat, ISTIO_OUTPUT, "{} -j RETURN", Dst(net));
     }
     for p in &r.include_outbound_ports {
         append!(
@@ -281,10 +296,11 @@ fn build_family(r: &Redirect, family: Family) -> FamilyRules {
                         Nat,
                         "PREROUTING",
                         1,
-                        "-i {i} -d {net} -j {ISTIO_REDIRECT}"
+                        "-i {i} {} -j {ISTIO_REDIRECT}",
+                        Dst(net)
                     );
                 }
-                append!(b, Nat, ISTIO_OUTPUT, "-d {net} -j {ISTIO_REDIRECT}");
+                append!(b, Nat, ISTIO_OUTPUT, "{} -j {ISTIO_REDIRECT}", Dst(net));
             }
         }
     }
