@@ -4,13 +4,13 @@
 CARGO ?= cargo
 DEPS = bash scripts/deps.sh
 
-.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e clean
+.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e fuzz clean
 
 all: build
 
 ## Install what every target needs (the set-up that the other targets do on their own).
 deps:
-	@$(DEPS) test
+	@$(DEPS) deps
 
 build:
 	@$(DEPS) build
@@ -70,6 +70,28 @@ e2e:
 	@$(DEPS) e2e
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
+
+## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,
+## prevResult conversion, annotations → rules, the iptables-save canonical form. Each target
+## runs FUZZ_SECONDS (60) from the seeds in cni-plugin/fuzz/seeds; any crash fails it, and
+## its input is kept in target/fuzz/artifacts/. Not part of `make test`.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon
+fuzz:
+	@$(DEPS) fuzz
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
+	@mkdir -p target/fuzz
+	@for t in $(FUZZ_TARGETS); do \
+	    mkdir -p target/fuzz/corpus/$$t target/fuzz/artifacts/$$t; \
+	    echo "== fuzz $$t for $(FUZZ_SECONDS) s (log: target/fuzz/$$t.log)"; \
+	    if ! (cd cni-plugin/fuzz && cargo +nightly fuzz run $$t \
+	            ../../target/fuzz/corpus/$$t seeds/$$t -- \
+	            -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	            -artifact_prefix=../../target/fuzz/artifacts/$$t/) >target/fuzz/$$t.log 2>&1; then \
+	        tail -n 40 target/fuzz/$$t.log; echo "== fuzz $$t: FAILED"; exit 1; \
+	    fi; \
+	    grep -E 'stat::number_of_executed_units|stat::new_units_added' target/fuzz/$$t.log; \
+	done
 
 lint:
 	@$(DEPS) lint

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the system packages that a make target needs, before anything is compiled.
 #
-#   scripts/deps.sh TARGET     TARGET: build, lint, demo, test, e2e, bench
+#   scripts/deps.sh TARGET     TARGET: build, lint, demo, test, e2e, bench, fuzz, deps (= test)
 #
 # On Debian or Ubuntu, as root: checks each package with dpkg-query and installs only the
 # missing ones with apt-get, printing one line that says what and why. Not root, or not a
@@ -11,7 +11,7 @@
 # Exit codes: 0 ready; 1 something is missing or apt-get failed (its output is shown).
 set -euo pipefail
 
-target=${1:?usage: scripts/deps.sh build|lint|demo|test|e2e|bench}
+target=${1:?usage: scripts/deps.sh build|lint|demo|test|e2e|bench|fuzz|deps}
 
 # Each package, with the reason it is needed (shown when it is installed).
 declare -A why=(
@@ -27,6 +27,7 @@ declare -A why=(
     [busybox-static]="the offline pause image of the end-to-end tests"
     [python3]="the Helm chart's tests"
     [python3-venv]="the chart tests' pinned Python tools go into .venv"
+    [g++]="libFuzzer (built by the libfuzzer-sys crate) is C++"
 )
 base=(gcc libc6-dev ca-certificates)
 netns=(iptables iproute2 containernetworking-plugins)
@@ -36,9 +37,10 @@ case "$target" in
     lint) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;
     demo | bench) pkgs=("${base[@]}" "${netns[@]}"); need_root=true ;;
     e2e) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}"); need_root=true ;;
-    test) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" python3 python3-venv); need_root=true ;;
+    test | deps) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" python3 python3-venv); need_root=true ;;
+    fuzz) pkgs=("${base[@]}" g++); need_root=false ;;
     *)
-        echo "scripts/deps.sh: unknown target '$target' (build, lint, demo, test, e2e, bench)" >&2
+        echo "scripts/deps.sh: unknown target '$target' (build, lint, demo, test, e2e, bench, fuzz)" >&2
         exit 2
         ;;
 esac
@@ -50,6 +52,10 @@ die() {
 
 command -v cargo >/dev/null 2>&1 ||
     die "Rust's cargo is not on PATH; install a Rust toolchain (rustup, stable, 1.85 or later) and run it again."
+
+if [ "$target" = fuzz ] && ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    die "cargo fuzz needs a nightly Rust toolchain (rustup toolchain install nightly)."
+fi
 
 [ "${ISTIO_CNI_SKIP_DEPS:-}" = 1 ] && exit 0
 
