@@ -95,8 +95,10 @@ impl World {
                 self.empty_netns_dir.path().to_str().unwrap(),
                 "--repair-resync-seconds",
                 "2",
+                // The default grace: an upgraded agent's install and self-test must fit in
+                // it, as on a node (a loaded CI machine took 2.4 s with the debug binary).
                 "--taint-grace-seconds",
-                "1",
+                "10",
             ],
         )
     }
