@@ -46,6 +46,22 @@ pub const ENV_DUAL_STACK: &str = "ISTIO_DUAL_STACK";
 /// Proxy env: drop packets conntrack marks INVALID instead of letting them reset connections.
 pub const ENV_INVALID_DROP: &str = "INVALID_DROP";
 
+/// Every annotation [`Redirect::from_pod`] reads (for tests and fuzzing).
+pub const ANNOTATIONS: [&str; 10] = [
+    ANNOT_INTERCEPTION_MODE,
+    ANNOT_INCLUDE_OUTBOUND_IP_RANGES,
+    ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
+    ANNOT_INCLUDE_INBOUND_PORTS,
+    ANNOT_EXCLUDE_INBOUND_PORTS,
+    ANNOT_INCLUDE_OUTBOUND_PORTS,
+    ANNOT_EXCLUDE_OUTBOUND_PORTS,
+    ANNOT_EXCLUDE_INTERFACES,
+    ANNOT_REROUTE_VIRTUAL_INTERFACES,
+    ANNOT_KUBEVIRT_INTERFACES,
+];
+/// Every `istio-proxy` env var [`Redirect::from_pod`] reads.
+pub const PROXY_ENV: [&str; 3] = [ENV_DNS_CAPTURE, ENV_DUAL_STACK, ENV_INVALID_DROP];
+
 /// The proxy's UID and GID when `runAsUser`/`runAsGroup` are absent or 0.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// Inbound ports excluded from capture for every pod: status (15020), health (15021),
@@ -335,20 +351,6 @@ impl Annotations<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-
-    /// Every annotation the redirect reads.
-    const ANNOTATIONS: [&str; 10] = [
-        ANNOT_INTERCEPTION_MODE,
-        ANNOT_INCLUDE_OUTBOUND_IP_RANGES,
-        ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
-        ANNOT_INCLUDE_INBOUND_PORTS,
-        ANNOT_EXCLUDE_INBOUND_PORTS,
-        ANNOT_INCLUDE_OUTBOUND_PORTS,
-        ANNOT_EXCLUDE_OUTBOUND_PORTS,
-        ANNOT_EXCLUDE_INTERFACES,
-        ANNOT_REROUTE_VIRTUAL_INTERFACES,
-        ANNOT_KUBEVIRT_INTERFACES,
-    ];
 
     /// Values shaped like what people and attackers write: anything, lists of tokens, and
     /// tokens that read as iptables options.

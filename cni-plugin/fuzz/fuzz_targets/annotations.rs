@@ -9,20 +9,6 @@ use istio_cni::redirect::*;
 use istio_cni::rules::canon::CanonRule;
 use libfuzzer_sys::fuzz_target;
 
-const ANNOTATIONS: [&str; 10] = [
-    ANNOT_INTERCEPTION_MODE,
-    ANNOT_INCLUDE_OUTBOUND_IP_RANGES,
-    ANNOT_EXCLUDE_OUTBOUND_IP_RANGES,
-    ANNOT_INCLUDE_INBOUND_PORTS,
-    ANNOT_EXCLUDE_INBOUND_PORTS,
-    ANNOT_INCLUDE_OUTBOUND_PORTS,
-    ANNOT_EXCLUDE_OUTBOUND_PORTS,
-    ANNOT_EXCLUDE_INTERFACES,
-    ANNOT_REROUTE_VIRTUAL_INTERFACES,
-    ANNOT_KUBEVIRT_INTERFACES,
-];
-const ENV: [&str; 3] = [ENV_DNS_CAPTURE, ENV_DUAL_STACK, ENV_INVALID_DROP];
-
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let mut pod = MeshedPod::default();
@@ -33,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         let Ok(i) = i.parse::<usize>() else { continue };
         if let Some(key) = ANNOTATIONS.get(i) {
             pod.annotations.insert((*key).to_owned(), value.to_owned());
-        } else if let Some(key) = i.checked_sub(ANNOTATIONS.len()).and_then(|j| ENV.get(j)) {
+        } else if let Some(key) = i
+            .checked_sub(ANNOTATIONS.len())
+            .and_then(|j| PROXY_ENV.get(j))
+        {
             pod.proxy_env.insert((*key).to_owned(), value.to_owned());
         } else if i == 13 {
             pod.proxy_uid = value.parse().ok();
