@@ -69,9 +69,17 @@ impl NetnsId {
         }
     }
 
+    /// The identity of the namespace at `path` (`stat`, following links such as
+    /// `/proc/<pid>/ns/net`).
+    ///
+    /// Errors: the `stat` error (the process exited, the file is gone).
+    pub fn of(path: &Path) -> nix::Result<NetnsId> {
+        stat(path).map(|st| NetnsId::of_stat(&st))
+    }
+
     /// The identity of the namespace at `path`, or `None` when it cannot be read.
     fn of_path(path: &str) -> Option<NetnsId> {
-        stat(path).ok().map(|st| NetnsId::of_stat(&st))
+        NetnsId::of(Path::new(path)).ok()
     }
 }
 

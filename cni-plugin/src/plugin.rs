@@ -171,6 +171,18 @@ pub fn program(
     outcome
 }
 
+/// Writes `ruleset` inside the netns and reads it back, for a pod that is already running
+/// (the node agent's repair). Unlike [`program`], a failure removes nothing: the pod keeps
+/// whatever it had (each table is replaced atomically by `iptables-restore`, so a failed
+/// write changed nothing), and a pod with one drifted rule is never left with none. No
+/// probe: the sidecar's own listener holds the capture port.
+///
+/// Errors: [`Error::Apply`] when the write fails, [`Error::Validate`] when the read-back
+/// does.
+pub fn reprogram(inside: &Inside<'_>, xt: &Xtables, ruleset: &Ruleset) -> Result<(), Error> {
+    write_and_validate(inside, xt, ruleset, None, Instant::now())
+}
+
 /// The text of a caught panic's payload.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -336,10 +348,14 @@ mod tests {
     use super::*;
     use crate::netns::ScratchNetns;
 
+    /// The tests that write rules share [`PANIC_AFTER_APPLY`]: one at a time.
+    static SEAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A panic between the write and the end of validation is caught inside the netns,
     /// and the rules are removed before ADD reports it (code 105). Needs root.
     #[test]
     fn a_panic_after_the_write_still_rolls_back() {
+        let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "default",
                          "annotations": {"sidecar.istio.io/status": "{}"}},
@@ -375,5 +391,65 @@ mod tests {
             !saved.contains("ISTIO"),
             "nothing of ours is left:\n{saved}"
         );
+    }
+
+    fn istio_lines(scratch: &ScratchNetns, xt: &Xtables) -> usize {
+        scratch
+            .netns()
+            .run(|inside| xt.binaries(Family::V4).and_then(|b| b.save_text(inside)))
+            .unwrap()
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains("ISTIO"))
+            .count()
+    }
+
+    /// Repair's policy: a failed rewrite keeps what the pod had; ADD's: it removes all.
+    #[test]
+    fn reprogram_keeps_what_the_pod_had_and_program_removes_all() {
+        let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "default",
+                         "annotations": {"sidecar.istio.io/status": "{}"}},
+            "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}
+        }))
+        .unwrap();
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
+            panic!("meshed pod")
+        };
+        // A rewrite that iptables-restore refuses: an unknown match module.
+        let mut bad = (*ruleset).clone();
+        bad.families[0].rules.push(crate::rules::Rule {
+            table: crate::rules::Table::Nat,
+            chain: "ISTIO_OUTPUT".into(),
+            position: None,
+            args: ["-m", "no_such_match_xyz", "-j", "RETURN"]
+                .map(String::from)
+                .to_vec(),
+        });
+        let xt = Xtables::detect().unwrap();
+        let scratch = ScratchNetns::create().unwrap();
+        let run = |f: &(dyn Fn(&Inside<'_>) -> Result<(), Error> + Sync)| {
+            scratch.netns().run(|inside| f(inside)).unwrap()
+        };
+        run(&|inside| program(inside, &xt, &ruleset, None)).unwrap();
+        // One rule drifts away.
+        run(&|inside| {
+            let b = xt.binaries(Family::V4)?;
+            b.restore(inside, "*nat\n-D ISTIO_OUTPUT 1\nCOMMIT\n")?;
+            Ok(())
+        })
+        .unwrap();
+        let drifted = istio_lines(&scratch, &xt);
+        assert!(drifted > 0);
+        assert!(run(&|inside| reprogram(inside, &xt, &bad)).is_err());
+        assert_eq!(
+            istio_lines(&scratch, &xt),
+            drifted,
+            "repair kept what was there"
+        );
+        assert!(run(&|inside| program(inside, &xt, &bad, None)).is_err());
+        assert_eq!(istio_lines(&scratch, &xt), 0, "ADD removed everything");
     }
 }

@@ -5,15 +5,14 @@ use std::fmt;
 use std::str::FromStr;
 
 use istio_cni::apply::Xtables;
-use istio_cni::netns::Netns;
-use istio_cni::plugin::program;
+use istio_cni::plugin::reprogram;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::ResourceExt;
 use serde_json::json;
 
-use super::inspect::Candidate;
-use super::locate::PodNetns;
+use super::inspect::{join, Candidate};
+use super::locate::{local_addresses, PodNetns};
 use crate::events::{self, EventType};
 
 /// Event reason: the rules were written again in place.
@@ -102,19 +101,32 @@ pub fn summary(problems: &[String]) -> String {
     s
 }
 
-/// Writes the candidate's rules into `netns` as ADD does, and reads them back (no probe:
-/// the sidecar holds the capture port). Blocking; run it off the async runtime.
+/// Writes the candidate's rules into the netns that was inspected (the same open handle,
+/// never the path again) and reads them back. Inside the same `setns` as the write, the
+/// netns must still hold one of the pod's IPs; otherwise nothing is written. A failed
+/// write or read-back removes nothing ([`reprogram`]): the pod keeps what it had.
+/// Blocking; run it off the async runtime.
 ///
-/// Errors: a message from the write or the read-back.
+/// Errors: a message when the netns no longer holds the pod's IP, or from the write or
+/// the read-back.
 pub fn repair_in_place(
     netns: &PodNetns,
     candidate: &Candidate,
     xt: &Xtables,
 ) -> Result<(), String> {
-    let ns = Netns::open(&netns.path).map_err(|e| e.to_string())?;
-    ns.run(|inside| program(inside, xt, &candidate.ruleset, None))
+    netns
+        .netns
+        .run(|inside| {
+            let here = local_addresses()?;
+            if !candidate.ips.iter().any(|ip| here.contains(ip)) {
+                return Err(format!(
+                    "netns {netns} no longer holds the pod IP {}; not touching it",
+                    join(&candidate.ips)
+                ));
+            }
+            reprogram(inside, xt, &candidate.ruleset).map_err(|e| e.to_string())
+        })
         .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
 }
 
 /// Records the outcome of an in-place repair as an Event on `pod`.

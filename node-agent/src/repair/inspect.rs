@@ -7,7 +7,6 @@ use std::fmt;
 use std::net::IpAddr;
 
 use istio_cni::apply::Xtables;
-use istio_cni::netns::Netns;
 use istio_cni::plan::{plan_for_running_pod, running_pod_ips, Plan};
 use istio_cni::rules::Ruleset;
 use istio_cni::validate::{self, ValidateError};
@@ -182,8 +181,8 @@ pub fn inspect(
         netns: name.clone(),
         reason,
     };
-    let ns = Netns::open(&netns.path).map_err(|e| enter(e.to_string()))?;
-    let outcome = ns
+    let outcome = netns
+        .netns
         .run(|inside| {
             let here = locate::local_addresses().map_err(&enter)?;
             if !candidate.ips.iter().any(|ip| here.contains(ip)) {

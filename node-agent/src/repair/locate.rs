@@ -20,30 +20,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use istio_cni::netns::Netns;
-
-/// Identity of a netns: device and inode of its nsfs file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct NetnsId {
-    dev: u64,
-    ino: u64,
-}
-
-impl NetnsId {
-    /// The identity of the netns `path` refers to (`/proc/<pid>/ns/net` or a bind mount).
-    ///
-    /// Errors: the `stat` error (the process exited, the file is gone).
-    pub fn of(path: &Path) -> std::io::Result<NetnsId> {
-        let m = std::fs::metadata(path)?;
-        Ok(NetnsId {
-            dev: m.dev(),
-            ino: m.ino(),
-        })
-    }
-}
+use istio_cni::netns::{Netns, NetnsId};
 
 /// How a pod's netns was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,20 +34,33 @@ pub enum Via {
     BindMount,
 }
 
-/// A pod's netns, as found from the host.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A pod's netns, as found from the host: an open handle, opened once from
+/// `<host proc>/<pid>/ns/net` or the bind mount. Inspecting and repairing both enter this
+/// handle, never the path again, so a PID reused or a mount replaced in between cannot
+/// redirect the write into another namespace.
+#[derive(Debug, Clone)]
 pub struct PodNetns {
-    /// Path to enter: `<host proc>/<pid>/ns/net` or the bind mount.
-    pub path: PathBuf,
+    /// The namespace (shared: a bind-mounted netns may hold several of a pod's IPs).
+    pub netns: Arc<Netns>,
     /// How it was found.
     pub via: Via,
 }
 
+impl PodNetns {
+    /// The path it was opened from (for messages).
+    pub fn path(&self) -> &Path {
+        self.netns.path()
+    }
+}
+
 impl fmt::Display for PodNetns {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let id = self.netns.id();
         match self.via {
-            Via::Process(pid) => write!(f, "{} (pid {pid})", self.path.display()),
-            Via::BindMount => write!(f, "{}", self.path.display()),
+            Via::Process(pid) => {
+                write!(f, "{} (pid {pid}, inode {})", self.path().display(), id.ino)
+            }
+            Via::BindMount => write!(f, "{} (inode {})", self.path().display(), id.ino),
         }
     }
 }
@@ -188,24 +181,24 @@ impl ProcIndex {
         self.pods.is_empty()
     }
 
-    /// The netns of pod `uid`: that of its lowest PID (the sandbox's pause process, in
-    /// practice) that is still alive and not in the host's netns.
+    /// The netns of pod `uid`, opened: that of its lowest PID (the sandbox's pause
+    /// process, in practice) that is still alive and not in the host's netns.
     pub fn netns_of(&self, uid: &str) -> Option<PodNetns> {
         self.pods.get(uid)?.iter().find_map(|&pid| {
             let path = self.host_proc.join(pid.to_string()).join("ns/net");
-            let id = NetnsId::of(&path).ok()?;
-            (Some(id) != self.host_netns).then_some(PodNetns {
-                path,
+            let netns = Netns::open(&path).ok()?;
+            (Some(netns.id()) != self.host_netns).then(|| PodNetns {
+                netns: Arc::new(netns),
                 via: Via::Process(pid),
             })
         })
     }
 }
 
-/// Pod IP → bind-mounted netns file, from one pass over the runtime's netns dirs.
+/// Pod IP → bind-mounted netns, opened once in one pass over the runtime's netns dirs.
 #[derive(Debug, Default)]
 pub struct BindMounts {
-    by_ip: HashMap<IpAddr, PathBuf>,
+    by_ip: HashMap<IpAddr, Arc<Netns>>,
 }
 
 impl BindMounts {
@@ -220,13 +213,18 @@ impl BindMounts {
             };
             for entry in entries.flatten() {
                 let path = entry.path();
-                if NetnsId::of(&path).ok() == host_netns && host_netns.is_some() {
-                    continue;
-                }
-                match addresses_in(&path) {
+                let netns = match Netns::open(&path) {
+                    Ok(n) if host_netns.is_some_and(|h| h == n.id()) => continue,
+                    Ok(n) => Arc::new(n),
+                    Err(e) => {
+                        log::debug!("netns file {}: {e}", path.display());
+                        continue;
+                    }
+                };
+                match addresses_in(&netns) {
                     Ok(ips) => {
                         for ip in ips {
-                            by_ip.entry(ip).or_insert_with(|| path.clone());
+                            by_ip.entry(ip).or_insert_with(|| netns.clone());
                         }
                     }
                     Err(e) => log::debug!("netns file {}: {e}", path.display()),
@@ -236,22 +234,21 @@ impl BindMounts {
         BindMounts { by_ip }
     }
 
-    /// The netns file holding one of `ips`.
+    /// The netns holding one of `ips`.
     pub fn netns_of(&self, ips: &[IpAddr]) -> Option<PodNetns> {
         ips.iter().find_map(|ip| {
-            self.by_ip.get(ip).map(|path| PodNetns {
-                path: path.clone(),
+            self.by_ip.get(ip).map(|netns| PodNetns {
+                netns: netns.clone(),
                 via: Via::BindMount,
             })
         })
     }
 }
 
-/// The addresses on the interfaces of the netns at `path` (loopback's left out).
+/// The addresses on the interfaces of `netns` (loopback's left out).
 ///
 /// Errors: a message when the netns cannot be entered or its addresses read.
-pub fn addresses_in(path: &Path) -> Result<Vec<IpAddr>, String> {
-    let netns = Netns::open(path).map_err(|e| e.to_string())?;
+pub fn addresses_in(netns: &Netns) -> Result<Vec<IpAddr>, String> {
     netns
         .run(|_inside| local_addresses())
         .map_err(|e| e.to_string())?
