@@ -29,7 +29,7 @@ pub struct AgentArgs {
     pub plugin_bin: Option<PathBuf>,
     /// The primary config to chain into [default: the first valid one by name]; in
     /// standalone mode, the name of our config [default: YYY-istio-cni.conf].
-    #[arg(long, env = "CNI_CONF_NAME")]
+    #[arg(long, env = "CNI_CONF_NAME", value_parser = parse_conf_name)]
     pub cni_conf_name: Option<String>,
     /// Chain into the primary config (true) or write a standalone config (false).
     #[arg(long, env = "CHAINED_CNI_PLUGIN", default_value_t = true, action = ArgAction::Set,
@@ -63,14 +63,16 @@ pub struct AgentArgs {
     /// The agent's own namespace (its pods pass through the plugin).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     pub pod_namespace: String,
-    /// The plugin's log level: debug, info, warn, error.
+    /// The plugin's log level: debug, info, warn, error, none (checked with the plugin's
+    /// own parser before anything is written; see `install::validate_entry`).
     #[arg(long, env = "PLUGIN_LOG_LEVEL", default_value = "info")]
     pub plugin_log_level: String,
     /// Run the plugin's loopback probe at ADD.
     #[arg(long, env = "VALIDATION_PROBE", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub validation_probe: bool,
-    /// How long the plugin's probe may take, in milliseconds.
+    /// How long the plugin's probe may take, in milliseconds (checked with the plugin's own
+    /// parser: 1 to 60000).
     #[arg(long, env = "VALIDATION_TIMEOUT_MS", default_value_t = 2000)]
     pub validation_timeout_ms: u64,
     /// After installing, prove the plugin works here: a real ADD/CHECK/DEL in a scratch
@@ -78,9 +80,58 @@ pub struct AgentArgs {
     #[arg(long, env = "SELF_TEST", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub self_test: bool,
-    /// The agent's log level: debug, info, warn, error.
-    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    /// The agent's log level: error, warn, info, debug, trace, off.
+    #[arg(long, env = "LOG_LEVEL", default_value = "info",
+          value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: String,
+}
+
+/// Longest interval or grace period the agent accepts, in seconds (one day). Larger values
+/// are mistakes, and would overflow when added to a clock reading.
+pub const MAX_SECONDS: u64 = 86_400;
+
+/// `CNI_CONF_NAME`: a file name in the conf dir (no `/`, not `.` or `..`) that a runtime
+/// reads, i.e. ending in `.conf`, `.conflist` or `.json` (libcni's `ConfFiles` extensions).
+fn parse_conf_name(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Ok(String::new());
+    }
+    if s.contains('/') || s == "." || s == ".." || s.chars().any(char::is_control) {
+        return Err(format!(
+            "{s:?} must be a file name in the CNI conf dir, without '/'"
+        ));
+    }
+    if crate::install::conflist::shape_of(s).is_none() {
+        return Err(format!(
+            "{s:?} must end in .conf, .conflist or .json: runtimes ignore other files"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// A taint key: a Kubernetes qualified name, `[prefix/]name`, where the prefix is a DNS-1123
+/// subdomain and the name is 1 to 63 characters of letters, digits, `-`, `_` and `.`,
+/// starting and ending with a letter or digit (`IsQualifiedName` in
+/// `k8s.io/apimachinery/pkg/util/validation`, which the API server applies to taint keys).
+fn parse_taint_key(s: &str) -> Result<String, String> {
+    let (prefix, name) = match s.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    let b = name.as_bytes();
+    let edge = |c: &u8| c.is_ascii_alphanumeric();
+    let name_ok = (1..=63).contains(&b.len())
+        && b.first().is_some_and(edge)
+        && b.last().is_some_and(edge)
+        && b.iter().all(|c| edge(c) || matches!(c, b'-' | b'_' | b'.'));
+    let prefix_ok = prefix.is_none_or(istio_cni::cni::env::is_dns1123_subdomain);
+    if name_ok && prefix_ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a valid taint key ([DNS subdomain/]name, name of 1-63 letters, digits, '-', '_', '.')"
+        ))
+    }
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -142,6 +193,43 @@ mod tests {
     use super::parse_mode;
 
     #[test]
+    fn conf_names_and_taint_keys() {
+        use super::{parse_conf_name, parse_taint_key};
+        for ok in [
+            "10-calico.conflist",
+            "x.conf",
+            "YYY-istio-cni.conf",
+            "a.json",
+            "",
+        ] {
+            assert!(parse_conf_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["../x.conf", "a/b.conf", "x.txt", "..", "x.conf\n"] {
+            assert!(parse_conf_name(bad).is_err(), "{bad:?}");
+        }
+        for ok in [
+            "cni.istio.io/not-ready",
+            "not-ready",
+            "a_b.c",
+            "example.com/K",
+        ] {
+            assert!(parse_taint_key(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "bad key!",
+            "",
+            "/x",
+            "a/",
+            "-a",
+            "a/b/c",
+            "Example.com/x",
+            &"k".repeat(64),
+        ] {
+            assert!(parse_taint_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn modes_are_octal() {
         assert_eq!(parse_mode("600"), Ok(0o600));
         assert_eq!(parse_mode("0644"), Ok(0o644));
@@ -177,8 +265,10 @@ pub struct RunArgs {
     #[arg(long, env = "CLEANUP_ON_EXIT", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub cleanup_on_exit: bool,
-    /// Re-check the installation at least this often, in seconds, even without file events.
-    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 60)]
+    /// Re-check the installation at least this often, in seconds (1 to 86400), even
+    /// without file events.
+    #[arg(long, env = "RESYNC_SECONDS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub resync_seconds: u64,
     /// The node this agent runs on (downward API `spec.nodeName`); needed for the taint.
     #[arg(long, env = "NODE_NAME")]
@@ -187,15 +277,18 @@ pub struct RunArgs {
     #[arg(long, env = "TAINT_ENABLED", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub taint_enabled: bool,
-    /// Key of the not-ready taint.
-    #[arg(long, env = "TAINT_KEY", default_value = "cni.istio.io/not-ready")]
+    /// Key of the not-ready taint (a Kubernetes qualified name).
+    #[arg(long, env = "TAINT_KEY", default_value = "cni.istio.io/not-ready",
+          value_parser = parse_taint_key)]
     pub taint_key: String,
     /// Effect of the not-ready taint.
     #[arg(long, env = "TAINT_EFFECT", default_value = "NoSchedule",
           value_parser = ["NoSchedule", "NoExecute"])]
     pub taint_effect: String,
-    /// How long the agent may be not ready before the taint comes back, in seconds.
-    #[arg(long, env = "TAINT_GRACE_SECONDS", default_value_t = 10)]
+    /// How long the agent may be not ready before the taint comes back, in seconds (0 to
+    /// 86400).
+    #[arg(long, env = "TAINT_GRACE_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub taint_grace_seconds: u64,
     /// Find running pods on this node whose netns lacks the rules, and act on them.
     #[arg(long, env = "REPAIR_ENABLED", default_value_t = true, action = ArgAction::Set,
@@ -205,16 +298,17 @@ pub struct RunArgs {
     /// controller recreates it) or label (leave it to the operator).
     #[arg(long, env = "REPAIR_MODE", default_value = "repair")]
     pub repair_mode: crate::repair::act::Mode,
-    /// Interval of the sweep over every pod on the node, in seconds.
+    /// Interval of the sweep over every pod on the node, in seconds (1 to 86400).
     #[arg(long, env = "REPAIR_RESYNC_SECONDS", default_value_t = 60,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub repair_resync_seconds: u64,
-    /// Minimum time between two actions on the same pod, in seconds.
-    #[arg(long, env = "REPAIR_COOLDOWN_SECONDS", default_value_t = 300)]
+    /// Minimum time between two actions on the same pod, in seconds (0 to 86400).
+    #[arg(long, env = "REPAIR_COOLDOWN_SECONDS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub repair_cooldown_seconds: u64,
-    /// Node-wide limit on pod deletions per minute (delete mode), evenly spaced.
+    /// Node-wide limit on pod deletions per minute (delete mode), evenly spaced (1 to 6000).
     #[arg(long, env = "REPAIR_MAX_DELETES_PER_MINUTE", default_value_t = 6,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..=6000))]
     pub repair_max_deletes_per_minute: u32,
     /// Label key set on broken pods in label mode.
     #[arg(

@@ -319,3 +319,113 @@ fn sigkill_at_any_point_never_leaves_a_partial_file() {
     assert_eq!(names, ["10-bridge.conflist"]);
     assert_eq!(std::fs::read(node.path("bin/istio-cni")).unwrap(), big);
 }
+
+/// The conf dir's files and their bytes.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every setting that reaches the plugin's entry or the agent's clocks, with a bad value:
+/// refused before anything is written, with a message naming the variable.
+#[test]
+fn bad_settings_are_refused_before_anything_is_written() {
+    let node = Node::new();
+    node.copy_conf("10-flannel.conflist");
+    let before = snapshot(&node.path("net.d"));
+    let install_cases = [
+        ("PLUGIN_LOG_LEVEL", "trace"),
+        ("VALIDATION_TIMEOUT_MS", "0"),
+        ("VALIDATION_TIMEOUT_MS", "60001"),
+        ("VALIDATION_TIMEOUT_MS", "18446744073709551616"),
+        ("VALIDATION_PROBE", "maybe"),
+        ("CNI_CONF_NAME", "../x.conf"),
+        ("CNI_CONF_NAME", "x.txt"),
+        ("LOG_LEVEL", "loud"),
+        ("KUBECONFIG_MODE", "999"),
+    ];
+    for (var, value) in install_cases {
+        let out = node
+            .command("install", &[])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted: {log}");
+        assert!(
+            log.contains(var),
+            "{var}={value}: the message names it: {log}"
+        );
+        assert_eq!(snapshot(&node.path("net.d")), before, "{var}={value} wrote");
+        assert!(
+            !node.path("bin/istio-cni").exists(),
+            "{var}={value} installed"
+        );
+    }
+    let run_cases = [
+        ("RESYNC_SECONDS", "18446744073709551615"),
+        ("RESYNC_SECONDS", "0"),
+        ("TAINT_GRACE_SECONDS", "86401"),
+        ("REPAIR_RESYNC_SECONDS", "18446744073709551615"),
+        ("REPAIR_COOLDOWN_SECONDS", "18446744073709551615"),
+        ("REPAIR_MAX_DELETES_PER_MINUTE", "0"),
+        ("TAINT_KEY", "bad key!"),
+        ("TAINT_EFFECT", "PreferNoSchedule"),
+        ("REPAIR_MODE", "fix"),
+    ];
+    for (var, value) in run_cases {
+        let out = Command::new(BIN)
+            .args(["run", "--print-config"])
+            .env_clear()
+            .env(var, value)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        assert!(log.contains(var), "{var}={value}: {log}");
+    }
+}
+
+#[test]
+fn cni_conf_name_follows_the_conflist_it_became() {
+    let node = Node::new();
+    node.copy_conf("10-bridge.conf");
+    node.copy_conf("10-flannel.conflist");
+    let name = ["--cni-conf-name", "10-bridge.conf"];
+    ok(&node.agent("install", &name));
+    assert!(!node.path("net.d/10-bridge.conf").exists());
+    assert_eq!(
+        node.json("net.d/10-bridge.conflist")["plugins"][1]["type"],
+        "istio-cni"
+    );
+    // The next pass finds the .conflist that the named .conf became.
+    let log = ok(&node.agent("install", &name));
+    assert!(!log.contains("no primary"), "{log}");
+    assert_eq!(
+        node.json("net.d/10-flannel.conflist")["plugins"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2,
+        "the other config is untouched"
+    );
+
+    let out = node.agent("install", &["--cni-conf-name", "99-missing.conf"]);
+    assert!(!out.status.success());
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("CNI_CONF_NAME=99-missing.conf: no such file")
+            && log.contains("99-missing.conflist"),
+        "{log}"
+    );
+}

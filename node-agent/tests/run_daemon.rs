@@ -444,3 +444,20 @@ fn an_unavailable_api_server_delays_but_does_not_stop_the_untaint() {
     });
     eprintln!("untainted {took:?} after the API came back");
 }
+
+#[test]
+fn an_invalid_plugin_setting_keeps_the_agent_not_ready_and_writes_nothing() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let daemon = node.daemon(&["--plugin-log-level", "trace"]);
+    let (body, _) = wait_for("/readyz 503 naming PLUGIN_LOG_LEVEL", || {
+        match daemon.readyz() {
+            Some((503, body)) if body.contains("PLUGIN_LOG_LEVEL") => Some(body),
+            _ => None,
+        }
+    });
+    assert!(body.contains("trace"), "{body}");
+    assert_eq!(std::fs::read_to_string(node.conf()).unwrap(), PRIMARY);
+    assert!(!node.bin.join("istio-cni").exists());
+}

@@ -117,9 +117,19 @@ pub fn pick_primary(
     files: &[(String, Vec<u8>)],
     name_override: Option<&str>,
 ) -> Result<(usize, Vec<ConfError>), Vec<ConfError>> {
+    // `CNI_CONF_NAME=x.conf` also names `x.conflist` (and the other way round): chaining
+    // turns a `.conf` into a `.conflist`, so the name the operator gave stays valid after
+    // the first pass, as upstream's install-cni accepts it. The exact name wins.
+    let wanted = |name: &str| match name_override {
+        None => true,
+        Some(n) => {
+            let exact = files.iter().any(|(f, _)| f == n);
+            name == n || (!exact && sibling(n).as_deref() == Some(name))
+        }
+    };
     let mut order: Vec<usize> = (0..files.len())
         .filter(|&i| shape_of(&files[i].0).is_some())
-        .filter(|&i| name_override.is_none_or(|n| files[i].0 == n))
+        .filter(|&i| wanted(&files[i].0))
         .collect();
     order.sort_by(|&a, &b| files[a].0.cmp(&files[b].0));
     let mut skipped = Vec::new();
@@ -130,6 +140,16 @@ pub fn pick_primary(
         }
     }
     Err(skipped)
+}
+
+/// The `.conf` ↔ `.conflist` sibling of a config file name, if it has one.
+pub fn sibling(name: &str) -> Option<String> {
+    if let Some(stem) = name.strip_suffix(".conflist") {
+        Some(format!("{stem}.conf"))
+    } else {
+        name.strip_suffix(".conf")
+            .map(|stem| format!("{stem}.conflist"))
+    }
 }
 
 /// What chaining produces.

@@ -72,6 +72,40 @@ impl InstallConfig {
         self.agent_run_dir.join(KUBECONFIG_FILE)
     }
 
+    /// Checks [`InstallConfig::plugin_entry`] with the plugin's own parser
+    /// (`istio_cni::config::NetConf::parse`), as the plugin will read it from the chain,
+    /// so that nothing the plugin would reject is ever written.
+    ///
+    /// Errors: [`InstallError::InvalidEntry`] naming the agent setting at fault.
+    pub fn validate_entry(&self) -> Result<(), InstallError> {
+        let mut conf = Map::new();
+        conf.insert("cniVersion".into(), json!("1.0.0"));
+        conf.extend(self.plugin_entry());
+        let bytes = serde_json::to_vec(&conf).unwrap_or_default();
+        match istio_cni::config::NetConf::parse(&bytes) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let field = match &e {
+                    istio_cni::config::ConfigError::InvalidField { field, .. } => field.as_str(),
+                    _ => "",
+                };
+                let variable = match field {
+                    "plugin_log_level" => "PLUGIN_LOG_LEVEL",
+                    "validation.timeout_ms" => "VALIDATION_TIMEOUT_MS",
+                    "validation.probe" => "VALIDATION_PROBE",
+                    "exclude_namespaces" => "EXCLUDE_NAMESPACES",
+                    "pod_namespace" => "POD_NAMESPACE",
+                    "cni_agent_run_dir" => "CNI_AGENT_RUN_DIR",
+                    _ => "a plugin setting",
+                };
+                Err(InstallError::InvalidEntry {
+                    variable,
+                    reason: e.to_string(),
+                })
+            }
+        }
+    }
+
     /// Our entry in the chain.
     pub fn plugin_entry(&self) -> Map<String, Value> {
         let p = &self.plugin;
@@ -109,6 +143,25 @@ pub enum InstallError {
     /// The kubeconfig cannot be built.
     #[error(transparent)]
     Kubeconfig(#[from] KubeconfigError),
+    /// `CNI_CONF_NAME` names a file that is not in the conf dir (nor its `.conf` /
+    /// `.conflist` sibling).
+    #[error("CNI_CONF_NAME={name}: no such file in {dir} (nor {sibling})")]
+    NamedConfMissing {
+        /// The conf dir.
+        dir: PathBuf,
+        /// The name asked for.
+        name: String,
+        /// Its sibling name that was also accepted.
+        sibling: String,
+    },
+    /// Our entry would not pass the plugin's own configuration parser: nothing is written.
+    #[error("refusing to write the plugin's config: {variable} is invalid: {reason}")]
+    InvalidEntry {
+        /// The agent setting (env var) at fault.
+        variable: &'static str,
+        /// The plugin parser's message.
+        reason: String,
+    },
     /// A file operation failed.
     #[error("cannot {what} {}: {source}{}", .path.display(), read_only_hint(.source))]
     Io {
@@ -176,7 +229,8 @@ fn stamp(path: &Path) -> Option<FileStamp> {
     Some(FileStamp(m.len(), m.modified().ok()?, m.ino()))
 }
 
-/// One install pass: removes stale temp files, writes the kubeconfig (unless identical),
+/// One install pass: checks our entry with the plugin's own parser ([`InstallConfig::validate_entry`];
+/// nothing is written when it fails), removes stale temp files, writes the kubeconfig (unless identical),
 /// chains our entry into the primary config (or writes the standalone config), and
 /// installs the binary (unless identical). When a binary is already installed, the
 /// config goes first, so that a rewrite of the primary config is undone without waiting
@@ -188,6 +242,8 @@ pub fn install_once(
     cfg: &InstallConfig,
     cache: &mut InstallCache,
 ) -> Result<Installed, InstallError> {
+    // Before any write: an entry the plugin would reject must not half-install.
+    cfg.validate_entry()?;
     let mut changes = Vec::new();
     for dir in [&cfg.bin_dir, &cfg.conf_dir] {
         for stale in remove_stale_temps(dir).map_err(io_err("read", dir))? {
@@ -265,6 +321,17 @@ fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBu
         return Ok(path);
     }
     let files = read_conf_dir(&cfg.conf_dir)?;
+    if let Some(name) = cfg.conf_name.as_deref() {
+        let sibling = conflist::sibling(name);
+        let present = |n: &str| files.iter().any(|(f, _)| f == n);
+        if !present(name) && !sibling.as_deref().is_some_and(present) {
+            return Err(InstallError::NamedConfMissing {
+                dir: cfg.conf_dir.clone(),
+                name: name.to_owned(),
+                sibling: sibling.unwrap_or_default(),
+            });
+        }
+    }
     let (i, _skipped) =
         conflist::pick_primary(&files, cfg.conf_name.as_deref()).map_err(|skipped| {
             InstallError::NoPrimary {
