@@ -6,17 +6,22 @@
 //! stays not ready longer than the grace period, and mirrors the state in the node
 //! condition (`kubectl describe node` shows why a node is gated) and in Events.
 //!
-//! Writes are JSON patches that `test` the value they replace (the taint list, the
-//! condition list), so a concurrent writer is never clobbered: its change makes the test
-//! fail (409), and the controller reads again and retries. Only our key and our condition
-//! are touched. When the node already is as desired nothing is written: the steady state
-//! costs no API writes.
+//! The node is read as raw JSON and only our taint (by key) and our condition (by type) are
+//! changed in it; every other entry is written back exactly as read, fields this build's
+//! `k8s-openapi` does not know included. Writes are JSON patches that first `test`
+//! `metadata.resourceVersion`, so a concurrent writer is never clobbered: its change makes
+//! the patch fail, and the controller reads again and retries. kube-apiserver answers a
+//! failed `test` with 422 `Invalid` and a generic message (`applyJSPatch` in
+//! `staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go`, through
+//! `NewGenericServerResponse`), which cannot be told apart from other patch errors, so 422
+//! is retried like 409 `Conflict`, a bounded number of times. When the node already is as
+//! desired nothing is written: the steady state costs no API writes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, NodeCondition, Taint};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
@@ -42,86 +47,75 @@ pub struct TaintConfig {
     pub grace: Duration,
 }
 
-/// `current` with our taint present (`tainted`) or absent; every other taint unchanged and
-/// in place. `None` when `current` already is that.
-pub fn with_taint(current: &[Taint], key: &str, effect: &str, tainted: bool) -> Option<Vec<Taint>> {
-    let ours = |t: &Taint| t.key == key;
-    let present = current.iter().any(|t| ours(t) && t.effect == effect);
+/// `current` (the node's `spec.taints`, raw) with our taint present (`tainted`) or absent;
+/// every other taint unchanged, as read, and in place. `None` when `current` already is
+/// that.
+pub fn with_taint(current: &[Value], key: &str, effect: &str, tainted: bool) -> Option<Vec<Value>> {
+    let ours = |t: &Value| t["key"] == key;
+    let present = current.iter().any(|t| ours(t) && t["effect"] == effect);
     let others_of_ours = current.iter().filter(|t| ours(t)).count() != usize::from(present);
     if present == tainted && !others_of_ours {
         return None;
     }
-    let mut out: Vec<Taint> = current.iter().filter(|t| !ours(t)).cloned().collect();
+    let mut out: Vec<Value> = current.iter().filter(|t| !ours(t)).cloned().collect();
     if tainted {
-        out.push(Taint {
-            key: key.to_owned(),
-            effect: effect.to_owned(),
-            ..Taint::default()
-        });
+        out.push(json!({"key": key, "effect": effect}));
     }
     Some(out)
 }
 
-/// `current` with our condition set to `ready` with `reason` and `message`; other
-/// conditions unchanged. `None` when ours already says the same. The transition time
-/// moves only when the status changes.
+/// `current` (the node's `status.conditions`, raw) with our condition set to `ready` with
+/// `reason` and `message`; other conditions unchanged, as read. `None` when ours already
+/// says the same. The transition time moves only when the status changes.
 pub fn with_condition(
-    current: &[NodeCondition],
+    current: &[Value],
     ready: bool,
     reason: &str,
     message: &str,
     now: Time,
-) -> Option<Vec<NodeCondition>> {
+) -> Option<Vec<Value>> {
     let status = if ready { "True" } else { "False" };
-    let old = current.iter().find(|c| c.type_ == CONDITION_TYPE);
+    let old = current.iter().find(|c| c["type"] == CONDITION_TYPE);
     if let Some(c) = old {
-        if c.status == status
-            && c.reason.as_deref() == Some(reason)
-            && c.message.as_deref() == Some(message)
-        {
+        if c["status"] == status && c["reason"] == reason && c["message"] == message {
             return None;
         }
     }
     let transition = match old {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => Some(now.clone()),
+        Some(c) if c["status"] == status => c["lastTransitionTime"].clone(),
+        _ => json!(now),
     };
-    let ours = NodeCondition {
-        type_: CONDITION_TYPE.into(),
-        status: status.into(),
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        last_transition_time: transition,
-        last_heartbeat_time: Some(now),
-    };
-    let mut out: Vec<NodeCondition> = current
+    let ours = json!({
+        "type": CONDITION_TYPE,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+        "lastHeartbeatTime": now,
+    });
+    let mut out: Vec<Value> = current
         .iter()
-        .filter(|c| c.type_ != CONDITION_TYPE)
+        .filter(|c| c["type"] != CONDITION_TYPE)
         .cloned()
         .collect();
     out.push(ours);
     Some(out)
 }
 
-/// A JSON patch that sets `path` to `new` only if it still holds `old` (or, when absent,
-/// only if the object is still at `resource_version`).
-pub fn test_and_set(
-    path: &str,
-    old: Option<Value>,
-    resource_version: &str,
-    new: Value,
-) -> json_patch::Patch {
-    let ops = match old {
-        Some(old) => json!([
-            {"op": "test", "path": path, "value": old},
-            {"op": "replace", "path": path, "value": new},
-        ]),
-        None => json!([
-            {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
-            {"op": "add", "path": path, "value": new},
-        ]),
-    };
-    serde_json::from_value(ops).expect("a well-formed JSON patch")
+/// A JSON patch that sets `path` to `new` only if the object is still at
+/// `resource_version` (`add` replaces a member that exists, RFC 6902 section 4.1).
+pub fn test_and_set(path: &str, resource_version: &str, new: Value) -> json_patch::Patch {
+    let ops = json!([
+        {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+        {"op": "add", "path": path, "value": new},
+    ]);
+    serde_json::from_value(ops).unwrap_or_else(|_| json_patch::Patch(Vec::new()))
+}
+
+/// Whether a failed patch means "the node changed since it was read": 409 `Conflict`, or
+/// 422, which kube-apiserver answers for a failed JSON-patch `test`.
+fn changed_since_read(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422)
 }
 
 /// Drives the taint and condition of one node.
@@ -260,20 +254,23 @@ impl TaintController {
         .await?;
         let nodes: kube::Api<Node> = kube::Api::all(client.clone());
         let name = &self.cfg.node;
+        let raw: kube::Api<kube::core::DynamicObject> = kube::Api::all_with(
+            client.clone(),
+            &kube::discovery::ApiResource::erase::<Node>(&()),
+        );
         // Conflicts (another writer between our read and our patch) are retried at once.
         for _ in 0..5 {
-            let node = nodes
+            let node = raw
                 .get(name)
                 .await
                 .map_err(|e| format!("reading the node: {e}"))?;
             let rv = node.metadata.resource_version.clone().unwrap_or_default();
-            let taints = node.spec.as_ref().and_then(|s| s.taints.clone());
-            let conditions = node.status.as_ref().and_then(|s| s.conditions.clone());
+            let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+            let taints = list(&node.data["spec"]["taints"]);
+            let conditions = list(&node.data["status"]["conditions"]);
             if let Some(tainted) = d.tainted {
-                let current = taints.clone().unwrap_or_default();
-                if let Some(new) = with_taint(&current, &self.cfg.key, &self.cfg.effect, tainted) {
-                    let patch =
-                        test_and_set("/spec/taints", taints.map(|t| json!(t)), &rv, json!(new));
+                if let Some(new) = with_taint(&taints, &self.cfg.key, &self.cfg.effect, tainted) {
+                    let patch = test_and_set("/spec/taints", &rv, json!(new));
                     match nodes
                         .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
                         .await
@@ -297,12 +294,17 @@ impl TaintController {
                                 EventType::Normal
                             };
                             let message = format!("taint {} {verb}: {}", self.cfg.key, d.message);
-                            events::record(&client, &node, type_, reason, &message, name).await;
+                            // The Event refers to the node by its metadata (name, uid).
+                            let involved = Node {
+                                metadata: node.metadata.clone(),
+                                ..Node::default()
+                            };
+                            events::record(&client, &involved, type_, reason, &message, name).await;
                             continue; // re-read for the condition patch
                         }
-                        Err(kube::Error::Api(s)) if s.code == 409 => {
+                        Err(e) if changed_since_read(&e) => {
                             log::debug!(
-                                "node {name}: taints changed since read (409); reading again"
+                                "node {name}: changed since read ({e}); reading the taints again"
                             );
                             continue;
                         }
@@ -312,23 +314,19 @@ impl TaintController {
                 self.metrics.node_tainted.set(i64::from(tainted));
             }
             let now = Time(k8s_openapi::jiff::Timestamp::now());
-            let current = conditions.clone().unwrap_or_default();
-            let Some(new) = with_condition(&current, d.ready, d.reason, &d.message, now) else {
+            let Some(new) = with_condition(&conditions, d.ready, d.reason, &d.message, now) else {
                 return Ok(());
             };
-            let patch = test_and_set(
-                "/status/conditions",
-                conditions.map(|c| json!(c)),
-                &rv,
-                json!(new),
-            );
+            let patch = test_and_set("/status/conditions", &rv, json!(new));
             match nodes
                 .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(patch))
                 .await
             {
                 Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => {
-                    log::debug!("node {name}: conditions changed since read (409); reading again");
+                Err(e) if changed_since_read(&e) => {
+                    log::debug!(
+                        "node {name}: changed since read ({e}); reading the conditions again"
+                    );
                     continue;
                 }
                 Err(e) => return Err(format!("patching the condition {CONDITION_TYPE}: {e}")),
@@ -342,17 +340,17 @@ impl TaintController {
 mod tests {
     use super::*;
 
-    fn taint(key: &str, effect: &str) -> Taint {
-        Taint {
-            key: key.into(),
-            effect: effect.into(),
-            ..Taint::default()
-        }
+    fn taint(key: &str, effect: &str) -> Value {
+        json!({"key": key, "effect": effect})
     }
 
     #[test]
     fn only_our_taint_changes() {
-        let others = vec![taint("a", "NoSchedule"), taint("b", "NoExecute")];
+        // A field this build does not know survives, as read.
+        let others = vec![
+            json!({"key": "a", "effect": "NoSchedule", "futureField": {"x": 1}}),
+            taint("b", "NoExecute"),
+        ];
         let key = "cni.istio.io/not-ready";
         let added = with_taint(&others, key, "NoSchedule", true).unwrap();
         assert_eq!(added[..2], others[..]);
@@ -382,11 +380,7 @@ mod tests {
     #[test]
     fn condition_is_ours_only_and_written_on_change() {
         let t = |s: &str| Time(s.parse().unwrap());
-        let kubelet = NodeCondition {
-            type_: "Ready".into(),
-            status: "True".into(),
-            ..NodeCondition::default()
-        };
+        let kubelet = json!({"type": "Ready", "status": "True", "futureField": 1});
         let c1 = with_condition(
             std::slice::from_ref(&kubelet),
             false,
@@ -396,7 +390,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c1[0], kubelet);
-        assert_eq!(c1[1].status, "False");
+        assert_eq!(c1[1]["status"], "False");
         assert_eq!(
             with_condition(
                 &c1,
@@ -408,6 +402,9 @@ mod tests {
             None
         );
         let c2 = with_condition(&c1, true, "Ready", "ok", t("2026-01-01T00:02:00Z")).unwrap();
-        assert_eq!(c2[1].last_transition_time, Some(t("2026-01-01T00:02:00Z")));
+        assert_eq!(
+            c2[1]["lastTransitionTime"],
+            json!(t("2026-01-01T00:02:00Z"))
+        );
     }
 }

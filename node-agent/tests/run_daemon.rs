@@ -271,6 +271,15 @@ fn our_condition(api: &istio_cni_e2e::fake_api::FakeApi) -> Option<Value> {
 /// With `primary`, the primary CNI config is already there; with `api_down`, the API
 /// answers 503 from the start.
 fn taint_setup(primary: bool, api_down: bool) -> (Node, istio_cni_e2e::fake_api::FakeApi, Daemon) {
+    taint_setup_with(primary, api_down, |_| {})
+}
+
+/// [`taint_setup`], with the registered node changed by `edit` before the agent starts.
+fn taint_setup_with(
+    primary: bool,
+    api_down: bool,
+    edit: impl FnOnce(&mut Value),
+) -> (Node, istio_cni_e2e::fake_api::FakeApi, Daemon) {
     let node = Node::new("net.d");
     std::fs::create_dir(&node.net).unwrap();
     if primary {
@@ -278,6 +287,9 @@ fn taint_setup(primary: bool, api_down: bool) -> (Node, istio_cni_e2e::fake_api:
     }
     let api = istio_cni_e2e::fake_api::FakeApi::start();
     registered_node(&api);
+    let mut n = api.get("nodes", "", "node-1").unwrap();
+    edit(&mut n);
+    api.put("nodes", n);
     if api_down {
         api.set_fault(istio_cni_e2e::fake_api::Fault::Status(503));
     }
@@ -385,7 +397,7 @@ fn a_concurrent_taint_change_is_retried_not_clobbered() {
     );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(
-        log.contains("taints changed since read (409); reading again"),
+        log.contains("changed since read") && log.contains("422"),
         "the conflict path ran: {log}"
     );
 }
@@ -460,4 +472,27 @@ fn an_invalid_plugin_setting_keeps_the_agent_not_ready_and_writes_nothing() {
     assert!(body.contains("trace"), "{body}");
     assert_eq!(std::fs::read_to_string(node.conf()).unwrap(), PRIMARY);
     assert!(!node.bin.join("istio-cni").exists());
+}
+
+/// A newer API server has taint and condition fields this build's `k8s-openapi` does not
+/// know. The agent still removes its taint, and writes every other entry back as read.
+#[test]
+fn fields_this_build_does_not_know_survive_and_do_not_block_the_untaint() {
+    let (_node, api, daemon) = taint_setup_with(true, false, |n| {
+        n["spec"]["taints"][0]["futureField"] = serde_json::json!({"since": "v1.99"});
+        n["status"]["conditions"][0]["futureField"] = serde_json::json!(7);
+    });
+    daemon.wait_ready();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    let n = api.get("nodes", "", "node-1").unwrap();
+    assert_eq!(
+        n["spec"]["taints"],
+        serde_json::json!([{"key": "example.com/other", "effect": "NoSchedule",
+                            "futureField": {"since": "v1.99"}}])
+    );
+    wait_for("our condition", || our_condition(&api));
+    let n = api.get("nodes", "", "node-1").unwrap();
+    assert_eq!(n["status"]["conditions"][0]["futureField"], 7);
 }

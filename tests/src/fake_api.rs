@@ -5,7 +5,14 @@
 //! on them: every write bumps a global `resourceVersion`; `metadata.uid` and
 //! `creationTimestamp` are set on create; GET of a missing object is a 404 `Status`;
 //! create of an existing one is 409 `AlreadyExists`; an update whose `resourceVersion` does
-//! not match is 409 `Conflict`. Lists carry the list's `resourceVersion`.
+//! not match is 409 `Conflict`. Lists carry the list's `resourceVersion`. Failure bodies are
+//! `metav1.Status` objects with the reason and `details` that
+//! `k8s.io/apimachinery/pkg/api/errors/errors.go` gives them (`name` and the resource as
+//! `kind` for NotFound, AlreadyExists and Conflict).
+//!
+//! PATCH follows `staging/src/k8s.io/apiserver/pkg/endpoints/handlers/patch.go`: a JSON
+//! patch that cannot be applied, a failed `test` included, is **422 `Invalid`** with the
+//! generic message and empty details (`applyJSPatch`), not 409.
 //!
 //! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
 //! [`FakeApi::stop`] closes the listener so that connections are refused.
@@ -389,19 +396,54 @@ fn stamp(shared: &Shared, mut obj: Value, existing_uid: Option<Value>) -> Value 
     obj
 }
 
+/// A `metav1.Status` failure without `details`, as `errors.NewBadRequest` and
+/// `errors.NewInternalError` make them (`k8s.io/apimachinery/pkg/api/errors/errors.go`).
 fn status(code: StatusCode, reason: &str, message: String) -> Response {
-    let body = json!({
+    status_with(code, reason, message, None)
+}
+
+/// A `metav1.Status` failure with `details` (omitted when `None`).
+fn status_with(
+    code: StatusCode,
+    reason: &str,
+    message: String,
+    details: Option<Value>,
+) -> Response {
+    let mut body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
         "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
     });
+    if let Some(d) = details {
+        body["details"] = d;
+    }
     (code, Json(body)).into_response()
 }
 
+/// `details` of the errors about one object (`NewNotFound`, `NewAlreadyExists`,
+/// `NewConflict` in `errors.go`): its name, and the resource (plural) as `kind`; the core
+/// group is left out.
+fn object_details(resource: &str, name: &str) -> Option<Value> {
+    Some(json!({"name": name, "kind": resource}))
+}
+
+/// 404 `NotFound`, `errors.NewNotFound`.
 fn not_found(resource: &str, name: &str) -> Response {
-    status(
+    status_with(
         StatusCode::NOT_FOUND,
         "NotFound",
         format!("{resource} \"{name}\" not found"),
+        object_details(resource, name),
+    )
+}
+
+/// 409 `Conflict`, `errors.NewConflict`: "Operation cannot be fulfilled on {resource}
+/// \"{name}\": {why}".
+fn conflict(resource: &str, name: &str, why: &str) -> Response {
+    status_with(
+        StatusCode::CONFLICT,
+        "Conflict",
+        format!("Operation cannot be fulfilled on {resource} \"{name}\": {why}"),
+        object_details(resource, name),
     )
 }
 
@@ -537,8 +579,8 @@ async fn create_one(
     create(&s, &loc.resource, loc.ns.as_deref().unwrap_or(""), obj)
 }
 
-/// PATCH: `application/json-patch+json` (RFC 6902; a failed `test` is a 409 Conflict, as
-/// the optimistic-lock idiom expects) or a merge patch (`merge-patch+json`; strategic merge
+/// PATCH: `application/json-patch+json` (RFC 6902; any failure to apply it, a failed `test`
+/// included, is 422 `Invalid` as from kube-apiserver, see the module docs) or a merge patch (`merge-patch+json`; strategic merge
 /// patches are treated as merge patches). The `status` subresource patches the same object.
 async fn patch_one(
     State(s): Shared_,
@@ -591,20 +633,18 @@ async fn patch_one(
                 )
             }
         };
-        if let Err(e) = json_patch::patch(&mut patched, &ops) {
-            let code = if matches!(e.kind, json_patch::PatchErrorKind::TestFailed) {
-                StatusCode::CONFLICT
-            } else {
-                StatusCode::UNPROCESSABLE_ENTITY
-            };
-            return status(
-                code,
-                if code == StatusCode::CONFLICT {
-                    "Conflict"
-                } else {
-                    "Invalid"
-                },
-                e.to_string(),
+        if json_patch::patch(&mut patched, &ops).is_err() {
+            // kube-apiserver: `applyJSPatch` (`staging/src/k8s.io/apiserver/pkg/endpoints/
+            // handlers/patch.go`) turns any error of applying the patch, a failed `test`
+            // included, into `NewGenericServerResponse(422, "", {}, "", err, 0, false)`:
+            // reason `Invalid`, the generic 422 message, empty details (the cause is only
+            // kept for unexpected responses). A client cannot tell a lost race from a bad
+            // path by the answer.
+            return status_with(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "the server rejected our request due to an error in our request".into(),
+                Some(json!({})),
             );
         }
     } else {
@@ -648,10 +688,12 @@ fn create(shared: &Shared, resource: &str, ns: &str, mut obj: Value) -> Response
     let mut store = shared.store.lock().unwrap();
     let key = (resource.to_owned(), ns.to_owned(), name.clone());
     if store.objects.contains_key(&key) {
-        return status(
+        // `errors.NewAlreadyExists`.
+        return status_with(
             StatusCode::CONFLICT,
             "AlreadyExists",
             format!("{resource} \"{name}\" already exists"),
+            object_details(resource, &name),
         );
     }
     let obj = stamp(shared, obj, None);
@@ -666,10 +708,12 @@ fn replace(shared: &Shared, key: Key, obj: Value) -> Response {
     };
     let sent_rv = obj["metadata"]["resourceVersion"].as_str();
     if sent_rv.is_some_and(|rv| Some(rv) != existing["metadata"]["resourceVersion"].as_str()) {
-        return status(
-            StatusCode::CONFLICT,
-            "Conflict",
-            format!("Operation cannot be fulfilled on {} \"{}\": the object has been modified; please apply your changes to the latest version and try again", key.0, key.2),
+        // The storage layer's optimistic-concurrency error (`OptimisticLockErrorMsg` in
+        // `k8s.io/apiserver/pkg/registry/generic/registry/store.go`), as a Conflict.
+        return conflict(
+            &key.0,
+            &key.2,
+            "the object has been modified; please apply your changes to the latest version and try again",
         );
     }
     let uid = existing["metadata"]["uid"].clone();
@@ -690,10 +734,12 @@ fn delete(shared: &Shared, key: Key, options: Option<Value>) -> Response {
         let want = pre.and_then(|p| p[field].as_str());
         let have = existing["metadata"][field].as_str().unwrap_or_default();
         if let Some(want) = want.filter(|w| *w != have) {
-            return status(
-                StatusCode::CONFLICT,
-                "Conflict",
-                format!(
+            // `storage.NewInvalidObjError` for a failed precondition, a Conflict
+            // (`checkPreconditions` in `k8s.io/apiserver/pkg/storage/etcd3/store.go`).
+            return conflict(
+                &key.0,
+                &key.2,
+                &format!(
                     "Precondition failed: {field} in precondition: {want}, {field} in object meta: {have}"
                 ),
             );

@@ -1,5 +1,5 @@
 //! The fake API server's semantics, through the real `kube` client over HTTP: 404s,
-//! resourceVersion, JSON patch with `test` (409 on mismatch), merge patch, the status
+//! resourceVersion, JSON patch with `test` (422 Invalid on mismatch, as kube-apiserver), merge patch, the status
 //! subresource, named API groups, and the write counter.
 
 use istio_cni_e2e::fake_api::FakeApi;
@@ -57,15 +57,20 @@ fn nodes_patches_and_conflicts() {
         assert_eq!(n.spec.unwrap().taints.unwrap().len(), 2);
         assert_ne!(n.metadata.resource_version.unwrap(), rv);
 
-        // Another writer changes the taints first: the same test fails with 409.
+        // Another writer changes the taints first: the same test fails, and kube-apiserver
+        // answers 422 Invalid with the generic message and empty details (applyJSPatch).
         api.before_next_patch("nodes", "n1", |n| n["spec"]["taints"] = json!([]));
         let err = nodes
             .patch("n1", &PatchParams::default(), &Patch::<()>::Json(patch))
             .await
             .unwrap_err();
-        assert!(
-            matches!(err, kube::Error::Api(ref s) if s.code == 409),
-            "{err}"
+        let kube::Error::Api(s) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!((s.code, s.reason.as_str()), (422, "Invalid"), "{err}");
+        assert_eq!(
+            s.message,
+            "the server rejected our request due to an error in our request"
         );
         assert_eq!(
             api.get("nodes", "", "n1").unwrap()["spec"]["taints"],
