@@ -1,8 +1,9 @@
 //! The daemon loop (`istio-cni-node-agent run`): install, prove, and keep the plugin
 //! chained. It wakes on file events in the conf dir, the bin dir and the service account
 //! dir (the projected token's `..data` symlink swap), and on a slow resync timer; it never
-//! polls in a tight loop. After every pass that changed something, the self-test runs
-//! again. When another writer keeps dropping our entry, the agent backs off exponentially,
+//! polls in a tight loop, and reads (its own included) do not wake it. After every pass
+//! that changed something, the self-test runs again; a failing one is retried with
+//! exponential backoff (1 s doubling to 5 min). When another writer keeps dropping our entry, the agent backs off exponentially,
 //! says so in its log, its readiness and its metrics, and tries again later.
 
 use std::collections::VecDeque;
@@ -102,7 +103,13 @@ pub struct Agent {
     backoff: Option<(Instant, Duration)>,
     /// What earlier passes verified (see [`InstallCache`]).
     cache: InstallCache,
+    /// After a failed self-test: no new one before this instant (unless the install
+    /// changed); the current delay, doubling from 1 s to [`SELF_TEST_BACKOFF_MAX`].
+    self_test_retry: Option<(Instant, Duration)>,
 }
+
+/// Longest wait between two failing self-tests.
+pub const SELF_TEST_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
 impl Agent {
     /// An agent for `cfg`, reporting into `readiness` and `metrics`.
@@ -125,6 +132,7 @@ impl Agent {
             chained_before: false,
             backoff: None,
             cache: InstallCache::default(),
+            self_test_retry: None,
         }
     }
 
@@ -135,7 +143,10 @@ impl Agent {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
+            // Reads (open, close without write) change nothing, and every pass causes
+            // them: reading the configs, exec'ing the plugin for the self-test. Waking on
+            // them would loop.
+            if res.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
                 // A full channel already holds a wake-up: events coalesce.
                 let _ = tx.try_send(());
             }
@@ -174,10 +185,11 @@ impl Agent {
 
     fn next_wake(&self) -> Instant {
         let resync = Instant::now() + self.opts.resync;
-        match self.backoff {
-            Some((until, _)) => until.min(resync),
-            None => resync,
-        }
+        [self.backoff, self.self_test_retry]
+            .into_iter()
+            .flatten()
+            .map(|(until, _)| until)
+            .fold(resync, Instant::min)
     }
 
     /// One pass: install (unless backing off), then the self-test if something changed or
@@ -232,9 +244,11 @@ impl Agent {
         }
         self.chained_before = true;
         self.readiness.set_install(Check::Ok);
-        if self.opts.self_test
-            && (!installed.changes.is_empty() || !self.readiness.self_test_passed())
-        {
+        let changed = !installed.changes.is_empty();
+        let retry_due = self
+            .self_test_retry
+            .is_none_or(|(at, _)| Instant::now() >= at);
+        if self.opts.self_test && (changed || (!self.readiness.self_test_passed() && retry_due)) {
             self.self_test().await;
         }
     }
@@ -291,10 +305,17 @@ impl Agent {
                 self.metrics.self_test_duration.observe(took.as_secs_f64());
                 log::info!("self-test passed in {took:?}");
                 self.readiness.set_self_test(Check::Ok);
+                self.self_test_retry = None;
             }
             Err(e) => {
-                log::error!("{e}");
+                let delay = self
+                    .self_test_retry
+                    .map_or(Duration::from_secs(1), |(_, d)| {
+                        (d * 2).min(SELF_TEST_BACKOFF_MAX)
+                    });
+                log::error!("{e}; next self-test in {delay:?}");
                 self.readiness.set_self_test(Check::Failed(e.to_string()));
+                self.self_test_retry = Some((Instant::now() + delay, delay));
             }
         }
     }

@@ -3,6 +3,7 @@
 //! the self-test passes; a rewrite by the primary CNI is re-chained; a token rotation
 //! (projected volume `..data` swap) rewrites the kubeconfig; SIGTERM cleans up. Needs root.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -495,4 +496,69 @@ fn fields_this_build_does_not_know_survive_and_do_not_block_the_untaint() {
     wait_for("our condition", || our_condition(&api));
     let n = api.get("nodes", "", "node-1").unwrap();
     assert_eq!(n["status"]["conditions"][0]["futureField"], 7);
+}
+
+/// `istio_cni_self_test_runs_total{result="failure"}` from the agent's metrics.
+fn failed_self_tests(daemon: &Daemon) -> u64 {
+    daemon
+        .metrics()
+        .lines()
+        .find(|l| l.starts_with("istio_cni_self_test_runs_total") && l.contains("failure"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A self-test that keeps failing is retried with exponential backoff, not in a loop
+/// driven by the file events of its own runs (the plugin exec'd from the bin dir, the
+/// config files read by each pass); and an idle agent does not run passes at all.
+#[test]
+fn a_failing_self_test_backs_off_and_an_idle_agent_stays_idle() {
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let broken = node.dir.path().join("broken-istio-cni");
+    std::fs::write(
+        &broken,
+        "#!/bin/sh\necho '{\"cniVersion\":\"1.0.0\",\"code\":104,\"msg\":\"validation failed\"}'\nexit 104\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let daemon = node.daemon(&["--plugin-bin", broken.to_str().unwrap()]);
+    wait_for("a failed self-test", || {
+        (failed_self_tests(&daemon) >= 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let runs = failed_self_tests(&daemon);
+    assert!(
+        (2..=5).contains(&runs),
+        "{runs} self-tests in about 4 s: expected retries after 1, 2 and 4 s"
+    );
+    let (_, body) = daemon.readyz().unwrap();
+    assert!(body.contains("self-test"), "{body}");
+    drop(daemon);
+
+    // Healthy and idle: no passes beyond the resync.
+    let healthy = Node::new("net.d");
+    std::fs::create_dir(&healthy.net).unwrap();
+    std::fs::write(healthy.conf(), PRIMARY).unwrap();
+    let daemon = healthy.daemon(&[]);
+    daemon.wait_ready();
+    let passes = || metric(&daemon, "istio_cni_install_attempts_total");
+    let before = passes();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        passes() - before <= 1,
+        "{} install passes in 2 s of idleness",
+        passes() - before
+    );
+}
+
+/// The sum of a counter's samples in the agent's metrics.
+fn metric(daemon: &Daemon, name: &str) -> u64 {
+    daemon
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
 }

@@ -192,10 +192,11 @@ impl Node {
             .arg("--cni-agent-run-dir")
             .arg(&self.run)
             .arg("--service-account-dir")
-            .arg(&self.sa)
-            .arg("--plugin-bin")
-            .arg(istio_cni_bin())
-            .args(extra)
+            .arg(&self.sa);
+        if !extra.contains(&"--plugin-bin") {
+            cmd.arg("--plugin-bin").arg(istio_cni_bin());
+        }
+        cmd.args(extra)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
