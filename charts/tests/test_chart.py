@@ -143,9 +143,9 @@ def verbs(objs: list[dict]) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     "values,expected",
     [
-        ({}, {"pods": {"get", "list", "watch"}, "nodes": {"get", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
-        ({"repair": {"mode": "delete"}}, {"pods": {"get", "list", "watch", "delete"}, "nodes": {"get", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
-        ({"repair": {"mode": "label"}}, {"pods": {"get", "list", "watch", "patch"}, "nodes": {"get", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
+        ({}, {"pods": {"get", "list", "watch"}, "nodes": {"get", "list", "watch", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
+        ({"repair": {"mode": "delete"}}, {"pods": {"get", "list", "watch", "delete"}, "nodes": {"get", "list", "watch", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
+        ({"repair": {"mode": "label"}}, {"pods": {"get", "list", "watch", "patch"}, "nodes": {"get", "list", "watch", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
         ({"taint": {"enabled": False}}, {"pods": {"get", "list", "watch"}, "events": {"create", "patch"}}),
         ({"repair": {"enabled": False}, "taint": {"enabled": False}}, {"pods": {"get"}}),
     ],

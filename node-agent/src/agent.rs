@@ -136,8 +136,9 @@ impl Agent {
         }
     }
 
-    /// Runs until `shutdown` completes; readiness then reports the agent as stopping. What
-    /// to remove on exit is the caller's decision (see [`crate::upgrade`]).
+    /// Runs until `shutdown` completes. What to remove on exit, and when readiness reports
+    /// the agent as stopping, is the caller's decision (see [`crate::upgrade`]): the taint
+    /// controller must be stopped first, or it would report the stop on the node.
     ///
     /// Errors: a message when the file watcher cannot be set up.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
@@ -170,7 +171,6 @@ impl Agent {
                 _ = tokio::time::sleep_until(wake) => self.pass().await,
             }
         }
-        self.readiness.set_stopping();
         drop(watcher);
         Ok(())
     }

@@ -226,16 +226,18 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             }
             (_, false) => None,
         };
-        let agent = Agent::new(cfg.clone(), opts, readiness, metrics);
+        let agent = Agent::new(cfg.clone(), opts, readiness.clone(), metrics);
         let outcome = agent.run(shutdown).await;
+        // Stop in order: the loops that write to the API first (and wait until they are
+        // gone), only then report "stopping". Otherwise the taint controller could see the
+        // agent go not ready and write IstioCNIReady=False during an upgrade.
+        for task in [taint_task, repair_task].into_iter().flatten() {
+            task.abort();
+            let _ = task.await;
+        }
+        readiness.set_stopping();
         if let Some(path) = sink {
             let _ = std::fs::remove_file(path);
-        }
-        if let Some(task) = taint_task {
-            task.abort();
-        }
-        if let Some(task) = repair_task {
-            task.abort();
         }
         outcome?;
         match on_exit(&cfg, args, run).await {

@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Patch, PatchParams};
@@ -163,9 +164,13 @@ impl TaintController {
 
     /// Runs until the task is dropped: applies the desired state whenever readiness changes
     /// or the grace period ends, retrying failed writes with backoff (200 ms doubling to
-    /// 10 s), and re-checking every minute.
+    /// 10 s). It watches its own node (field selector `metadata.name`), so a taint or
+    /// condition that someone else changed is put back as soon as the change is seen, and
+    /// nothing is read while nothing changes. Without a watch (no client), it re-checks
+    /// every minute instead.
     pub async fn run(&self) {
         let mut changed = self.readiness.subscribe();
+        let mut node_events = self.node_watch().await;
         let mut not_ready_since: Option<Instant> = Some(Instant::now());
         let mut applied: Option<Desired> = None;
         let mut backoff = Duration::from_millis(200);
@@ -197,7 +202,8 @@ impl TaintController {
                     message: reasons.join("; "),
                 },
             };
-            let mut wake = now + Duration::from_secs(60);
+            let poll = node_events.is_none().then_some(Duration::from_secs(60));
+            let mut wake = now + poll.unwrap_or(Duration::from_secs(3600));
             if let Some(at) = retry_at.filter(|at| now < *at) {
                 wake = at;
             } else if applied.as_ref() != Some(&desired) {
@@ -220,16 +226,76 @@ impl TaintController {
                     wake = wake.min(end);
                 }
             }
+            let next_node = async {
+                match node_events.as_mut() {
+                    Some(events) => events.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 r = changed.changed() => if r.is_err() { return },
+                ev = next_node => match ev {
+                    Some(Ok(node)) => {
+                        if applied.as_ref() == Some(&desired) && !self.is_as_desired(&node, &desired) {
+                            log::info!("node {}: our taint or condition was changed by someone else; setting it again", self.cfg.node);
+                            applied = None;
+                        }
+                    }
+                    Some(Err(e)) => log::debug!("node {}: watch: {e}", self.cfg.node),
+                    None => node_events = None,
+                },
                 _ = tokio::time::sleep_until(wake) => {
-                    // The minute's re-check compares with the node itself.
-                    if applied.as_ref() == Some(&desired) && Instant::now() >= now + Duration::from_secs(60) {
+                    // Without a watch, the minute's re-check compares with the node itself.
+                    if poll.is_some() && applied.as_ref() == Some(&desired) && Instant::now() >= now + Duration::from_secs(60) {
                         applied = None;
                     }
                 }
             }
         }
+    }
+
+    /// A watch on this controller's node (its applies and changes, after the initial
+    /// list), with `kube-runtime`'s backoff on errors; `None` without a client.
+    async fn node_watch(
+        &self,
+    ) -> Option<futures::stream::BoxStream<'static, Result<Value, kube::runtime::watcher::Error>>>
+    {
+        use kube::runtime::WatchStreamExt as _;
+        let client =
+            match crate::apiclient::watch_client(&self.install, self.kubeconfig.as_deref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!(
+                        "node {}: no watch ({e}); re-checking every minute",
+                        self.cfg.node
+                    );
+                    return None;
+                }
+            };
+        let nodes: kube::Api<kube::core::DynamicObject> =
+            kube::Api::all_with(client, &kube::discovery::ApiResource::erase::<Node>(&()));
+        let config = kube::runtime::watcher::Config::default()
+            .fields(&format!("metadata.name={}", self.cfg.node));
+        let stream = kube::runtime::watcher(nodes, config)
+            .default_backoff()
+            .applied_objects()
+            .map(|r| r.map(|o| json!({"spec": o.data["spec"], "status": o.data["status"]})));
+        Some(stream.boxed())
+    }
+
+    /// Whether the watched `node` (raw `spec` and `status`) already shows `d`: our taint as
+    /// desired (when `d` decides it) and our condition with its status, reason and message.
+    fn is_as_desired(&self, node: &Value, d: &Desired) -> bool {
+        let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+        let taints = list(&node["spec"]["taints"]);
+        let conditions = list(&node["status"]["conditions"]);
+        let taint_ok = d
+            .tainted
+            .is_none_or(|t| with_taint(&taints, &self.cfg.key, &self.cfg.effect, t).is_none());
+        let epoch = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let condition_ok =
+            with_condition(&conditions, d.ready, d.reason, &d.message, epoch).is_none();
+        taint_ok && condition_ok
     }
 
     /// Sets the taint (and the condition to not ready) once, as the agent leaves for good.

@@ -169,10 +169,18 @@ fn sigterm_keeps_the_plugin_during_an_upgrade_and_removes_it_on_uninstall() {
     wait_for("untainted", || {
         (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
     });
+    let (ready, _) = wait_for("IstioCNIReady=True", || {
+        our_condition(&api).filter(|c| c["status"] == "True")
+    });
     assert!(daemon.sigterm().success());
     assert!(
         !taint_keys(&api).contains(&TAINT.to_owned()),
         "no taint during an upgrade"
+    );
+    assert_eq!(
+        our_condition(&api),
+        Some(ready),
+        "the condition is left as it was during an upgrade"
     );
     let log = std::fs::read_to_string(&daemon.log).unwrap();
     assert!(
@@ -561,4 +569,33 @@ fn metric(daemon: &Daemon, name: &str) -> u64 {
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// The agent watches its node: a taint of ours that someone puts back by hand is removed
+/// at once (not at the next minute's poll), and an idle agent reads nothing.
+#[test]
+fn the_agent_watches_its_node() {
+    let (_node, api, daemon) = taint_setup(true, false);
+    daemon.wait_ready();
+    wait_for("untainted", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
+    wait_for("IstioCNIReady=True", || {
+        our_condition(&api).filter(|c| c["status"] == "True")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = api.requests();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(api.requests(), requests, "an idle agent sends no requests");
+
+    let mut n = api.get("nodes", "", "node-1").unwrap();
+    n["spec"]["taints"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"key": TAINT, "effect": "NoSchedule"}));
+    api.put("nodes", n);
+    // Within wait_for's limit, well below the minute a poll would take.
+    wait_for("untainted again, through the watch", || {
+        (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
+    });
 }
