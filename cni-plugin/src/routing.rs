@@ -148,40 +148,20 @@ fn has_tproxy_rule(family: Family) -> Result<bool, String> {
     let sock = open()?;
     let mut query = RuleMessage::default();
     query.header.family = address_family(family);
-    let mut msg = NetlinkMessage::new(
-        netlink_header(NLM_F_REQUEST | netlink_packet_core::NLM_F_DUMP),
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetRule(query)),
-    );
-    msg.finalize();
-    send(&sock, &msg).map_err(|e| format!("dumping ip rules: {e}"))?;
     let mut found = false;
-    loop {
-        let (buf, _) = sock
-            .recv_from_full()
-            .map_err(|e| format!("dumping ip rules: {e}"))?;
-        let mut offset = 0;
-        while let Some(rest) = buf.get(offset..).filter(|r| !r.is_empty()) {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
-                .map_err(|e| format!("decoding ip rule dump: {e}"))?;
-            let len = reply.header.length as usize;
-            match reply.payload {
-                NetlinkPayload::Done(_) => return Ok(found),
-                NetlinkPayload::Error(e) => {
-                    return Err(format!("dumping ip rules: {}", e.to_io()));
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRule(r)) => {
-                    let attrs = &r.attributes;
-                    found |= attrs.contains(&RuleAttribute::FwMark(TPROXY_MARK))
-                        && attrs.contains(&RuleAttribute::Table(TPROXY_ROUTE_TABLE));
-                }
-                _ => {}
+    sock.exchange(
+        RouteNetlinkMessage::GetRule(query),
+        NLM_F_REQUEST | netlink_packet_core::NLM_F_DUMP,
+        |msg| {
+            if let RouteNetlinkMessage::NewRule(r) = msg {
+                let attrs = &r.attributes;
+                found |= attrs.contains(&RuleAttribute::FwMark(TPROXY_MARK))
+                    && attrs.contains(&RuleAttribute::Table(TPROXY_ROUTE_TABLE));
             }
-            if len == 0 {
-                break;
-            }
-            offset += len;
-        }
-    }
+        },
+    )
+    .map_err(|e| format!("dumping ip rules: {e}"))?;
+    Ok(found)
 }
 
 fn address_family(family: Family) -> AddressFamily {
@@ -230,48 +210,161 @@ fn route(family: Family) -> RouteMessage {
     msg
 }
 
-fn open() -> Result<Socket, String> {
+/// How long a netlink answer may take before the request counts as failed (the kernel
+/// answers at once; this only bounds a broken netns).
+const NETLINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A route netlink socket of the current thread's netns, numbering its requests: every
+/// request gets the next sequence number, and only replies that carry it (and come from
+/// the kernel) are taken as its answer.
+struct Netlink {
+    sock: Socket,
+    next_seq: std::cell::Cell<u32>,
+}
+
+fn open() -> Result<Netlink, String> {
     let mut sock =
         Socket::new(NETLINK_ROUTE).map_err(|e| format!("cannot open a netlink socket: {e}"))?;
     sock.bind_auto()
         .map_err(|e| format!("cannot bind a netlink socket: {e}"))?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(|e| format!("cannot connect a netlink socket: {e}"))?;
-    Ok(sock)
+    nix::sys::socket::setsockopt(
+        &std::os::fd::AsFd::as_fd(&sock),
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(NETLINK_TIMEOUT.as_secs() as i64, 0),
+    )
+    .map_err(|e| format!("cannot set a netlink timeout: {e}"))?;
+    Ok(Netlink {
+        sock,
+        next_seq: std::cell::Cell::new(1),
+    })
 }
 
-fn netlink_header(flags: u16) -> NetlinkHeader {
-    let mut h = NetlinkHeader::default();
-    h.flags = flags;
-    h.sequence_number = 1;
-    h
-}
-
-fn send(sock: &Socket, msg: &NetlinkMessage<RouteNetlinkMessage>) -> std::io::Result<()> {
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    sock.send(&buf, 0).map(drop)
+impl Netlink {
+    /// Sends `inner` with `flags` and reads every reply to it until the request is done:
+    /// the ACK (an error message with code 0) of a plain request, or `NLMSG_DONE` of a
+    /// dump. Each data message of the answer goes to `each`. Replies with another sequence
+    /// number (a stale answer) are skipped.
+    ///
+    /// Errors: the errno the kernel answered with, a timeout, or undecodable data.
+    fn exchange(
+        &self,
+        inner: RouteNetlinkMessage,
+        flags: u16,
+        mut each: impl FnMut(RouteNetlinkMessage),
+    ) -> std::io::Result<()> {
+        let seq = self.next_seq.get();
+        self.next_seq.set(seq.wrapping_add(1));
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(inner));
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        self.sock.send(&buf, 0)?;
+        let invalid = |e: String| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        loop {
+            let (buf, from) = self.sock.recv_from_full()?;
+            if from.port_number() != 0 {
+                continue; // not from the kernel
+            }
+            let mut offset = 0;
+            while let Some(rest) = buf.get(offset..).filter(|r| !r.is_empty()) {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(rest)
+                    .map_err(|e| invalid(e.to_string()))?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    return Err(invalid("a netlink message of length 0".into()));
+                }
+                offset += len;
+                if reply.header.sequence_number != seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(()),
+                            Some(_) => Err(e.to_io()),
+                        }
+                    }
+                    NetlinkPayload::Done(_) => return Ok(()),
+                    NetlinkPayload::InnerMessage(m) => each(m),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// Sends one request and waits for its ACK. An errno equal to `ok_errno` counts as success.
 fn request(
-    sock: &Socket,
+    sock: &Netlink,
     inner: RouteNetlinkMessage,
     flags: u16,
     ok_errno: i32,
 ) -> std::io::Result<()> {
-    let mut msg = NetlinkMessage::new(netlink_header(flags), NetlinkPayload::InnerMessage(inner));
-    msg.finalize();
-    send(sock, &msg)?;
-    let (buf, _) = sock.recv_from_full()?;
-    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-    match reply.payload {
-        NetlinkPayload::Error(e) => match e.code {
-            None => Ok(()),
-            Some(code) if -code.get() == ok_errno => Ok(()),
-            Some(_) => Err(e.to_io()),
-        },
-        _ => Ok(()),
+    match sock.exchange(inner, flags, |_| {}) {
+        Err(e) if ok_errno != 0 && e.raw_os_error() == Some(ok_errno) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::ScratchNetns;
+
+    /// Many requests on one socket, each answered and matched by its own sequence number:
+    /// adds, an add that exists (EEXIST), a dump, deletes, a delete of what is gone
+    /// (ENOENT), and a request the kernel refuses, in between. Needs root.
+    #[test]
+    fn every_request_gets_its_own_answer() {
+        let scratch = ScratchNetns::create().unwrap();
+        scratch
+            .netns()
+            .run(|_inside| {
+                let sock = open().unwrap();
+                let add = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+                for _ in 0..2 {
+                    request(
+                        &sock,
+                        RouteNetlinkMessage::NewRule(rule(Family::V4)),
+                        add,
+                        libc::EEXIST,
+                    )
+                    .unwrap();
+                }
+                // A link that does not exist: refused, and the next request still gets
+                // its own answer.
+                let mut link = LinkMessage::default();
+                link.header.index = 999_999;
+                let e = request(
+                    &sock,
+                    RouteNetlinkMessage::SetLink(link),
+                    NLM_F_REQUEST | NLM_F_ACK,
+                    0,
+                )
+                .unwrap_err();
+                assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+                assert!(has_tproxy_rule(Family::V4).unwrap());
+                for _ in 0..2 {
+                    request(
+                        &sock,
+                        RouteNetlinkMessage::DelRule(rule(Family::V4)),
+                        NLM_F_REQUEST | NLM_F_ACK,
+                        libc::ENOENT,
+                    )
+                    .unwrap();
+                }
+                assert!(!has_tproxy_rule(Family::V4).unwrap());
+                assert_eq!(
+                    sock.next_seq.get(),
+                    6,
+                    "five requests, five sequence numbers"
+                );
+            })
+            .unwrap();
     }
 }
