@@ -70,7 +70,11 @@ pub async fn record<K>(
         ..Event::default()
     };
     let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), &namespace);
-    if let Err(e) = events.create(&PostParams::default(), &ev).await {
-        log::warn!("recording event {reason}: {e}");
+    let params = PostParams::default();
+    let created = events.create(&params, &ev);
+    match tokio::time::timeout(crate::apiclient::REQUEST_TIMEOUT, created).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => log::warn!("recording event {reason}: {e}"),
+        Err(_) => log::warn!("recording event {reason}: no answer in time"),
     }
 }

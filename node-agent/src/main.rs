@@ -187,6 +187,8 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             run.bind_address,
             run.monitoring_port
         );
+        // One API client for the whole process, built on first use.
+        let api = apiclient::ApiClient::new(&cfg, run.kubeconfig.as_deref());
         let taint = match (&run.node_name, run.taint_enabled) {
             (Some(node), true) => Some(Arc::new(TaintController::new(
                 TaintConfig {
@@ -195,8 +197,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                     effect: run.taint_effect.clone(),
                     grace: Duration::from_secs(run.taint_grace_seconds),
                 },
-                cfg.clone(),
-                run.kubeconfig.clone(),
+                api.clone(),
                 readiness.clone(),
                 metrics.clone(),
             ))),
@@ -213,8 +214,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             (Some(node), true) => {
                 let repair = RepairController::new(
                     repair_config(node, args, run),
-                    cfg.clone(),
-                    run.kubeconfig.clone(),
+                    api.clone(),
                     readiness.clone(),
                     metrics.clone(),
                 );
@@ -240,7 +240,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             let _ = std::fs::remove_file(path);
         }
         outcome?;
-        match on_exit(&cfg, args, run).await {
+        match on_exit(&api, args, run).await {
             OnExit::Keep(why) => log::info!("keeping the plugin installed: {why}"),
             OnExit::Cleanup(why) => {
                 log::info!("removing the plugin: {why}");
@@ -298,15 +298,14 @@ fn repair_config(node: &str, args: &AgentArgs, run: &RunArgs) -> RepairConfig {
 /// Whether to remove the plugin now that the agent stops: never with
 /// `--cleanup-on-exit=false`; as the API says (see [`upgrade`]) when the agent knows its pod
 /// name; else (outside a cluster) yes.
-async fn on_exit(cfg: &install::InstallConfig, args: &AgentArgs, run: &RunArgs) -> OnExit {
+async fn on_exit(api: &apiclient::ApiClient, args: &AgentArgs, run: &RunArgs) -> OnExit {
     if !run.cleanup_on_exit {
         return OnExit::Keep("--cleanup-on-exit=false".into());
     }
     let Some(pod) = &run.pod_name else {
         return OnExit::Cleanup("no --pod-name: not running as a DaemonSet pod".into());
     };
-    let timeout = Duration::from_secs(3);
-    let client = match apiclient::client(cfg, run.kubeconfig.as_deref(), timeout).await {
+    let client = match api.get().await {
         Ok(c) => c,
         Err(e) => {
             return OnExit::Keep(format!(

@@ -17,7 +17,6 @@
 //! is retried like 409 `Conflict`, a bounded number of times. When the node already is as
 //! desired nothing is written: the steady state costs no API writes.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,8 +27,8 @@ use kube::api::{Patch, PatchParams};
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 use crate::events::{self, EventType};
-use crate::install::InstallConfig;
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
@@ -122,8 +121,7 @@ fn changed_since_read(e: &kube::Error) -> bool {
 /// Drives the taint and condition of one node.
 pub struct TaintController {
     cfg: TaintConfig,
-    install: InstallConfig,
-    kubeconfig: Option<PathBuf>,
+    api: ApiClient,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
 }
@@ -139,19 +137,16 @@ struct Desired {
 }
 
 impl TaintController {
-    /// A controller for `cfg.node`, using the agent's API credentials (`install`) or
-    /// `kubeconfig`.
+    /// A controller for `cfg.node`, using the agent's shared API client.
     pub fn new(
         cfg: TaintConfig,
-        install: InstallConfig,
-        kubeconfig: Option<PathBuf>,
+        api: ApiClient,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> TaintController {
         TaintController {
             cfg,
-            install,
-            kubeconfig,
+            api,
             readiness,
             metrics,
         }
@@ -261,17 +256,16 @@ impl TaintController {
     ) -> Option<futures::stream::BoxStream<'static, Result<Value, kube::runtime::watcher::Error>>>
     {
         use kube::runtime::WatchStreamExt as _;
-        let client =
-            match crate::apiclient::watch_client(&self.install, self.kubeconfig.as_deref()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    log::warn!(
-                        "node {}: no watch ({e}); re-checking every minute",
-                        self.cfg.node
-                    );
-                    return None;
-                }
-            };
+        let client = match self.api.get().await {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!(
+                    "node {}: no watch ({e}); re-checking every minute",
+                    self.cfg.node
+                );
+                return None;
+            }
+        };
         let nodes: kube::Api<kube::core::DynamicObject> =
             kube::Api::all_with(client, &kube::discovery::ApiResource::erase::<Node>(&()));
         let config = kube::runtime::watcher::Config::default()
@@ -311,13 +305,16 @@ impl TaintController {
         .await
     }
 
+    /// [`TaintController::apply_once`] within [`REQUEST_TIMEOUT`] per read-and-write round
+    /// (five rounds at most).
     async fn apply(&self, d: &Desired) -> Result<(), String> {
-        let client = crate::apiclient::client(
-            &self.install,
-            self.kubeconfig.as_deref(),
-            Duration::from_secs(5),
-        )
-        .await?;
+        tokio::time::timeout(REQUEST_TIMEOUT * 5, self.apply_once(d))
+            .await
+            .unwrap_or_else(|_| Err("the API did not answer in time".into()))
+    }
+
+    async fn apply_once(&self, d: &Desired) -> Result<(), String> {
+        let client = self.api.get().await.map_err(|e| e.to_string())?;
         let nodes: kube::Api<Node> = kube::Api::all(client.clone());
         let name = &self.cfg.node;
         let raw: kube::Api<kube::core::DynamicObject> = kube::Api::all_with(

@@ -37,7 +37,7 @@ use self::act::{Mode, Outcome};
 use self::inspect::{Candidate, Exclusions, Finder, Health, InspectError};
 use self::locate::{PodNetns, ProcIndex};
 use self::policy::{Cooldown, DeleteBudget};
-use crate::install::InstallConfig;
+use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 use crate::metrics::{Metrics, RepairAction};
 use crate::readiness::Readiness;
 
@@ -129,33 +129,29 @@ struct Broken {
 /// The repair loop of one node.
 pub struct RepairController {
     cfg: RepairConfig,
-    install: InstallConfig,
-    kubeconfig: Option<PathBuf>,
+    api: ApiClient,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
 }
 
 impl RepairController {
-    /// A controller for `cfg.node`, using the agent's API credentials (`install`) or
-    /// `kubeconfig`.
+    /// A controller for `cfg.node`, using the agent's shared API client.
     pub fn new(
         cfg: RepairConfig,
-        install: InstallConfig,
-        kubeconfig: Option<PathBuf>,
+        api: ApiClient,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> RepairController {
         RepairController {
             cfg,
-            install,
-            kubeconfig,
+            api,
             readiness,
             metrics,
         }
     }
 
     /// Runs until the task is dropped. API errors are retried with the watcher's backoff; a
-    /// refused token gets a new client.
+    /// refused token is retried too (the shared client re-reads the rotated token file).
     pub async fn run(self) {
         let mut st = State {
             fingerprints: HashMap::new(),
@@ -168,18 +164,15 @@ impl RepairController {
         };
         let mut backoff = Duration::from_millis(500);
         loop {
-            let client =
-                match crate::apiclient::watch_client(&self.install, self.kubeconfig.as_deref())
-                    .await
-                {
-                    Ok(c) => c,
-                    Err(e) => {
-                        log::warn!("repair: no API client: {e}; retrying in {backoff:?}");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                        continue;
-                    }
-                };
+            let client = match self.api.get().await {
+                Ok(c) => c,
+                Err(e) => {
+                    log::warn!("repair: no API client: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
             backoff = Duration::from_millis(500);
             match self.watch(client, &mut st).await {
                 WatchEnd::Unauthorized => {
@@ -362,13 +355,7 @@ impl RepairController {
     }
 
     async fn act_on(&self, broken: Vec<Broken>, st: &mut State) {
-        let client = match crate::apiclient::client(
-            &self.install,
-            self.kubeconfig.as_deref(),
-            Duration::from_secs(5),
-        )
-        .await
-        {
+        let client = match self.api.get().await {
             Ok(c) => c,
             Err(e) => {
                 log::warn!("repair: no API client to act on broken pods: {e}");
@@ -427,10 +414,22 @@ impl RepairController {
                         Err(e) => Outcome::Failed(e),
                     }
                 }
-                Mode::Delete => act::delete(&client, &b.pod, node, &b.problems).await,
+                Mode::Delete => {
+                    let deleted = act::delete(&client, &b.pod, node, &b.problems);
+                    tokio::time::timeout(REQUEST_TIMEOUT * 3, deleted)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Outcome::Failed("the API did not answer in time".into())
+                        })
+                }
                 Mode::Label => {
                     let (k, v) = &self.cfg.label;
-                    act::label(&client, &b.pod, node, (k, v), &b.problems).await
+                    let labeled = act::label(&client, &b.pod, node, (k, v), &b.problems);
+                    tokio::time::timeout(REQUEST_TIMEOUT * 3, labeled)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Outcome::Failed("the API did not answer in time".into())
+                        })
                 }
             };
             match &outcome {
