@@ -1,80 +1,77 @@
-//! Kubernetes Events the agent records (`kubectl describe node|pod` shows them), best
-//! effort: a failure to record is logged, never fatal.
+//! Kubernetes Events the agent records (`kubectl describe node|pod`, `kubectl events` show
+//! them), through `kube-runtime`'s [`Recorder`]: `events.k8s.io/v1` Events, a repeat of the
+//! same event within the recorder's cache time becoming a series (a count and a last
+//! time, one PATCH) rather than a new object. One [`Events`] per process, so that the
+//! series span every loop. Best effort: a failure to record is logged, never fatal.
 
-use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use kube::api::PostParams;
-use kube::{Resource, ResourceExt};
+use kube::runtime::events::{Event, Recorder, Reporter};
+use kube::Resource;
 
-/// Component name in Events.
+pub use kube::runtime::events::EventType;
+
+use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
+
+/// Component name in Events (`reportingController`).
 pub const COMPONENT: &str = "istio-cni-node-agent";
 
-/// `Normal` or `Warning`, as the Event API spells them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventType {
-    /// Something expected happened.
-    Normal,
-    /// Something an operator may want to look at.
-    Warning,
+/// The process's Event recorder, built on first use from the shared API client.
+pub struct Events {
+    api: ApiClient,
+    reporter: Reporter,
+    recorder: tokio::sync::OnceCell<Recorder>,
 }
 
-/// Records an Event about `obj` (a Node or a Pod) with `reason` and `message`, from this
-/// agent on `host` (the node name). Node Events go to the `default` namespace, as the
-/// kubelet's do; others to the object's namespace.
-pub async fn record<K>(
-    client: &kube::Client,
-    obj: &K,
-    type_: EventType,
-    reason: &str,
-    message: &str,
-    host: &str,
-) where
-    K: Resource<DynamicType = ()>,
-{
-    let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let name = obj.name_any();
-    let namespace = obj.namespace().unwrap_or_else(|| "default".into());
-    let ev = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{name}.")),
-            namespace: Some(namespace.clone()),
-            ..ObjectMeta::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some(K::api_version(&()).into_owned()),
-            kind: Some(K::kind(&()).into_owned()),
-            name: Some(name),
-            namespace: obj.namespace(),
-            uid: obj.meta().uid.clone(),
-            resource_version: obj.meta().resource_version.clone(),
-            ..ObjectReference::default()
-        },
-        reason: Some(reason.into()),
-        message: Some(message.into()),
-        type_: Some(
-            match type_ {
-                EventType::Normal => "Normal",
-                EventType::Warning => "Warning",
+impl Events {
+    /// A recorder for the agent on node `host` (`reportingInstance`
+    /// `istio-cni-node-agent-<host>`).
+    pub fn new(api: ApiClient, host: &str) -> Events {
+        Events {
+            api,
+            reporter: Reporter {
+                controller: COMPONENT.into(),
+                instance: Some(format!("{COMPONENT}-{host}")),
+            },
+            recorder: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Records an Event about `obj` (a Node or a Pod): `reason` (CamelCase, e.g.
+    /// `IstioCNIRepaired`), `note` for people, and `action` (what the agent did, e.g.
+    /// `RepairRules`). Node Events go to the `default` namespace, others to the object's.
+    /// Waits at most [`REQUEST_TIMEOUT`].
+    pub async fn record<K>(&self, obj: &K, type_: EventType, reason: &str, note: &str, action: &str)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let recorder = match self
+            .recorder
+            .get_or_try_init(|| async {
+                let client = self.api.get().await?;
+                Ok::<_, crate::apiclient::ApiClientError>(Recorder::new(
+                    client,
+                    self.reporter.clone(),
+                ))
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("recording event {reason}: {e}");
+                return;
             }
-            .into(),
-        ),
-        source: Some(EventSource {
-            component: Some(COMPONENT.into()),
-            host: Some(host.into()),
-        }),
-        first_timestamp: Some(now.clone()),
-        last_timestamp: Some(now),
-        count: Some(1),
-        reporting_component: Some(COMPONENT.into()),
-        reporting_instance: Some(format!("{COMPONENT}-{host}")),
-        ..Event::default()
-    };
-    let events: kube::Api<Event> = kube::Api::namespaced(client.clone(), &namespace);
-    let params = PostParams::default();
-    let created = events.create(&params, &ev);
-    match tokio::time::timeout(crate::apiclient::REQUEST_TIMEOUT, created).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => log::warn!("recording event {reason}: {e}"),
-        Err(_) => log::warn!("recording event {reason}: no answer in time"),
+        };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: action.into(),
+            secondary: None,
+        };
+        let reference = obj.object_ref(&());
+        match tokio::time::timeout(REQUEST_TIMEOUT, recorder.publish(&event, &reference)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("recording event {reason}: {e}"),
+            Err(_) => log::warn!("recording event {reason}: no answer in time"),
+        }
     }
 }

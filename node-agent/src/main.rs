@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
+use istio_cni_node_agent::events::Events;
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
 use istio_cni_node_agent::repair::inspect::Exclusions;
@@ -189,6 +190,10 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         );
         // One API client for the whole process, built on first use.
         let api = apiclient::ApiClient::new(&cfg, run.kubeconfig.as_deref());
+        let events = Arc::new(Events::new(
+            api.clone(),
+            run.node_name.as_deref().unwrap_or("unknown-node"),
+        ));
         let taint = match (&run.node_name, run.taint_enabled) {
             (Some(node), true) => Some(Arc::new(TaintController::new(
                 TaintConfig {
@@ -198,6 +203,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                     grace: Duration::from_secs(run.taint_grace_seconds),
                 },
                 api.clone(),
+                events.clone(),
                 readiness.clone(),
                 metrics.clone(),
             ))),
@@ -215,6 +221,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                 let repair = RepairController::new(
                     repair_config(node, args, run),
                     api.clone(),
+                    events.clone(),
                     readiness.clone(),
                     metrics.clone(),
                 );

@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
-use crate::events::{self, EventType};
+use crate::events::{EventType, Events};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
 
@@ -122,6 +122,7 @@ fn changed_since_read(e: &kube::Error) -> bool {
 pub struct TaintController {
     cfg: TaintConfig,
     api: ApiClient,
+    events: Arc<Events>,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
 }
@@ -141,12 +142,14 @@ impl TaintController {
     pub fn new(
         cfg: TaintConfig,
         api: ApiClient,
+        events: Arc<Events>,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> TaintController {
         TaintController {
             cfg,
             api,
+            events,
             readiness,
             metrics,
         }
@@ -362,7 +365,10 @@ impl TaintController {
                                 metadata: node.metadata.clone(),
                                 ..Node::default()
                             };
-                            events::record(&client, &involved, type_, reason, &message, name).await;
+                            let action = if tainted { "TaintNode" } else { "UntaintNode" };
+                            self.events
+                                .record(&involved, type_, reason, &message, action)
+                                .await;
                             continue; // re-read for the condition patch
                         }
                         Err(e) if changed_since_read(&e) => {

@@ -361,10 +361,9 @@ fn the_node_is_untainted_when_ready_keeping_other_taints_and_then_left_alone() {
             .then_some(events)
     });
     assert!(
-        events
-            .iter()
-            .any(|e| e["reason"] == "IstioCNITaintRemoved"
-                && e["involvedObject"]["name"] == "node-1"),
+        events.iter().any(|e| e["reason"] == "IstioCNITaintRemoved"
+            && e["regarding"]["name"] == "node-1"
+            && e["reportingController"] == "istio-cni-node-agent"),
         "{events:?}"
     );
 

@@ -285,10 +285,11 @@ impl FakeApi {
             .collect()
     }
 
-    /// Reasons of the Events recorded about the object named `name`, in creation order.
+    /// Reasons of the Events (`events.k8s.io/v1`, `regarding`) recorded about the object
+    /// named `name`, in creation order.
     pub fn event_reasons(&self, name: &str) -> Vec<String> {
         let mut events = self.list("events");
-        events.retain(|e| e["involvedObject"]["name"] == name);
+        events.retain(|e| e["regarding"]["name"] == name);
         events.sort_by_key(rv_of);
         events
             .iter()

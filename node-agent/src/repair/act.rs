@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::inspect::{join, Candidate};
 use super::locate::{local_addresses, PodNetns};
-use crate::events::{self, EventType};
+use crate::events::{EventType, Events};
 
 /// Event reason: the rules were written again in place.
 pub const REASON_REPAIRED: &str = "IstioCNIRepaired";
@@ -131,9 +131,8 @@ pub fn repair_in_place(
 
 /// Records the outcome of an in-place repair as an Event on `pod`.
 pub async fn report_repair(
-    client: &kube::Client,
+    events: &Events,
     pod: &Pod,
-    node: &str,
     problems: &[String],
     result: &Result<(), String>,
 ) {
@@ -143,36 +142,41 @@ pub async fn report_repair(
                 "istio-cni restored the traffic redirection rules in the pod's netns (found: {})",
                 summary(problems)
             );
-            events::record(
-                client,
-                pod,
-                EventType::Normal,
-                REASON_REPAIRED,
-                &message,
-                node,
-            )
-            .await;
+            events
+                .record(
+                    pod,
+                    EventType::Normal,
+                    REASON_REPAIRED,
+                    &message,
+                    "RepairRules",
+                )
+                .await;
         }
         Err(e) => {
             let message = format!(
                 "istio-cni could not restore the traffic redirection rules ({e}); the pod's traffic bypasses the sidecar"
             );
-            events::record(
-                client,
-                pod,
-                EventType::Warning,
-                REASON_REPAIR_FAILED,
-                &message,
-                node,
-            )
-            .await;
+            events
+                .record(
+                    pod,
+                    EventType::Warning,
+                    REASON_REPAIR_FAILED,
+                    &message,
+                    "RepairRules",
+                )
+                .await;
         }
     }
 }
 
 /// Deletes `pod` if it is still the same pod, not yet terminating: a fresh read gives the
 /// resourceVersion for the preconditions, so a pod that changes in between is not deleted.
-pub async fn delete(client: &kube::Client, pod: &Pod, node: &str, problems: &[String]) -> Outcome {
+pub async fn delete(
+    client: &kube::Client,
+    events: &Events,
+    pod: &Pod,
+    problems: &[String],
+) -> Outcome {
     let ns = pod.namespace().unwrap_or_default();
     let name = pod.name_any();
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &ns);
@@ -200,15 +204,15 @@ pub async fn delete(client: &kube::Client, pod: &Pod, node: &str, problems: &[St
                 "istio-cni deleted the pod because its traffic redirection rules are missing or wrong ({}); its controller recreates it",
                 summary(problems)
             );
-            events::record(
-                client,
-                &fresh,
-                EventType::Warning,
-                REASON_DELETED,
-                &message,
-                node,
-            )
-            .await;
+            events
+                .record(
+                    &fresh,
+                    EventType::Warning,
+                    REASON_DELETED,
+                    &message,
+                    "DeletePod",
+                )
+                .await;
             Outcome::Done
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
@@ -222,8 +226,8 @@ pub async fn delete(client: &kube::Client, pod: &Pod, node: &str, problems: &[St
 /// Sets the label `key=value` on `pod`, unless it already has it.
 pub async fn label(
     client: &kube::Client,
+    events: &Events,
     pod: &Pod,
-    node: &str,
     (key, value): (&str, &str),
     problems: &[String],
 ) -> Outcome {
@@ -246,15 +250,15 @@ pub async fn label(
                 "istio-cni labeled the pod {key}={value} because its traffic redirection rules are missing or wrong ({})",
                 summary(problems)
             );
-            events::record(
-                client,
-                &labeled,
-                EventType::Warning,
-                REASON_LABELED,
-                &message,
-                node,
-            )
-            .await;
+            events
+                .record(
+                    &labeled,
+                    EventType::Warning,
+                    REASON_LABELED,
+                    &message,
+                    "LabelPod",
+                )
+                .await;
             Outcome::Done
         }
         Err(kube::Error::Api(s)) if s.code == 404 => Outcome::Moot("the pod is gone".into()),

@@ -38,6 +38,7 @@ use self::inspect::{Candidate, Exclusions, Finder, Health, InspectError};
 use self::locate::{PodNetns, ProcIndex};
 use self::policy::{Cooldown, DeleteBudget};
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
+use crate::events::Events;
 use crate::metrics::{Metrics, RepairAction};
 use crate::readiness::Readiness;
 
@@ -130,6 +131,7 @@ struct Broken {
 pub struct RepairController {
     cfg: RepairConfig,
     api: ApiClient,
+    events: Arc<Events>,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
 }
@@ -139,12 +141,14 @@ impl RepairController {
     pub fn new(
         cfg: RepairConfig,
         api: ApiClient,
+        events: Arc<Events>,
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> RepairController {
         RepairController {
             cfg,
             api,
+            events,
             readiness,
             metrics,
         }
@@ -363,7 +367,6 @@ impl RepairController {
             }
         };
         let mode = self.cfg.mode;
-        let node = &self.cfg.node;
         for b in broken {
             let name = pod_name(&b.pod);
             let uid = b.pod.uid().unwrap_or_default();
@@ -408,14 +411,14 @@ impl RepairController {
                     })
                     .await
                     .unwrap_or_else(|e| Err(format!("repair task failed: {e}")));
-                    act::report_repair(&client, &b.pod, node, &b.problems, &result).await;
+                    act::report_repair(&self.events, &b.pod, &b.problems, &result).await;
                     match result {
                         Ok(()) => Outcome::Done,
                         Err(e) => Outcome::Failed(e),
                     }
                 }
                 Mode::Delete => {
-                    let deleted = act::delete(&client, &b.pod, node, &b.problems);
+                    let deleted = act::delete(&client, &self.events, &b.pod, &b.problems);
                     tokio::time::timeout(REQUEST_TIMEOUT * 3, deleted)
                         .await
                         .unwrap_or_else(|_| {
@@ -424,7 +427,7 @@ impl RepairController {
                 }
                 Mode::Label => {
                     let (k, v) = &self.cfg.label;
-                    let labeled = act::label(&client, &b.pod, node, (k, v), &b.problems);
+                    let labeled = act::label(&client, &self.events, &b.pod, (k, v), &b.problems);
                     tokio::time::timeout(REQUEST_TIMEOUT * 3, labeled)
                         .await
                         .unwrap_or_else(|_| {
