@@ -16,6 +16,7 @@ use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::install::{self, InstallCache, InstallConfig, InstallError, PLUGIN_BINARY};
 use crate::metrics::{Metrics, Outcome};
 use crate::readiness::{Check, Readiness};
@@ -99,13 +100,17 @@ pub struct Agent {
     rewrites: VecDeque<Instant>,
     /// Whether our entry has been in place at least once (later re-chains are rewrites).
     chained_before: bool,
-    /// Backing off from a fight: no install before this instant; the current delay.
-    backoff: Option<(Instant, Duration)>,
+    /// Backing off from a fight: no install before this instant.
+    fight_until: Option<Instant>,
+    /// The delays of that backoff, 1 s doubling to 60 s.
+    fight_backoff: Backoff,
     /// What earlier passes verified (see [`InstallCache`]).
     cache: InstallCache,
     /// After a failed self-test: no new one before this instant (unless the install
-    /// changed); the current delay, doubling from 1 s to [`SELF_TEST_BACKOFF_MAX`].
-    self_test_retry: Option<(Instant, Duration)>,
+    /// changed).
+    self_test_retry: Option<Instant>,
+    /// The delays between failing self-tests, 1 s doubling to [`SELF_TEST_BACKOFF_MAX`].
+    self_test_backoff: Backoff,
 }
 
 /// Longest wait between two failing self-tests.
@@ -130,9 +135,11 @@ impl Agent {
             metrics,
             rewrites: VecDeque::new(),
             chained_before: false,
-            backoff: None,
+            fight_until: None,
+            fight_backoff: Backoff::new(Duration::from_secs(1), Duration::from_secs(60)),
             cache: InstallCache::default(),
             self_test_retry: None,
+            self_test_backoff: Backoff::new(Duration::from_secs(1), SELF_TEST_BACKOFF_MAX),
         }
     }
 
@@ -185,17 +192,16 @@ impl Agent {
 
     fn next_wake(&self) -> Instant {
         let resync = Instant::now() + self.opts.resync;
-        [self.backoff, self.self_test_retry]
+        [self.fight_until, self.self_test_retry]
             .into_iter()
             .flatten()
-            .map(|(until, _)| until)
             .fold(resync, Instant::min)
     }
 
     /// One pass: install (unless backing off), then the self-test if something changed or
     /// it has not passed yet.
     pub async fn pass(&mut self) {
-        if let Some((until, _)) = self.backoff {
+        if let Some(until) = self.fight_until {
             if Instant::now() < until {
                 return;
             }
@@ -233,21 +239,20 @@ impl Agent {
         }
         if installed.wrote_entry && self.chained_before {
             self.record_rewrite(&installed.config_file);
-        } else if !installed.wrote_entry && self.backoff.is_some() {
+        } else if !installed.wrote_entry && self.fight_until.is_some() {
             log::info!(
                 "{} kept our entry: the conflict is over",
                 installed.config_file.display()
             );
-            self.backoff = None;
+            self.fight_until = None;
+            self.fight_backoff.reset();
             self.readiness.set_conflict(None);
             self.metrics.conflict.set(0);
         }
         self.chained_before = true;
         self.readiness.set_install(Check::Ok);
         let changed = !installed.changes.is_empty();
-        let retry_due = self
-            .self_test_retry
-            .is_none_or(|(at, _)| Instant::now() >= at);
+        let retry_due = self.self_test_retry.is_none_or(|at| Instant::now() >= at);
         if self.opts.self_test && (changed || (!self.readiness.self_test_passed() && retry_due)) {
             self.self_test().await;
         }
@@ -269,9 +274,7 @@ impl Agent {
             file.display()
         );
         if self.rewrites.len() > self.opts.conflict_limit {
-            let delay = self.backoff.map_or(Duration::from_secs(1), |(_, d)| {
-                (d * 2).min(Duration::from_secs(60))
-            });
+            let delay = self.fight_backoff.next_delay();
             let reason = format!(
                 "{} was rewritten without our entry {} times within {:?}; another agent or operator is managing it; retrying in {delay:?}",
                 file.display(),
@@ -281,7 +284,7 @@ impl Agent {
             log::warn!("{reason}");
             self.readiness.set_conflict(Some(reason));
             self.metrics.conflict.set(1);
-            self.backoff = Some((now + delay, delay));
+            self.fight_until = Some(now + delay);
         }
     }
 
@@ -306,16 +309,13 @@ impl Agent {
                 log::info!("self-test passed in {took:?}");
                 self.readiness.set_self_test(Check::Ok);
                 self.self_test_retry = None;
+                self.self_test_backoff.reset();
             }
             Err(e) => {
-                let delay = self
-                    .self_test_retry
-                    .map_or(Duration::from_secs(1), |(_, d)| {
-                        (d * 2).min(SELF_TEST_BACKOFF_MAX)
-                    });
+                let delay = self.self_test_backoff.next_delay();
                 log::error!("{e}; next self-test in {delay:?}");
                 self.readiness.set_self_test(Check::Failed(e.to_string()));
-                self.self_test_retry = Some((Instant::now() + delay, delay));
+                self.self_test_retry = Some(Instant::now() + delay);
             }
         }
     }

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod apiclient;
+pub mod backoff;
 pub mod config;
 pub mod events;
 pub mod http;

@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::events::{EventType, Events};
 use crate::metrics::Metrics;
 use crate::readiness::Readiness;
@@ -171,7 +172,7 @@ impl TaintController {
         let mut node_events = self.node_watch().await;
         let mut not_ready_since: Option<Instant> = Some(Instant::now());
         let mut applied: Option<Desired> = None;
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::with_jitter(Duration::from_millis(200), Duration::from_secs(10));
         // After a failed write, no new attempt before this instant, whatever wakes us.
         let mut retry_at: Option<Instant> = None;
         loop {
@@ -208,14 +209,14 @@ impl TaintController {
                 match self.apply(&desired).await {
                     Ok(()) => {
                         applied = Some(desired.clone());
-                        backoff = Duration::from_millis(200);
+                        backoff.reset();
                         retry_at = None;
                     }
                     Err(e) => {
-                        log::warn!("node {}: {e}; retrying in {backoff:?}", self.cfg.node);
-                        wake = now + backoff;
+                        let delay = backoff.next_delay();
+                        log::warn!("node {}: {e}; retrying in {delay:?}", self.cfg.node);
+                        wake = now + delay;
                         retry_at = Some(wake);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
                     }
                 }
             }

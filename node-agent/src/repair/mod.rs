@@ -38,6 +38,7 @@ use self::inspect::{Candidate, Exclusions, Finder, Health, InspectError};
 use self::locate::{PodNetns, ProcIndex};
 use self::policy::{Cooldown, DeleteBudget};
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
+use crate::backoff::Backoff;
 use crate::events::Events;
 use crate::metrics::{Metrics, RepairAction};
 use crate::readiness::Readiness;
@@ -166,18 +167,18 @@ impl RepairController {
             cooldown: Cooldown::new(self.cfg.cooldown),
             budget: DeleteBudget::new(self.cfg.max_deletes_per_minute),
         };
-        let mut backoff = Duration::from_millis(500);
+        let mut backoff = Backoff::with_jitter(Duration::from_millis(500), Duration::from_secs(30));
         loop {
             let client = match self.api.get().await {
                 Ok(c) => c,
                 Err(e) => {
-                    log::warn!("repair: no API client: {e}; retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    let delay = backoff.next_delay();
+                    log::warn!("repair: no API client: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
                     continue;
                 }
             };
-            backoff = Duration::from_millis(500);
+            backoff.reset();
             match self.watch(client, &mut st).await {
                 WatchEnd::Unauthorized => {
                     log::warn!("repair: the API refused the credentials; reconnecting")
