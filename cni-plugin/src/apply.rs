@@ -53,7 +53,7 @@ pub enum ApplyError {
     },
     /// Policy routing for TPROXY could not be set up.
     #[error("TPROXY policy routing: {0}")]
-    Routing(String),
+    Routing(#[from] crate::routing::RoutingError),
 }
 
 /// Which iptables implementation writes the rules.

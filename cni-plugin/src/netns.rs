@@ -231,7 +231,7 @@ impl ScratchNetns {
         scratch
             .netns
             .run(crate::routing::loopback_up)?
-            .map_err(err)?;
+            .map_err(|e| err(e.to_string()))?;
         Ok(scratch)
     }
 

@@ -29,6 +29,27 @@ use crate::netns::Inside;
 use crate::rules::iptables::{TPROXY_MARK, TPROXY_ROUTE_TABLE};
 use crate::rules::{Family, Ruleset};
 
+/// A routing step failed: the request, as the `ip` command that would do the same, and the
+/// errno or I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("{request}: {source}")]
+pub struct RoutingError {
+    /// What was asked, e.g. `ip rule add fwmark 1337 lookup 133 (IPv4)`.
+    pub request: String,
+    /// Why it failed (the kernel's errno for a refused request).
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl RoutingError {
+    fn new(request: impl Into<String>, source: std::io::Error) -> RoutingError {
+        RoutingError {
+            request: request.into(),
+            source,
+        }
+    }
+}
+
 /// The IPv6 inbound passthrough address, `::6`.
 pub const IPV6_PASSTHROUGH: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
@@ -38,8 +59,8 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// Sets up what `ruleset` needs: `::6` on `lo` when it has IPv6 rules, and the TPROXY
 /// rule and route of each family in TPROXY mode. Entries already present are fine.
 ///
-/// Errors: a message naming the netlink request and the errno.
-pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), String> {
+/// Errors: [`RoutingError`] naming the request and the errno.
+pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), RoutingError> {
     let families: Vec<Family> = ruleset.families.iter().map(|f| f.family).collect();
     if !families.contains(&Family::V6) && !ruleset.tproxy_routing {
         return Ok(());
@@ -53,7 +74,9 @@ pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), String> {
             flags,
             libc::EEXIST,
         )
-        .map_err(|e| format!("ip -6 addr add {IPV6_PASSTHROUGH}/128 dev lo: {e}"))?;
+        .map_err(|e| {
+            RoutingError::new(format!("ip -6 addr add {IPV6_PASSTHROUGH}/128 dev lo"), e)
+        })?;
     }
     if !ruleset.tproxy_routing {
         return Ok(());
@@ -67,7 +90,10 @@ pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), String> {
             libc::EEXIST,
         )
         .map_err(|e| {
-            format!("ip rule add fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE} ({family}): {e}")
+            RoutingError::new(
+                format!("ip rule add fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE} ({family})"),
+                e,
+            )
         })?;
         request(
             &sock,
@@ -76,7 +102,10 @@ pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), String> {
             libc::EEXIST,
         )
         .map_err(|e| {
-            format!("ip route add local default dev lo table {TPROXY_ROUTE_TABLE} ({family}): {e}")
+            RoutingError::new(
+                format!("ip route add local default dev lo table {TPROXY_ROUTE_TABLE} ({family})"),
+                e,
+            )
         })?;
     }
     Ok(())
@@ -85,8 +114,8 @@ pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), String> {
 /// Removes the TPROXY rule and route of both families. Missing entries are fine. The `::6`
 /// address stays: it is harmless, and the pod's sidecar may be using it.
 ///
-/// Errors: a message naming the netlink request and the errno.
-pub fn remove(_inside: &Inside<'_>) -> Result<(), String> {
+/// Errors: [`RoutingError`] naming the request and the errno.
+pub fn remove(_inside: &Inside<'_>) -> Result<(), RoutingError> {
     let sock = open()?;
     for family in [Family::V4, Family::V6] {
         let flags = NLM_F_REQUEST | NLM_F_ACK;
@@ -99,7 +128,12 @@ pub fn remove(_inside: &Inside<'_>) -> Result<(), String> {
                 // Not there: ESRCH for a route in a table that does not exist;
                 // EAFNOSUPPORT when IPv6 is disabled in this netns.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EAFNOSUPPORT)) => {}
-                Err(e) => return Err(format!("removing TPROXY routing ({family}): {e}")),
+                Err(e) => {
+                    return Err(RoutingError::new(
+                        format!("removing TPROXY routing ({family})"),
+                        e,
+                    ))
+                }
             }
         }
     }
@@ -109,8 +143,8 @@ pub fn remove(_inside: &Inside<'_>) -> Result<(), String> {
 /// What of [`apply`]'s work is missing from the netns, one line per problem (empty when all
 /// is in place): the TPROXY rule of each family in TPROXY mode.
 ///
-/// Errors: a message naming the failed netlink dump.
-pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, String> {
+/// Errors: [`RoutingError`] for a failed netlink dump.
+pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, RoutingError> {
     let mut problems = Vec::new();
     if ruleset.tproxy_routing {
         for f in &ruleset.families {
@@ -128,8 +162,8 @@ pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, Str
 /// Brings `lo` up (`ip link set lo up`), as a runtime's loopback plugin does in a new
 /// sandbox. For netns this process creates itself (the node agent's self-test).
 ///
-/// Errors: a message naming the request and the errno.
-pub fn loopback_up(_inside: &Inside<'_>) -> Result<(), String> {
+/// Errors: [`RoutingError`] naming the request and the errno.
+pub fn loopback_up(_inside: &Inside<'_>) -> Result<(), RoutingError> {
     let sock = open()?;
     let mut link = LinkMessage::default();
     link.header.index = LOOPBACK_IFINDEX;
@@ -141,10 +175,10 @@ pub fn loopback_up(_inside: &Inside<'_>) -> Result<(), String> {
         NLM_F_REQUEST | NLM_F_ACK,
         0,
     )
-    .map_err(|e| format!("ip link set lo up: {e}"))
+    .map_err(|e| RoutingError::new("ip link set lo up", e))
 }
 
-fn has_tproxy_rule(family: Family) -> Result<bool, String> {
+fn has_tproxy_rule(family: Family) -> Result<bool, RoutingError> {
     let sock = open()?;
     let mut query = RuleMessage::default();
     query.header.family = address_family(family);
@@ -160,7 +194,7 @@ fn has_tproxy_rule(family: Family) -> Result<bool, String> {
             }
         },
     )
-    .map_err(|e| format!("dumping ip rules: {e}"))?;
+    .map_err(|e| RoutingError::new(format!("ip rule show ({family})"), e))?;
     Ok(found)
 }
 
@@ -222,19 +256,19 @@ struct Netlink {
     next_seq: std::cell::Cell<u32>,
 }
 
-fn open() -> Result<Netlink, String> {
+fn open() -> Result<Netlink, RoutingError> {
     let mut sock =
-        Socket::new(NETLINK_ROUTE).map_err(|e| format!("cannot open a netlink socket: {e}"))?;
+        Socket::new(NETLINK_ROUTE).map_err(|e| RoutingError::new("opening a netlink socket", e))?;
     sock.bind_auto()
-        .map_err(|e| format!("cannot bind a netlink socket: {e}"))?;
+        .map_err(|e| RoutingError::new("binding a netlink socket", e))?;
     sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| format!("cannot connect a netlink socket: {e}"))?;
+        .map_err(|e| RoutingError::new("connecting a netlink socket", e))?;
     nix::sys::socket::setsockopt(
         &std::os::fd::AsFd::as_fd(&sock),
         nix::sys::socket::sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(NETLINK_TIMEOUT.as_secs() as i64, 0),
     )
-    .map_err(|e| format!("cannot set a netlink timeout: {e}"))?;
+    .map_err(|e| RoutingError::new("setting a netlink timeout", e.into()))?;
     Ok(Netlink {
         sock,
         next_seq: std::cell::Cell::new(1),

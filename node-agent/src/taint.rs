@@ -119,6 +119,31 @@ fn changed_since_read(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409 || s.code == 422)
 }
 
+/// A write of the taint or the condition failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TaintError {
+    /// No API client.
+    #[error(transparent)]
+    Client(#[from] crate::apiclient::ApiClientError),
+    /// Reading the node failed.
+    #[error("reading the node: {0}")]
+    Read(#[source] kube::Error),
+    /// A patch was refused for another reason than a concurrent change.
+    #[error("patching {what}: {source}")]
+    Patch {
+        /// `the taints` or `the condition IstioCNIReady`.
+        what: &'static str,
+        /// The API's answer.
+        source: kube::Error,
+    },
+    /// Every attempt met a concurrent change.
+    #[error("the node kept changing under us ({0} conflicts)")]
+    KeptChanging(u32),
+    /// The API did not answer within the time given.
+    #[error("the API did not answer in time")]
+    Timeout,
+}
+
 /// Drives the taint and condition of one node.
 pub struct TaintController {
     cfg: TaintConfig,
@@ -299,7 +324,7 @@ impl TaintController {
     /// Sets the taint (and the condition to not ready) once, as the agent leaves for good.
     ///
     /// Errors: the API error.
-    pub async fn taint_on_exit(&self, why: &str) -> Result<(), String> {
+    pub async fn taint_on_exit(&self, why: &str) -> Result<(), TaintError> {
         self.apply(&Desired {
             tainted: Some(true),
             ready: false,
@@ -311,14 +336,14 @@ impl TaintController {
 
     /// [`TaintController::apply_once`] within [`REQUEST_TIMEOUT`] per read-and-write round
     /// (five rounds at most).
-    async fn apply(&self, d: &Desired) -> Result<(), String> {
+    async fn apply(&self, d: &Desired) -> Result<(), TaintError> {
         tokio::time::timeout(REQUEST_TIMEOUT * 5, self.apply_once(d))
             .await
-            .unwrap_or_else(|_| Err("the API did not answer in time".into()))
+            .unwrap_or(Err(TaintError::Timeout))
     }
 
-    async fn apply_once(&self, d: &Desired) -> Result<(), String> {
-        let client = self.api.get().await.map_err(|e| e.to_string())?;
+    async fn apply_once(&self, d: &Desired) -> Result<(), TaintError> {
+        let client = self.api.get().await?;
         let nodes: kube::Api<Node> = kube::Api::all(client.clone());
         let name = &self.cfg.node;
         let raw: kube::Api<kube::core::DynamicObject> = kube::Api::all_with(
@@ -327,10 +352,7 @@ impl TaintController {
         );
         // Conflicts (another writer between our read and our patch) are retried at once.
         for _ in 0..5 {
-            let node = raw
-                .get(name)
-                .await
-                .map_err(|e| format!("reading the node: {e}"))?;
+            let node = raw.get(name).await.map_err(TaintError::Read)?;
             let rv = node.metadata.resource_version.clone().unwrap_or_default();
             let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
             let taints = list(&node.data["spec"]["taints"]);
@@ -378,7 +400,12 @@ impl TaintController {
                             );
                             continue;
                         }
-                        Err(e) => return Err(format!("patching the taints: {e}")),
+                        Err(source) => {
+                            return Err(TaintError::Patch {
+                                what: "the taints",
+                                source,
+                            })
+                        }
                     }
                 }
                 self.metrics.node_tainted.set(i64::from(tainted));
@@ -399,10 +426,15 @@ impl TaintController {
                     );
                     continue;
                 }
-                Err(e) => return Err(format!("patching the condition {CONDITION_TYPE}: {e}")),
+                Err(source) => {
+                    return Err(TaintError::Patch {
+                        what: "the condition IstioCNIReady",
+                        source,
+                    })
+                }
             }
         }
-        Err("the node kept changing under us (5 conflicts)".into())
+        Err(TaintError::KeptChanging(5))
     }
 }
 

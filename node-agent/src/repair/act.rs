@@ -101,32 +101,65 @@ pub fn summary(problems: &[String]) -> String {
     s
 }
 
+/// An in-place repair failed; nothing was removed from the pod.
+#[derive(Debug, thiserror::Error)]
+pub enum RepairError {
+    /// The netns no longer holds any of the pod's IPs: it is not (or no longer) the pod's.
+    #[error("netns {netns} no longer holds the pod IP {ips}; not touching it")]
+    PodIpGone {
+        /// The netns, as found.
+        netns: String,
+        /// The pod's IPs.
+        ips: String,
+    },
+    /// The addresses in the netns could not be read.
+    #[error("netns {netns}: {reason}")]
+    Addresses {
+        /// The netns, as found.
+        netns: String,
+        /// Why.
+        reason: String,
+    },
+    /// The netns could not be entered.
+    #[error(transparent)]
+    Netns(#[from] istio_cni::netns::NetnsError),
+    /// Writing or reading back the rules failed (the plugin's error).
+    #[error(transparent)]
+    Program(#[from] istio_cni::Error),
+    /// The iptables binaries are unusable.
+    #[error(transparent)]
+    Xtables(#[from] istio_cni::apply::ApplyError),
+    /// The blocking task running the repair died.
+    #[error("the repair task failed: {0}")]
+    Task(String),
+}
+
 /// Writes the candidate's rules into the netns that was inspected (the same open handle,
 /// never the path again) and reads them back. Inside the same `setns` as the write, the
 /// netns must still hold one of the pod's IPs; otherwise nothing is written. A failed
 /// write or read-back removes nothing ([`reprogram`]): the pod keeps what it had.
 /// Blocking; run it off the async runtime.
 ///
-/// Errors: a message when the netns no longer holds the pod's IP, or from the write or
-/// the read-back.
+/// Errors: [`RepairError`]; [`RepairError::PodIpGone`] when the netns no longer holds the
+/// pod's IP (then nothing is written).
 pub fn repair_in_place(
     netns: &PodNetns,
     candidate: &Candidate,
     xt: &Xtables,
-) -> Result<(), String> {
-    netns
-        .netns
-        .run(|inside| {
-            let here = local_addresses()?;
-            if !candidate.ips.iter().any(|ip| here.contains(ip)) {
-                return Err(format!(
-                    "netns {netns} no longer holds the pod IP {}; not touching it",
-                    join(&candidate.ips)
-                ));
-            }
-            reprogram(inside, xt, &candidate.ruleset).map_err(|e| e.to_string())
-        })
-        .map_err(|e| e.to_string())?
+) -> Result<(), RepairError> {
+    netns.netns.run(|inside| {
+        let here = local_addresses().map_err(|reason| RepairError::Addresses {
+            netns: netns.to_string(),
+            reason,
+        })?;
+        if !candidate.ips.iter().any(|ip| here.contains(ip)) {
+            return Err(RepairError::PodIpGone {
+                netns: netns.to_string(),
+                ips: join(&candidate.ips),
+            });
+        }
+        Ok(reprogram(inside, xt, &candidate.ruleset)?)
+    })?
 }
 
 /// Records the outcome of an in-place repair as an Event on `pod`.
@@ -134,7 +167,7 @@ pub async fn report_repair(
     events: &Events,
     pod: &Pod,
     problems: &[String],
-    result: &Result<(), String>,
+    result: &Result<(), RepairError>,
 ) {
     match result {
         Ok(()) => {

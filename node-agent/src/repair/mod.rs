@@ -407,15 +407,15 @@ impl RepairController {
                 Mode::Repair => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
                     let result = tokio::task::spawn_blocking(move || {
-                        let xt = Xtables::detect().map_err(|e| e.to_string())?;
+                        let xt = Xtables::detect()?;
                         act::repair_in_place(&netns, &candidate, &xt)
                     })
                     .await
-                    .unwrap_or_else(|e| Err(format!("repair task failed: {e}")));
+                    .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
                     act::report_repair(&self.events, &b.pod, &b.problems, &result).await;
                     match result {
                         Ok(()) => Outcome::Done,
-                        Err(e) => Outcome::Failed(e),
+                        Err(e) => Outcome::Failed(e.to_string()),
                     }
                 }
                 Mode::Delete => {
