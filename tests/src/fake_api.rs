@@ -1,5 +1,5 @@
 //! An in-repo fake Kubernetes API server, over real HTTP on loopback, for the real `kube`
-//! client of the plugin (and, later, of the node agent).
+//! clients of the plugin and the node agent.
 //!
 //! It keeps objects as JSON in a store that honours the API's semantics where tests rely
 //! on them: every write bumps a global `resourceVersion`; `metadata.uid` and
@@ -29,6 +29,27 @@
 //!
 //! DELETE honours `preconditions` (`uid`, `resourceVersion`) in its `DeleteOptions` body:
 //! a mismatch is 409 `Conflict`, as kubectl's and controllers' safe deletes expect.
+//!
+//! ## Each behaviour and the kube-apiserver source it follows
+//!
+//! Paths are in kubernetes/kubernetes; `apiserver/` is `staging/src/k8s.io/apiserver/`,
+//! `errors.go` is `staging/src/k8s.io/apimachinery/pkg/api/errors/errors.go`.
+//!
+//! | behaviour | source |
+//! |---|---|
+//! | every write bumps one global `resourceVersion` | `apiserver/pkg/storage/etcd3/store.go` (the etcd revision) |
+//! | 404 `NotFound` with `details.name`/`kind` | `errors.go` `NewNotFound` |
+//! | create of an existing name: 409 `AlreadyExists` | `errors.go` `NewAlreadyExists`, `apiserver/pkg/registry/generic/registry/store.go` `Create` |
+//! | `generateName`: a suffix of 5 characters | `apiserver/pkg/storage/names/generate.go` `SimpleNameGenerator` |
+//! | PUT with a stale `resourceVersion`: 409 `Conflict`, "the object has been modified" | `apiserver/pkg/registry/generic/registry/store.go` (`OptimisticLockErrorMsg`), `errors.go` `NewConflict` |
+//! | JSON patch that cannot be applied (a failed `test` too): 422 `Invalid`, generic message, empty details | `apiserver/pkg/endpoints/handlers/patch.go` `applyJSPatch`, `errors.go` `NewGenericServerResponse` |
+//! | merge patch (RFC 7386) | `patch.go` `applyJSPatch` (`jsonpatch.MergePatch`) |
+//! | `status` subresource patches the same object | `pkg/registry/core/node/storage/storage.go` `StatusREST` |
+//! | DELETE `preconditions` (`uid`, `resourceVersion`): 409 `Conflict` | `apiserver/pkg/storage/etcd3/store.go` `checkPreconditions` |
+//! | watch from a `resourceVersion`: replay, then live events; `ADDED`/`DELETED` when an object enters or leaves the selector | `apiserver/pkg/storage/cacher/cacher.go`, `cache_watcher.go` |
+//! | watch from a compacted version: `410 Expired` | `apiserver/pkg/storage/cacher/watch_cache.go` (`errors.NewResourceExpired`, "too old resource version") |
+//! | `allowWatchBookmarks`: `BOOKMARK` events with the current version | `apiserver/pkg/storage/cacher/cacher.go` (bookmarks) |
+//! | `fieldSelector` `spec.nodeName` (pods), `metadata.name` (any) | `pkg/registry/core/pod/strategy.go` `ToSelectableFields`, `apiserver/pkg/registry/generic/matcher.go` |
 //!
 //! Routes, the same under `/api/v1` (core group) and `/apis/{group}/{version}`, so that
 //! later resources (nodes, events, daemonsets) slot in:
