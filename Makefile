@@ -4,7 +4,13 @@
 CARGO ?= cargo
 DEPS = bash scripts/deps.sh
 
-.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e fuzz clean
+.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e fuzz release _static-plugin clean
+
+# The plugin runs on hosts with any libc: it is linked statically (glibc's static libraries,
+# from libc6-dev; a static PIE). `--target` keeps these flags off build scripts and
+# proc-macros, and the output in its own directory.
+STATIC_TARGET = x86_64-unknown-linux-gnu
+STATIC_ENV = CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static"
 
 all: build
 
@@ -29,8 +35,21 @@ demo:
 test:
 	@$(DEPS) test
 	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory _static-plugin PROFILE_FLAG=
 	@$(MAKE) --no-print-directory _chart-test
-	$(CARGO) test --workspace
+	ISTIO_CNI_STATIC_BIN=$(CURDIR)/target/$(STATIC_TARGET)/debug/istio-cni $(CARGO) test --workspace
+
+_static-plugin:
+	$(STATIC_ENV) $(CARGO) build $(PROFILE_FLAG) --target $(STATIC_TARGET) -p istio-cni --bin istio-cni
+
+## The binaries that ship: the static plugin and the agent (dynamic, against the image's
+## glibc, so that it can resolve host names through NSS), release profile.
+release:
+	@$(DEPS) release
+	@$(MAKE) --no-print-directory _static-plugin PROFILE_FLAG=--release
+	$(CARGO) build --release -p istio-cni-node-agent --bin istio-cni-node-agent
+	@file -b target/$(STATIC_TARGET)/release/istio-cni
+	@ls -l target/$(STATIC_TARGET)/release/istio-cni target/release/istio-cni-node-agent
 
 # The chart's Python tools (Helm 4 SDK, Kubernetes schemas, CEL), pinned.
 VENV ?= .venv
