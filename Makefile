@@ -4,7 +4,7 @@
 CARGO ?= cargo
 DEPS = bash scripts/deps.sh
 
-.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e fuzz release _static-plugin clean
+.PHONY: all deps build demo test chart chart-test _chart-test lint bench e2e fuzz release _static-plugin image image-check clean
 
 # The plugin runs on hosts with any libc: it is linked statically (glibc's static libraries,
 # from libc6-dev; a static PIE). `--target` keeps these flags off build scripts and
@@ -83,11 +83,30 @@ bench:
 	./target/release/istio-cni-bench 200
 	./target/release/istio-cni-repair-bench 500
 
-## The node lifecycle acceptance test: containerd + the real agent and plugin over one
-## node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
+## The node agent's OCI image, from Debian packages (mmdebstrap + umoci, no registry, no
+## daemon): target/image/istio-cni-node-agent-<version>.oci.tar; the digest is the last line.
+image:
+	@$(DEPS) image
+	@$(MAKE) --no-print-directory release
+	bash scripts/image.sh target/image
+
+## Builds the image twice from the same commit and compares the digests (reproducible).
+image-check: image
+	@start=$$(date +%s); bash scripts/image.sh target/image-again | tail -n 1 > target/image-again/digest; \
+	    bash scripts/image.sh target/image | tail -n 1 > target/image/digest; \
+	    if cmp -s target/image/digest target/image-again/digest; then \
+	        echo "image: reproducible, $$(cat target/image/digest) twice ($$(( $$(date +%s) - start )) s)"; \
+	    else echo "image: NOT reproducible: $$(cat target/image/digest) vs $$(cat target/image-again/digest)"; exit 1; fi
+
+## The end-to-end acceptance tests: the image (reproducible, imports into containerd, runs),
+## then the node lifecycle: containerd + the real agent and plugin over one node's life
+## (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
 e2e:
 	@$(DEPS) e2e
 	$(CARGO) build --workspace --bins
+	@$(MAKE) --no-print-directory image-check
+	ISTIO_CNI_IMAGE=$$(ls $(CURDIR)/target/image/istio-cni-node-agent-*.oci.tar) \
+	    $(CARGO) test -p istio-cni-e2e --test image -- --ignored --nocapture
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,

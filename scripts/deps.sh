@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages that a make target needs, before anything is compiled.
 #
-#   scripts/deps.sh TARGET     TARGET: build, lint, demo, test, e2e, bench, fuzz, release, deps (= test)
+#   scripts/deps.sh TARGET     TARGET: build, lint, demo, test, e2e, bench, fuzz, release, image,
+#                              deps (= test)
 #
 # On Debian or Ubuntu, as root: checks each package with dpkg-query and installs only the
 # missing ones with apt-get, printing one line that says what and why. Not root, or not a
@@ -11,7 +12,7 @@
 # Exit codes: 0 ready; 1 something is missing or apt-get failed (its output is shown).
 set -euo pipefail
 
-target=${1:?usage: scripts/deps.sh build|lint|demo|test|e2e|bench|fuzz|release|deps}
+target=${1:?usage: scripts/deps.sh build|lint|demo|test|e2e|bench|fuzz|release|image|deps}
 
 # Each package, with the reason it is needed (shown when it is installed).
 declare -A why=(
@@ -29,6 +30,8 @@ declare -A why=(
     [python3-venv]="the chart tests' pinned Python tools go into .venv"
     [g++]="libFuzzer (built by the libfuzzer-sys crate) is C++"
     [file]="the tests check that the shipped plugin is statically linked"
+    [mmdebstrap]="the image's root file system, from Debian packages"
+    [umoci]="packs the image as an OCI layout, without a daemon"
 )
 base=(gcc libc6-dev ca-certificates)
 netns=(iptables iproute2 containernetworking-plugins)
@@ -37,12 +40,13 @@ case "$target" in
     build) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;
     lint) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;
     demo | bench) pkgs=("${base[@]}" "${netns[@]}"); need_root=true ;;
-    e2e) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}"); need_root=true ;;
+    e2e) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" file mmdebstrap umoci); need_root=true ;;
+    image) pkgs=("${base[@]}" file mmdebstrap umoci); need_root=true ;;
     test | deps) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" python3 python3-venv file); need_root=true ;;
     release) pkgs=("${base[@]}" file); need_root=false ;;
     fuzz) pkgs=("${base[@]}" g++); need_root=false ;;
     *)
-        echo "scripts/deps.sh: unknown target '$target' (build, lint, demo, test, e2e, bench, fuzz, release)" >&2
+        echo "scripts/deps.sh: unknown target '$target' (build, lint, demo, test, e2e, bench, fuzz, release, image)" >&2
         exit 2
         ;;
 esac

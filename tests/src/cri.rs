@@ -216,19 +216,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     fn import_pause_image(&mut self) {
         let archive = self.dir().join("pause.tar");
         write_pause_image(&archive);
+        self.ctr(&["images", "import", archive.to_str().expect("utf-8 path")]);
+    }
+
+    /// Runs `ctr` against this containerd in the CRI namespace (`k8s.io`) with `args`, and
+    /// returns its stdout; panics when it fails.
+    pub fn ctr(&self, args: &[&str]) -> String {
         let out = Command::new("ctr")
             .arg("--address")
             .arg(self.dir().join("containerd.sock"))
-            .args(["--namespace", CRI_NAMESPACE, "images", "import"])
-            .arg(&archive)
+            .args(["--namespace", CRI_NAMESPACE])
+            .args(args)
             .output()
             .expect("run ctr");
         assert!(
             out.status.success(),
-            "ctr images import failed: {}{}",
+            "ctr {args:?} failed: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// `RunPodSandbox` for a pod `namespace/name` with `uid`, in its own network namespace,
