@@ -348,14 +348,8 @@ mod tests {
     use super::*;
     use crate::netns::ScratchNetns;
 
-    /// The tests that write rules share [`PANIC_AFTER_APPLY`]: one at a time.
-    static SEAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    /// A panic between the write and the end of validation is caught inside the netns,
-    /// and the rules are removed before ADD reports it (code 105). Needs root.
-    #[test]
-    fn a_panic_after_the_write_still_rolls_back() {
-        let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
+    /// The ruleset of an injected pod with default settings (IPv4 only).
+    fn meshed_ruleset() -> Box<Ruleset> {
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "p", "namespace": "default",
                          "annotations": {"sidecar.istio.io/status": "{}"}},
@@ -366,6 +360,18 @@ mod tests {
         let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
             panic!("meshed pod")
         };
+        ruleset
+    }
+
+    /// The tests that write rules share [`PANIC_AFTER_APPLY`]: one at a time.
+    static SEAM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// A panic between the write and the end of validation is caught inside the netns,
+    /// and the rules are removed before ADD reports it (code 105). Needs root.
+    #[test]
+    fn a_panic_after_the_write_still_rolls_back() {
+        let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
+        let ruleset = meshed_ruleset();
         let xt = Xtables::detect().unwrap();
         let scratch = ScratchNetns::create().unwrap();
         PANIC_AFTER_APPLY.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -408,16 +414,7 @@ mod tests {
     #[test]
     fn reprogram_keeps_what_the_pod_had_and_program_removes_all() {
         let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
-        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "p", "namespace": "default",
-                         "annotations": {"sidecar.istio.io/status": "{}"}},
-            "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}
-        }))
-        .unwrap();
-        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
-        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
-            panic!("meshed pod")
-        };
+        let ruleset = meshed_ruleset();
         // A rewrite that iptables-restore refuses: an unknown match module.
         let mut bad = (*ruleset).clone();
         bad.families[0].rules.push(crate::rules::Rule {

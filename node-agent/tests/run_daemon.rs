@@ -507,12 +507,7 @@ fn fields_this_build_does_not_know_survive_and_do_not_block_the_untaint() {
 
 /// `istio_cni_self_test_runs_total{result="failure"}` from the agent's metrics.
 fn failed_self_tests(daemon: &Daemon) -> u64 {
-    daemon
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with("istio_cni_self_test_runs_total") && l.contains("failure"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
+    metric(daemon, "istio_cni_self_test_runs_total{result=\"failure\"}")
 }
 
 /// A self-test that keeps failing is retried with exponential backoff, not in a loop
@@ -560,7 +555,8 @@ fn a_failing_self_test_backs_off_and_an_idle_agent_stays_idle() {
     );
 }
 
-/// The sum of a counter's samples in the agent's metrics.
+/// The sum of the samples in the agent's metrics whose line starts with `name` (a
+/// counter, or one labelled sample of it).
 fn metric(daemon: &Daemon, name: &str) -> u64 {
     daemon
         .metrics()
