@@ -57,7 +57,7 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
 
 /// Installs the logger for this invocation: the configuration's level, file and agent
 /// socket, or (without a usable configuration) info to stderr and the default agent dir.
-pub fn init_logging(env: &CniEnv, conf: Option<&NetConf>) {
+fn init_logging(env: &CniEnv, conf: Option<&NetConf>) {
     match conf {
         Some(conf) => crate::logging::init(
             conf.log_level.filter(),
