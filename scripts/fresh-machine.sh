@@ -19,8 +19,14 @@ shift
 [ ! -e "$root" ] || { echo "$root exists; pick a new directory" >&2; exit 2; }
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 
-sources=/etc/apt/sources.list.d/debian.sources
-[ -r "$sources" ] || sources=/etc/apt/sources.list
+# The machine's own apt sources, in whichever files it keeps them (one-line or deb822).
+sources=()
+shopt -s nullglob
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -s "$f" ] && sources+=("$f")
+done
+shopt -u nullglob
+[ ${#sources[@]} -gt 0 ] || { echo "no apt sources in /etc/apt: cannot pick a mirror" >&2; exit 1; }
 
 mounts=()
 cleanup() {
@@ -31,7 +37,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-mmdebstrap --quiet --variant=minbase bookworm "$root" "$sources"
+mmdebstrap --quiet --variant=minbase bookworm "$root" "${sources[@]}"
 cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/" 2>/dev/null || true
 cp /etc/resolv.conf "$root/etc/resolv.conf"
 git clone --quiet --no-local "$repo" "$root/src"

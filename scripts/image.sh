@@ -25,8 +25,14 @@ agent=target/release/istio-cni-node-agent
 for b in "$plugin" "$agent"; do
     [ -x "$b" ] || { echo "image: $b is missing; run make release first" >&2; exit 1; }
 done
-sources=/etc/apt/sources.list.d/debian.sources
-[ -r "$sources" ] || sources=/etc/apt/sources.list
+# The machine's own apt sources, in whichever files it keeps them (one-line or deb822).
+sources=()
+shopt -s nullglob
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -s "$f" ] && sources+=("$f")
+done
+shopt -u nullglob
+[ ${#sources[@]} -gt 0 ] || { echo "no apt sources in /etc/apt: cannot pick a mirror" >&2; exit 1; }
 
 work=$(mktemp -d)
 trap 'rm -rf --one-file-system "$work"' EXIT
@@ -35,7 +41,7 @@ root=$work/rootfs
 # 1. The packages, extracted (no maintainer scripts run: nothing of apt or dpkg is needed
 #    at run time).
 mmdebstrap --quiet --variant=extract --include=iptables,nftables,ca-certificates,libgcc-s1 \
-    bookworm "$root" "$sources"
+    bookworm "$root" "${sources[@]}"
 
 # 2. What the maintainer scripts would have made: the iptables alternatives (Debian's
 #    default, the nft backend) and the CA bundle (update-ca-certificates concatenates the
