@@ -4,7 +4,7 @@
 # host's own apt sources are the mirror), everything not needed at run time is removed,
 # the two release binaries go to /usr/local/bin, and umoci packs the root into an OCI image
 # layout, tarred as target/image/istio-cni-node-agent-<version>.oci.tar. The last line
-# printed is the image manifest's digest.
+# printed is the image manifest's digest (also written to OUT_DIR/digest).
 #
 # Reproducible: SOURCE_DATE_EPOCH (default: the last commit's time) fixes every timestamp
 # (files, layer, config, history, the tar), so two builds of one commit with the same
@@ -106,4 +106,5 @@ blobs=$layout/blobs/sha256
 compressed=$(du -cb "$blobs"/* | tail -n 1 | cut -f1)
 echo "image: $archive ($(du -b "$archive" | cut -f1) bytes; blobs $compressed bytes; layer uncompressed $(du -sb "$work/bundle/rootfs" | cut -f1) bytes)"
 echo "image: $name:$tag, SOURCE_DATE_EPOCH=$SOURCE_DATE_EPOCH"
+echo "$manifest" >"$out_dir/digest"
 echo "$manifest"
