@@ -19,14 +19,8 @@ shift
 [ ! -e "$root" ] || { echo "$root exists; pick a new directory" >&2; exit 2; }
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 
-# The machine's own apt sources, in whichever files it keeps them (one-line or deb822).
-sources=()
-shopt -s nullglob
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-    [ -s "$f" ] && sources+=("$f")
-done
-shopt -u nullglob
-[ ${#sources[@]} -gt 0 ] || { echo "no apt sources in /etc/apt: cannot pick a mirror" >&2; exit 1; }
+# The machine's own apt sources (sets `sources`).
+. "$(dirname "$(readlink -f "$0")")/apt-sources.sh"
 
 mounts=()
 cleanup() {

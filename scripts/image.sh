@@ -25,14 +25,8 @@ agent=target/release/istio-cni-node-agent
 for b in "$plugin" "$agent"; do
     [ -x "$b" ] || { echo "image: $b is missing; run make release first" >&2; exit 1; }
 done
-# The machine's own apt sources, in whichever files it keeps them (one-line or deb822).
-sources=()
-shopt -s nullglob
-for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
-    [ -s "$f" ] && sources+=("$f")
-done
-shopt -u nullglob
-[ ${#sources[@]} -gt 0 ] || { echo "no apt sources in /etc/apt: cannot pick a mirror" >&2; exit 1; }
+# The machine's own apt sources (sets `sources`).
+. "$(dirname "$(readlink -f "$0")")/apt-sources.sh"
 
 work=$(mktemp -d)
 trap 'rm -rf --one-file-system "$work"' EXIT
