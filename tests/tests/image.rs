@@ -21,15 +21,9 @@ fn archive() -> PathBuf {
     p
 }
 
+/// [`istio_cni_e2e::net::run`], returning stdout as text.
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&istio_cni_e2e::net::run(cmd).stdout).into_owned()
 }
 
 fn blob(layout: &Path, digest: &str) -> PathBuf {
