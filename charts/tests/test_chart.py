@@ -27,7 +27,7 @@ REPO = CHART.parent.parent
 NAMESPACE = "istio-system"
 # The Kubernetes versions the chart claims (Chart.yaml kubeVersion >=1.30).
 KUBE_VERSIONS = ["1.30.0", "1.31.0", "1.32.0", "1.33.0", "1.34.0", "1.35.0", "1.36.0", "1.37.0"]
-ALLOWED_CAPS = {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "DAC_OVERRIDE", "SETUID"}
+ALLOWED_CAPS = {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE", "DAC_OVERRIDE", "SETUID"}
 # Kinds from CRDs (multus), which the Kubernetes schemas do not know.
 CUSTOM_KINDS = {"NetworkAttachmentDefinition"}
 PROFILES = sorted(p.stem.removeprefix("profile-") for p in (CHART / "files").glob("profile-*.yaml"))
@@ -45,7 +45,7 @@ CASES: dict[str, dict] = {
     "repair-label": {"repair": {"mode": "label"}},
     "taint-off": {"taint": {"enabled": False}},
     "taint-noexecute": {"taint": {"effect": "NoExecute", "key": "example.com/cni-not-ready"}},
-    "all-off": {"repair": {"enabled": False}, "taint": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": False}},
+    "all-off": {"repair": {"enabled": False}, "taint": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": False}, "selfTest": False},
     "env-override": {"env": {"KUBECONFIG_MODE": "640", "RESYNC_SECONDS": 30}},
 }
 
@@ -122,9 +122,11 @@ def test_security_properties(case: str) -> None:
     assert env["NODE_NAME"] == "spec.nodeName"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     repair_on = CASES[case].get("repair", {}).get("enabled", True)
-    assert ("/host/proc" in mounts) == repair_on
-    if repair_on:
+    self_test_on = CASES[case].get("selfTest", True)
+    assert ("/host/proc" in mounts) == (repair_on or self_test_on)
+    if repair_on or self_test_on:
         assert mounts["/host/proc"]["readOnly"] is True
+    if repair_on:
         assert mounts["/host/var/run/netns"]["mountPropagation"] == "HostToContainer"
     volumes = {v["name"]: v for v in pod["volumes"]}
     bin_dir = CASES[case].get("cniBinDir", "/opt/cni/bin")
@@ -361,6 +363,10 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     # An empty name means "pick the first valid config", as unset does.
     assert (agent["cni_conf_name"] or None) == (values["cniConfFileName"] or None)
     assert agent["validation_timeout_ms"] == values["validation"]["timeoutMs"]
+    # The self-test runs the plugin from the host's bin dir in the host's mount namespace.
+    assert agent["self_test"] == values["selfTest"]
+    assert agent["host_mount_ns"] == "/host/proc/1/ns/mnt"
+    assert agent["host_cni_bin_dir"] == values["cniBinDir"]
     # `env` reaches every other option, and wins over the ConfigMap.
     assert agent["kubeconfig_mode"] == int(str(values["env"].get("KUBECONFIG_MODE", "600")), 8)
     assert run["resync_seconds"] == int(values["env"].get("RESYNC_SECONDS", 60))

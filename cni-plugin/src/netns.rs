@@ -179,6 +179,13 @@ impl Netns {
     }
 }
 
+impl AsFd for Netns {
+    /// The open namespace file: a handle other processes can inherit to reach it.
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
 /// Proof that the current thread is inside a netns; only [`Netns::run`] makes one.
 #[derive(Debug)]
 pub struct Inside<'a> {

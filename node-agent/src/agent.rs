@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::install::{self, InstallCache, InstallConfig, InstallError, PLUGIN_BINARY};
+use crate::install::{self, InstallCache, InstallConfig, InstallError};
 use crate::metrics::{Metrics, Outcome};
 use crate::readiness::{Check, Readiness};
 use crate::selftest;
@@ -25,8 +25,9 @@ use crate::selftest;
 /// How the loop behaves.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Run the self-test after each install change.
-    pub self_test: bool,
+    /// Run the self-test after each install change, running the plugin as this view of
+    /// the host says; `None`: no self-test (the node counts as proven once installed).
+    pub self_test: Option<selftest::HostView>,
     /// Re-check everything at least this often, even without events.
     pub resync: Duration,
     /// More rewrites by another writer than this within [`RunOptions::conflict_window`]
@@ -39,7 +40,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            self_test: true,
+            self_test: None,
             resync: Duration::from_secs(60),
             conflict_limit: 5,
             conflict_window: Duration::from_secs(60),
@@ -124,7 +125,7 @@ impl Agent {
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> Agent {
-        if !opts.self_test {
+        if opts.self_test.is_none() {
             // Off means never pending: readiness then flips in one step when installed.
             readiness.set_self_test(Check::Ok);
         }
@@ -253,7 +254,9 @@ impl Agent {
         self.readiness.set_install(Check::Ok);
         let changed = !installed.changes.is_empty();
         let retry_due = self.self_test_retry.is_none_or(|at| Instant::now() >= at);
-        if self.opts.self_test && (changed || (!self.readiness.self_test_passed() && retry_due)) {
+        if self.opts.self_test.is_some()
+            && (changed || (!self.readiness.self_test_passed() && retry_due))
+        {
             self.self_test().await;
         }
     }
@@ -289,16 +292,13 @@ impl Agent {
     }
 
     async fn self_test(&mut self) {
-        let plugin = self.cfg.bin_dir.join(PLUGIN_BINARY);
-        let (bin_dir, entry, work) = (
-            self.cfg.bin_dir.clone(),
-            self.cfg.plugin_entry(),
-            self.cfg.agent_run_dir.clone(),
-        );
-        let result =
-            tokio::task::spawn_blocking(move || selftest::run(&plugin, &bin_dir, &entry, &work))
-                .await
-                .unwrap_or_else(|e| Err(selftest::SelfTestError::Setup(e.to_string())));
+        let Some(host) = self.opts.self_test.clone() else {
+            return;
+        };
+        let (entry, work) = (self.cfg.plugin_entry(), self.cfg.agent_run_dir.clone());
+        let result = tokio::task::spawn_blocking(move || selftest::run(&host, &entry, &work))
+            .await
+            .unwrap_or_else(|e| Err(selftest::SelfTestError::Setup(e.to_string())));
         self.metrics
             .self_test_runs
             .get_or_create(&Outcome::of(result.is_ok()))

@@ -80,6 +80,19 @@ pub struct AgentArgs {
     #[arg(long, env = "SELF_TEST", default_value_t = true, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub self_test: bool,
+    /// The node's mount namespace, in which the self-test runs the plugin as the node's
+    /// runtime does (the host's PID 1's, through the DaemonSet's /host/proc mount). Empty:
+    /// the agent's own, for an agent that runs on the host itself.
+    #[arg(long, env = "HOST_MOUNT_NS", default_value = "/host/proc/1/ns/mnt")]
+    pub host_mount_ns: String,
+    /// The node's CNI bin dir as the host sees it (CNI_BIN_DIR is where the agent mounts
+    /// it): the self-test runs the installed plugin from here. Used with HOST_MOUNT_NS.
+    #[arg(long, env = "HOST_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub host_cni_bin_dir: PathBuf,
+    /// `PATH` of the node's runtime, which its CNI plugins inherit; the self-test gives it
+    /// to the plugin, which looks for `iptables` there.
+    #[arg(long, env = "HOST_PATH", default_value = crate::selftest::DEFAULT_HOST_PATH)]
+    pub host_path: String,
     /// The agent's log level: error, warn, info, debug, trace, off.
     #[arg(long, env = "LOG_LEVEL", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
@@ -143,6 +156,25 @@ fn parse_mode(s: &str) -> Result<u32, String> {
 }
 
 impl AgentArgs {
+    /// How the self-test runs the plugin (see [`crate::selftest::HostView`]), or `None`
+    /// with `--self-test false`. With an empty `--host-mount-ns` the agent's own view is
+    /// the host's: the plugin is run from `--cni-bin-dir`.
+    pub fn self_test_view(&self) -> Option<crate::selftest::HostView> {
+        if !self.self_test {
+            return None;
+        }
+        let own = self.host_mount_ns.is_empty();
+        Some(crate::selftest::HostView {
+            mount_ns: (!own).then(|| PathBuf::from(&self.host_mount_ns)),
+            cni_bin_dir: if own {
+                self.cni_bin_dir.clone()
+            } else {
+                self.host_cni_bin_dir.clone()
+            },
+            path: self.host_path.clone().into(),
+        })
+    }
+
     /// `--exclude-namespaces`, trimmed, without empty entries.
     pub fn excluded_namespaces(&self) -> Vec<String> {
         self.exclude_namespaces

@@ -97,14 +97,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    if install && args.self_test {
-        let plugin = cfg.bin_dir.join(install::PLUGIN_BINARY);
-        match selftest::run(
-            &plugin,
-            &cfg.bin_dir,
-            &cfg.plugin_entry(),
-            &cfg.agent_run_dir,
-        ) {
+    if let Some(host) = args.self_test_view().filter(|_| install) {
+        match selftest::run(&host, &cfg.plugin_entry(), &cfg.agent_run_dir) {
             Ok(took) => log::info!("self-test passed in {took:?}"),
             Err(e) => {
                 log::error!("{e}");
@@ -143,7 +137,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
     let opts = RunOptions {
-        self_test: args.self_test,
+        self_test: args.self_test_view(),
         resync: Duration::from_secs(run.resync_seconds.max(1)),
         ..RunOptions::default()
     };

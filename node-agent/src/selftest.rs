@@ -4,8 +4,18 @@
 //! itself writes, reads back and probes the rules, so a pass proves that this node's
 //! kernel, iptables binaries and our binary work together. Afterwards no rule, netns or
 //! file of the test is left.
+//!
+//! It runs the plugin as the node's runtime will ([`HostView`]): the binary at its path on
+//! the host, in the host's mount namespace (so the host's root file system, libc and
+//! `iptables`, not the image's), with a clean environment holding only the runtime's
+//! `PATH` and the `CNI_*` variables (libcni's `invoke` passes the runtime's own environment
+//! plus `CNI_*`: CNI spec, section "Parameters").
 
+use std::ffi::OsString;
+use std::fs::File;
 use std::io::Write as _;
+use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,12 +30,46 @@ pub const POD_NAMESPACE: &str = "istio-cni-self-test";
 /// See [`POD_NAMESPACE`].
 pub const POD_NAME: &str = "self-test";
 
+/// `PATH` that the self-test gives the plugin unless told otherwise: systemd's default for
+/// services (`systemd.exec(5)`, "Environment variables in spawned processes"), which is
+/// what a containerd or CRI-O started by systemd has and hands to its CNI plugins.
+pub const DEFAULT_HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How the node's runtime runs the plugin, which the self-test reproduces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    /// The node's mount namespace file (the host's `/proc/1/ns/mnt`, which the DaemonSet
+    /// mounts as `/host/proc/1/ns/mnt`); `None` runs the plugin in the agent's own mount
+    /// namespace, for an agent that runs on the host itself.
+    pub mount_ns: Option<PathBuf>,
+    /// The CNI bin dir as that mount namespace sees it (`/opt/cni/bin` on most nodes): the
+    /// plugin is `istio-cni` there, and it is the plugin's `CNI_PATH`.
+    pub cni_bin_dir: PathBuf,
+    /// The runtime's `PATH`, in which the plugin looks for `iptables`.
+    pub path: OsString,
+}
+
+impl HostView {
+    /// The installed plugin's path in the node's mount namespace.
+    pub fn plugin(&self) -> PathBuf {
+        self.cni_bin_dir.join(crate::install::PLUGIN_BINARY)
+    }
+}
+
 /// Why the self-test failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SelfTestError {
     /// The test could not be set up (netns, pod file).
     #[error("self-test setup: {0}")]
     Setup(String),
+    /// The node's mount namespace cannot be opened.
+    #[error("self-test: cannot open the node's mount namespace {path}: {reason}")]
+    HostMountNs {
+        /// The namespace file ([`HostView::mount_ns`]).
+        path: PathBuf,
+        /// Why, with what to check.
+        reason: String,
+    },
     /// A CNI verb failed.
     #[error("self-test {verb} failed (exit {exit}): {msg}")]
     Verb {
@@ -41,18 +85,18 @@ pub enum SelfTestError {
     Leftover(String),
 }
 
-/// Runs the self-test of `plugin` (the installed binary, with `cni_bin_dir` as `CNI_PATH`)
-/// with our chain `entry`, keeping its pod file in `work_dir` while it runs. Returns how
-/// long it took.
+/// Runs the self-test of the plugin installed as `host` sees it, with our chain `entry`,
+/// keeping its pod file in `work_dir` while it runs. `work_dir` must be the same path on
+/// the host and in the agent (the agent run dir is). Returns how long it took.
 ///
 /// Errors: [`SelfTestError`] saying which step failed and why.
 pub fn run(
-    plugin: &Path,
-    cni_bin_dir: &Path,
+    host: &HostView,
     entry: &Map<String, Value>,
     work_dir: &Path,
 ) -> Result<Duration, SelfTestError> {
     let start = Instant::now();
+    let mount_ns = host.mount_ns.as_deref().map(open_mount_ns).transpose()?;
     let scratch = ScratchNetns::create().map_err(|e| SelfTestError::Setup(e.to_string()))?;
     let pod_file = PodFile::write(work_dir)?;
     let mut conf = entry.clone();
@@ -65,8 +109,13 @@ pub fn run(
         json!({"cniVersion": "1.0.0", "ips": [{"address": "10.255.255.2/32"}]}),
     );
     let conf = Value::Object(conf).to_string();
+    let runtime = Runtime {
+        host,
+        mount_ns: mount_ns.as_ref().map(|f| f.as_raw_fd()),
+        netns: scratch.netns().as_fd().as_raw_fd(),
+    };
     for verb in ["ADD", "CHECK", "DEL"] {
-        exec(plugin, cni_bin_dir, verb, scratch.path(), &conf)?;
+        runtime.exec(verb, &conf)?;
     }
     let xt = Xtables::detect().map_err(|e| SelfTestError::Setup(e.to_string()))?;
     let left = scratch
@@ -109,55 +158,113 @@ impl Drop for PodFile {
     }
 }
 
-fn exec(
-    plugin: &Path,
-    cni_bin_dir: &Path,
-    verb: &'static str,
-    netns: &Path,
-    conf: &str,
-) -> Result<(), SelfTestError> {
-    let spawn_err = |e: std::io::Error| SelfTestError::Verb {
-        verb,
-        exit: -1,
-        msg: format!("cannot run {}: {e}", plugin.display()),
+/// Opens the mount namespace file `path` and checks that it is one.
+fn open_mount_ns(path: &Path) -> Result<File, SelfTestError> {
+    let fail = |reason: String| SelfTestError::HostMountNs {
+        path: path.into(),
+        reason,
     };
-    let mut child = Command::new(plugin)
-        .env("CNI_COMMAND", verb)
-        .env(
-            "CNI_CONTAINERID",
-            format!("istio-cni-self-test-{}", std::process::id()),
-        )
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={POD_NAME}"),
-        )
-        .env("CNI_PATH", cni_bin_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        // A plugin that fails before reading its config closes stdin early: its exit code
-        // and error output below say why, so a broken pipe here is not the error.
-        match stdin.write_all(conf.as_bytes()) {
-            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
-            _ => {}
+    let file = File::open(path).map_err(|e| {
+        fail(format!(
+            "{e} (the DaemonSet mounts the host's /proc at /host/proc; an agent run on the \
+             host itself sets HOST_MOUNT_NS to an empty value)"
+        ))
+    })?;
+    // NS_GET_NSTYPE (linux/nsfs.h): the namespace type of an nsfs file, as a CLONE_NEW* flag.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    // SAFETY: an ioctl without argument on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE) };
+    if kind != libc::CLONE_NEWNS {
+        return Err(fail("not a mount namespace file".into()));
+    }
+    Ok(file)
+}
+
+/// The plugin's execution as the runtime does it: see [`HostView`].
+struct Runtime<'a> {
+    host: &'a HostView,
+    /// The node's mount namespace, entered by the child before exec.
+    mount_ns: Option<RawFd>,
+    /// The scratch netns, inherited by the plugin as `CNI_NETNS=/proc/self/fd/N`: that path
+    /// names it in any mount namespace whose `/proc` shows the plugin, which the host's does.
+    netns: RawFd,
+}
+
+impl Runtime<'_> {
+    fn exec(&self, verb: &'static str, conf: &str) -> Result<(), SelfTestError> {
+        let plugin = self.host.plugin();
+        let spawn_err = |e: std::io::Error| {
+            let hint = match (e.raw_os_error(), &self.host.mount_ns) {
+                (Some(libc::ENOENT), Some(_)) => " (not at this path on the node: HOST_CNI_BIN_DIR must be the host's path of CNI_BIN_DIR)",
+                (Some(libc::EPERM), Some(_)) => " (entering the node's mount namespace needs CAP_SYS_ADMIN and CAP_SYS_CHROOT)",
+                _ => "",
+            };
+            let place = match &self.host.mount_ns {
+                Some(ns) => format!(" in the mount namespace {}", ns.display()),
+                None => String::new(),
+            };
+            SelfTestError::Verb {
+                verb,
+                exit: -1,
+                msg: format!("cannot run {}{place}: {e}{hint}", plugin.display()),
+            }
+        };
+        let mut cmd = Command::new(&plugin);
+        cmd.env_clear()
+            .env("PATH", &self.host.path)
+            .env("CNI_COMMAND", verb)
+            .env(
+                "CNI_CONTAINERID",
+                format!("istio-cni-self-test-{}", std::process::id()),
+            )
+            .env("CNI_NETNS", format!("/proc/self/fd/{}", self.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env(
+                "CNI_ARGS",
+                format!("K8S_POD_NAMESPACE={POD_NAMESPACE};K8S_POD_NAME={POD_NAME}"),
+            )
+            .env("CNI_PATH", &self.host.cni_bin_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let (mount_ns, netns) = (self.mount_ns, self.netns);
+        // SAFETY: between fork and exec the closure makes only async-signal-safe syscalls
+        // (setns, fcntl) on descriptors that stay open in the parent until the child exits.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = mount_ns {
+                    if libc::setns(fd, libc::CLONE_NEWNS) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                // Only this child's copy of the descriptor loses close-on-exec.
+                if libc::fcntl(netns, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
+        let mut child = cmd.spawn().map_err(spawn_err)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A plugin that fails before reading its config closes stdin early: its exit
+            // code and error output below say why, so a broken pipe here is not the error.
+            match stdin.write_all(conf.as_bytes()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
+                _ => {}
+            }
+        }
+        let out = child.wait_with_output().map_err(spawn_err)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let msg = serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|e| e.get("msg").and_then(Value::as_str).map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        Err(SelfTestError::Verb {
+            verb,
+            exit: out.status.code().unwrap_or(-1),
+            msg,
+        })
     }
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let msg = serde_json::from_slice::<Value>(&out.stdout)
-        .ok()
-        .and_then(|e| e.get("msg").and_then(Value::as_str).map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_owned());
-    Err(SelfTestError::Verb {
-        verb,
-        exit: out.status.code().unwrap_or(-1),
-        msg,
-    })
 }

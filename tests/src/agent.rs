@@ -199,6 +199,8 @@ impl Node {
         cmd.args(extra)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            // The agent runs on the host here: its own mount namespace is the node's.
+            .env("HOST_MOUNT_NS", "")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());

@@ -16,15 +16,18 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerStatusRequest, CreateContainerRequest, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest,
 };
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::net::TestNetns;
+use crate::node::{Node, NodeRoot};
 
 /// Name of the pause image the test imports.
 pub const PAUSE_IMAGE: &str = "docker.io/istio-cni-test/pause:1";
@@ -77,7 +80,18 @@ impl ContainerdDirs {
     ///
     /// Panics with containerd's log when it does not come up within 30 s.
     pub fn start(self, netns: &TestNetns) -> Containerd {
-        Containerd::start_in(self.dir, netns)
+        Containerd::start_in(self.dir, netns, None)
+    }
+
+    /// Starts containerd as PID 1 of a node ([`crate::node`]) laid out as `root`, inside
+    /// `netns`, with the node's own CNI dirs, `/opt/cni/bin` and `/etc/cni/net.d` (which
+    /// `root` must provide), instead of this value's: the node's runtime, for a DaemonSet
+    /// whose hostPath volumes and host mount namespace must be the node's. Then imports
+    /// the pause image.
+    ///
+    /// Panics with containerd's log when it does not come up within 30 s.
+    pub fn start_on_node(self, netns: &TestNetns, root: &NodeRoot) -> Containerd {
+        Containerd::start_in(self.dir, netns, Some(root))
     }
 }
 
@@ -90,11 +104,17 @@ impl Default for ContainerdDirs {
 /// A containerd instance with the CRI plugin.
 pub struct Containerd {
     dir: tempfile::TempDir,
-    child: Option<Child>,
+    process: Option<Process>,
     rt: tokio::runtime::Runtime,
     client: RuntimeServiceClient<Channel>,
     /// Sandboxes' cgroups go below this (removed on drop), as kubelet's `kubepods` tree.
     cgroup_root: String,
+}
+
+/// How containerd runs: a child of the test, or PID 1 of a node.
+enum Process {
+    Child(Child),
+    Node(Node),
 }
 
 /// A sandbox created through CRI.
@@ -123,8 +143,12 @@ impl Containerd {
         dirs.start(netns)
     }
 
-    fn start_in(dir: tempfile::TempDir, netns: &TestNetns) -> Containerd {
+    fn start_in(dir: tempfile::TempDir, netns: &TestNetns, node: Option<&NodeRoot>) -> Containerd {
         let d = dir.path();
+        let (bin, netd) = match node {
+            Some(_) => ("/opt/cni/bin".into(), "/etc/cni/net.d".into()),
+            None => (d.join("bin"), d.join("net.d")),
+        };
         let config = format!(
             r#"version = 2
 root = "{root}"
@@ -159,24 +183,47 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             sock = d.join("containerd.sock").display(),
             opt = d.join("opt").display(),
             runc = d.join("runc").display(),
-            bin = d.join("bin").display(),
-            netd = d.join("net.d").display(),
+            bin = bin.display(),
+            netd = netd.display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("write config");
-        let log = std::fs::File::create(d.join("containerd.log")).expect("log file");
-        let child = netns
-            .open()
-            .run(|_| {
-                Command::new("containerd")
-                    .arg("--config")
-                    .arg(d.join("config.toml"))
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone().expect("log fd"))
-                    .stderr(log)
-                    .spawn()
-            })
-            .expect("enter netns")
-            .expect("spawn containerd (is the containerd package installed?)");
+        let config = d.join("config.toml");
+        let process = match node {
+            Some(root) => {
+                let containerd = find_program("containerd");
+                let config = config.to_str().expect("utf-8 path");
+                Process::Node(
+                    netns
+                        .open()
+                        .run(|_| {
+                            root.start(
+                                &containerd,
+                                &["--config", config],
+                                &d.join("containerd.log"),
+                            )
+                        })
+                        .expect("enter netns"),
+                )
+            }
+            None => {
+                let log = std::fs::File::create(d.join("containerd.log")).expect("log file");
+                Process::Child(
+                    netns
+                        .open()
+                        .run(|_| {
+                            Command::new("containerd")
+                                .arg("--config")
+                                .arg(&config)
+                                .stdin(Stdio::null())
+                                .stdout(log.try_clone().expect("log fd"))
+                                .stderr(log)
+                                .spawn()
+                        })
+                        .expect("enter netns")
+                        .expect("spawn containerd (is the containerd package installed?)"),
+                )
+            }
+        };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -194,7 +241,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         let client = rt.block_on(connect(sock.clone()));
         let mut c = Containerd {
             dir,
-            child: Some(child),
+            process: Some(process),
             rt,
             client,
             cgroup_root: format!("/istio-cni-test-{}", crate::net::unique_name("ctd")),
@@ -339,6 +386,106 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .map_err(|s| s.message().to_owned())
     }
 
+    /// The node containerd runs as PID 1 of ([`ContainerdDirs::start_on_node`]).
+    pub fn node(&self) -> Option<&Node> {
+        match &self.process {
+            Some(Process::Node(node)) => Some(node),
+            _ => None,
+        }
+    }
+
+    /// `RunPodSandbox` with a config the caller built (for example from a pod template),
+    /// in this instance's cgroup tree as [`Containerd::run_pod_sandbox`] does.
+    ///
+    /// Errors: the CRI status as text.
+    pub fn run_pod_sandbox_with(&mut self, mut config: PodSandboxConfig) -> Result<String, String> {
+        let uid = config
+            .metadata
+            .as_ref()
+            .map(|m| m.uid.clone())
+            .unwrap_or_default();
+        if let Some(linux) = config.linux.as_mut() {
+            linux.cgroup_parent = format!("{}/kubepods/besteffort/pod{uid}", self.cgroup_root);
+        }
+        let req = RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        };
+        self.rt
+            .block_on(self.client.run_pod_sandbox(req))
+            .map(|r| r.into_inner().pod_sandbox_id)
+            .map_err(|s| s.message().to_owned())
+    }
+
+    /// `CreateContainer` then `StartContainer` in sandbox `sandbox` (created from
+    /// `sandbox_config`); returns the container ID.
+    ///
+    /// Errors: the CRI status as text.
+    pub fn start_container(
+        &mut self,
+        sandbox: &str,
+        sandbox_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<String, String> {
+        let id = self
+            .rt
+            .block_on(self.client.create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            }))
+            .map_err(|s| s.message().to_owned())?
+            .into_inner()
+            .container_id;
+        self.rt
+            .block_on(self.client.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .map_err(|s| s.message().to_owned())?;
+        Ok(id)
+    }
+
+    /// `StopContainer`: SIGTERM (the image's stop signal), then SIGKILL after `grace`, as
+    /// kubelet does with `terminationGracePeriodSeconds`. Returns the exit code.
+    ///
+    /// Errors: the CRI status as text.
+    pub fn stop_container(&mut self, id: &str, grace: Duration) -> Result<i32, String> {
+        self.rt
+            .block_on(self.client.stop_container(StopContainerRequest {
+                container_id: id.into(),
+                timeout: grace.as_secs() as i64,
+            }))
+            .map_err(|s| s.message().to_owned())?;
+        self.container_exit_code(id)
+            .ok_or_else(|| format!("container {id} has no exit code after StopContainer"))
+    }
+
+    /// The exit code of container `id`, if it has exited.
+    pub fn container_exit_code(&mut self, id: &str) -> Option<i32> {
+        let status = self
+            .rt
+            .block_on(self.client.container_status(ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            }))
+            .ok()?
+            .into_inner()
+            .status?;
+        (status.finished_at != 0).then_some(status.exit_code)
+    }
+
+    /// `RemoveContainer`.
+    ///
+    /// Errors: the CRI status as text.
+    pub fn remove_container(&mut self, id: &str) -> Result<(), String> {
+        self.rt
+            .block_on(self.client.remove_container(RemoveContainerRequest {
+                container_id: id.into(),
+            }))
+            .map(drop)
+            .map_err(|s| s.message().to_owned())
+    }
+
     /// IDs of every sandbox containerd knows.
     pub fn list_pod_sandboxes(&mut self) -> Vec<String> {
         self.rt
@@ -357,7 +504,7 @@ impl Drop for Containerd {
             let _ = self.stop_pod_sandbox(&id);
             let _ = self.remove_pod_sandbox(&id);
         }
-        if let Some(mut child) = self.child.take() {
+        if let Some(Process::Child(mut child)) = self.process.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(child.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
@@ -372,6 +519,9 @@ impl Drop for Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A node's PID 1 is containerd: dropping the node stops it and the kernel ends the
+        // rest of the node's processes.
+        drop(self.process.take());
         remove_cgroup_tree(&self.cgroup_root);
     }
 }
@@ -464,6 +614,16 @@ pub fn write_pause_image(path: &Path) {
         .expect("archive")
         .flush()
         .expect("flush");
+}
+
+/// `name`'s path in `PATH` (or the usual sbin and bin dirs).
+fn find_program(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found (is its package installed?)"))
 }
 
 fn digest(data: &[u8]) -> String {

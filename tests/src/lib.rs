@@ -10,5 +10,8 @@ pub mod cri;
 pub mod fake_api;
 pub mod kubelet;
 pub mod net;
+pub mod node;
+#[cfg(feature = "cri")]
+pub mod podtemplate;
 pub mod sandbox;
 pub mod stats;

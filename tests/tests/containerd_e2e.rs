@@ -72,6 +72,8 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
         .arg("--service-account-dir")
         .arg(&sa)
         .env_clear()
+        // The agent runs on the host here: its own mount namespace is the node's.
+        .env("HOST_MOUNT_NS", "")
         .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         .env("KUBERNETES_SERVICE_PORT", api.addr().port().to_string())
         .env("KUBERNETES_SERVICE_PROTOCOL", "http")
