@@ -75,12 +75,13 @@ chart:
 	$(VENV)/bin/python charts/chart.py target/chart
 
 ## ADD wall time over 200 pod netns against the iptables floor measured in the same run,
-## then 50 concurrent ADDs; then the repair loop's sweep over 500 running pods and its
+## the static release plugin interleaved with the dynamic one, then 50 concurrent ADDs; then the repair loop's sweep over 500 running pods and its
 ## flush-to-repaired time. Prints ratios; asserts no timing.
 bench:
 	@$(DEPS) bench
 	$(CARGO) build --release --workspace --no-default-features --bins
-	./target/release/istio-cni-bench 200
+	@$(MAKE) --no-print-directory release
+	ISTIO_CNI_STATIC_BIN=target/$(STATIC_TARGET)/release/istio-cni ./target/release/istio-cni-bench 200
 	./target/release/istio-cni-repair-bench 500
 
 ## The node agent's OCI image, from Debian packages (mmdebstrap + umoci, no registry, no
@@ -98,15 +99,23 @@ image-check: image
 	        echo "image: reproducible, $$(cat target/image/digest) twice ($$(( $$(date +%s) - start )) s)"; \
 	    else echo "image: NOT reproducible: $$(cat target/image/digest) vs $$(cat target/image-again/digest)"; exit 1; fi
 
-## The end-to-end acceptance tests: the image (reproducible, imports into containerd, runs),
-## then the node lifecycle: containerd + the real agent and plugin over one node's life
-## (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
+## The end-to-end acceptance tests: the image (reproducible, imports into containerd, runs);
+## the chart's DaemonSet as Helm renders it, run from that image through containerd's CRI
+## on a test node (install, host-side self-test, untaint, pods, upgrade, uninstall, a node
+## without iptables); then the node lifecycle: containerd + the real agent and plugin over
+## one node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
 e2e:
 	@$(DEPS) e2e
 	$(CARGO) build --workspace --bins
 	@$(MAKE) --no-print-directory image-check
+	@$(MAKE) --no-print-directory $(VENV)/.installed
+	@mkdir -p target/e2e
+	$(VENV)/bin/python charts/render.py target/e2e/chart.json
 	ISTIO_CNI_IMAGE=$$(ls $(CURDIR)/target/image/istio-cni-node-agent-*.oci.tar) \
 	    $(CARGO) test -p istio-cni-e2e --test image -- --ignored --nocapture
+	ISTIO_CNI_IMAGE=$$(ls $(CURDIR)/target/image/istio-cni-node-agent-*.oci.tar) \
+	ISTIO_CNI_CHART=$(CURDIR)/target/e2e/chart.json \
+	    $(CARGO) test -p istio-cni-e2e --test daemonset -- --ignored --nocapture --test-threads 1
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,

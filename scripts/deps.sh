@@ -27,20 +27,23 @@ declare -A why=(
     [runc]="containerd's OCI runtime"
     [busybox-static]="the offline pause image of the end-to-end tests"
     [python3]="the Helm chart's tests"
-    [python3-venv]="the chart tests' pinned Python tools go into .venv"
+    [python3-venv]="the chart's pinned Python tools (Helm's engine) go into .venv: chart tests, and e2e renders the chart"
     [g++]="libFuzzer (built by the libfuzzer-sys crate) is C++"
     [file]="the tests check that the shipped plugin is statically linked"
     [mmdebstrap]="the image's root file system, from Debian packages"
     [umoci]="packs the image as an OCI layout, without a daemon"
+    [util-linux]="unshare: test nodes are mount and PID namespaces"
+    [mount]="mount: tmpfs and overlays that lay out a test node's root"
 )
 base=(gcc libc6-dev ca-certificates)
 netns=(iptables iproute2 containernetworking-plugins)
-cri=(protobuf-compiler containerd runc busybox-static)
+cri=(protobuf-compiler containerd runc busybox-static util-linux mount)
 case "$target" in
     build) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;
     lint) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;
-    demo | bench) pkgs=("${base[@]}" "${netns[@]}"); need_root=true ;;
-    e2e) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" file mmdebstrap umoci); need_root=true ;;
+    demo) pkgs=("${base[@]}" "${netns[@]}"); need_root=true ;;
+    bench) pkgs=("${base[@]}" "${netns[@]}" file); need_root=true ;;
+    e2e) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" python3 python3-venv file mmdebstrap umoci); need_root=true ;;
     image) pkgs=("${base[@]}" file mmdebstrap umoci); need_root=true ;;
     test | deps) pkgs=("${base[@]}" "${netns[@]}" "${cri[@]}" python3 python3-venv file); need_root=true ;;
     release) pkgs=("${base[@]}" file); need_root=false ;;

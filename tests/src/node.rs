@@ -181,9 +181,13 @@ impl Node {
         format!("/proc/{}/ns/mnt", self.init).into()
     }
 
-    /// `path` of the node, as this machine reaches it (through `/proc/<pid>/root`).
+    /// `path` of the node, as this machine reaches it (through `/proc/<pid>/root`, with
+    /// the node's symlinks followed inside the node: see [`resolve_in`]).
     pub fn path(&self, path: &str) -> PathBuf {
-        Path::new(&format!("/proc/{}/root", self.init)).join(path.trim_start_matches('/'))
+        resolve_in(
+            Path::new(&format!("/proc/{}/root", self.init)),
+            Path::new(path),
+        )
     }
 
     /// Whether PID 1 still runs.
@@ -215,7 +219,72 @@ impl Drop for Node {
     }
 }
 
+/// `path` resolved inside `root` as a process whose root is `root` would resolve it:
+/// symlinks are followed, and an absolute target (Debian's `/var/run` → `/run`) starts
+/// again at `root` instead of at this machine's `/`. The last component is followed too
+/// when it exists; up to 40 links (the kernel's limit).
+pub fn resolve_in(root: &Path, path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    let mut pending: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .map(|c| c.as_os_str().to_owned())
+        .collect();
+    let mut links = 0;
+    while let Some(part) = pending.pop() {
+        match Path::new(&part).components().next() {
+            Some(Component::ParentDir) => {
+                out.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let candidate = out.join(name);
+                let full = root.join(&candidate);
+                let is_link =
+                    std::fs::symlink_metadata(&full).is_ok_and(|m| m.file_type().is_symlink());
+                match std::fs::read_link(&full) {
+                    Ok(target) if is_link && links < 40 => {
+                        links += 1;
+                        if target.is_absolute() {
+                            out = PathBuf::new();
+                        }
+                        pending.extend(target.components().rev().map(|c| c.as_os_str().to_owned()));
+                    }
+                    _ => out = candidate,
+                }
+            }
+            _ => {}
+        }
+    }
+    root.join(out)
+}
+
 /// `s` in single quotes for `sh`.
 pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_in;
+
+    #[test]
+    fn absolute_links_resolve_inside_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("run/netns")).unwrap();
+        std::fs::create_dir(r.join("var")).unwrap();
+        std::os::unix::fs::symlink("/run", r.join("var/run")).unwrap();
+        std::os::unix::fs::symlink("../run", r.join("var/rel")).unwrap();
+        assert_eq!(
+            resolve_in(r, "/var/run/netns/x".as_ref()),
+            r.join("run/netns/x")
+        );
+        assert_eq!(
+            resolve_in(r, "/var/rel/netns".as_ref()),
+            r.join("run/netns")
+        );
+        assert_eq!(resolve_in(r, "/../../etc".as_ref()), r.join("etc"));
+        assert_eq!(resolve_in(r, "/".as_ref()), r.to_path_buf());
+    }
 }

@@ -34,8 +34,6 @@ use k8s_cri::v1::{
 };
 use serde_json::Value;
 
-use crate::node::Node;
-
 /// Where the service account volume is mounted in every container.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
@@ -54,9 +52,10 @@ pub struct PodIdentity {
 
 /// kubelet's view of the node and cluster for one pod: where its dirs go, the ConfigMaps
 /// it may read, the service variables, and the service account's files.
-pub struct Kubelet<'a> {
-    /// The node whose paths `hostPath` volumes name.
-    pub node: &'a Node,
+pub struct Kubelet {
+    /// The root of the node whose paths `hostPath` volumes name, as this machine reaches
+    /// it ([`crate::node::Node::path`] of `/`).
+    pub node_root: PathBuf,
     /// kubelet's root dir on this machine (pods' `emptyDir` volumes, service account
     /// files, logs); visible in the node (not under a path the node replaces).
     pub root: PathBuf,
@@ -72,7 +71,11 @@ pub struct Kubelet<'a> {
     pub ca_pem: String,
 }
 
-impl Kubelet<'_> {
+impl Kubelet {
+    fn on_node(&self, path: &str) -> PathBuf {
+        crate::node::resolve_in(&self.node_root, Path::new(path))
+    }
+
     /// The sandbox config for `template` (a pod template's JSON).
     pub fn sandbox_config(&self, pod: &PodIdentity, template: &Value) -> PodSandboxConfig {
         let spec = &template["spec"];
@@ -247,10 +250,10 @@ impl Kubelet<'_> {
             let host_path = if let Some(path) = volume["hostPath"]["path"].as_str() {
                 match volume["hostPath"]["type"].as_str().unwrap_or("") {
                     "DirectoryOrCreate" => {
-                        std::fs::create_dir_all(self.node.path(path)).expect("hostPath dir")
+                        std::fs::create_dir_all(self.on_node(path)).expect("hostPath dir")
                     }
                     "Directory" => assert!(
-                        self.node.path(path).is_dir(),
+                        self.on_node(path).is_dir(),
                         "hostPath {path} is not a directory on the node"
                     ),
                     "" => {}

@@ -4,6 +4,10 @@
 //! a thread inside that netns as the plugin runs them. Prints median and p99 of both and
 //! their ratio, then 50 concurrent ADDs with their error count. No timing is asserted.
 //!
+//! With `ISTIO_CNI_STATIC_BIN` set (`make bench` sets it to the static release plugin), each
+//! pod's ADD is also run with that binary, the two interleaved (alternating which goes
+//! first) so that drift hits both alike, and the static/dynamic ratio is printed.
+//!
 //! Usage: `istio-cni-bench [PODS]` (default 200). Needs root.
 
 use std::io::Write as _;
@@ -50,14 +54,30 @@ fn main() {
     })
     .to_string();
     println!("istio-cni bench: {} ({pods} pods)", bin.display());
+    let static_bin = std::env::var_os("ISTIO_CNI_STATIC_BIN").map(std::path::PathBuf::from);
 
-    // ADD, one pod at a time, each in a fresh netns.
+    // ADD, one pod at a time, each in a fresh netns; with a static binary too, interleaved.
     let mut add = Vec::with_capacity(pods);
+    let mut add_static = Vec::with_capacity(pods);
     for i in 0..pods {
-        let ns = TestNetns::new("b");
-        let (took, ok) = run_add(&bin, &host, &ns, &conf, i);
-        assert!(ok.is_ok(), "ADD {i} failed: {}", ok.unwrap_err());
-        add.push(took);
+        let mut runs: Vec<(&std::path::Path, &mut Vec<Duration>)> = vec![(&bin, &mut add)];
+        if let Some(s) = &static_bin {
+            runs.push((s, &mut add_static));
+            if i % 2 == 1 {
+                runs.reverse();
+            }
+        }
+        for (b, into) in runs {
+            let ns = TestNetns::new("b");
+            let (took, ok) = run_add(b, &host, &ns, &conf, i);
+            assert!(
+                ok.is_ok(),
+                "ADD {i} ({}) failed: {}",
+                b.display(),
+                ok.unwrap_err()
+            );
+            into.push(took);
+        }
     }
 
     // The floor: the same rules, one restore and one save, in fresh netns.
@@ -117,6 +137,20 @@ fn main() {
         add_med.as_secs_f64() / floor_med.as_secs_f64(),
         add_p99.as_secs_f64() / floor_p99.as_secs_f64()
     );
+    if let Some(s) = &static_bin {
+        let (st_med, st_p99) = stats(&mut add_static);
+        println!(
+            "ADD with the static plugin {}, interleaved with the above:",
+            s.display()
+        );
+        println!("  median {}   p99 {}", ms(st_med), ms(st_p99));
+        println!(
+            "ratio static/dynamic: median {:.2}x   p99 {:.2}x   (static ADD/floor: median {:.2}x)",
+            st_med.as_secs_f64() / add_med.as_secs_f64(),
+            st_p99.as_secs_f64() / add_p99.as_secs_f64(),
+            st_med.as_secs_f64() / floor_med.as_secs_f64()
+        );
+    }
 
     // Concurrency: CONCURRENT ADDs at once, each on its own netns.
     let netns: Vec<TestNetns> = (0..CONCURRENT).map(|_| TestNetns::new("c")).collect();
