@@ -51,8 +51,13 @@ mount -t tmpfs tmpfs "$root/run" && mounts+=("$root/run")
 bind "${RUSTUP_HOME:-$HOME/.rustup}" /root/.rustup ro
 bind "${CARGO_HOME:-$HOME/.cargo}/bin" /root/.cargo/bin ro
 
+# The root becomes the root of a mount namespace of its own (pivot_root, not chroot), as
+# on a machine: entering a mount namespace (the agent's self-test enters its node's)
+# resets the root to that namespace's, which a chroot would not survive.
 in_root() {
-    chroot "$root" /usr/bin/env -i HOME=/root TERM=dumb \
+    unshare --mount --propagation private -- /bin/sh -c \
+        'cd "$1" && mkdir -p .oldroot && pivot_root . .oldroot && cd / && umount -l /.oldroot && rmdir /.oldroot && shift && exec "$@"' \
+        sh "$root" /usr/bin/env -i HOME=/root TERM=dumb \
         PATH=/root/.cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         RUSTUP_HOME=/root/.rustup CARGO_HOME=/root/.cargo RUSTUP_AUTO_INSTALL=0 \
         SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
