@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::install::{self, InstallCache, InstallConfig, InstallError};
-use crate::metrics::{Metrics, Outcome};
+use crate::metrics::{Metrics, Outcome, UpstreamInstall};
 use crate::readiness::{Check, Readiness};
 use crate::selftest;
 
@@ -227,6 +227,16 @@ impl Agent {
             .install_attempts
             .get_or_create(&Outcome::of(outcome.is_ok()))
             .inc();
+        let upstream = match &outcome {
+            Ok(_) => Some("SUCCESS"),
+            Err(e) => e.upstream_result(&self.cfg),
+        };
+        if let Some(result) = upstream {
+            self.metrics
+                .installs
+                .get_or_create(&UpstreamInstall { result })
+                .inc();
+        }
         let installed = match outcome {
             Ok(i) => i,
             Err(e) => {

@@ -47,7 +47,9 @@ pub async fn serve_metrics(
         get(move || {
             let (metrics, readiness) = (metrics.clone(), readiness.clone());
             async move {
-                metrics.ready.set(i64::from(readiness.status().is_ok()));
+                let ready = i64::from(readiness.status().is_ok());
+                metrics.ready.set(ready);
+                metrics.install_ready.set(ready);
                 (
                     [(
                         header::CONTENT_TYPE,

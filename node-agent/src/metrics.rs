@@ -33,6 +33,26 @@ pub struct RepairAction {
     pub result: &'static str,
 }
 
+/// Labels of upstream Istio's `istio_cni_installs_total`: `result` is `SUCCESS`,
+/// `COPY_BINARIES_FAILURE`, `CREATE_KUBECONFIG_FAILURE` or `CREATE_CNI_CONFIG_FAILURE`
+/// (istio/istio `cni/pkg/install/monitoring.go`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamInstall {
+    /// One of the four values above.
+    pub result: &'static str,
+}
+
+/// Labels of upstream Istio's `istio_cni_repair_pods_repaired_total`: `type` is `repair`,
+/// `delete` or `label`; `result` is `success`, `skip` or `fail` (istio/istio
+/// `cni/pkg/repair/monitoring.go`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRepair {
+    /// The repair mode.
+    pub r#type: &'static str,
+    /// How it ended.
+    pub result: &'static str,
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -61,6 +81,16 @@ pub struct Metrics {
     pub repair_sweep_duration: Histogram,
     /// `istio_cni_repair_last_sweep_timestamp_seconds`: Unix time of the last sweep's end.
     pub repair_last_sweep: Gauge,
+    /// Upstream's `istio_cni_installs_total{result}`: one `SUCCESS` per install pass that
+    /// leaves everything in place, one failure per pass that fails, by the step that failed.
+    pub installs: Family<UpstreamInstall, Counter>,
+    /// Upstream's `istio_cni_install_ready`: the same value as `istio_cni_ready`.
+    pub install_ready: Gauge,
+    /// Upstream's `istio_cni_repair_pods_repaired_total{type,result}`: repair actions
+    /// taken (`success`, `fail`) or found unnecessary when acted on (`skip`, for example a
+    /// pod already labeled). Actions held back by the cooldown or the rate limit are only in
+    /// `istio_cni_repair_actions_total`.
+    pub pods_repaired: Family<UpstreamRepair, Counter>,
 }
 
 impl Metrics {
@@ -79,6 +109,9 @@ impl Metrics {
         let repair_sweep_duration =
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let repair_last_sweep = Gauge::default();
+        let installs = Family::<UpstreamInstall, Counter>::default();
+        let install_ready = Gauge::default();
+        let pods_repaired = Family::<UpstreamRepair, Counter>::default();
         let mut registry = Registry::with_prefix("istio_cni");
         registry.register(
             "install_attempts",
@@ -140,8 +173,27 @@ impl Metrics {
             "Unix time at which the last repair sweep ended",
             repair_last_sweep.clone(),
         );
+        // Upstream's names, types, labels and help texts, for existing dashboards and alerts.
+        registry.register(
+            "installs",
+            "Total number of CNI plugins installed by the Istio CNI installer",
+            installs.clone(),
+        );
+        registry.register(
+            "install_ready",
+            "Whether the CNI plugin installation is ready or not",
+            install_ready.clone(),
+        );
+        registry.register(
+            "repair_pods_repaired",
+            "Total number of pods repaired by repair controller",
+            pods_repaired.clone(),
+        );
         Metrics {
             registry,
+            installs,
+            install_ready,
+            pods_repaired,
             repair_pods_checked,
             repair_broken_found,
             repair_actions,

@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use istio_cni_e2e::agent::{get, wait_for, Daemon, Node, PRIMARY};
+use istio_cni_e2e::agent::{get, wait_for, Daemon, Kind, Node, PRIMARY};
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::{istio_chain, Layout, NodePods, RunningPod};
 use istio_cni_e2e::sandbox::injected_pod;
@@ -178,6 +178,20 @@ fn finds_exactly_the_broken_pods_and_repairs_them_in_place() {
         metric(&daemon, "istio_cni_repair_broken_pods_found_total"),
         Some(4.0)
     );
+    // Upstream Istio's series (cni/pkg/repair/monitoring.go), parsed as Prometheus does.
+    let m = daemon.scrape().expect("/metrics parses as OpenMetrics");
+    assert_eq!(
+        m.value(
+            "istio_cni_repair_pods_repaired",
+            Kind::Counter,
+            &[("type", "repair"), ("result", "success")]
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        m.help("istio_cni_repair_pods_repaired"),
+        Some("Total number of pods repaired by repair controller")
+    );
 
     // The others were not touched: no rules appeared, no events, no pod writes.
     for name in ["healthy", "not-injected", "excluded", "deleting"] {
@@ -291,6 +305,16 @@ fn delete_and_label_modes() {
         (s.events_for("to-delete") == ["IstioCNIDeletedBrokenPod"]).then_some(())
     });
     assert!(s.api.get("pods", "default", "healthy").is_some());
+    let upstream = |daemon: &Daemon, kind: &str| {
+        daemon.scrape()?.value(
+            "istio_cni_repair_pods_repaired",
+            Kind::Counter,
+            &[("type", kind), ("result", "success")],
+        )
+    };
+    wait_for("the deletion counted under upstream's name", || {
+        (upstream(&daemon, "delete") == Some(1.0)).then_some(())
+    });
     assert!(daemon.sigterm().success());
 
     // Label mode: the pod becomes Running (a watch event) and is labeled, once.
@@ -313,6 +337,7 @@ fn delete_and_label_modes() {
     // already there).
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(s.events_for("to-label"), ["IstioCNILabeledBrokenPod"]);
+    assert_eq!(upstream(&daemon, "label"), Some(1.0));
     assert!(
         to_label.rules().iter().all(|r| !r.starts_with("-A")),
         "label mode writes no rules"

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use istio_cni_e2e::agent::{
-    chained, get, project_token, register_agent_pod, wait_for, Daemon, Node, PRIMARY,
+    chained, get, project_token, register_agent_pod, wait_for, Daemon, Kind, Node, PRIMARY,
 };
 
 #[test]
@@ -27,6 +27,19 @@ fn daemon_installs_keeps_chained_and_cleans_up() {
     });
     assert!(body.contains("install:"), "{body}");
     assert_eq!(get(daemon.ready_port, "/healthz").unwrap().0, 200);
+    // Upstream's gauge says not ready; waiting for the primary CNI is not a failed install
+    // (upstream waits for it without counting).
+    let m = daemon.scrape().expect("/metrics parses as OpenMetrics");
+    assert_eq!(
+        m.value("istio_cni_install_ready", Kind::Gauge, &[]),
+        Some(0.0)
+    );
+    for result in ["SUCCESS", "CREATE_CNI_CONFIG_FAILURE"] {
+        assert_eq!(
+            m.value("istio_cni_installs", Kind::Counter, &[("result", result)]),
+            None
+        );
+    }
 
     // The primary CNI writes its config: chained, self-tested, ready.
     let conf = node.conf();
@@ -69,6 +82,30 @@ fn daemon_installs_keeps_chained_and_cleans_up() {
     assert!(
         metrics.contains("istio_cni_self_test_runs_total{result=\"success\"}"),
         "{metrics}"
+    );
+    // Upstream Istio's series (cni/pkg/install/monitoring.go): names, types, labels and
+    // help texts, parsed as Prometheus parses them.
+    let m = daemon.scrape().expect("/metrics parses as OpenMetrics");
+    assert!(
+        m.value(
+            "istio_cni_installs",
+            Kind::Counter,
+            &[("result", "SUCCESS")]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        m.value("istio_cni_install_ready", Kind::Gauge, &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.help("istio_cni_installs"),
+        Some("Total number of CNI plugins installed by the Istio CNI installer")
+    );
+    assert_eq!(
+        m.help("istio_cni_install_ready"),
+        Some("Whether the CNI plugin installation is ready or not")
     );
 
     // SIGTERM: our entry, the kubeconfig and the binary are removed; the primary stays.
@@ -593,4 +630,36 @@ fn the_agent_watches_its_node() {
     wait_for("untainted again, through the watch", || {
         (!taint_keys(&api).contains(&TAINT.to_owned())).then_some(())
     });
+}
+
+/// Upstream's `istio_cni_installs_total{result}` names the step that failed: the plugin
+/// binary cannot be read (`COPY_BINARIES_FAILURE`), the service account has no token
+/// (`CREATE_KUBECONFIG_FAILURE`).
+#[test]
+fn failed_installs_are_counted_by_upstream_step() {
+    let installs = |daemon: &Daemon, result: &str| {
+        daemon
+            .scrape()?
+            .value("istio_cni_installs", Kind::Counter, &[("result", result)])
+            .filter(|n| *n >= 1.0)
+    };
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    let missing = node.dir.path().join("no-such-plugin");
+    let daemon = node.daemon(&["--plugin-bin", missing.to_str().unwrap()]);
+    wait_for("COPY_BINARIES_FAILURE counted", || {
+        installs(&daemon, "COPY_BINARIES_FAILURE")
+    });
+    drop(daemon);
+
+    let node = Node::new("net.d");
+    std::fs::create_dir(&node.net).unwrap();
+    std::fs::write(node.conf(), PRIMARY).unwrap();
+    std::fs::remove_file(node.sa.join("token")).unwrap();
+    let daemon = node.daemon(&[]);
+    wait_for("CREATE_KUBECONFIG_FAILURE counted", || {
+        installs(&daemon, "CREATE_KUBECONFIG_FAILURE")
+    });
+    assert_eq!(installs(&daemon, "SUCCESS"), None);
 }

@@ -89,6 +89,15 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// GET /metrics, parsed as OpenMetrics text (what the agent serves, and what Prometheus
+    /// parses); `None` when the endpoint does not answer or the text does not parse.
+    pub fn scrape(&self) -> Option<Scrape> {
+        let (_, body) = self.get(self.metrics_port, "/metrics")?;
+        openmetrics_parser::openmetrics::parse_openmetrics(&body)
+            .ok()
+            .map(Scrape)
+    }
+
     /// Waits for /readyz 200; returns how long it took.
     pub fn wait_ready(&self) -> Duration {
         wait_for("/readyz 200", || (self.readyz()?.0 == 200).then_some(())).1
@@ -112,6 +121,67 @@ impl Drop for Daemon {
                 std::fs::read_to_string(&self.log).unwrap_or_default()
             );
         }
+    }
+}
+
+/// A parsed `/metrics` answer.
+pub struct Scrape(
+    pub  openmetrics_parser::MetricsExposition<
+        openmetrics_parser::OpenMetricsType,
+        openmetrics_parser::OpenMetricsValue,
+    >,
+);
+
+/// What a metric family is, as the exposition declares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `# TYPE … counter`.
+    Counter,
+    /// `# TYPE … gauge`.
+    Gauge,
+}
+
+impl Scrape {
+    /// The value of the sample of family `family` (the name without `_total`) with exactly
+    /// the labels `labels`; panics when the family exists with another type than `kind`.
+    pub fn value(&self, family: &str, kind: Kind, labels: &[(&str, &str)]) -> Option<f64> {
+        use openmetrics_parser::{OpenMetricsType, OpenMetricsValue};
+        let f = self.0.families.get(family)?;
+        let declared = match f.family_type {
+            OpenMetricsType::Counter => Some(Kind::Counter),
+            OpenMetricsType::Gauge => Some(Kind::Gauge),
+            _ => None,
+        };
+        assert_eq!(
+            declared,
+            Some(kind),
+            "{family} is declared {}",
+            f.family_type
+        );
+        f.iter_samples()
+            .find(|s| {
+                let Ok(set) = s.get_labelset() else {
+                    return false;
+                };
+                labels.len() == f.get_label_names().len()
+                    && labels
+                        .iter()
+                        .all(|(k, v)| set.get_label_value(k) == Some(*v))
+            })
+            .map(|s| match &s.value {
+                OpenMetricsValue::Counter(c) => c.value.as_f64(),
+                OpenMetricsValue::Gauge(g) => g.as_f64(),
+                other => panic!("{family}: unexpected value {other:?}"),
+            })
+    }
+
+    /// The HELP text of family `family`, without the final period that prometheus-client
+    /// adds to every HELP line.
+    pub fn help(&self, family: &str) -> Option<&str> {
+        self.0
+            .families
+            .get(family)
+            .map(|f| f.help.trim_end_matches('.'))
     }
 }
 

@@ -174,6 +174,32 @@ pub enum InstallError {
     },
 }
 
+impl InstallError {
+    /// The `result` of upstream Istio's `istio_cni_installs_total` for this failure, by
+    /// the step that failed (`cni/pkg/install/install.go` `installAll`): the plugin binary
+    /// (`COPY_BINARIES_FAILURE`), the kubeconfig (`CREATE_KUBECONFIG_FAILURE`) or the CNI
+    /// config (`CREATE_CNI_CONFIG_FAILURE`). `None` while no primary config exists yet:
+    /// upstream waits for it without counting.
+    pub fn upstream_result(&self, cfg: &InstallConfig) -> Option<&'static str> {
+        Some(match self {
+            InstallError::NoPrimary { .. } => return None,
+            InstallError::Kubeconfig(_) => "CREATE_KUBECONFIG_FAILURE",
+            InstallError::Io { path, .. }
+                if path.starts_with(&cfg.bin_dir) || *path == cfg.plugin_bin =>
+            {
+                "COPY_BINARIES_FAILURE"
+            }
+            InstallError::Io { path, .. } if path.starts_with(&cfg.agent_run_dir) => {
+                "CREATE_KUBECONFIG_FAILURE"
+            }
+            InstallError::BadConf(_)
+            | InstallError::NamedConfMissing { .. }
+            | InstallError::InvalidEntry { .. }
+            | InstallError::Io { .. } => "CREATE_CNI_CONFIG_FAILURE",
+        })
+    }
+}
+
 fn skipped_text(skipped: &[ConfError]) -> String {
     if skipped.is_empty() {
         " (it has no .conf, .conflist or .json file; is the primary CNI installed?)".into()

@@ -440,9 +440,11 @@ impl RepairController {
                 Outcome::Done => {
                     log::info!("repair: {name}: {mode} done");
                     self.count(mode, "success");
+                    self.count_upstream(mode, "success");
                 }
                 Outcome::Moot(why) => {
                     log::info!("repair: {name}: nothing to {mode}: {why}");
+                    self.count_upstream(mode, "skip");
                     if let Some(t) = taken {
                         st.budget.give_back(t);
                     }
@@ -450,9 +452,21 @@ impl RepairController {
                 Outcome::Failed(e) => {
                     log::warn!("repair: {name}: {mode} failed: {e}");
                     self.count(mode, "failure");
+                    self.count_upstream(mode, "fail");
                 }
             }
         }
+    }
+
+    /// Upstream's `istio_cni_repair_pods_repaired_total{type,result}`.
+    fn count_upstream(&self, mode: Mode, result: &'static str) {
+        self.metrics
+            .pods_repaired
+            .get_or_create(&crate::metrics::UpstreamRepair {
+                r#type: mode.as_str(),
+                result,
+            })
+            .inc();
     }
 
     fn count(&self, mode: Mode, result: &'static str) {
