@@ -350,7 +350,7 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     values = helm.Chart.load(str(CHART)).merge_values(CASES[case])
     run, agent = got["run"], got["agent"]
     assert run["repair_enabled"] == values["repair"]["enabled"]
-    assert run["repair_mode"] == values["repair"]["mode"]
+    assert got["effective"]["repair_mode"] == values["repair"]["mode"]
     assert run["taint_enabled"] == values["taint"]["enabled"]
     assert run["taint_key"] == values["taint"]["key"]
     assert run["taint_effect"] == values["taint"]["effect"]

@@ -147,6 +147,31 @@ fn parse_taint_key(s: &str) -> Result<String, String> {
     }
 }
 
+/// A comma-separated selector of `key=value`, `key==value` or `key!=value` terms (what
+/// `fields.ParseSelector` in `k8s.io/apimachinery/pkg/fields/selector.go` accepts, and the
+/// equality subset of label selectors); empty means none. Checked at start, so that a typo
+/// stops the agent with a message instead of failing every watch with 400.
+fn parse_selector(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    for term in s.split(',').filter(|_| !s.is_empty()) {
+        let (key, value) = term
+            .split_once("!=")
+            .or_else(|| term.split_once("=="))
+            .or_else(|| term.split_once('='))
+            .ok_or_else(|| format!("{term:?} is not key=value, key==value or key!=value"))?;
+        let bad = |x: &str| {
+            x.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "=!,".contains(c))
+        };
+        if key.is_empty() || bad(key) || bad(value) {
+            return Err(format!(
+                "{term:?} is not key=value, key==value or key!=value"
+            ));
+        }
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.trim_start_matches("0o");
     u32::from_str_radix(digits, 8)
@@ -220,6 +245,61 @@ impl AgentArgs {
     }
 }
 
+impl RunArgs {
+    /// The repair mode: `--repair-mode`, or upstream's `REPAIR_REPAIR_PODS`,
+    /// `REPAIR_DELETE_PODS` or `REPAIR_LABEL_PODS` set to true (istio/istio
+    /// `cni/pkg/cmd/root.go`), or `repair` when none is given.
+    ///
+    /// Errors: two of them ask for different modes. Upstream takes the first true of
+    /// repair, delete, label in that order without a word; here both variables are named.
+    pub fn effective_repair_mode(&self) -> Result<crate::repair::act::Mode, String> {
+        use crate::repair::act::Mode;
+        let upstream: Vec<(&str, Mode)> = [
+            ("REPAIR_REPAIR_PODS", Mode::Repair, self.repair_repair_pods),
+            ("REPAIR_DELETE_PODS", Mode::Delete, self.repair_delete_pods),
+            ("REPAIR_LABEL_PODS", Mode::Label, self.repair_label_pods),
+        ]
+        .into_iter()
+        .filter(|(_, _, on)| *on == Some(true))
+        .map(|(var, mode, _)| (var, mode))
+        .collect();
+        match (upstream.as_slice(), self.repair_mode) {
+            ([], mode) => Ok(mode.unwrap_or_default()),
+            ([(_, m)], None) => Ok(*m),
+            ([(_, m)], Some(mode)) if *m == mode => Ok(mode),
+            ([(var, m)], Some(mode)) => Err(format!(
+                "REPAIR_MODE={mode} and {var}=true ask for different repair modes ({mode}, {m}): set only one"
+            )),
+            ([(a, _), (b, _), ..], _) => Err(format!(
+                "{a}=true and {b}=true both select a repair mode: set only one of them (or REPAIR_MODE)"
+            )),
+        }
+    }
+
+    /// Upstream settings given that have no effect here, for a warning at start.
+    pub fn ignored_upstream_settings(&self) -> Vec<&'static str> {
+        [
+            (
+                "REPAIR_INIT_CONTAINER_NAME",
+                &self.repair_init_container_name,
+            ),
+            (
+                "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE",
+                &self.repair_init_container_termination_message,
+            ),
+            (
+                "REPAIR_INIT_CONTAINER_EXIT_CODE",
+                &self.repair_init_container_exit_code,
+            ),
+            ("REPAIR_SIDECAR_ANNOTATION", &self.repair_sidecar_annotation),
+        ]
+        .into_iter()
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k)
+        .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_mode;
@@ -258,6 +338,66 @@ mod tests {
             &"k".repeat(64),
         ] {
             assert!(parse_taint_key(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_repair_switches_select_the_mode_and_conflicts_name_both() {
+        use crate::repair::act::Mode;
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: super::RunArgs,
+        }
+        let mode = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(std::iter::once("agent").chain(args.iter().copied())).unwrap();
+            cli.run.effective_repair_mode()
+        };
+        assert_eq!(mode(&[]), Ok(Mode::Repair));
+        assert_eq!(mode(&["--repair-mode", "label"]), Ok(Mode::Label));
+        assert_eq!(mode(&["--repair-delete-pods", "true"]), Ok(Mode::Delete));
+        assert_eq!(
+            mode(&["--repair-repair-pods", "false", "--repair-label-pods", "1"]),
+            Ok(Mode::Label)
+        );
+        assert_eq!(
+            mode(&["--repair-mode", "delete", "--repair-delete-pods", "true"]),
+            Ok(Mode::Delete)
+        );
+        let both = mode(&[
+            "--repair-repair-pods",
+            "true",
+            "--repair-delete-pods",
+            "true",
+        ]);
+        let msg = both.unwrap_err();
+        assert!(
+            msg.contains("REPAIR_REPAIR_PODS=true") && msg.contains("REPAIR_DELETE_PODS=true"),
+            "{msg}"
+        );
+        let msg = mode(&["--repair-mode", "repair", "--repair-label-pods", "true"]).unwrap_err();
+        assert!(
+            msg.contains("REPAIR_MODE=repair") && msg.contains("REPAIR_LABEL_PODS=true"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn selectors_are_checked_at_start() {
+        use super::parse_selector;
+        for ok in [
+            "",
+            "app=web",
+            "a=b,c!=d",
+            "metadata.namespace==default",
+            "k=",
+        ] {
+            assert!(parse_selector(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["app", "=x", "a=b,", "a b=c", "a=b\nc", "a=b=c"] {
+            assert!(parse_selector(bad).is_err(), "{bad:?}");
         }
     }
 
@@ -327,9 +467,47 @@ pub struct RunArgs {
           value_parser = BoolishValueParser::new())]
     pub repair_enabled: bool,
     /// What to do with a broken pod: repair (rewrite the rules in place), delete (its
-    /// controller recreates it) or label (leave it to the operator).
-    #[arg(long, env = "REPAIR_MODE", default_value = "repair")]
-    pub repair_mode: crate::repair::act::Mode,
+    /// controller recreates it) or label (leave it to the operator) [default: repair, or
+    /// the one of upstream's REPAIR_*_PODS that is true].
+    #[arg(long, env = "REPAIR_MODE")]
+    pub repair_mode: Option<crate::repair::act::Mode>,
+    /// Upstream Istio's switch for repair mode (`repair-repair-pods`).
+    #[arg(long, env = "REPAIR_REPAIR_PODS", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub repair_repair_pods: Option<bool>,
+    /// Upstream Istio's switch for delete mode (`repair-delete-pods`).
+    #[arg(long, env = "REPAIR_DELETE_PODS", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub repair_delete_pods: Option<bool>,
+    /// Upstream Istio's switch for label mode (`repair-label-pods`).
+    #[arg(long, env = "REPAIR_LABEL_PODS", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub repair_label_pods: Option<bool>,
+    /// Only pods with these labels are repaired: a label selector (`k=v,k2!=v2`), added to
+    /// the repair loop's watch, as upstream's `repair-label-selectors`.
+    #[arg(long, env = "REPAIR_LABEL_SELECTORS", default_value = "",
+          value_parser = parse_selector)]
+    pub repair_label_selectors: String,
+    /// Only pods matching these field selectors (`k=v,k2!=v2`) are repaired, added to the
+    /// watch's `spec.nodeName`, as upstream's `repair-field-selectors`.
+    #[arg(long, env = "REPAIR_FIELD_SELECTORS", default_value = "",
+          value_parser = parse_selector)]
+    pub repair_field_selectors: String,
+    /// Upstream's settings of its init-container-based detection
+    /// (`REPAIR_INIT_CONTAINER_NAME`, `REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE`,
+    /// `REPAIR_INIT_CONTAINER_EXIT_CODE`, `REPAIR_SIDECAR_ANNOTATION`): accepted, and named
+    /// at start as without effect, since the agent reads each pod's rules instead.
+    #[arg(long, env = "REPAIR_INIT_CONTAINER_NAME", hide = true)]
+    pub repair_init_container_name: Option<String>,
+    /// See [`RunArgs::repair_init_container_name`].
+    #[arg(long, env = "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", hide = true)]
+    pub repair_init_container_termination_message: Option<String>,
+    /// See [`RunArgs::repair_init_container_name`].
+    #[arg(long, env = "REPAIR_INIT_CONTAINER_EXIT_CODE", hide = true)]
+    pub repair_init_container_exit_code: Option<String>,
+    /// See [`RunArgs::repair_init_container_name`].
+    #[arg(long, env = "REPAIR_SIDECAR_ANNOTATION", hide = true)]
+    pub repair_sidecar_annotation: Option<String>,
     /// Interval of the sweep over every pod on the node, in seconds (1 to 86400).
     #[arg(long, env = "REPAIR_RESYNC_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]

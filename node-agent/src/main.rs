@@ -110,12 +110,32 @@ fn main() -> ExitCode {
 }
 
 fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
+    let repair_mode = run.effective_repair_mode();
     if run.print_config {
-        let all = serde_json::json!({"agent": args, "run": run});
+        let effective = serde_json::json!({
+            "repair_mode": repair_mode.as_ref().map_or_else(|e| e.clone(), |m| m.to_string()),
+        });
+        let all = serde_json::json!({"agent": args, "run": run, "effective": effective});
         println!("{}", serde_json::to_string_pretty(&all).expect("JSON"));
-        return ExitCode::SUCCESS;
+        return if repair_mode.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(2)
+        };
     }
     init_logging(args);
+    let repair_mode = match repair_mode {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    for var in run.ignored_upstream_settings() {
+        log::warn!(
+            "{var} has no effect here: the repair loop reads each pod's rules in its netns instead of watching an init container"
+        );
+    }
     let cfg = match args.install_config() {
         Ok(c) => c,
         Err(e) => {
@@ -213,7 +233,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         let repair_task = match (&run.node_name, run.repair_enabled) {
             (Some(node), true) => {
                 let repair = RepairController::new(
-                    repair_config(node, args, run),
+                    repair_config(node, repair_mode, args, run),
                     api.clone(),
                     events.clone(),
                     readiness.clone(),
@@ -275,11 +295,16 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     }
 }
 
+use istio_cni_node_agent::repair::act::Mode;
+
 /// The repair loop's settings from the flags.
-fn repair_config(node: &str, args: &AgentArgs, run: &RunArgs) -> RepairConfig {
+fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> RepairConfig {
+    let selector = |s: &str| (!s.is_empty()).then(|| s.to_owned());
     RepairConfig {
         node: node.to_owned(),
-        mode: run.repair_mode,
+        mode,
+        label_selector: selector(&run.repair_label_selectors),
+        field_selector: selector(&run.repair_field_selectors),
         resync: Duration::from_secs(run.repair_resync_seconds),
         cooldown: Duration::from_secs(run.repair_cooldown_seconds),
         max_deletes_per_minute: run.repair_max_deletes_per_minute,

@@ -57,6 +57,11 @@ impl Setup {
     }
 
     fn agent(&self, extra: &[&str]) -> Daemon {
+        self.agent_with_env(&[], extra)
+    }
+
+    /// [`Setup::agent`] with environment variables `env` besides the usual.
+    fn agent_with_env(&self, env: &[(&str, &str)], extra: &[&str]) -> Daemon {
         let mut args = vec![
             "--self-test",
             "false",
@@ -72,7 +77,9 @@ impl Setup {
             self.pods.netns_dir().to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.node.daemon(&args)
+        let mut vars = vec![("KUBERNETES_SERVICE_HOST", "10.96.0.1".to_owned())];
+        vars.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+        self.node.spawn(None, &vars, &args)
     }
 
     /// Reasons of the Events recorded on pod `name`.
@@ -429,5 +436,65 @@ fn rate_limit_and_cooldown_hold_under_a_node_wide_failure() {
             "istio_cni_repair_actions_total{action=\"repair\",result=\"success\"}"
         ),
         Some(left.len() as f64)
+    );
+}
+
+/// Upstream Istio's repair settings, as an `env:` override from an upstream install sets
+/// them: `REPAIR_LABEL_PODS=true` selects label mode, `REPAIR_LABEL_SELECTORS` limits the
+/// repair loop to matching pods; two modes on stop the agent at start, naming both
+/// variables (upstream would silently take the first).
+#[test]
+fn upstream_repair_settings_select_the_mode_and_the_pods() {
+    let mut s = Setup::new();
+    let mut chosen = meshed("default", "chosen");
+    chosen["metadata"]["labels"] = json!({"repair": "yes"});
+    let chosen = s.pod(Layout::Systemd, chosen);
+    let other = s.pod(Layout::Systemd, meshed("default", "other"));
+    chosen.flush();
+    other.flush();
+
+    let mut conflict = s.agent_with_env(
+        &[
+            ("REPAIR_REPAIR_PODS", "true"),
+            ("REPAIR_DELETE_PODS", "true"),
+        ],
+        &[],
+    );
+    let status = wait_for("the agent to refuse", || conflict.child.try_wait().unwrap()).0;
+    assert_eq!(status.code(), Some(2));
+    let log = std::fs::read_to_string(&conflict.log).unwrap();
+    assert!(
+        log.contains("REPAIR_REPAIR_PODS=true") && log.contains("REPAIR_DELETE_PODS=true"),
+        "{log}"
+    );
+
+    let daemon = s.agent_with_env(
+        &[
+            ("REPAIR_LABEL_PODS", "true"),
+            ("REPAIR_LABEL_SELECTORS", "repair=yes"),
+            ("REPAIR_INIT_CONTAINER_NAME", "istio-validation"),
+        ],
+        &["--repair-resync-seconds", "1"],
+    );
+    daemon.wait_ready();
+    wait_for("the selected broken pod labeled", || {
+        let p = s.api.get("pods", "default", "chosen")?;
+        (p["metadata"]["labels"]["cni.istio.io/uninitialized"] == "true").then_some(())
+    });
+    // Two sweeps later the other broken pod is still untouched: outside the selector.
+    std::thread::sleep(Duration::from_millis(2500));
+    let other_obj = s.api.get("pods", "default", "other").unwrap();
+    assert!(other_obj["metadata"]["labels"]
+        .get("cni.istio.io/uninitialized")
+        .is_none());
+    assert!(s.events_for("other").is_empty());
+    assert!(
+        chosen.rules().iter().all(|r| !r.starts_with("-A")),
+        "label mode writes no rules"
+    );
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("REPAIR_INIT_CONTAINER_NAME has no effect here"),
+        "{log}"
     );
 }

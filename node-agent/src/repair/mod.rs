@@ -50,6 +50,10 @@ pub struct RepairConfig {
     pub node: String,
     /// What to do with a broken pod.
     pub mode: Mode,
+    /// Only pods with these labels (`REPAIR_LABEL_SELECTORS`), as a label selector.
+    pub label_selector: Option<String>,
+    /// Only pods matching these fields (`REPAIR_FIELD_SELECTORS`), besides this node.
+    pub field_selector: Option<String>,
     /// Interval of the sweep over every cached pod.
     pub resync: Duration,
     /// Minimum time between two actions on the same pod.
@@ -191,7 +195,14 @@ impl RepairController {
 
     async fn watch(&self, client: kube::Client, st: &mut State) -> WatchEnd {
         let pods: kube::Api<Pod> = kube::Api::all(client);
-        let config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node));
+        let mut fields = format!("spec.nodeName={}", self.cfg.node);
+        if let Some(extra) = &self.cfg.field_selector {
+            fields = format!("{fields},{extra}");
+        }
+        let mut config = watcher::Config::default().fields(&fields);
+        if let Some(labels) = &self.cfg.label_selector {
+            config = config.labels(labels);
+        }
         let (reader, writer) = reflector::store();
         let mut events = reflector::reflector(writer, watcher::watcher(pods, config))
             .default_backoff()
