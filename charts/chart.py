@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import helm_python as helm
-import yaml
 
 CHART = Path(__file__).resolve().parent / "istio-cni"
 
@@ -17,7 +16,9 @@ def main() -> int:
     dest = Path(sys.argv[1] if len(sys.argv) > 1 else "target/chart")
     cases = {"default": {}}
     for p in sorted((CHART / "files").glob("profile-*.yaml")):
-        cases[p.stem] = yaml.safe_load(p.read_text())
+        cases[p.stem] = {"profile": p.stem.removeprefix("profile-")}
+    for p in sorted((CHART / "files").glob("platform-*.yaml")):
+        cases[p.stem] = {"platform": p.stem.removeprefix("platform-")}
     failed = False
     for name, values in cases.items():
         report = helm.lint(str(CHART), values, strict=True, namespace="istio-system")

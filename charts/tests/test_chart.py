@@ -31,15 +31,43 @@ ALLOWED_CAPS = {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_CHROOT", "SYS_PTRACE",
 # Kinds from CRDs (multus), which the Kubernetes schemas do not know.
 CUSTOM_KINDS = {"NetworkAttachmentDefinition"}
 PROFILES = sorted(p.stem.removeprefix("profile-") for p in (CHART / "files").glob("profile-*.yaml"))
+PLATFORMS = sorted(p.stem.removeprefix("platform-") for p in (CHART / "files").glob("platform-*.yaml"))
 
 
-def profile(name: str) -> dict:
-    return yaml.safe_load((CHART / "files" / f"profile-{name}.yaml").read_text())
+def chart_file(name: str) -> dict:
+    return yaml.safe_load((CHART / "files" / f"{name}.yaml").read_text()) or {}
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def effective(values: dict) -> dict:
+    """What the chart's zzz_values.yaml computes for our own keys: defaults, then the
+    profile and platform, then the values (cni.* descoped), with empty repair.mode and
+    logLevel resolved to their defaults. Upstream's keys are checked by their own tests."""
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["_internal_defaults_do_not_set"]
+    user = {k: v for k, v in values.items() if k != "cni"}
+    user = deep_merge(user, values.get("cni", {}))
+    glob = user.get("global", {})
+    layered = defaults
+    if user.get("profile") or glob.get("profile"):
+        layered = deep_merge(layered, chart_file(f"profile-{user.get('profile') or glob['profile']}"))
+    if user.get("platform") or glob.get("platform"):
+        layered = deep_merge(layered, chart_file(f"platform-{user.get('platform') or glob['platform']}"))
+    v = deep_merge(layered, user)
+    v["repair"]["mode"] = v["repair"]["mode"] or "repair"
+    v["logLevel"] = v["logLevel"] or "info"
+    return v
 
 
 CASES: dict[str, dict] = {
     "default": {},
-    **{f"profile-{p}": profile(p) for p in PROFILES},
+    **{f"profile-{p}": {"profile": p} for p in PROFILES},
+    **{f"platform-{p}": {"platform": p} for p in PLATFORMS},
     "repair-off": {"repair": {"enabled": False}},
     "repair-delete": {"repair": {"mode": "delete"}},
     "repair-label": {"repair": {"mode": "label"}},
@@ -48,6 +76,12 @@ CASES: dict[str, dict] = {
     "all-off": {"repair": {"enabled": False}, "taint": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": False}, "selfTest": False},
     "env-override": {"env": {"KUBECONFIG_MODE": "640", "RESYNC_SECONDS": 30}},
 }
+
+
+UPSTREAM = yaml.safe_load((Path(__file__).parent / "upstream-values.yaml").read_text())
+# Cases that must render, lint and validate; the security checks run on CASES only (the
+# upstream file changes tolerations on purpose).
+RENDER_CASES = {**CASES, "upstream-values": UPSTREAM}
 
 
 def render(values: dict) -> list[dict]:
@@ -74,9 +108,9 @@ def container(objs: list[dict]) -> dict:
     return c
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", RENDER_CASES)
 def test_renders_lints_and_validates(case: str) -> None:
-    values = CASES[case]
+    values = RENDER_CASES[case]
     report = helm.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
     assert not report["errors"] and not problems, report
@@ -121,15 +155,15 @@ def test_security_properties(case: str) -> None:
     assert env["POD_NAME"] == "metadata.name", "the upgrade marker: the agent asks for its DaemonSet"
     assert env["NODE_NAME"] == "spec.nodeName"
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    repair_on = CASES[case].get("repair", {}).get("enabled", True)
-    self_test_on = CASES[case].get("selfTest", True)
+    repair_on = effective(CASES[case])["repair"]["enabled"]
+    self_test_on = effective(CASES[case])["selfTest"]
     assert ("/host/proc" in mounts) == (repair_on or self_test_on)
     if repair_on or self_test_on:
         assert mounts["/host/proc"]["readOnly"] is True
     if repair_on:
         assert mounts["/host/var/run/netns"]["mountPropagation"] == "HostToContainer"
     volumes = {v["name"]: v for v in pod["volumes"]}
-    bin_dir = CASES[case].get("cniBinDir", "/opt/cni/bin")
+    bin_dir = effective(CASES[case])["cniBinDir"]
     assert volumes["cni-bin-dir"]["hostPath"]["path"] == bin_dir
 
 
@@ -163,10 +197,10 @@ def test_rbac_verbs_per_mode(values: dict, expected: dict) -> None:
 def test_multus_gets_a_network_attachment_definition() -> None:
     kinds = lambda v: [o["kind"] for o in render(v)]  # noqa: E731
     assert "NetworkAttachmentDefinition" not in kinds({})
-    (nad,) = [o for o in render(profile("openshift")) if o["kind"] == "NetworkAttachmentDefinition"]
+    (nad,) = [o for o in render({"platform": "openshift"}) if o["kind"] == "NetworkAttachmentDefinition"]
     assert nad["metadata"] == {**nad["metadata"], "name": "istio-cni", "namespace": "default"}
     assert "spec" not in nad, "multus takes the agent's standalone config named istio-cni"
-    env = one(render(profile("openshift")), "ConfigMap")["data"]
+    env = one(render({"global": {"platform": "openshift"}}), "ConfigMap")["data"]
     assert env["CHAINED_CNI_PLUGIN"] == "false" and env["CNI_CONF_NAME"] == "istio-cni.conf"
 
 
@@ -204,7 +238,7 @@ def test_schema_rejects_bad_values(values: dict) -> None:
 
 def test_schema_accepts_defaults_and_profiles() -> None:
     chart = helm.Chart.load(str(CHART))
-    for values in CASES.values():
+    for values in RENDER_CASES.values():
         chart.validate_schema(values)
 
 
@@ -331,7 +365,7 @@ def agent_bin() -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "profile-openshift", "env-override"])
+@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "platform-openshift", "env-override"])
 def test_agent_parses_the_daemonset_command(case: str) -> None:
     objs = render(CASES[case])
     c = container(objs)
@@ -347,7 +381,7 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, f"{argv}\n{out.stderr}"
     got = json.loads(out.stdout)
-    values = helm.Chart.load(str(CHART)).merge_values(CASES[case])
+    values = effective(CASES[case])
     run, agent = got["run"], got["agent"]
     assert run["repair_enabled"] == values["repair"]["enabled"]
     assert got["effective"]["repair_mode"] == values["repair"]["mode"]
@@ -382,3 +416,221 @@ def test_istiod_values_drop_the_validation_init_container() -> None:
     (custom,) = inj["defaultTemplates"][1:]
     patch = yaml.safe_load(inj["templates"][custom])
     assert patch == {"spec": {"initContainers": [{"name": "istio-validation", "$patch": "delete"}]}}
+
+
+# --- Upstream Istio's values ------------------------------------------------------------
+
+def notes(values: dict) -> str:
+    out = helm.Chart.load(str(CHART)).render(values, name="istio-cni", namespace=NAMESPACE, is_install=True)
+    return next(text for path, text in out.items() if path.endswith("NOTES.txt"))
+
+
+def test_an_upstream_values_file_has_upstream_effects() -> None:
+    objs = render(UPSTREAM)
+    ds = one(objs, "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    c = container(objs)
+    env = one(objs, "ConfigMap")["data"]
+    # hub, tag and image compose the reference as upstream does (top level over global).
+    assert c["image"] == "registry.example.com/istio/istio-cni-node-agent:1.28.0"
+    assert c["imagePullPolicy"] == "Always"
+    # logging.level's default scope; global.logAsJson.
+    assert env["LOG_LEVEL"] == "debug" and env["PLUGIN_LOG_LEVEL"] == "debug"
+    assert env["LOG_AS_JSON"] == "true"
+    # cni.* is descoped; cniNetnsDir joins the repair loop's netns dirs.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["cni-bin-dir"]["hostPath"]["path"] == "/opt/cni/bin"
+    assert env["NETNS_DIRS"].split(",")[0] == "/host/var/run/docker/netns"
+    assert env["EXCLUDE_NAMESPACES"] == "kube-system,istio-system"
+    # repair.labelPods selects label mode, with its RBAC and label.
+    assert env["REPAIR_MODE"] == "label"
+    assert env["REPAIR_BROKEN_POD_LABEL_KEY"] == "example.com/broken"
+    assert env["REPAIR_BROKEN_POD_LABEL_VALUE"] == "yes"
+    pod_verbs = next(r for r in one(objs, "ClusterRole")["rules"] if r["resources"] == ["pods"])["verbs"]
+    assert "patch" in pod_verbs and "delete" not in pod_verbs
+    # Labels, annotations, scheduling, security, resources, as upstream renders them.
+    assert ds["metadata"]["labels"]["team"] == "platform"
+    assert ds["metadata"]["labels"]["istio.io/rev"] == "canary"
+    assert ds["metadata"]["labels"]["install.operator.istio.io/owning-resource"] == "istio-control"
+    meta = ds["spec"]["template"]["metadata"]
+    assert meta["annotations"]["example.com/owner"] == "platform"
+    assert meta["labels"]["example.com/tier"] == "node"
+    assert pod["affinity"] == UPSTREAM["affinity"]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert ds["spec"]["updateStrategy"] == UPSTREAM["updateStrategy"]
+    assert pod["terminationGracePeriodSeconds"] == 20
+    assert pod["securityContext"]["seLinuxOptions"] == {"type": "spc_t"}
+    assert c["securityContext"]["appArmorProfile"] == {"type": "Unconfined"}
+    assert "container.apparmor.security.beta.kubernetes.io/install-cni" not in meta["annotations"]
+    assert c["resources"] == UPSTREAM["resources"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "RESYNC_SECONDS", "value": "30"} in c["env"]
+    # resourceQuotas (upstream's spelling); global.networkPolicy.
+    quota = one(objs, "ResourceQuota")
+    assert str(quota["spec"]["hard"]["pods"]) == "1000"
+    policy = one(objs, "NetworkPolicy")
+    assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == {8000, 15014}
+    # What has no effect here is named, never a schema error.
+    text = notes(UPSTREAM)
+    for key in ["ambient.enabled", "istioOwnedCNIConfig", "istioOwnedCNIConfigFileName", "global.nativeNftables",
+                "repair.initContainerName", "pilot", "meshConfig"]:
+        assert f"  - {key}:" in text, key
+
+
+@pytest.mark.parametrize(
+    ("values", "image"),
+    [
+        ({}, "docker.io/istio-cni/istio-cni-node-agent:0.1.0"),
+        ({"image": {"repository": "r.example/agent", "tag": "7"}}, "r.example/agent:7"),
+        ({"global": {"hub": "g.example/istio"}}, "g.example/istio/istio-cni-node-agent:0.1.0"),
+        ({"global": {"hub": "g.example/istio", "tag": "2.0", "variant": "debug"}}, "g.example/istio/istio-cni-node-agent:2.0-debug"),
+        ({"hub": "h.example", "image": "agent", "tag": "3"}, "h.example/agent:3"),
+        ({"image": "full.example/path/agent:9"}, "full.example/path/agent:9"),
+        ({"cni": {"hub": "c.example", "tag": "4"}, "hub": "top.example"}, "c.example/istio-cni-node-agent:4"),
+    ],
+)
+def test_image_reference_composes_as_upstream(values: dict, image: str) -> None:
+    assert container(render(values))["image"] == image
+
+
+@pytest.mark.parametrize(
+    ("values", "mode"),
+    [
+        ({}, "repair"),
+        ({"repair": {"deletePods": True}}, "delete"),
+        ({"repair": {"repairPods": False, "labelPods": True}}, "label"),
+        ({"repair": {"mode": "delete", "deletePods": True}}, "delete"),
+    ],
+)
+def test_upstream_repair_switches_select_the_mode(values: dict, mode: str) -> None:
+    assert one(render(values), "ConfigMap")["data"]["REPAIR_MODE"] == mode
+
+
+@pytest.mark.parametrize(
+    ("values", "named"),
+    [
+        ({"repair": {"repairPods": True, "deletePods": True}}, ["repair.repairPods", "repair.deletePods"]),
+        ({"repair": {"mode": "repair", "labelPods": True}}, ["repair.mode=repair", "repair.labelPods"]),
+        ({"profile": "nope"}, ["/profile"]),
+        ({"global": {"platform": "nope"}}, ["/global/platform"]),
+    ],
+)
+def test_conflicting_or_unknown_values_fail_naming_them(values: dict, named: list[str]) -> None:
+    with pytest.raises(helm.HelmError) as e:
+        helm.Chart.load(str(CHART)).render(values, name="istio-cni", namespace=NAMESPACE, is_install=True)
+    for n in named:
+        assert n in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("level,expect", [("debug", "debug"), ("default:warn", "warn"), ("all:error,cni:debug", "error"), ("none", "off")])
+def test_upstream_logging_level(level: str, expect: str) -> None:
+    env = one(render({"logging": {"level": level}}), "ConfigMap")["data"]
+    assert env["LOG_LEVEL"] == expect
+    env = one(render({"global": {"logging": {"level": level}}, "logLevel": "info"}), "ConfigMap")["data"]
+    assert env["LOG_LEVEL"] == "info", "logLevel (ours) wins over upstream's"
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_platforms_render_with_their_paths(platform: str) -> None:
+    objs = render({"global": {"platform": platform}})
+    expect = effective({"platform": platform})
+    volumes = {v["name"]: v for v in one(objs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cni-bin-dir"]["hostPath"]["path"] == expect["cniBinDir"]
+    assert volumes["cni-net-dir"]["hostPath"]["path"] == expect["cniConfDir"]
+    rules = one(objs, "ClusterRole")["rules"]
+    scc = [r for r in rules if r.get("apiGroups") == ["security.openshift.io"]]
+    assert bool(scc) == (platform == "openshift")
+    if platform == "openshift":
+        assert scc == [{"apiGroups": ["security.openshift.io"], "resources": ["securitycontextconstraints"],
+                        "resourceNames": ["privileged"], "verbs": ["use"]}]
+        assert "NetworkAttachmentDefinition" in {o["kind"] for o in objs}
+    if platform == "minikube":
+        assert one(objs, "ConfigMap")["data"]["NETNS_DIRS"].startswith("/host/var/run/docker/netns,")
+    if platform == "gke":
+        assert one(objs, "ResourceQuota")
+
+
+@pytest.mark.parametrize("scope,namespaced,cluster", [("all", True, True), ("namespace", True, False), ("cluster", False, True)])
+def test_resource_scope(scope: str, namespaced: bool, cluster: bool) -> None:
+    kinds = {o["kind"] for o in render({"global": {"resourceScope": scope}})}
+    assert ("DaemonSet" in kinds) == namespaced and ("ConfigMap" in kinds) == namespaced
+    assert ("ClusterRole" in kinds) == cluster and ("ValidatingAdmissionPolicy" in kinds) == cluster
+
+
+def test_upstream_profiles_files_render_unchanged() -> None:
+    """Values files shaped like upstream's shared profiles (manifests/helm-profiles), which
+    carry keys for every Istio chart, render: other charts' keys are accepted and named."""
+    for values in [
+        {"cni": {"cniConfDir": "/var/lib/rancher/k3s/agent/etc/cni/net.d", "cniBinDir": "/var/lib/rancher/k3s/data/cni"}},
+        {"cni": {"cniBinDir": "", "resourceQuotas": {"enabled": True}}, "resourceQuotas": {"enabled": True}},
+        {"meshConfig": {"accessLogFile": "/dev/stdout"}, "cni": {"resources": {"requests": {"cpu": "10m", "memory": "40Mi"}}},
+         "ztunnel": {"resources": {}}, "global": {"proxy": {"resources": {}}, "waypoint": {}}, "pilot": {"autoscaleEnabled": False},
+         "gateways": {"istio-ingressgateway": {}}},
+        {"cni": {"chained": False, "provider": "multus", "cniConfFileName": "istio-cni.conf"}, "pilot": {"cni": {"enabled": True}},
+         "seLinuxOptions": {"type": "spc_t"}, "trustedZtunnelNamespace": "kube-system"},
+        {"compatibilityVersion": "1.25", "pilot": {"env": {}}, "cni": {"ambient": {"dnsCapture": False}}, "ambient": {"dnsCapture": False}},
+    ]:
+        helm.Chart.load(str(CHART)).validate_schema(values)
+        assert one(render(values), "DaemonSet")
+
+
+def test_schema_checks_cni_keys_the_same_at_the_top_and_under_cni() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    cni = schema["definitions"]["cni"]["properties"]
+    top = schema["properties"]
+    assert {k: top[k] for k in cni} == cni
+    assert schema["additionalProperties"] is False and schema["definitions"]["cni"]["additionalProperties"] is False
+
+
+def test_the_defaults_pass_the_schema_as_values() -> None:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["_internal_defaults_do_not_set"]
+    helm.Chart.load(str(CHART)).validate_schema(defaults)
+    helm.Chart.load(str(CHART)).validate_schema({"cni": {k: v for k, v in defaults.items() if k != "global"}})
+
+
+@pytest.mark.parametrize("typo", [{"cniBinDirr": "/x"}, {"cni": {"chainedd": True}}, {"repair": {"labelPod": True}}, {"global": {"logAsJson": "yes"}}])
+def test_schema_rejects_typos_in_upstream_style_keys(typo: dict) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        helm.Chart.load(str(CHART)).validate_schema(typo)
+
+
+# --- Against upstream's own values files (charts/tests/upstream, see SOURCE.md) ---------
+
+UPSTREAM_DIR = Path(__file__).parent / "upstream"
+
+
+def key_paths(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        out.append(path)
+        if isinstance(v, dict) and v:
+            out.extend(key_paths(v, f"{path}."))
+    return out
+
+
+def test_upstream_istio_cni_defaults_are_accepted_as_values() -> None:
+    """Every key of upstream's istio-cni chart, with upstream's default values, given to
+    our chart as an operator's values file: it passes the schema and renders."""
+    upstream = yaml.safe_load((UPSTREAM_DIR / "istio-cni-values.yaml").read_text())["_internal_defaults_do_not_set"]
+    helm.Chart.load(str(CHART)).validate_schema(upstream)
+    objs = render(upstream)
+    # Upstream's defaults mean repair mode, info logs, /opt/cni/bin.
+    env = one(objs, "ConfigMap")["data"]
+    assert env["REPAIR_MODE"] == "repair" and env["LOG_LEVEL"] == "info"
+    # Upstream's image name and hub, composed the way upstream composes them.
+    assert container(objs)["image"] == "registry.istio.io/testing/install-cni:latest"
+
+
+def test_istiod_values_file_uses_upstream_istiod_keys() -> None:
+    """files/istiod-values.yaml names only keys that upstream's istiod chart has (pilot.*
+    descoped as that chart does; the names inside templates are free)."""
+    upstream = yaml.safe_load((UPSTREAM_DIR / "istiod-values.yaml").read_text())["_internal_defaults_do_not_set"]
+    known = set(key_paths(upstream))
+    ours = yaml.safe_load((CHART / "files" / "istiod-values.yaml").read_text())
+    for path in key_paths(ours):
+        if path == "pilot" or path.startswith("sidecarInjectorWebhook.templates."):
+            continue
+        descoped = path.removeprefix("pilot.")
+        assert descoped in known, f"{path} is not a key of upstream's istiod chart"
+    assert "taint.enabled" in known and ours["pilot"]["taint"]["enabled"] is False

@@ -1,6 +1,9 @@
 //! Logs go to stderr, and also to a file when `plugin_log_file` is set; never to stdout,
 //! which belongs to the CNI result. One line per record:
-//! `2026-11-22T05:00:00.123Z INFO istio-cni[ADD abc123 default/web-0]: message`.
+//! `2026-11-22T05:00:00.123Z INFO istio-cni[ADD abc123 default/web-0]: message`, or with
+//! [`Format::Json`] (the node agent's `LOG_AS_JSON`, upstream's `global.logAsJson`) one
+//! JSON object per line: `{"time", "level", "scope", "context", "msg"}`, `level` in lower
+//! case as Istio's JSON logs have it.
 //!
 //! Each record is also sent, best effort, to the node agent's log socket
 //! ([`AGENT_LOG_SOCKET`] in `cni_agent_run_dir`), so that `kubectl logs` on the agent shows
@@ -19,7 +22,18 @@ use log::{LevelFilter, Log, Metadata, Record};
 /// File name of the node agent's log socket in `cni_agent_run_dir`.
 pub const AGENT_LOG_SOCKET: &str = "log.sock";
 
+/// How records are written to stderr and the log file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// One text line per record.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 struct Logger {
+    format: Format,
     context: String,
     file: Option<Mutex<File>>,
     agent: Option<(UnixDatagram, PathBuf)>,
@@ -37,12 +51,22 @@ impl Log for Logger {
             return;
         }
         let msg = escape_controls(&r.args().to_string());
-        let line = format!(
-            "{} {} istio-cni[{}]: {msg}\n",
-            humantime::format_rfc3339_millis(std::time::SystemTime::now()),
-            r.level(),
-            self.context,
-        );
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+        let line = match self.format {
+            Format::Text => format!("{time} {} istio-cni[{}]: {msg}\n", r.level(), self.context),
+            Format::Json => {
+                let mut l = serde_json::json!({
+                    "time": time.to_string(),
+                    "level": r.level().as_str().to_ascii_lowercase(),
+                    "scope": "istio-cni",
+                    "context": self.context,
+                    "msg": msg,
+                })
+                .to_string();
+                l.push('\n');
+                l
+            }
+        };
         let _ = std::io::stderr().write_all(line.as_bytes());
         if let Some(f) = &self.file {
             if let Ok(mut f) = f.lock() {
@@ -85,6 +109,17 @@ pub fn escape_controls(s: &str) -> String {
 /// skipped); `agent_dir` is where the agent's log socket may be. Only the first call in a
 /// process takes effect.
 pub fn init(level: LevelFilter, context: String, file: Option<&Path>, agent_dir: Option<&Path>) {
+    init_as(Format::Text, level, context, file, agent_dir);
+}
+
+/// [`init`] writing records as `format` says.
+pub fn init_as(
+    format: Format,
+    level: LevelFilter,
+    context: String,
+    file: Option<&Path>,
+    agent_dir: Option<&Path>,
+) {
     let file = file.and_then(
         |p| match OpenOptions::new().create(true).append(true).open(p) {
             Ok(f) => Some(Mutex::new(f)),
@@ -103,6 +138,7 @@ pub fn init(level: LevelFilter, context: String, file: Option<&Path>, agent_dir:
             Some((sock, p))
         });
     let logger = Logger {
+        format,
         context: escape_controls(&context),
         file,
         agent,

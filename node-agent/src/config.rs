@@ -97,6 +97,10 @@ pub struct AgentArgs {
     #[arg(long, env = "LOG_LEVEL", default_value = "info",
           value_parser = ["error", "warn", "info", "debug", "trace", "off"])]
     pub log_level: String,
+    /// Log one JSON object per line instead of text (upstream's `global.logAsJson`).
+    #[arg(long, env = "LOG_AS_JSON", default_value_t = false, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub log_as_json: bool,
 }
 
 /// Longest interval or grace period the agent accepts, in seconds (one day). Larger values

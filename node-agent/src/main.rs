@@ -58,7 +58,13 @@ enum Cmd {
 }
 
 fn init_logging(args: &AgentArgs) {
-    istio_cni::logging::init(
+    let format = if args.log_as_json {
+        istio_cni::logging::Format::Json
+    } else {
+        istio_cni::logging::Format::Text
+    };
+    istio_cni::logging::init_as(
+        format,
         args.log_level.parse().unwrap_or(log::LevelFilter::Info),
         "node-agent".into(),
         None,

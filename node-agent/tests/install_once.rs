@@ -429,3 +429,27 @@ fn cni_conf_name_follows_the_conflist_it_became() {
         "{log}"
     );
 }
+
+/// `LOG_AS_JSON` (upstream's `global.logAsJson`): every log line is one JSON object with
+/// time, level, scope and message.
+#[test]
+fn log_as_json_writes_one_json_object_per_line() {
+    let node = Node::new();
+    node.copy_conf("10-calico.conflist");
+    let out = node
+        .command("install", &[])
+        .env("LOG_AS_JSON", "true")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(v["scope"], "istio-cni", "{line}");
+        assert!(["info", "warn", "error", "debug"].contains(&v["level"].as_str().unwrap()));
+        assert!(v["time"].is_string() && v["msg"].is_string(), "{line}");
+    }
+}

@@ -21,8 +21,44 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 k8s-app: istio-cni-node
 {{- end }}
 
+{{/* The image reference. Upstream's way when image is a string or a hub is set:
+HUB/IMAGE:TAG[-VARIANT] (an image string with "/" is the whole reference; IMAGE defaults
+to istio-cni-node-agent, TAG to tag, global.tag, image.tag, then the appVersion). Else ours:
+image.repository:image.tag (default appVersion). */}}
 {{- define "istio-cni.image" -}}
-{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- $v := .Values }}
+{{- $hub := $v.hub | default $v.global.hub }}
+{{- $name := "istio-cni-node-agent" }}
+{{- if kindIs "string" $v.image }}{{ $name = $v.image | default $name }}{{ end }}
+{{- if contains "/" $name }}
+{{- $name }}
+{{- else if or $hub (kindIs "string" $v.image) }}
+{{- $imageTag := "" }}
+{{- if kindIs "map" $v.image }}{{ $imageTag = $v.image.tag }}{{ end }}
+{{- $tag := $v.tag | default $v.global.tag | default $imageTag | default .Chart.AppVersion }}
+{{- with ($v.variant | default $v.global.variant) }}{{ $tag = printf "%s-%s" $tag . }}{{ end }}
+{{- printf "%s/%s:%s" ($hub | default "docker.io/istio-cni") $name $tag }}
+{{- else }}
+{{- printf "%s:%s" $v.image.repository ($v.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/* The pull policy: upstream's pullPolicy, then global.imagePullPolicy, then
+image.pullPolicy. */}}
+{{- define "istio-cni.pullPolicy" -}}
+{{- $v := .Values }}
+{{- $ours := "" }}
+{{- if kindIs "map" $v.image }}{{ $ours = $v.image.pullPolicy }}{{ end }}
+{{- $v.pullPolicy | default $v.global.imagePullPolicy | default $ours | default "IfNotPresent" }}
+{{- end }}
+
+{{/* Whether namespaced (.ns) or cluster-scoped objects are rendered:
+global.resourceScope all, namespace or cluster. */}}
+{{- define "istio-cni.namespaced" -}}
+{{- if has .Values.global.resourceScope (list "all" "namespace") }}true{{ end }}
+{{- end }}
+{{- define "istio-cni.clusterScoped" -}}
+{{- if has .Values.global.resourceScope (list "all" "cluster") }}true{{ end }}
 {{- end }}
 
 {{/* The ValidatingAdmissionPolicy is rendered when enabled, the taint (the only node
