@@ -75,7 +75,11 @@ CASES: dict[str, dict] = {
     "taint-noexecute": {"taint": {"effect": "NoExecute", "key": "example.com/cni-not-ready"}},
     "all-off": {"repair": {"enabled": False}, "taint": {"enabled": False}, "validatingAdmissionPolicy": {"enabled": False}, "selfTest": False},
     "env-override": {"env": {"KUBECONFIG_MODE": "640", "RESYNC_SECONDS": 30}},
+    "taint-new-nodes": {"mutatingAdmissionPolicy": {"enabled": True}},
 }
+# Kinds that exist only from a Kubernetes version on (admissionregistration.k8s.io/v1
+# MutatingAdmissionPolicy: 1.36, KEP-3962).
+KIND_SINCE = {"MutatingAdmissionPolicy": (1, 36), "MutatingAdmissionPolicyBinding": (1, 36)}
 
 
 UPSTREAM = yaml.safe_load((Path(__file__).parent / "upstream-values.yaml").read_text())
@@ -120,6 +124,8 @@ def test_renders_lints_and_validates(case: str) -> None:
         if obj["kind"] in CUSTOM_KINDS:
             continue  # a CRD's kind: no OpenAPI schema in Kubernetes itself
         for version in KUBE_VERSIONS:
+            if tuple(int(x) for x in version.split(".")[:2]) < KIND_SINCE.get(obj["kind"], (0, 0)):
+                continue
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -634,3 +640,105 @@ def test_istiod_values_file_uses_upstream_istiod_keys() -> None:
         descoped = path.removeprefix("pilot.")
         assert descoped in known, f"{path} is not a key of upstream's istiod chart"
     assert "taint.enabled" in known and ours["pilot"]["taint"]["enabled"] is False
+
+
+# --- MutatingAdmissionPolicy: the cluster taints its own new nodes ----------------------
+
+class Mutation:
+    """The rendered MutatingAdmissionPolicy's CEL, evaluated per Node CREATE as the API
+    server would: match conditions, then the JSONPatch mutation, applied to the node."""
+
+    def __init__(self, values: dict | None = None) -> None:
+        objs = render({"mutatingAdmissionPolicy": {"enabled": True}, **(values or {})})
+        self.spec = one(objs, "MutatingAdmissionPolicy")["spec"]
+        binding = one(objs, "MutatingAdmissionPolicyBinding")["spec"]
+        assert binding["policyName"] == one(objs, "MutatingAdmissionPolicy")["metadata"]["name"]
+        env = celpy.Environment()
+        compile_ = lambda e: env.program(env.compile(e))  # noqa: E731
+        self.match = [(m["name"], compile_(m["expression"])) for m in self.spec["matchConditions"]]
+        (m,) = self.spec["mutations"]
+        assert m["patchType"] == "JSONPatch"
+        self.patch = compile_(m["jsonPatch"]["expression"])
+
+    def create(self, node_obj: dict) -> dict:
+        """The node as stored after admission of its CREATE."""
+        assert self.spec["matchConstraints"]["resourceRules"] == [
+            {"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["nodes"]}]
+        assert self.spec["failurePolicy"] == "Ignore"
+        act = {"object": celpy.json_to_cel(node_obj)}
+        if not all(bool(prog.evaluate(act)) for _, prog in self.match):
+            return node_obj
+        ctor = lambda fields: celpy.celtypes.MapType(fields)  # noqa: E731
+        act["JSONPatch"] = ctor
+        act["Object"] = celpy.celtypes.MapType({celpy.celtypes.StringType("spec"): celpy.celtypes.MapType(
+            {celpy.celtypes.StringType("taints"): ctor})})
+        out = json.loads(json.dumps(node_obj))
+        for op in self.patch.evaluate(act):
+            op = json.loads(json.dumps(op, default=lambda x: str(x)))
+            op = {str(k): v for k, v in op.items()}
+            assert op["op"] == "add"
+            parts = op["path"].strip("/").split("/")
+            target = out
+            for p in parts[:-1]:
+                target = target[p]
+            if parts[-1] == "-":
+                target.append(op["value"])
+            else:
+                target[parts[-1]] = op["value"]
+        return out
+
+
+def taints(n: dict) -> list:
+    return n["spec"].get("taints", [])
+
+
+def test_new_nodes_get_the_taint_once_and_only_where_the_daemonset_runs() -> None:
+    m = Mutation()
+    # A new Linux node: tainted with the agent's own key and effect.
+    env = one(render({}), "ConfigMap")["data"]
+    ours = {"key": env["TAINT_KEY"], "effect": env["TAINT_EFFECT"]}
+    assert taints(m.create(node())) == [ours]
+    # Other registration taints are kept, ours appended; tolerated by the DaemonSet.
+    assert taints(m.create(node(taints=[OTHER_TAINT]))) == [OTHER_TAINT, ours]
+    # Already tainted (kubelet --register-with-taints): left as it is.
+    assert taints(m.create(node(taints=[OUR_TAINT]))) == [OUR_TAINT]
+    # Not a node the DaemonSet selects (Windows): never tainted by it.
+    windows = node(labels={"kubernetes.io/os": "windows"})
+    assert taints(m.create(windows)) == []
+    assert taints(m.create(node(labels={"example.com/pool": "a"}))) == [], "no OS label: not selected"
+
+
+def test_nodes_the_daemonset_cannot_reach_are_left_alone() -> None:
+    # A node registering with a taint the DaemonSet does not tolerate.
+    m = Mutation({"tolerations": [{"key": "example.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    gpu = {"key": "example.com/gpu", "value": "a100", "effect": "NoSchedule"}
+    assert taints(m.create(node(taints=[gpu]))) == [gpu, {"key": KEY, "effect": "NoSchedule"}]
+    assert taints(m.create(node(taints=[OTHER_TAINT]))) == [OTHER_TAINT]
+    # nodeSelector and required node affinity, as the scheduler reads them.
+    m = Mutation({"nodeSelector": {"kubernetes.io/os": "linux", "pool": "mesh"},
+                  "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                      {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "b"]},
+                                            {"key": "no-mesh", "operator": "DoesNotExist"}]},
+                      {"matchExpressions": [{"key": "edge", "operator": "Exists"}, {"key": "tier", "operator": "NotIn", "values": ["x"]}]}]}}}})
+    base = {"kubernetes.io/os": "linux", "pool": "mesh"}
+    for labels, tainted in [
+        ({**base, "zone": "a"}, True),
+        ({**base, "zone": "c"}, False),
+        ({**base, "zone": "a", "no-mesh": ""}, False),
+        ({**base, "edge": "1"}, True),
+        ({**base, "edge": "1", "tier": "x"}, False),
+        ({"kubernetes.io/os": "linux", "zone": "a"}, False),
+    ]:
+        assert bool(taints(m.create(node(labels=labels)))) == tainted, labels
+
+
+def test_the_policy_renders_only_when_served_or_forced_and_expressible() -> None:
+    kinds = lambda v: {o["kind"] for o in render(v)}  # noqa: E731
+    # auto: offline rendering sees no MutatingAdmissionPolicy API, so none.
+    assert "MutatingAdmissionPolicy" not in kinds({})
+    assert "MutatingAdmissionPolicy" in kinds({"mutatingAdmissionPolicy": {"enabled": True}})
+    assert "MutatingAdmissionPolicy" not in kinds({"mutatingAdmissionPolicy": {"enabled": True}, "taint": {"enabled": False}})
+    # Affinity it cannot express (Gt): rather no policy than tainting unreachable nodes.
+    gt = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "cores", "operator": "Gt", "values": ["4"]}]}]}}}
+    assert "MutatingAdmissionPolicy" not in kinds({"mutatingAdmissionPolicy": {"enabled": True}, "affinity": gt})

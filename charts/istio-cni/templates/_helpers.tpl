@@ -84,3 +84,52 @@ absent in both counting as the same. */}}
 {{- define "istio-cni.celUnchanged" -}}
 (has(object.{{ . }}) == has(oldObject.{{ . }}) && (!has(object.{{ . }}) || object.{{ . }} == oldObject.{{ . }}))
 {{- end }}
+
+{{/* CEL: the DaemonSet's pods can run on the node `object` (a Node at CREATE): its
+nodeSelector, then the required node affinity (terms ORed, expressions ANDed; In, NotIn,
+Exists, DoesNotExist). Empty when the affinity uses what this cannot express (Gt, Lt,
+matchFields): the policy is then not rendered, since a node it taints but the DaemonSet
+never reaches would stay tainted. */}}
+{{- define "istio-cni.celDaemonSetSelects" -}}
+{{- $terms := list }}
+{{- $labels := "(has(object.metadata.labels) ? object.metadata.labels : {})" }}
+{{- range $k, $v := .Values.nodeSelector }}
+{{- $terms = append $terms (printf "(%s in %s && %s[%s] == %s)" (squote $k) $labels $labels (squote $k) (squote $v)) }}
+{{- end }}
+{{- $ok := true }}
+{{- with ((.Values.affinity).nodeAffinity).requiredDuringSchedulingIgnoredDuringExecution }}
+{{- $ors := list }}
+{{- range .nodeSelectorTerms }}
+{{- if .matchFields }}{{ $ok = false }}{{ end }}
+{{- $ands := list "true" }}
+{{- range .matchExpressions }}
+{{- $key := squote .key }}
+{{- $vals := list }}{{ range .values }}{{ $vals = append $vals (squote .) }}{{ end }}
+{{- $list := printf "[%s]" (join ", " $vals) }}
+{{- if eq .operator "In" }}{{ $ands = append $ands (printf "(%s in %s && %s[%s] in %s)" $key $labels $labels $key $list) }}
+{{- else if eq .operator "NotIn" }}{{ $ands = append $ands (printf "(!(%s in %s) || !(%s[%s] in %s))" $key $labels $labels $key $list) }}
+{{- else if eq .operator "Exists" }}{{ $ands = append $ands (printf "(%s in %s)" $key $labels) }}
+{{- else if eq .operator "DoesNotExist" }}{{ $ands = append $ands (printf "!(%s in %s)" $key $labels) }}
+{{- else }}{{ $ok = false }}
+{{- end }}
+{{- end }}
+{{- $ors = append $ors (printf "(%s)" (join " && " $ands)) }}
+{{- end }}
+{{- $terms = append $terms (printf "(%s)" (join " || " $ors)) }}
+{{- end }}
+{{- if $ok }}
+{{- join " && " (prepend $terms "true") }}
+{{- end }}
+{{- end }}
+
+{{/* The MutatingAdmissionPolicy that taints new nodes: mutatingAdmissionPolicy.enabled
+true, or auto where the cluster serves admissionregistration.k8s.io/v1
+MutatingAdmissionPolicy (Kubernetes 1.36+); only with the taint on, and only when the
+DaemonSet's node selection can be written in CEL. */}}
+{{- define "istio-cni.mapEnabled" -}}
+{{- $on := .Values.mutatingAdmissionPolicy.enabled }}
+{{- $served := .Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy" }}
+{{- if and .Values.taint.enabled (include "istio-cni.celDaemonSetSelects" .) (or (eq (toString $on) "true") (and (eq (toString $on) "auto") $served)) -}}
+true
+{{- end }}
+{{- end }}
