@@ -26,12 +26,21 @@ pub enum Plan {
 ///
 /// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
 pub fn plan_for_pod(conf: &NetConf, pod: &Pod) -> Result<Plan, RedirectError> {
+    plan_for_pod_with_ips(pod, &pod_ips(conf.prev_result.as_ref()))
+}
+
+/// [`plan_for_pod`] with the pod's addresses given: IPv6 rules when one of `pod_ips` is
+/// IPv6 (or the proxy asks for dual stack). ADD without a `prevResult` (standalone mode)
+/// takes them from the netns ([`crate::routing::pod_addresses`]).
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn plan_for_pod_with_ips(pod: &Pod, pod_ips: &[IpAddr]) -> Result<Plan, RedirectError> {
     let meshed = match decide(pod) {
         Ok(m) => m,
         Err(skip) => return Ok(Plan::Skip(skip)),
     };
     let redirect = Redirect::from_pod(&meshed)?;
-    let ipv6 = iptables::has_ipv6(&pod_ips(conf.prev_result.as_ref()));
+    let ipv6 = iptables::has_ipv6(pod_ips);
     Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
 }
 

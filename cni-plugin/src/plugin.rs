@@ -14,7 +14,7 @@ use crate::cni::{CniEnv, CniVersion, Command, ErrorCode};
 use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
 use crate::netns::{Inside, Netns, NetnsError};
-use crate::plan::{plan_for_pod, Plan};
+use crate::plan::{plan_for_pod_with_ips, Plan};
 use crate::pod::{self, PodRef};
 use crate::rules::{Family, Ruleset};
 use crate::validate;
@@ -102,8 +102,47 @@ fn version(stdin: &[u8]) -> Value {
     })
 }
 
+/// The netns of the request, opened on first use and then the same handle for every step.
+struct LazyNetns<'a> {
+    env: &'a CniEnv,
+    netns: std::cell::OnceCell<Netns>,
+}
+
+impl<'a> LazyNetns<'a> {
+    fn new(env: &'a CniEnv) -> Self {
+        LazyNetns {
+            env,
+            netns: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn get(&self) -> Result<&Netns, Error> {
+        if let Some(n) = self.netns.get() {
+            return Ok(n);
+        }
+        let opened = Netns::open(env_netns(self.env)?)?;
+        Ok(self.netns.get_or_init(|| opened))
+    }
+}
+
+/// The pod's addresses: from `prevResult` when the chain gave one; else (standalone mode,
+/// multus) from the interfaces in its netns, as upstream reads them there.
+fn pod_ips_of(conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Vec<std::net::IpAddr>, Error> {
+    if conf.prev_result.is_some() {
+        return Ok(crate::cni::result::pod_ips(conf.prev_result.as_ref()));
+    }
+    netns
+        .get()?
+        .run(crate::routing::pod_addresses)?
+        .map_err(|e| Error::Apply(crate::apply::ApplyError::Routing(e)))
+}
+
 /// Looks the pod up and plans its rules; `None` when it passes through.
-fn plan(env: &CniEnv, conf: &NetConf) -> Result<Option<(PodRef, Ruleset)>, Error> {
+fn plan(
+    env: &CniEnv,
+    conf: &NetConf,
+    netns: &LazyNetns<'_>,
+) -> Result<Option<(PodRef, Ruleset)>, Error> {
     let pod_ref = match pod::pre_api(conf, &env.args) {
         Ok(p) => p,
         Err(skip) => {
@@ -114,7 +153,12 @@ fn plan(env: &CniEnv, conf: &NetConf) -> Result<Option<(PodRef, Ruleset)>, Error
     let start = Instant::now();
     let pod = conf.pod_source().fetch(&pod_ref)?;
     log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
-    match plan_for_pod(conf, &pod)? {
+    if let Err(skip) = crate::pod::decide(&pod) {
+        log::info!("pod {pod_ref}: pass through: {skip}");
+        return Ok(None);
+    }
+    let ips = pod_ips_of(conf, netns)?;
+    match plan_for_pod_with_ips(&pod, &ips)? {
         Plan::Skip(skip) => {
             log::info!("pod {pod_ref}: pass through: {skip}");
             Ok(None)
@@ -125,11 +169,12 @@ fn plan(env: &CniEnv, conf: &NetConf) -> Result<Option<(PodRef, Ruleset)>, Error
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
     let result = chained_result(conf.prev_result.as_ref(), conf.cni_version);
-    let Some((pod_ref, ruleset)) = plan(env, conf)? else {
+    let netns = LazyNetns::new(env);
+    let Some((pod_ref, ruleset)) = plan(env, conf, &netns)? else {
         return Ok(result);
     };
     let xt = Xtables::detect()?;
-    let netns = Netns::open(env_netns(env)?)?;
+    let netns = netns.get()?;
     let start = Instant::now();
     let probe = conf
         .validation
@@ -251,12 +296,14 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
             ErrorCode::INCOMPATIBLE_VERSION,
         )));
     }
-    let Some((pod_ref, ruleset)) = plan(env, conf)? else {
+    let netns = LazyNetns::new(env);
+    let Some((pod_ref, ruleset)) = plan(env, conf, &netns)? else {
         return Ok(());
     };
     let xt = Xtables::detect()?;
-    let netns = Netns::open(env_netns(env)?)?;
-    netns.run(|inside| validate::read_back(inside, &xt, &ruleset))??;
+    netns
+        .get()?
+        .run(|inside| validate::read_back(inside, &xt, &ruleset))??;
     log::info!("pod {pod_ref}: redirection rules present");
     Ok(())
 }

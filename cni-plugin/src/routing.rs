@@ -159,6 +159,53 @@ pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, Rou
     Ok(problems)
 }
 
+/// The pod's own addresses in the netns (`ip addr show`, every interface but `lo`):
+/// global unicast ones only, leaving out link-local and loopback addresses. Standalone
+/// mode (multus) hands the plugin no `prevResult`, and these then decide whether IPv6
+/// rules are written, as upstream's `istio-iptables` decides from the pod network
+/// namespace's interfaces.
+///
+/// Errors: [`RoutingError`] naming the request and the errno.
+pub fn pod_addresses(_inside: &Inside<'_>) -> Result<Vec<IpAddr>, RoutingError> {
+    let sock = open()?;
+    let mut found = Vec::new();
+    sock.exchange(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        NLM_F_REQUEST | netlink_packet_core::NLM_F_DUMP,
+        |msg| {
+            if let RouteNetlinkMessage::NewAddress(a) = msg {
+                if a.header.index == LOOPBACK_IFINDEX {
+                    return;
+                }
+                for attr in &a.attributes {
+                    if let AddressAttribute::Address(ip) = attr {
+                        if is_global_unicast(ip) && !found.contains(ip) {
+                            found.push(*ip);
+                        }
+                    }
+                }
+            }
+        },
+    )
+    .map_err(|e| RoutingError::new("ip addr show", e))?;
+    Ok(found)
+}
+
+/// Not loopback, link-local, multicast or unspecified.
+fn is_global_unicast(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified())
+        }
+        IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
 /// Brings `lo` up (`ip link set lo up`), as a runtime's loopback plugin does in a new
 /// sandbox. For netns this process creates itself (the node agent's self-test).
 ///
@@ -353,6 +400,39 @@ mod tests {
     /// Many requests on one socket, each answered and matched by its own sequence number:
     /// adds, an add that exists (EEXIST), a dump, deletes, a delete of what is gone
     /// (ENOENT), and a request the kernel refuses, in between. Needs root.
+    /// A netns with a veth holding an IPv4 and an IPv6 address (plus the kernel's
+    /// link-local one): both pod addresses are found, nothing of `lo`. Needs root.
+    #[test]
+    fn pod_addresses_are_the_global_ones_off_lo() {
+        let scratch = ScratchNetns::create().unwrap();
+        let held = scratch.netns();
+        held.run(|_| {
+            let ip = |args: &[&str]| {
+                let out = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ip {args:?}: {out:?}");
+            };
+            ip(&[
+                "link", "add", "veth0", "type", "veth", "peer", "name", "veth1",
+            ]);
+            ip(&["addr", "add", "10.9.0.2/24", "dev", "veth0"]);
+            ip(&["addr", "add", "fd00:9::2/64", "dev", "veth0", "nodad"]);
+            ip(&["addr", "add", "fe80::2/64", "dev", "veth0", "nodad"]);
+            ip(&["link", "set", "veth0", "up"]);
+        })
+        .unwrap();
+        let found = held.run(|inside| pod_addresses(inside)).unwrap().unwrap();
+        assert_eq!(
+            found,
+            vec![
+                "10.9.0.2".parse::<IpAddr>().unwrap(),
+                "fd00:9::2".parse().unwrap()
+            ]
+        );
+    }
+
     #[test]
     fn every_request_gets_its_own_answer() {
         let scratch = ScratchNetns::create().unwrap();

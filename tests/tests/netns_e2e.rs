@@ -341,3 +341,43 @@ fn a_pod_excluding_loopback_is_validated_by_read_back_alone() {
         .check(&f.attachment, &result)
         .expect("CHECK reads the rules back");
 }
+
+/// Standalone mode (multus, OpenShift): istio-cni runs as a network of its own, so ADD
+/// gets no `prevResult`. The pod's address families then come from the addresses in its
+/// netns, as upstream reads them: a dual-stack pod gets IPv6 rules too, validated.
+#[test]
+fn standalone_add_takes_the_families_from_the_netns() {
+    let sb = Sandbox::with(
+        meshed("dual"),
+        Options {
+            ipv6: true,
+            ..Options::default()
+        },
+    );
+    // The primary network alone (bridge + host-local, both families), as multus runs it.
+    let lo = istio_cni_e2e::chain::Attachment {
+        ifname: "lo".into(),
+        ..sb.attachment.clone()
+    };
+    istio_cni_e2e::chain::Chain::loopback().add(&lo).unwrap();
+    let primary = istio_cni_e2e::chain::Chain {
+        plugins: vec![sb.chain.plugins[0].clone()],
+        ..sb.chain.clone()
+    };
+    primary.add(&sb.attachment).unwrap();
+    assert!(sb.pod.istio_rules(false).is_empty() && sb.pod.istio_rules(true).is_empty());
+
+    // Then istio-cni as its own network: first in its list, no prevResult.
+    let standalone = istio_cni_e2e::chain::Chain {
+        name: "istio-cni".into(),
+        ..sb.ours()
+    };
+    standalone
+        .add(&sb.attachment)
+        .unwrap_or_else(|e| panic!("standalone ADD: {e:?}"));
+    assert!(!sb.pod.istio_rules(false).is_empty(), "IPv4 rules");
+    assert!(
+        !sb.pod.istio_rules(true).is_empty(),
+        "IPv6 rules for the pod's IPv6 address in its netns"
+    );
+}
