@@ -394,6 +394,7 @@ pub const REQUIRED_CAPS: &[(caps::Capability, &str)] = &[
 mod tests {
     use super::*;
     use crate::netns::ScratchNetns;
+    use crate::plan::plan_for_pod;
 
     /// The ruleset of an injected pod with default settings (IPv4 only).
     fn meshed_ruleset() -> Box<Ruleset> {
