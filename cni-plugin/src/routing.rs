@@ -423,7 +423,7 @@ mod tests {
             ip(&["link", "set", "veth0", "up"]);
         })
         .unwrap();
-        let found = held.run(|inside| pod_addresses(inside)).unwrap().unwrap();
+        let found = held.run(pod_addresses).unwrap().unwrap();
         assert_eq!(
             found,
             vec![
