@@ -272,7 +272,9 @@ impl RunArgs {
             ([(_, m)], None) => Ok(*m),
             ([(_, m)], Some(mode)) if *m == mode => Ok(mode),
             ([(var, m)], Some(mode)) => Err(format!(
-                "REPAIR_MODE={mode} and {var}=true ask for different repair modes ({mode}, {m}): set only one"
+                "REPAIR_MODE={mode} and {var}=true ask for different repair modes ({mode}, {m}): set only one \
+                 (with the Helm chart, set repair.mode or repair.{}Pods in its values, which also grants the RBAC the mode needs)",
+                m.as_str()
             )),
             ([(a, _), (b, _), ..], _) => Err(format!(
                 "{a}=true and {b}=true both select a repair mode: set only one of them (or REPAIR_MODE)"
