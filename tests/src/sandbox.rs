@@ -243,3 +243,26 @@ pub fn original_dst(s: &TcpStream) -> SocketAddr {
         }
     }
 }
+
+/// What ADD's validation proves, checked again by a test inside a pod's netns: the
+/// read-back of `ruleset` and, with `probe`, the IPv4 loopback probe to its probe port.
+///
+/// Errors: the first check that fails.
+pub fn read_back_and_probe(
+    inside: &istio_cni::netns::Inside<'_>,
+    xt: &istio_cni::apply::Xtables,
+    ruleset: &istio_cni::rules::Ruleset,
+    probe: bool,
+) -> Result<(), istio_cni::validate::ValidateError> {
+    istio_cni::validate::read_back(inside, xt, ruleset)?;
+    if probe {
+        istio_cni::validate::probe(
+            inside,
+            istio_cni::rules::Family::V4,
+            ruleset.proxy_uid,
+            ruleset.probe_port.expect("a probe port"),
+            std::time::Duration::from_secs(2),
+        )?;
+    }
+    Ok(())
+}

@@ -31,7 +31,6 @@ use istio_cni::config::NetConf;
 use istio_cni::netns::Netns;
 use istio_cni::plan::{plan_for_pod, Plan};
 use istio_cni::rules::Family;
-use istio_cni::validate;
 use istio_cni_e2e::agent::{chained, get};
 use istio_cni_e2e::chain::REFERENCE_PLUGIN_DIR;
 use istio_cni_e2e::cri::{Containerd, ContainerdDirs, PodSandbox};
@@ -40,7 +39,7 @@ use istio_cni_e2e::kubelet::unique_uid;
 use istio_cni_e2e::net::{unique_name, TestNetns};
 use istio_cni_e2e::node::NodeRoot;
 use istio_cni_e2e::podtemplate::{Kubelet, PodIdentity};
-use istio_cni_e2e::sandbox::injected_pod;
+use istio_cni_e2e::sandbox::{injected_pod, read_back_and_probe};
 use k8s_cri::v1::PodSandboxConfig;
 use serde_json::{json, Value};
 
@@ -334,36 +333,26 @@ impl Cluster {
         let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
             panic!("the meshed pod must be planned for redirection");
         };
-        let xt = self
-            .host
-            .open()
-            .run(|_| Xtables::detect())
-            .unwrap()
-            .unwrap();
+        let xt = self.xtables();
         let netns = Netns::open(&self.node_path(sandbox.netns.to_str().unwrap())).unwrap();
         netns
-            .run(|inside| {
-                validate::read_back(inside, &xt, &ruleset)?;
-                validate::probe(
-                    inside,
-                    Family::V4,
-                    ruleset.proxy_uid,
-                    ruleset.probe_port.expect("a probe port"),
-                    Duration::from_secs(2),
-                )
-            })
+            .run(|inside| read_back_and_probe(inside, &xt, &ruleset, true))
             .unwrap()
             .unwrap_or_else(|e| panic!("meshed sandbox: {e}"));
         netns
     }
 
-    fn istio_rules(&self, netns: &Netns) -> Vec<String> {
-        let xt = self
-            .host
+    /// The iptables backend of the node's network namespace.
+    fn xtables(&self) -> Xtables {
+        self.host
             .open()
             .run(|_| Xtables::detect())
             .unwrap()
-            .unwrap();
+            .unwrap()
+    }
+
+    fn istio_rules(&self, netns: &Netns) -> Vec<String> {
+        let xt = self.xtables();
         netns
             .run(|inside| xt.binaries(Family::V4).unwrap().save_text(inside))
             .unwrap()

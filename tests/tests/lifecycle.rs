@@ -17,14 +17,13 @@ use istio_cni::apply::Xtables;
 use istio_cni::netns::Netns;
 use istio_cni::plan::{plan_for_running_pod, Plan};
 use istio_cni::rules::{Family, Ruleset};
-use istio_cni::validate;
 use istio_cni_e2e::agent::{register_agent_pod, wait_for, Daemon, Node, AGENT_POD};
 use istio_cni_e2e::chain::REFERENCE_PLUGIN_DIR;
 use istio_cni_e2e::cri::{Containerd, ContainerdDirs, PodSandbox};
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::unique_uid;
 use istio_cni_e2e::net::{unique_name, TestNetns};
-use istio_cni_e2e::sandbox::injected_pod;
+use istio_cni_e2e::sandbox::{injected_pod, read_back_and_probe};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
@@ -132,21 +131,9 @@ impl World {
     fn validated(&self, pod: &RunningPod, probe: bool) -> Result<(), String> {
         let ruleset = self.ruleset(pod).expect("a meshed pod");
         let ns = Netns::open(&pod.sandbox.netns).map_err(|e| e.to_string())?;
-        ns.run(|inside| {
-            validate::read_back(inside, &self.xt, &ruleset)?;
-            if probe {
-                validate::probe(
-                    inside,
-                    Family::V4,
-                    ruleset.proxy_uid,
-                    ruleset.probe_port.expect("a probe port"),
-                    Duration::from_secs(2),
-                )?;
-            }
-            Ok::<(), validate::ValidateError>(())
-        })
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+        ns.run(|inside| read_back_and_probe(inside, &self.xt, &ruleset, probe))
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     }
 
     /// Whether the pod's netns has no ISTIO rules at all.
