@@ -3,11 +3,14 @@
 //! (`cni-plugin/tests/conformance/istio-plugin/`).
 //!
 //! - [`iptables`] builds the rules in upstream's order;
+//! - [`nftables`] builds the same redirection as one nftables transaction, as upstream's
+//!   native nftables backend does (not yet applied by ADD: `native_nftables` is refused);
 //! - [`canon`] reads rules back from `iptables-save` in a canonical form, so that the
 //!   validator can compare what the kernel holds with what we meant.
 
 pub mod canon;
 pub mod iptables;
+pub mod nftables;
 pub mod reconcile;
 
 use std::collections::BTreeMap;
