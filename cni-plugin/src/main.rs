@@ -25,8 +25,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Print the rules ADD would write for a pod (iptables-restore form, IPv4 then IPv6),
-    /// or why the pod gets none. Same code path as ADD, without touching any netns.
+    /// Print the rules ADD would write for a pod (iptables-restore form, IPv4 then IPv6;
+    /// with `native_nftables` in the netconf, the nftables transaction, as `nft -f` takes
+    /// it), or why the pod gets none. Same code path as ADD, without touching any netns.
     Render {
         /// The pod as the API returns it (JSON, e.g. `kubectl get pod -o json`).
         #[arg(long)]
@@ -150,12 +151,19 @@ fn render(pod: &std::path::Path, netconf: Option<&std::path::Path>) -> Result<St
     };
     let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_slice(&read(pod)?)
         .map_err(|e| format!("{} is not a Pod: {e}", pod.display()))?;
-    match plan_for_pod(&conf, &pod).map_err(|e| {
+    let invalid = |e: istio_cni::redirect::RedirectError| {
         format!(
             "{e} (ADD would fail with CNI code {})",
             ErrorCode::INVALID_POD_SETTING.0
         )
-    })? {
+    };
+    if conf.native_nftables {
+        return match istio_cni::plan::plan_nft_for_pod(&conf, &pod).map_err(invalid)? {
+            Plan::Skip(reason) => Ok(format!("# no rules: {reason}\n")),
+            Plan::Redirect(ruleset) => Ok(ruleset.transaction()),
+        };
+    }
+    match plan_for_pod(&conf, &pod).map_err(invalid)? {
         Plan::Skip(reason) => Ok(format!("# no rules: {reason}\n")),
         Plan::Redirect(ruleset) => Ok(ruleset.render()),
     }

@@ -12,13 +12,14 @@ use crate::pod::{decide, skip_by_name, Skip};
 use crate::redirect::{Redirect, RedirectError};
 use crate::rules::{iptables, Ruleset};
 
-/// What ADD does for a pod.
+/// What ADD does for a pod: `R` is the iptables [`Ruleset`], or with `native_nftables` the
+/// [`NftRuleset`](crate::rules::nftables::NftRuleset).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
+pub enum Plan<R = Ruleset> {
     /// Pass through: the pod gets no rules, for this reason.
     Skip(Skip),
     /// Program this ruleset.
-    Redirect(Box<Ruleset>),
+    Redirect(Box<R>),
 }
 
 /// Decides for `pod` and builds its ruleset. IPv6 rules are added when the `prevResult` in
@@ -42,6 +43,26 @@ pub fn plan_for_pod_with_ips(pod: &Pod, pod_ips: &[IpAddr]) -> Result<Plan, Redi
     let redirect = Redirect::from_pod(&meshed)?;
     let ipv6 = iptables::has_ipv6(pod_ips);
     Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
+}
+
+/// [`plan_for_pod`] for the nftables backend (`native_nftables`): the same decision and
+/// redirect, as one nftables transaction (`cni/pkg/plugin/sidecar_nftables_linux.go` maps a
+/// pod to upstream's capture configuration exactly as the iptables path does).
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn plan_nft_for_pod(
+    conf: &NetConf,
+    pod: &Pod,
+) -> Result<Plan<crate::rules::nftables::NftRuleset>, RedirectError> {
+    let meshed = match decide(pod) {
+        Ok(m) => m,
+        Err(skip) => return Ok(Plan::Skip(skip)),
+    };
+    let redirect = Redirect::from_pod(&meshed)?;
+    let ipv6 = iptables::has_ipv6(&pod_ips(conf.prev_result.as_ref()));
+    Ok(Plan::Redirect(Box::new(crate::rules::nftables::build(
+        &redirect, ipv6,
+    ))))
 }
 
 /// What ADD would program for a pod that is already running, as the node agent's repair

@@ -439,3 +439,38 @@ fn hostile_input_table() {
         );
     }
 }
+
+#[test]
+fn render_prints_the_nftables_transaction_with_native_nftables() {
+    let dir = tempfile::tempdir().unwrap();
+    let pod = dir.path().join("pod.json");
+    std::fs::write(
+        &pod,
+        json!({"metadata": {"name": "p", "namespace": "default",
+                            "annotations": {"sidecar.istio.io/status": "{}"}},
+               "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}})
+        .to_string(),
+    )
+    .unwrap();
+    let netconf = dir.path().join("netconf.json");
+    std::fs::write(
+        &netconf,
+        json!({"cniVersion": "1.0.0", "native_nftables": true}).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["render", "--pod"])
+        .arg(&pod)
+        .arg("--netconf")
+        .arg(&netconf)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("add table inet istio-proxy-nat\nflush table inet istio-proxy-nat\n")
+            && text
+                .contains("add rule inet istio-proxy-nat istio-output counter jump istio-redirect"),
+        "{text}"
+    );
+}
