@@ -20,6 +20,7 @@ declare -A why=(
     [libc6-dev]="C library headers and objects for the link"
     [ca-certificates]="cargo fetches crates over TLS"
     [iptables]="the rules are written and read back with iptables-restore/-save"
+    [nftables]="nft: the nftables backend's transactions are applied and read back in test netns"
     [iproute2]="the tests and the demo create network namespaces with ip"
     [containernetworking-plugins]="the reference CNI plugins (loopback, bridge, host-local) of the chain"
     [protobuf-compiler]="protoc, to build the containerd CRI client used by the tests"
@@ -36,7 +37,7 @@ declare -A why=(
     [mount]="mount: tmpfs and overlays that lay out a test node's root"
 )
 base=(gcc libc6-dev ca-certificates)
-netns=(iptables iproute2 containernetworking-plugins)
+netns=(iptables nftables iproute2 containernetworking-plugins)
 cri=(protobuf-compiler containerd runc busybox-static util-linux mount)
 case "$target" in
     build) pkgs=("${base[@]}" protobuf-compiler); need_root=false ;;

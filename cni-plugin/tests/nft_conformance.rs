@@ -5,125 +5,13 @@
 //! The cases it cannot express are listed in [`INEXPRESSIBLE`] with the reason, and the
 //! test fails if that list and the cases disagree in either direction.
 
+mod common;
+
 use std::path::PathBuf;
 
-use ipnet::IpNet;
-use istio_cni::redirect::{InterceptionMode, InterfaceName, IpRanges, PortSet, Redirect};
+use common::nft_cases::{dir, redirect_of, INEXPRESSIBLE};
 use istio_cni::rules::nftables;
-use serde_json::{Map, Value};
-
-/// Cases whose configuration the CNI plugin never produces, and why.
-const INEXPRESSIBLE: &[(&str, &str)] = &[
-    (
-        "ip-range",
-        "several proxy UIDs and GIDs (\"3,4\", \"1,2\") and a DNS server list",
-    ),
-    (
-        "tproxy",
-        "DNS capture limited to a server list (CaptureAllDNS off); the plugin captures all DNS",
-    ),
-    ("ipv6-uid-gid", "several proxy UIDs and GIDs"),
-    (
-        "dns-uid-gid",
-        "several proxy UIDs and GIDs, and DNS server lists",
-    ),
-    (
-        "ipv6-dns-uid-gid",
-        "several proxy UIDs and GIDs, and RedirectDNS without CaptureAllDNS",
-    ),
-    (
-        "outbound-owner-groups",
-        "owner-group filters (OwnerGroupsInclude)",
-    ),
-    (
-        "outbound-owner-groups-exclude",
-        "owner-group filters (OwnerGroupsExclude)",
-    ),
-    (
-        "ipv6-dns-outbound-owner-groups",
-        "owner-group filters, and RedirectDNS without CaptureAllDNS",
-    ),
-    (
-        "ipv6-dns-outbound-owner-groups-exclude",
-        "owner-group filters, and RedirectDNS without CaptureAllDNS",
-    ),
-    (
-        "loopback-outbound-iprange",
-        "several proxy UIDs and GIDs, and a DNS server list",
-    ),
-    (
-        "host-ipv4-loopback-cidr",
-        "a host loopback other than 127.0.0.1/32 (HostIPv4LoopbackCidr)",
-    ),
-];
-
-fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance/istio-nftables")
-}
-
-/// Upstream's `config.Split`: comma-separated, blanks dropped.
-fn split(v: &Value) -> Vec<String> {
-    v.as_str()
-        .unwrap_or_default()
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
-}
-
-fn ports(v: &Value) -> Vec<u16> {
-    split(v).iter().map(|p| p.parse().unwrap()).collect()
-}
-
-fn nets(v: &Value) -> Vec<IpNet> {
-    split(v).iter().map(|n| n.parse().unwrap()).collect()
-}
-
-fn interfaces(v: &Value) -> Vec<InterfaceName> {
-    split(v)
-        .iter()
-        .map(|i| InterfaceName::parse(i).unwrap())
-        .collect()
-}
-
-/// The `Redirect` (and `EnableIPv6`) of a case's configuration: upstream's fields as the
-/// plugin maps them (`cni/pkg/plugin/sidecar_nftables_linux.go`).
-fn redirect_of(cfg: &Map<String, Value>) -> (Redirect, bool) {
-    let get = |k: &str| cfg.get(k).cloned().unwrap_or(Value::Null);
-    let id = |k: &str| get(k).as_str().unwrap().parse::<u32>().unwrap();
-    let include_ports = get("InboundPortsInclude");
-    let include_ranges = get("OutboundIPRangesInclude");
-    let redirect = Redirect {
-        mode: if get("InboundInterceptionMode") == "TPROXY" {
-            InterceptionMode::Tproxy
-        } else {
-            InterceptionMode::Redirect
-        },
-        proxy_uid: id("ProxyUID"),
-        proxy_gid: id("ProxyGID"),
-        include_outbound_ip_ranges: if include_ranges.as_str() == Some("*") {
-            IpRanges::All
-        } else {
-            IpRanges::List(nets(&include_ranges))
-        },
-        exclude_outbound_ip_ranges: nets(&get("OutboundIPRangesExclude")),
-        include_inbound_ports: if include_ports.as_str() == Some("*") {
-            PortSet::All
-        } else {
-            PortSet::List(ports(&include_ports))
-        },
-        exclude_inbound_ports: ports(&get("InboundPortsExclude")),
-        include_outbound_ports: ports(&get("OutboundPortsInclude")),
-        exclude_outbound_ports: ports(&get("OutboundPortsExclude")),
-        exclude_interfaces: interfaces(&get("ExcludeInterfaces")),
-        reroute_virtual_interfaces: interfaces(&get("RerouteVirtualInterfaces")),
-        dns_capture: get("RedirectDNS") == true,
-        dual_stack: false,
-        invalid_drop: get("DropInvalid") == true,
-    };
-    (redirect, get("EnableIPv6") == true)
-}
+use serde_json::Value;
 
 #[test]
 fn every_expressible_upstream_case_matches_line_for_line() {

@@ -10,6 +10,7 @@
 
 pub mod canon;
 pub mod iptables;
+pub mod nft_canon;
 pub mod nftables;
 pub mod reconcile;
 
