@@ -155,7 +155,9 @@ pub struct NetConf {
     pub kubeconfig: PathBuf,
     /// Pod lookup deadline, retries included.
     pub api_timeout: Duration,
-    /// `native_nftables`: parsed, but not supported yet.
+    /// `native_nftables` (upstream's netconf field, chart `global.nativeNftables`): write
+    /// the rules with nftables (`inet istio-proxy-*` tables, see
+    /// [`crate::rules::nftables`]) instead of iptables.
     pub native_nftables: bool,
     /// `validation` block.
     pub validation: Validation,

@@ -3,7 +3,8 @@
 //! `istio-validation` init container is needed.
 //!
 //! Data flows one way through the modules, one per stage:
-//! stdin → [`config`] → [`pod`] → [`redirect`] → [`rules`] → [`apply`] → [`validate`] → result.
+//! stdin → [`config`] → [`pod`] → [`redirect`] → [`rules`] → [`apply`] (iptables) or
+//! [`nft`] (nftables) → [`validate`] → result.
 //! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace;
 //! [`plugin`] wires the verbs together.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod error;
 pub mod logging;
 pub mod netns;
+pub mod nft;
 pub mod plan;
 pub mod plugin;
 pub mod pod;

@@ -54,12 +54,22 @@ pub fn plan_nft_for_pod(
     conf: &NetConf,
     pod: &Pod,
 ) -> Result<Plan<crate::rules::nftables::NftRuleset>, RedirectError> {
+    plan_nft_for_pod_with_ips(pod, &pod_ips(conf.prev_result.as_ref()))
+}
+
+/// [`plan_nft_for_pod`] with the pod's addresses given (see [`plan_for_pod_with_ips`]).
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn plan_nft_for_pod_with_ips(
+    pod: &Pod,
+    pod_ips: &[IpAddr],
+) -> Result<Plan<crate::rules::nftables::NftRuleset>, RedirectError> {
     let meshed = match decide(pod) {
         Ok(m) => m,
         Err(skip) => return Ok(Plan::Skip(skip)),
     };
     let redirect = Redirect::from_pod(&meshed)?;
-    let ipv6 = iptables::has_ipv6(&pod_ips(conf.prev_result.as_ref()));
+    let ipv6 = iptables::has_ipv6(pod_ips);
     Ok(Plan::Redirect(Box::new(crate::rules::nftables::build(
         &redirect, ipv6,
     ))))

@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use crate::netns::Inside;
 use crate::rules::iptables::{TPROXY_MARK, TPROXY_ROUTE_TABLE};
-use crate::rules::{Family, Ruleset};
+use crate::rules::{Family, RoutingNeeds, Ruleset};
 
 /// A routing step failed: the request, as the `ip` command that would do the same, and the
 /// errno or I/O error.
@@ -60,9 +60,16 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// rule and route of each family in TPROXY mode. Entries already present are fine.
 ///
 /// Errors: [`RoutingError`] naming the request and the errno.
-pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), RoutingError> {
-    let families: Vec<Family> = ruleset.families.iter().map(|f| f.family).collect();
-    if !families.contains(&Family::V6) && !ruleset.tproxy_routing {
+pub fn apply(inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), RoutingError> {
+    apply_needs(inside, &ruleset.routing_needs())
+}
+
+/// [`apply`] for what a ruleset of either backend needs.
+///
+/// Errors: [`RoutingError`] naming the request and the errno.
+pub fn apply_needs(_inside: &Inside<'_>, needs: &RoutingNeeds) -> Result<(), RoutingError> {
+    let families = needs.families.clone();
+    if !families.contains(&Family::V6) && !needs.tproxy_routing {
         return Ok(());
     }
     let sock = open()?;
@@ -78,7 +85,7 @@ pub fn apply(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), RoutingError
             RoutingError::new(format!("ip -6 addr add {IPV6_PASSTHROUGH}/128 dev lo"), e)
         })?;
     }
-    if !ruleset.tproxy_routing {
+    if !needs.tproxy_routing {
         return Ok(());
     }
     for family in families {
@@ -144,14 +151,23 @@ pub fn remove(_inside: &Inside<'_>) -> Result<(), RoutingError> {
 /// is in place): the TPROXY rule of each family in TPROXY mode.
 ///
 /// Errors: [`RoutingError`] for a failed netlink dump.
-pub fn check(_inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, RoutingError> {
+pub fn check(inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, RoutingError> {
+    check_needs(inside, &ruleset.routing_needs())
+}
+
+/// [`check`] for what a ruleset of either backend needs.
+///
+/// Errors: [`RoutingError`] for a failed netlink dump.
+pub fn check_needs(
+    _inside: &Inside<'_>,
+    needs: &RoutingNeeds,
+) -> Result<Vec<String>, RoutingError> {
     let mut problems = Vec::new();
-    if ruleset.tproxy_routing {
-        for f in &ruleset.families {
-            if !has_tproxy_rule(f.family)? {
+    if needs.tproxy_routing {
+        for family in &needs.families {
+            if !has_tproxy_rule(*family)? {
                 problems.push(format!(
-                    "{} policy rule `fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE}` is missing",
-                    f.family
+                    "{family} policy rule `fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE}` is missing"
                 ));
             }
         }

@@ -124,12 +124,6 @@ fn errors_are_cni_json_on_stdout_and_logs_stay_off_it() {
     let out = cni(
         "ADD",
         "",
-        &json!({"cniVersion": "1.0.0", "native_nftables": true}),
-    );
-    assert_eq!(stdout_json(&out)["code"], 2);
-    let out = cni(
-        "ADD",
-        "",
         &json!({"cniVersion": "1.0.0", "exclude_namespaces": [1]}),
     );
     let e = stdout_json(&out);
@@ -181,6 +175,42 @@ fn status_reports_what_blocks_add_and_gc_is_accepted() {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(out.stdout.is_empty());
+
+    // With native_nftables, STATUS needs nft with JSON support: this machine's passes, an
+    // nft built without JSON is reported with code 50.
+    c["native_nftables"] = json!(true);
+    let out = cni("STATUS", "", &c);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let fake = dir.path().join("nft");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'nftables v0.9.0'\necho '  json:\t\tno'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = cni_raw(
+        &[
+            (
+                "PATH",
+                &format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", dir.path().display()),
+            ),
+            ("CNI_COMMAND", "STATUS"),
+        ],
+        c.to_string().as_bytes(),
+    );
+    assert_eq!(out.status.code(), Some(50));
+    assert!(
+        stdout_json(&out)["msg"]
+            .as_str()
+            .unwrap()
+            .contains("without JSON support"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 
     let mut gc = conf("1.1.0");
     gc["cni.dev/valid-attachments"] = json!([{"containerID": "c1", "ifname": "eth0"}]);

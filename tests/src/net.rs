@@ -98,6 +98,22 @@ impl TestNetns {
     }
 }
 
+impl TestNetns {
+    /// Names of this netns's nftables tables of the nftables backend
+    /// (`inet istio-proxy-*`), sorted.
+    pub fn istio_nft_tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .exec(&["nft", "list", "tables"])
+            .lines()
+            .filter_map(|l| l.strip_prefix("table inet "))
+            .filter(|n| n.starts_with("istio-proxy-"))
+            .map(str::to_owned)
+            .collect();
+        t.sort();
+        t
+    }
+}
+
 impl Drop for TestNetns {
     fn drop(&mut self) {
         let _ = Command::new("ip")

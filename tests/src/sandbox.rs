@@ -30,6 +30,8 @@ pub struct Options {
     pub log_level: &'static str,
     /// Extra environment of the plugins, e.g. `FORCE_IPTABLES_BINARY`.
     pub env: Vec<(String, String)>,
+    /// `native_nftables` of the plugin: the nftables backend.
+    pub nftables: bool,
 }
 
 impl Default for Options {
@@ -40,6 +42,7 @@ impl Default for Options {
             probe: true,
             log_level: "debug",
             env: Vec::new(),
+            nftables: false,
         }
     }
 }
@@ -97,7 +100,8 @@ impl Sandbox {
                        "exclude_namespaces": ["kube-system"],
                        "kubernetes": {"kubeconfig": kubeconfig,
                                       "api_timeout_ms": opts.api_timeout_ms},
-                       "validation": {"probe": opts.probe}}),
+                       "validation": {"probe": opts.probe},
+                       "native_nftables": opts.nftables}),
             ],
             cni_path: vec![plugin_dir(), REFERENCE_PLUGIN_DIR.into()],
             runtime_netns: Some(host.name.clone()),

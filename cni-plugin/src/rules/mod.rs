@@ -196,7 +196,25 @@ pub struct Ruleset {
     pub probe_port: Option<u16>,
 }
 
+/// What a ruleset needs besides its rules (see [`crate::routing`]): `::6` on `lo` when it
+/// has IPv6 rules, and the TPROXY policy routing of each family in TPROXY mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingNeeds {
+    /// The families programmed, IPv4 first.
+    pub families: Vec<Family>,
+    /// TPROXY mode with inbound capture.
+    pub tproxy_routing: bool,
+}
+
 impl Ruleset {
+    /// What these rules need besides themselves.
+    pub fn routing_needs(&self) -> RoutingNeeds {
+        RoutingNeeds {
+            families: self.families.iter().map(|f| f.family).collect(),
+            tproxy_routing: self.tproxy_routing,
+        }
+    }
+
     /// The rules of `family`, if that family is programmed.
     pub fn family(&self, family: Family) -> Option<&FamilyRules> {
         self.families.iter().find(|f| f.family == family)

@@ -136,6 +136,8 @@ pub struct NftRuleset {
     pub proxy_uid: u32,
     /// Where the validation probe connects; `None` when no loopback probe can pass.
     pub probe_port: Option<u16>,
+    /// Whether IPv6 rules are in (and so the IPv6 probe and `::6` are needed).
+    pub ipv6: bool,
 }
 
 impl NftRuleset {
@@ -174,6 +176,18 @@ impl NftRuleset {
             }
         }
         out
+    }
+
+    /// What these rules need besides themselves (see [`crate::routing`]).
+    pub fn routing_needs(&self) -> super::RoutingNeeds {
+        let mut families = vec![super::Family::V4];
+        if self.ipv6 {
+            families.push(super::Family::V6);
+        }
+        super::RoutingNeeds {
+            families,
+            tproxy_routing: self.tproxy_routing,
+        }
     }
 
     /// The names of the tables this ruleset writes.
@@ -268,8 +282,9 @@ fn is_v4(net: &IpNet) -> bool {
 /// pod has an IPv6 address) or the redirect asks for dual stack.
 pub fn build(r: &Redirect, ipv6: bool) -> NftRuleset {
     use self::{MANGLE_TABLE as MANGLE, NAT_TABLE as NAT};
+    let ipv6 = ipv6 || r.dual_stack;
     let mut b = Builder {
-        ipv6: ipv6 || r.dual_stack,
+        ipv6,
         rules: Default::default(),
     };
     let tproxy = r.mode == InterceptionMode::Tproxy;
@@ -450,6 +465,7 @@ pub fn build(r: &Redirect, ipv6: bool) -> NftRuleset {
         tproxy_routing: tproxy && r.include_inbound_ports != PortSet::List(Vec::new()),
         proxy_uid: uid,
         probe_port: probe_port(r),
+        ipv6,
     }
 }
 
