@@ -407,6 +407,7 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     assert agent["self_test"] == values["selfTest"]
     assert agent["host_mount_ns"] == "/host/proc/1/ns/mnt"
     assert agent["host_cni_bin_dir"] == values["cniBinDir"]
+    assert agent["native_nftables"] == values["global"]["nativeNftables"]
     # `env` reaches every other option, and wins over the ConfigMap.
     assert agent["kubeconfig_mode"] == int(str(values["env"].get("KUBECONFIG_MODE", "600")), 8)
     assert run["resync_seconds"] == int(values["env"].get("RESYNC_SECONDS", 60))
@@ -478,9 +479,11 @@ def test_an_upstream_values_file_has_upstream_effects() -> None:
     assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == {8000, 15014}
     # What has no effect here is named, never a schema error.
     text = notes(UPSTREAM)
-    for key in ["ambient.enabled", "istioOwnedCNIConfig", "istioOwnedCNIConfigFileName", "global.nativeNftables",
+    for key in ["ambient.enabled", "istioOwnedCNIConfig", "istioOwnedCNIConfigFileName",
                 "repair.initContainerName", "pilot", "meshConfig"]:
         assert f"  - {key}:" in text, key
+    # global.nativeNftables selects the nftables backend.
+    assert env["NATIVE_NFTABLES"] == "true"
 
 
 @pytest.mark.parametrize(

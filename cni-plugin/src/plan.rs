@@ -45,6 +45,65 @@ pub fn plan_for_pod_with_ips(pod: &Pod, pod_ips: &[IpAddr]) -> Result<Plan, Redi
     Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
 }
 
+/// A pod's rules with either backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rules {
+    /// The iptables rules (the default).
+    Iptables(Ruleset),
+    /// The nftables transaction (`native_nftables`).
+    Nftables(crate::rules::nftables::NftRuleset),
+}
+
+impl Rules {
+    /// The proxy's UID (the probe connects as it).
+    pub fn proxy_uid(&self) -> u32 {
+        match self {
+            Rules::Iptables(r) => r.proxy_uid,
+            Rules::Nftables(r) => r.proxy_uid,
+        }
+    }
+
+    /// Where the validation probe connects, if a loopback probe can pass.
+    pub fn probe_port(&self) -> Option<u16> {
+        match self {
+            Rules::Iptables(r) => r.probe_port,
+            Rules::Nftables(r) => r.probe_port,
+        }
+    }
+
+    /// What the rules need besides themselves (see [`crate::routing`]).
+    pub fn routing_needs(&self) -> crate::rules::RoutingNeeds {
+        match self {
+            Rules::Iptables(r) => r.routing_needs(),
+            Rules::Nftables(r) => r.routing_needs(),
+        }
+    }
+}
+
+/// [`plan_for_running_pod`] with the backend chosen: the nftables transaction when
+/// `nftables` (the agent's `NATIVE_NFTABLES`), else the iptables rules.
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn plan_rules_for_running_pod(
+    pod: &Pod,
+    agent_namespace: &str,
+    exclude_namespaces: &[String],
+    nftables: bool,
+) -> Result<Plan<Rules>, RedirectError> {
+    Ok(
+        match plan_for_running_pod(pod, agent_namespace, exclude_namespaces)? {
+            Plan::Skip(skip) => Plan::Skip(skip),
+            Plan::Redirect(_) if nftables => {
+                match plan_nft_for_pod_with_ips(pod, &running_pod_ips(pod))? {
+                    Plan::Skip(skip) => Plan::Skip(skip),
+                    Plan::Redirect(r) => Plan::Redirect(Box::new(Rules::Nftables(*r))),
+                }
+            }
+            Plan::Redirect(r) => Plan::Redirect(Box::new(Rules::Iptables(*r))),
+        },
+    )
+}
+
 /// [`plan_for_pod`] for the nftables backend (`native_nftables`): the same decision and
 /// redirect, as one nftables transaction (`cni/pkg/plugin/sidecar_nftables_linux.go` maps a
 /// pod to upstream's capture configuration exactly as the iptables path does).

@@ -15,7 +15,7 @@ use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
 use crate::netns::{Inside, Netns, NetnsError};
 use crate::nft::Nft;
-use crate::plan::{plan_for_pod_with_ips, plan_nft_for_pod_with_ips, Plan};
+use crate::plan::{plan_for_pod_with_ips, plan_nft_for_pod_with_ips, Plan, Rules};
 use crate::pod::{self, PodRef};
 use crate::rules::nftables::NftRuleset;
 use crate::rules::{Family, Ruleset};
@@ -133,20 +133,12 @@ fn pod_ips_of(conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Vec<std::net::IpA
         .map_err(|e| Error::Apply(crate::apply::ApplyError::Routing(e)))
 }
 
-/// What ADD writes for a pod, with the backend the configuration picks.
-enum Planned {
-    /// The iptables rules (the default).
-    Iptables(Ruleset),
-    /// The nftables transaction (`native_nftables`).
-    Nftables(NftRuleset),
-}
-
 /// Looks the pod up and plans its rules; `None` when it passes through.
 fn plan(
     env: &CniEnv,
     conf: &NetConf,
     netns: &LazyNetns<'_>,
-) -> Result<Option<(PodRef, Planned)>, Error> {
+) -> Result<Option<(PodRef, Rules)>, Error> {
     let pod_ref = match pod::pre_api(conf, &env.args) {
         Ok(p) => p,
         Err(skip) => {
@@ -165,12 +157,12 @@ fn plan(
     let planned = if conf.native_nftables {
         match plan_nft_for_pod_with_ips(&pod, &ips)? {
             Plan::Skip(skip) => Err(skip),
-            Plan::Redirect(r) => Ok(Planned::Nftables(*r)),
+            Plan::Redirect(r) => Ok(Rules::Nftables(*r)),
         }
     } else {
         match plan_for_pod_with_ips(&pod, &ips)? {
             Plan::Skip(skip) => Err(skip),
-            Plan::Redirect(r) => Ok(Planned::Iptables(*r)),
+            Plan::Redirect(r) => Ok(Rules::Iptables(*r)),
         }
     };
     match planned {
@@ -194,7 +186,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         .then(|| Duration::from_millis(conf.validation.timeout_ms));
     let start = Instant::now();
     match planned {
-        Planned::Iptables(ruleset) => {
+        Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
             let nft = Nft::detect().ok();
             netns.get()?.run(|inside| {
@@ -205,7 +197,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
                 program(inside, &xt, &ruleset, probe)
             })??;
         }
-        Planned::Nftables(ruleset) => {
+        Rules::Nftables(ruleset) => {
             let nft = Nft::detect()?;
             let xt = Xtables::detect().ok();
             netns
@@ -283,6 +275,81 @@ pub fn program_nft(
         }
     }
     outcome
+}
+
+/// The tools of both backends that this node has.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The iptables binaries, when the node has them.
+    pub xt: Option<Xtables>,
+    /// `nft`, when the node has it.
+    pub nft: Option<Nft>,
+}
+
+impl Tools {
+    /// Looks for both backends' tools.
+    pub fn detect() -> Tools {
+        Tools {
+            xt: Xtables::detect().ok(),
+            nft: Nft::detect().ok(),
+        }
+    }
+
+    fn xt(&self) -> Result<&Xtables, Error> {
+        match &self.xt {
+            Some(xt) => Ok(xt),
+            None => Err(Xtables::detect().err().map_or_else(
+                || Error::Internal("iptables appeared after detection".into()),
+                Error::from,
+            )),
+        }
+    }
+
+    fn nft(&self) -> Result<&Nft, Error> {
+        self.nft
+            .as_ref()
+            .ok_or(Error::Apply(apply::ApplyError::NoNft))
+    }
+}
+
+/// Read-back of `rules` with their backend, for the node agent's repair loop.
+///
+/// Errors: [`Error::Validate`] with what is missing or wrong, [`Error::Apply`] when the
+/// backend's tool is missing.
+pub fn read_back_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Result<(), Error> {
+    match rules {
+        Rules::Iptables(r) => Ok(validate::read_back(inside, tools.xt()?, r)?),
+        Rules::Nftables(r) => Ok(crate::nft::read_back(inside, tools.nft()?, r)?),
+    }
+}
+
+/// [`reprogram`] with either backend: writes `rules` into a running pod's netns and reads
+/// them back, removing the other backend's rules first when there are any. A failure
+/// removes nothing of what the pod had (each backend's write is atomic).
+///
+/// Errors: [`Error::Apply`] when the write fails, [`Error::Validate`] when the read-back
+/// does.
+pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Result<(), Error> {
+    match rules {
+        Rules::Iptables(r) => {
+            if let Some(nft) = &tools.nft {
+                remove_nft_tables(inside, nft)?;
+            }
+            reprogram(inside, tools.xt()?, r)
+        }
+        Rules::Nftables(r) => {
+            let nft = tools.nft()?;
+            if let Some(xt) = &tools.xt {
+                if has_iptables_rules(inside, xt)? {
+                    apply::remove(inside, xt, None)?;
+                }
+            }
+            nft.apply(inside, r)?;
+            crate::routing::apply_needs(inside, &r.routing_needs())
+                .map_err(apply::ApplyError::Routing)?;
+            Ok(crate::nft::read_back(inside, nft, r)?)
+        }
+    }
 }
 
 /// Whether the netns holds iptables rules of ours (an `ISTIO_` chain in either family).
@@ -411,13 +478,13 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
         return Ok(());
     };
     match planned {
-        Planned::Iptables(ruleset) => {
+        Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
             netns
                 .get()?
                 .run(|inside| validate::read_back(inside, &xt, &ruleset))??;
         }
-        Planned::Nftables(ruleset) => {
+        Rules::Nftables(ruleset) => {
             let nft = Nft::detect()?;
             netns
                 .get()?

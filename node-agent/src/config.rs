@@ -75,6 +75,12 @@ pub struct AgentArgs {
     /// parser: 1 to 60000).
     #[arg(long, env = "VALIDATION_TIMEOUT_MS", default_value_t = 2000)]
     pub validation_timeout_ms: u64,
+    /// Write the rules with nftables instead of iptables (upstream's `native_nftables`,
+    /// the chart's `global.nativeNftables`): the chained entry asks the plugin for it, and
+    /// the self-test and the repair loop use it too.
+    #[arg(long, env = "NATIVE_NFTABLES", default_value_t = false, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub native_nftables: bool,
     /// After installing, prove the plugin works here: a real ADD/CHECK/DEL in a scratch
     /// netns with a synthetic pod.
     #[arg(long, env = "SELF_TEST", default_value_t = true, action = ArgAction::Set,
@@ -244,6 +250,7 @@ impl AgentArgs {
                 pod_namespace: self.pod_namespace.clone(),
                 probe: self.validation_probe,
                 probe_timeout_ms: self.validation_timeout_ms,
+                native_nftables: self.native_nftables,
             },
         })
     }

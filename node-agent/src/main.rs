@@ -309,6 +309,7 @@ fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> Rep
     RepairConfig {
         node: node.to_owned(),
         mode,
+        native_nftables: args.native_nftables,
         label_selector: selector(&run.repair_label_selectors),
         field_selector: selector(&run.repair_field_selectors),
         resync: Duration::from_secs(run.repair_resync_seconds),

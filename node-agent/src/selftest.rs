@@ -117,14 +117,27 @@ pub fn run(
     for verb in ["ADD", "CHECK", "DEL"] {
         runtime.exec(verb, &conf)?;
     }
-    let xt = Xtables::detect().map_err(|e| SelfTestError::Setup(e.to_string()))?;
-    let left = scratch
-        .netns()
-        .run(|inside| xt.binaries(Family::V4).and_then(|b| b.save_text(inside)))
-        .map_err(|e| SelfTestError::Setup(e.to_string()))?
-        .map_err(|e| SelfTestError::Setup(e.to_string()))?;
-    if let Some(line) = left.lines().find(|l| l.contains("ISTIO")) {
-        return Err(SelfTestError::Leftover(line.to_owned()));
+    // What DEL must have removed, with whichever backend's tools the agent has.
+    let setup = |e: String| SelfTestError::Setup(e);
+    if let Ok(xt) = Xtables::detect() {
+        let left = scratch
+            .netns()
+            .run(|inside| xt.binaries(Family::V4).and_then(|b| b.save_text(inside)))
+            .map_err(|e| setup(e.to_string()))?
+            .map_err(|e| setup(e.to_string()))?;
+        if let Some(line) = left.lines().find(|l| l.contains("ISTIO")) {
+            return Err(SelfTestError::Leftover(line.to_owned()));
+        }
+    }
+    if let Ok(nft) = istio_cni::nft::Nft::detect() {
+        let tables = scratch
+            .netns()
+            .run(|inside| nft.list(inside))
+            .map_err(|e| setup(e.to_string()))?
+            .map_err(|e| setup(e.to_string()))?;
+        if let Some(table) = tables.keys().next() {
+            return Err(SelfTestError::Leftover(format!("table inet {table}")));
+        }
     }
     Ok(start.elapsed())
 }

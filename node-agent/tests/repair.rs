@@ -498,3 +498,63 @@ fn upstream_repair_settings_select_the_mode_and_the_pods() {
         "{log}"
     );
 }
+
+/// `NATIVE_NFTABLES`: pods programmed with the nftables backend are read back with nft,
+/// and one whose table lost its rules is repaired with one nft transaction, in place.
+#[test]
+fn nftables_pods_are_read_back_and_repaired_with_nft() {
+    let mut s = Setup::new();
+    let mut chain = istio_chain(&s.kubeconfig);
+    chain.plugins[0]["native_nftables"] = json!(true);
+    let mut pods = Vec::new();
+    for name in ["nft-a", "nft-b"] {
+        s.next_ip += 1;
+        let pod = s
+            .pods
+            .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+        let object = pod.object(meshed("default", name), NODE);
+        s.api.put("pods", object);
+        pod.add(&chain, "default", name)
+            .unwrap_or_else(|e| panic!("ADD for {name}: {e:?}"));
+        pods.push(pod);
+    }
+    let healthy = pods[0]
+        .netns
+        .exec(&["nft", "list", "table", "inet", "istio-proxy-nat"]);
+    assert!(healthy.contains("istio-output"), "{healthy}");
+    assert!(pods[0].rules().is_empty(), "no iptables rules");
+    // One pod's outbound chain is flushed.
+    pods[1].netns.exec(&[
+        "nft",
+        "flush",
+        "chain",
+        "inet",
+        "istio-proxy-nat",
+        "istio-output",
+    ]);
+
+    let daemon = s.agent_with_env(
+        &[("NATIVE_NFTABLES", "true")],
+        &["--repair-resync-seconds", "3600"],
+    );
+    daemon.wait_ready();
+    wait_for("the flushed pod repaired", || {
+        (s.events_for("nft-b") == ["IstioCNIRepaired"]).then_some(())
+    });
+    let repaired = pods[1]
+        .netns
+        .exec(&["nft", "list", "table", "inet", "istio-proxy-nat"]);
+    assert_eq!(
+        repaired.lines().filter(|l| l.contains("counter")).count(),
+        healthy.lines().filter(|l| l.contains("counter")).count(),
+        "{repaired}"
+    );
+    assert!(
+        pods[1].rules().is_empty(),
+        "repaired with nft, not iptables"
+    );
+    assert!(
+        s.events_for("nft-a").is_empty(),
+        "the healthy pod is left alone"
+    );
+}

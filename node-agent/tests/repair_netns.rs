@@ -6,8 +6,8 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use istio_cni::apply::Xtables;
 use istio_cni::netns::NetnsId;
+use istio_cni::plugin::Tools;
 use istio_cni_e2e::kubelet::{Layout, NodePods, RunningPod};
 use istio_cni_e2e::net::run;
 use istio_cni_e2e::sandbox::injected_pod;
@@ -43,11 +43,11 @@ fn broken_pod(pods: &NodePods, a: &RunningPod) -> (Candidate, PodNetns) {
         agent_namespace: "istio-system".into(),
         exclude_namespaces: Vec::new(),
     };
-    let c = candidate(&pod, &exclusions).expect("a meshed running pod");
+    let c = candidate(&pod, &exclusions, false).expect("a meshed running pod");
     let found = BindMounts::scan(&[pods.netns_dir().to_owned()], None)
         .netns_of(&c.ips)
         .expect("the pod's netns file");
-    let xt = Xtables::detect().unwrap();
+    let xt = Tools::detect();
     assert!(matches!(
         inspect(&found, &c, &xt).unwrap(),
         Health::Broken(_)
@@ -75,7 +75,7 @@ fn a_netns_file_replaced_after_inspection_is_not_written() {
     // Between inspection and repair, the path now names another pod's namespace (a
     // runtime re-pinned it; for /proc/<pid>/ns/net, a reused PID).
     let _swap = Overmount::new(&b.netns.path(), &file_of(&pods, &a));
-    repair_in_place(&found, &c, &Xtables::detect().unwrap()).expect("repair");
+    repair_in_place(&found, &c, &Tools::detect()).expect("repair");
     assert!(!a.rules().is_empty(), "the inspected pod was repaired");
     assert!(
         b.rules().is_empty(),
@@ -91,7 +91,7 @@ fn a_netns_that_lost_the_pod_ip_is_not_written() {
     let (c, found) = broken_pod(&pods, &a);
     a.netns
         .exec(&["ip", "addr", "del", "10.78.0.7/24", "dev", "eth0"]);
-    let e = repair_in_place(&found, &c, &Xtables::detect().unwrap()).unwrap_err();
+    let e = repair_in_place(&found, &c, &Tools::detect()).unwrap_err();
     assert!(matches!(e, RepairError::PodIpGone { .. }), "{e}");
     assert!(a.rules().is_empty());
 }

@@ -57,6 +57,16 @@ fn passes_with_the_real_plugin_and_leaves_nothing() {
 }
 
 #[test]
+fn passes_with_the_nftables_backend_and_leaves_nothing() {
+    let run = tempfile::tempdir().unwrap();
+    let bin_dir = plugin().parent().unwrap().to_path_buf();
+    let mut e = entry(run.path());
+    e.insert("native_nftables".into(), json!(true));
+    selftest::run(&own(&bin_dir), &e, run.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(std::fs::read_dir(run.path()).unwrap().count(), 0);
+}
+
+#[test]
 fn a_broken_plugin_fails_it_with_its_message() {
     let run = tempfile::tempdir().unwrap();
     let fake = run.path().join("istio-cni");

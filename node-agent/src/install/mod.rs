@@ -34,6 +34,8 @@ pub struct PluginSettings {
     pub probe: bool,
     /// `validation.timeout_ms`, in milliseconds.
     pub probe_timeout_ms: u64,
+    /// `native_nftables`: the nftables backend (written into the entry only when on).
+    pub native_nftables: bool,
 }
 
 /// Where and how to install.
@@ -119,9 +121,12 @@ impl InstallConfig {
             "kubernetes": {"kubeconfig": self.kubeconfig_path()},
             "validation": {"probe": p.probe, "timeout_ms": p.probe_timeout_ms},
         });
-        let Value::Object(map) = v else {
+        let Value::Object(mut map) = v else {
             unreachable!("an object literal")
         };
+        if p.native_nftables {
+            map.insert("native_nftables".into(), Value::Bool(true));
+        }
         map
     }
 }

@@ -4,8 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use istio_cni::apply::Xtables;
-use istio_cni::plugin::reprogram;
+use istio_cni::plugin::{reprogram_rules, Tools};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::ResourceExt;
@@ -137,7 +136,7 @@ pub enum RepairError {
 /// Writes the candidate's rules into the netns that was inspected (the same open handle,
 /// never the path again) and reads them back. Inside the same `setns` as the write, the
 /// netns must still hold one of the pod's IPs; otherwise nothing is written. A failed
-/// write or read-back removes nothing ([`reprogram`]): the pod keeps what it had.
+/// write or read-back removes nothing ([`reprogram_rules`]): the pod keeps what it had.
 /// Blocking; run it off the async runtime.
 ///
 /// Errors: [`RepairError`]; [`RepairError::PodIpGone`] when the netns no longer holds the
@@ -145,7 +144,7 @@ pub enum RepairError {
 pub fn repair_in_place(
     netns: &PodNetns,
     candidate: &Candidate,
-    xt: &Xtables,
+    tools: &Tools,
 ) -> Result<(), RepairError> {
     netns.netns.run(|inside| {
         let here = local_addresses().map_err(|reason| RepairError::Addresses {
@@ -158,7 +157,7 @@ pub fn repair_in_place(
                 ips: join(&candidate.ips),
             });
         }
-        Ok(reprogram(inside, xt, &candidate.ruleset)?)
+        Ok(reprogram_rules(inside, tools, &candidate.ruleset)?)
     })?
 }
 

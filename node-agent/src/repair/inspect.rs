@@ -6,10 +6,9 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use istio_cni::apply::Xtables;
-use istio_cni::plan::{plan_for_running_pod, running_pod_ips, Plan};
-use istio_cni::rules::Ruleset;
-use istio_cni::validate::{self, ValidateError};
+use istio_cni::plan::{plan_rules_for_running_pod, running_pod_ips, Plan, Rules};
+use istio_cni::plugin::{read_back_rules, Tools};
+use istio_cni::validate::ValidateError;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::locate::{self, BindMounts, PodNetns, ProcIndex};
@@ -57,16 +56,21 @@ impl fmt::Display for Ineligible {
 /// A pod that should be redirected: its ruleset and addresses.
 #[derive(Debug, Clone)]
 pub struct Candidate {
-    /// What ADD would program.
-    pub ruleset: Box<Ruleset>,
+    /// What ADD would program, with the configured backend.
+    pub ruleset: Box<Rules>,
     /// `status.podIPs`.
     pub ips: Vec<IpAddr>,
 }
 
-/// Whether `pod` should hold rules now, from the pod object alone (no side effects).
+/// Whether `pod` should hold rules now, from the pod object alone (no side effects); its
+/// rules are the nftables backend's with `nftables` (`NATIVE_NFTABLES`).
 ///
 /// Errors: [`Ineligible`], why it is not checked.
-pub fn candidate(pod: &Pod, exclusions: &Exclusions) -> Result<Candidate, Ineligible> {
+pub fn candidate(
+    pod: &Pod,
+    exclusions: &Exclusions,
+    nftables: bool,
+) -> Result<Candidate, Ineligible> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Err(Ineligible::Deleting);
     }
@@ -86,10 +90,11 @@ pub fn candidate(pod: &Pod, exclusions: &Exclusions) -> Result<Candidate, Inelig
     if ips.is_empty() {
         return Err(Ineligible::NoPodIp);
     }
-    match plan_for_running_pod(
+    match plan_rules_for_running_pod(
         pod,
         &exclusions.agent_namespace,
         &exclusions.exclude_namespaces,
+        nftables,
     ) {
         Ok(Plan::Redirect(ruleset)) => Ok(Candidate { ruleset, ips }),
         Ok(Plan::Skip(skip)) => Err(Ineligible::NoRules(skip.to_string())),
@@ -128,7 +133,7 @@ pub enum InspectError {
         /// What failed.
         reason: String,
     },
-    /// `iptables-save` failed.
+    /// `iptables-save` or `nft -j list` failed.
     #[error("netns {netns}: {source}")]
     ReadBack {
         /// The netns.
@@ -136,6 +141,16 @@ pub enum InspectError {
         /// The read-back error.
         #[source]
         source: ValidateError,
+    },
+    /// The configured backend's tool is missing (`iptables`, or `nft` with
+    /// `NATIVE_NFTABLES`).
+    #[error("netns {netns}: {source}")]
+    Backend {
+        /// The netns.
+        netns: String,
+        /// The plugin's error.
+        #[source]
+        source: istio_cni::Error,
     },
 }
 
@@ -174,7 +189,7 @@ impl<'a> Finder<'a> {
 pub fn inspect(
     netns: &PodNetns,
     candidate: &Candidate,
-    xt: &Xtables,
+    tools: &Tools,
 ) -> Result<Health, InspectError> {
     let name = netns.to_string();
     let enter = |reason: String| InspectError::Enter {
@@ -191,10 +206,16 @@ pub fn inspect(
                     ips: join(&candidate.ips),
                 });
             }
-            match validate::read_back(inside, xt, &candidate.ruleset) {
+            match read_back_rules(inside, tools, &candidate.ruleset) {
                 Ok(()) => Ok(Health::Healthy),
-                Err(ValidateError::Mismatch(problems)) => Ok(Health::Broken(problems)),
-                Err(source) => Err(InspectError::ReadBack {
+                Err(istio_cni::Error::Validate(ValidateError::Mismatch(problems))) => {
+                    Ok(Health::Broken(problems))
+                }
+                Err(istio_cni::Error::Validate(source)) => Err(InspectError::ReadBack {
+                    netns: name.clone(),
+                    source,
+                }),
+                Err(source) => Err(InspectError::Backend {
                     netns: name.clone(),
                     source,
                 }),
@@ -237,7 +258,7 @@ mod tests {
 
     #[test]
     fn a_running_meshed_pod_is_a_candidate() {
-        let c = candidate(&pod(json!({})), &excl()).unwrap();
+        let c = candidate(&pod(json!({})), &excl(), false).unwrap();
         assert_eq!(c.ips, ["10.0.0.5".parse::<IpAddr>().unwrap()]);
     }
 
@@ -260,7 +281,7 @@ mod tests {
         ];
         for (patch, want) in cases {
             assert_eq!(
-                candidate(&pod(patch.clone()), &excl()).unwrap_err(),
+                candidate(&pod(patch.clone()), &excl(), false).unwrap_err(),
                 want,
                 "{patch}"
             );
@@ -273,7 +294,7 @@ mod tests {
         for patch in skipped {
             assert!(
                 matches!(
-                    candidate(&pod(patch.clone()), &excl()),
+                    candidate(&pod(patch.clone()), &excl(), false),
                     Err(Ineligible::NoRules(_))
                 ),
                 "{patch}"
@@ -281,7 +302,7 @@ mod tests {
         }
         let bad = json!({"metadata": {"annotations": {"traffic.sidecar.istio.io/includeInboundPorts": "80,x"}}});
         assert!(matches!(
-            candidate(&pod(bad), &excl()),
+            candidate(&pod(bad), &excl(), false),
             Err(Ineligible::BadSetting(_))
         ));
     }

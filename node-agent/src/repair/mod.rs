@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{FutureExt, StreamExt};
-use istio_cni::apply::Xtables;
+use istio_cni::plugin::Tools;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
@@ -50,6 +50,8 @@ pub struct RepairConfig {
     pub node: String,
     /// What to do with a broken pod.
     pub mode: Mode,
+    /// The nftables backend (`NATIVE_NFTABLES`): read back and repair with nft.
+    pub native_nftables: bool,
     /// Only pods with these labels (`REPAIR_LABEL_SELECTORS`), as a label selector.
     pub label_selector: Option<String>,
     /// Only pods matching these fields (`REPAIR_FIELD_SELECTORS`), besides this node.
@@ -304,11 +306,13 @@ impl RepairController {
         let started = std::time::Instant::now();
         let candidates: Vec<(Arc<Pod>, Candidate)> = pods
             .into_iter()
-            .filter_map(|pod| match inspect::candidate(&pod, &self.cfg.exclusions) {
-                Ok(c) => Some((pod, c)),
-                Err(why) => {
-                    log::trace!("repair: {}: {why}", pod_name(&pod));
-                    None
+            .filter_map(|pod| {
+                match inspect::candidate(&pod, &self.cfg.exclusions, self.cfg.native_nftables) {
+                    Ok(c) => Some((pod, c)),
+                    Err(why) => {
+                        log::trace!("repair: {}: {why}", pod_name(&pod));
+                        None
+                    }
                 }
             })
             .collect();
@@ -418,8 +422,7 @@ impl RepairController {
                 Mode::Repair => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
                     let result = tokio::task::spawn_blocking(move || {
-                        let xt = Xtables::detect()?;
-                        act::repair_in_place(&netns, &candidate, &xt)
+                        act::repair_in_place(&netns, &candidate, &Tools::detect())
                     })
                     .await
                     .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
@@ -514,7 +517,10 @@ fn check_all(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let xt = Xtables::detect().map_err(|e| e.to_string())?;
+    let tools = Tools::detect();
+    if tools.xt.is_none() && tools.nft.is_none() {
+        return Err("neither iptables nor nft found on this node".into());
+    }
     let procs =
         ProcIndex::scan(host_proc).map_err(|e| format!("reading {}: {e}", host_proc.display()))?;
     let finder = Finder::new(&procs, netns_dirs);
@@ -523,7 +529,7 @@ fn check_all(
         let netns = finder
             .find(&uid, &c.ips)
             .ok_or_else(|| InspectError::NotFound(inspect::join(&c.ips)))?;
-        let health = inspect::inspect(&netns, c, &xt)?;
+        let health = inspect::inspect(&netns, c, &tools)?;
         Ok((netns, health))
     };
     let workers = std::thread::available_parallelism()
