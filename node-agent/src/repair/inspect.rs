@@ -150,7 +150,7 @@ pub enum InspectError {
         netns: String,
         /// The plugin's error.
         #[source]
-        source: istio_cni::Error,
+        source: Box<istio_cni::Error>,
     },
 }
 
@@ -217,7 +217,7 @@ pub fn inspect(
                 }),
                 Err(source) => Err(InspectError::Backend {
                     netns: name.clone(),
-                    source,
+                    source: Box::new(source),
                 }),
             }
         })
