@@ -8,7 +8,12 @@
 //! pod's ADD is also run with that binary, the two interleaved (alternating which goes
 //! first) so that drift hits both alike, and the static/dynamic ratio is printed.
 //!
-//! Usage: `istio-cni-bench [PODS]` (default 200). Needs root.
+//! The nftables backend (`native_nftables`) is measured in the same run, interleaved with
+//! the iptables ADDs, against its own floor: one `nft -f` of the same transaction plus one
+//! `nft -j list table` in a fresh netns, as separate processes. Then 50 concurrent ADDs
+//! with each backend.
+//!
+//! Usage: `istio-cni-bench [PODS]` (default 200). Needs root, iptables and nft.
 
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -56,20 +61,28 @@ fn main() {
     println!("istio-cni bench: {} ({pods} pods)", bin.display());
     let static_bin = std::env::var_os("ISTIO_CNI_STATIC_BIN").map(std::path::PathBuf::from);
 
-    // ADD, one pod at a time, each in a fresh netns; with a static binary too, interleaved.
+    let conf_nft = {
+        let mut v: serde_json::Value = serde_json::from_str(&conf).expect("conf");
+        v["native_nftables"] = json!(true);
+        v.to_string()
+    };
+
+    // ADD, one pod at a time, each in a fresh netns: iptables, the static binary (if
+    // given) and nftables, interleaved, the order rotating from pod to pod.
     let mut add = Vec::with_capacity(pods);
     let mut add_static = Vec::with_capacity(pods);
+    let mut add_nft = Vec::with_capacity(pods);
     for i in 0..pods {
-        let mut runs: Vec<(&std::path::Path, &mut Vec<Duration>)> = vec![(&bin, &mut add)];
+        let mut runs: Vec<(&std::path::Path, &str, &mut Vec<Duration>)> =
+            vec![(&bin, &conf, &mut add), (&bin, &conf_nft, &mut add_nft)];
         if let Some(s) = &static_bin {
-            runs.push((s, &mut add_static));
-            if i % 2 == 1 {
-                runs.reverse();
-            }
+            runs.push((s, &conf, &mut add_static));
         }
-        for (b, into) in runs {
+        let n = runs.len();
+        runs.rotate_left(i % n);
+        for (b, c, into) in runs {
             let ns = TestNetns::new("b");
-            let (took, ok) = run_add(b, &host, &ns, &conf, i);
+            let (took, ok) = run_add(b, &host, &ns, c, i);
             assert!(
                 ok.is_ok(),
                 "ADD {i} ({}) failed: {}",
@@ -152,7 +165,69 @@ fn main() {
         );
     }
 
-    // Concurrency: CONCURRENT ADDs at once, each on its own netns.
+    // The nftables floor: the same transaction, one `nft -f` and one `nft -j list`.
+    let transaction = {
+        let conf = NetConf::parse(conf_nft.as_bytes()).expect("conf");
+        let pod = serde_json::from_value(injected_pod("default", "x", json!({}), json!({})))
+            .expect("pod");
+        let Plan::Redirect(r) = istio_cni::plan::plan_nft_for_pod(&conf, &pod).expect("plan")
+        else {
+            panic!("bench pod must be meshed")
+        };
+        r.transaction()
+    };
+    let nft = istio_cni::nft::Nft::detect().expect("nft (install nftables)");
+    let mut nft_floor = Vec::with_capacity(pods);
+    for _ in 0..pods {
+        let ns = TestNetns::new("n");
+        let took = ns
+            .open()
+            .run(|_| {
+                let start = Instant::now();
+                let mut child = Command::new(nft.path())
+                    .args(["-f", "-"])
+                    .stdin(Stdio::piped())
+                    .spawn()
+                    .expect("nft");
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(transaction.as_bytes())
+                    .unwrap();
+                assert!(child.wait().unwrap().success(), "floor nft -f failed");
+                let out = Command::new(nft.path())
+                    .args(["-j", "list", "table", "inet", "istio-proxy-nat"])
+                    .output()
+                    .expect("nft -j list");
+                assert!(out.status.success());
+                start.elapsed()
+            })
+            .expect("enter netns");
+        nft_floor.push(took);
+    }
+    let (nft_med, nft_p99) = stats(&mut add_nft);
+    let (nf_med, nf_p99) = stats(&mut nft_floor);
+    println!("ADD with native_nftables, interleaved with the above:");
+    println!("  median {}   p99 {}", ms(nft_med), ms(nft_p99));
+    println!(
+        "floor (one nft -f + one nft -j list of the same transaction, fresh netns), {pods} runs:"
+    );
+    println!("  median {}   p99 {}", ms(nf_med), ms(nf_p99));
+    println!(
+        "ratio nftables ADD/its floor: median {:.2}x   p99 {:.2}x;   nftables/iptables ADD: median {:.2}x",
+        nft_med.as_secs_f64() / nf_med.as_secs_f64(),
+        nft_p99.as_secs_f64() / nf_p99.as_secs_f64(),
+        nft_med.as_secs_f64() / add_med.as_secs_f64()
+    );
+
+    for (label, c) in [("iptables", &conf), ("nftables", &conf_nft)] {
+        concurrent(label, &bin, &host, c);
+    }
+}
+
+/// CONCURRENT ADDs at once, each on its own netns: errors, wall time, per-ADD times.
+fn concurrent(label: &str, bin: &std::path::Path, host: &TestNetns, conf: &str) {
     let netns: Vec<TestNetns> = (0..CONCURRENT).map(|_| TestNetns::new("c")).collect();
     let barrier = Arc::new(std::sync::Barrier::new(CONCURRENT));
     let start = Instant::now();
@@ -162,7 +237,6 @@ fn main() {
             .enumerate()
             .map(|(i, ns)| {
                 let barrier = barrier.clone();
-                let (bin, host, conf) = (&bin, &host, &conf);
                 s.spawn(move || {
                     barrier.wait();
                     run_add(bin, host, ns, conf, i)
@@ -182,7 +256,7 @@ fn main() {
     let mut times: Vec<Duration> = results.iter().map(|(d, _)| *d).collect();
     let (c_med, c_p99) = stats(&mut times);
     println!(
-        "concurrency: {CONCURRENT} ADDs at once: {} ok, {} errors, wall {}, per ADD median {} p99 {}",
+        "concurrency ({label}): {CONCURRENT} ADDs at once: {} ok, {} errors, wall {}, per ADD median {} p99 {}",
         CONCURRENT - errors.len(),
         errors.len(),
         ms(wall),
