@@ -10,17 +10,27 @@ use std::path::PathBuf;
 use istio_cni::apply::Xtables;
 use istio_cni::config::NetConf;
 use istio_cni::netns::Netns;
-use istio_cni::plan::{plan_for_pod, Plan};
+use istio_cni::plan::{plan_for_pod, plan_nft_for_pod, Plan};
 use istio_cni::validate;
 use istio_cni_e2e::chain::{istio_cni_bin, workspace_bin, REFERENCE_PLUGIN_DIR};
 use istio_cni_e2e::cri::ContainerdDirs;
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::net::{unique_name, TestNetns};
-use istio_cni_e2e::sandbox::injected_pod;
+use istio_cni_e2e::sandbox::{injected_pod, read_back_and_probe};
 use serde_json::json;
 
 #[test]
 fn containerd_sandboxes_get_validated_rules_through_the_chain() {
+    run_with(false);
+}
+
+/// The same with the nftables backend (`NATIVE_NFTABLES`).
+#[test]
+fn containerd_sandboxes_get_validated_nftables_rules_through_the_chain() {
+    run_with(true);
+}
+
+fn run_with(nftables: bool) {
     let host = TestNetns::new("k");
     let api = FakeApi::start_in(&host);
     let dir = tempfile::tempdir().unwrap();
@@ -61,6 +71,7 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
     std::fs::write(sa.join("ca.crt"), api.ca_pem()).unwrap();
     let out = std::process::Command::new(workspace_bin("istio-cni-node-agent"))
         .args(["install", "--once", "--plugin-log-level", "debug"])
+        .args(["--native-nftables", if nftables { "true" } else { "false" }])
         .arg("--mounted-cni-net-dir")
         .arg(dirs.conf_dir())
         .arg("--cni-bin-dir")
@@ -94,28 +105,48 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
         .unwrap_or_else(|e| panic!("RunPodSandbox(plain): {e}\n{}", containerd.log()));
 
     // The meshed sandbox holds exactly the rules ADD plans for it, and they redirect.
-    let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+    let conf = NetConf::parse(
+        json!({"cniVersion": "1.0.0", "native_nftables": nftables})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
     let pod = serde_json::from_value(meshed).unwrap();
-    let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
-        panic!("the meshed pod must be planned for redirection");
-    };
     let xt = host.open().run(|_| Xtables::detect()).unwrap().unwrap();
     let web_ns = Netns::open(&web.netns).unwrap();
+    if nftables {
+        let Plan::Redirect(ruleset) = plan_nft_for_pod(&conf, &pod).unwrap() else {
+            panic!("the meshed pod must be planned for redirection");
+        };
+        let nft = istio_cni::nft::Nft::detect().unwrap();
+        web_ns
+            .run(|inside| istio_cni::nft::read_back(inside, &nft, &ruleset))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("web sandbox: {e}"));
+    } else {
+        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
+            panic!("the meshed pod must be planned for redirection");
+        };
+        web_ns
+            .run(|inside| read_back_and_probe(inside, &xt, &ruleset, true))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("web sandbox: {e}"));
+    }
+    // Either way the probe proves the redirect (ADD ran it too).
     web_ns
         .run(|inside| {
-            validate::read_back(inside, &xt, &ruleset)?;
             validate::probe(
                 inside,
                 istio_cni::rules::Family::V4,
-                ruleset.proxy_uid,
-                ruleset.probe_port.expect("a probe port"),
+                1337,
+                15002,
                 std::time::Duration::from_secs(2),
             )
         })
         .unwrap()
-        .unwrap_or_else(|e| panic!("web sandbox: {e}"));
+        .unwrap_or_else(|e| panic!("web sandbox probe: {e}"));
 
-    // The plain sandbox has no rules of ours.
+    // The plain sandbox has no rules of ours, with either backend.
     let plain_ns = Netns::open(&plain.netns).unwrap();
     let saved = plain_ns
         .run(|inside| {
@@ -126,6 +157,10 @@ fn containerd_sandboxes_get_validated_rules_through_the_chain() {
         .unwrap()
         .unwrap();
     assert!(!saved.contains("ISTIO"), "plain pod got rules:\n{saved}");
+    if let Ok(nft) = istio_cni::nft::Nft::detect() {
+        let tables = plain_ns.run(|inside| nft.list(inside)).unwrap().unwrap();
+        assert!(tables.is_empty(), "plain pod got tables: {tables:?}");
+    }
     drop((web_ns, plain_ns));
 
     // Teardown through CRI runs DEL; it must not fail.
