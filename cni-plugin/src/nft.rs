@@ -115,18 +115,45 @@ impl Nft {
         self.run(&["-f", "-"], Some(&text)).map(drop)
     }
 
+    /// Every table in the netns, as (family, name): ours, and for example the `ip nat` of
+    /// iptables-nft.
+    ///
+    /// Errors: [`ApplyError`] when `nft` fails, or prints what is not its JSON.
+    pub fn tables(&self, _inside: &Inside<'_>) -> Result<Vec<(String, String)>, ApplyError> {
+        let text = self.run(&["-j", "list", "tables"], None)?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ApplyError::BadOutput {
+                bin: self.bin.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(doc["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| {
+                let t = o.get("table")?;
+                Some((
+                    t["family"].as_str()?.to_owned(),
+                    t["name"].as_str()?.to_owned(),
+                ))
+            })
+            .collect())
+    }
+
     /// Our tables that exist in the netns, in canonical form.
     ///
     /// Errors: [`ApplyError`] when `nft` fails, or prints what is not its JSON.
-    pub fn list(&self, _inside: &Inside<'_>) -> Result<CanonTables, ApplyError> {
-        let names = self.run(&["-j", "list", "tables"], None)?;
+    pub fn list(&self, inside: &Inside<'_>) -> Result<CanonTables, ApplyError> {
+        let existing = self.tables(inside)?;
         let bad = |e: nft_canon::CanonError| ApplyError::BadOutput {
             bin: self.bin.clone(),
             reason: e.to_string(),
         };
-        let existing = nft_canon::from_json(&names).map_err(bad)?;
         let mut text = String::new();
-        for table in TABLES.iter().filter(|t| existing.contains_key(**t)) {
+        for table in TABLES
+            .iter()
+            .filter(|t| existing.iter().any(|(f, n)| f == "inet" && n == **t))
+        {
             text.push_str(&self.run(&["-j", "list", "table", "inet", table], None)?);
             text.push('\n');
         }

@@ -241,7 +241,7 @@ pub fn program_nft(
     let t = Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if let Some(xt) = xt {
-            if has_iptables_rules(inside, xt)? {
+            if may_have_iptables_rules(inside, nft)? && has_iptables_rules(inside, xt)? {
                 log::info!("removing the iptables backend's rules before writing nftables");
                 apply::remove(inside, xt, None)?;
             }
@@ -350,6 +350,26 @@ pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Res
             Ok(crate::nft::read_back(inside, nft, r)?)
         }
     }
+}
+
+/// Whether the netns has iptables tables at all, cheaply: the legacy backend's tables are
+/// listed in `/proc/thread-self/net/ip{,6}_tables_names` (this thread is in the netns),
+/// iptables-nft's are `ip`/`ip6` tables in nft's list. A fresh pod netns has neither, so
+/// ADD then skips `iptables-save`.
+///
+/// Errors: [`Error::Apply`] when nft cannot list the tables.
+fn may_have_iptables_rules(inside: &Inside<'_>, nft: &Nft) -> Result<bool, Error> {
+    let legacy = ["ip_tables_names", "ip6_tables_names"].iter().any(|f| {
+        std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+            .is_ok_and(|s| !s.trim().is_empty())
+    });
+    if legacy {
+        return Ok(true);
+    }
+    Ok(nft
+        .tables(inside)?
+        .iter()
+        .any(|(family, _)| family == "ip" || family == "ip6"))
 }
 
 /// Whether the netns holds iptables rules of ours (an `ISTIO_` chain in either family).

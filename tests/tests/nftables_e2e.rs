@@ -126,18 +126,45 @@ fn a_dual_stack_tproxy_pod_is_validated_in_both_families() {
 
 #[test]
 fn switching_backends_never_leaves_both_rule_sets() {
-    let f = Sandbox::new(meshed("switch"));
+    switch_backends(Sandbox::new(meshed("switch")));
+}
+
+/// The same from iptables-legacy, whose tables nft does not see.
+#[test]
+fn switching_from_legacy_iptables_never_leaves_both_rule_sets() {
+    switch_backends(Sandbox::with(
+        meshed("switch-legacy"),
+        Options {
+            env: vec![("FORCE_IPTABLES_BINARY".into(), "legacy".into())],
+            ..Options::default()
+        },
+    ));
+}
+
+/// Lines of ours in either iptables backend (nft-based and legacy).
+fn iptables_rules(f: &Sandbox) -> Vec<String> {
+    ["iptables-save", "iptables-legacy-save"]
+        .iter()
+        .flat_map(|save| {
+            f.pod
+                .exec(&[save])
+                .lines()
+                .filter(|l| l.contains("ISTIO"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+fn switch_backends(f: Sandbox) {
     let result = f.add().unwrap();
-    assert!(!f.pod.istio_rules(false).is_empty());
+    assert!(!iptables_rules(&f).is_empty());
 
     // The node switches to nftables: ADD again replaces the iptables rules.
     let mut ours = f.ours();
     ours.plugins[0]["native_nftables"] = json!(true);
     ours.add_with_prev(&f.attachment, &result).unwrap();
-    assert!(
-        f.pod.istio_rules(false).is_empty(),
-        "iptables rules removed"
-    );
+    assert!(iptables_rules(&f).is_empty(), "iptables rules removed");
     assert_eq!(f.pod.istio_nft_tables(), ["istio-proxy-nat"]);
 
     // And back to iptables.
@@ -147,7 +174,7 @@ fn switching_backends_never_leaves_both_rule_sets() {
         f.pod.istio_nft_tables().is_empty(),
         "nftables tables removed"
     );
-    assert!(!f.pod.istio_rules(false).is_empty());
+    assert!(!iptables_rules(&f).is_empty());
 }
 
 /// Every pod of the iptables conformance set applies under nftables, passes the probe
