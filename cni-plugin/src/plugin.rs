@@ -217,18 +217,26 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
 ///
 /// Errors: [`Error::Apply`] when they cannot be listed or deleted.
 fn remove_nft_tables(inside: &Inside<'_>, nft: &Nft) -> Result<(), Error> {
-    if nft.list(inside)?.is_empty() {
-        return Ok(());
+    match crate::nft::has_our_tables(inside) {
+        Ok(false) => return Ok(()),
+        Ok(true) => {}
+        // Cannot tell (no nf_tables in this kernel?): ask nft itself.
+        Err(e) => {
+            log::debug!("listing nftables tables over netlink: {e}");
+            if nft.list(inside)?.is_empty() {
+                return Ok(());
+            }
+        }
     }
     log::info!("removing the nftables backend's tables before writing iptables rules");
     nft.remove(inside)?;
     Ok(())
 }
 
-/// [`program`] for the nftables backend: the iptables backend's rules are removed first
-/// when the netns has any (a node that switched backends), then the transaction is
-/// applied and validated (read-back, probe). On any failure everything written is
-/// removed.
+/// [`program`] for the nftables backend: the transaction is applied and validated
+/// (read-back, probe); the iptables backend's rules, when the netns has any (a node that
+/// switched backends), are removed before the probe. Two `nft` runs in all: `nft -f` and
+/// `nft -j list ruleset`. On any failure everything written is removed.
 ///
 /// Errors: [`Error::Apply`] when a write fails, [`Error::Validate`] when a check does.
 pub fn program_nft(
@@ -241,7 +249,7 @@ pub fn program_nft(
     let t = Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         if let Some(xt) = xt {
-            if may_have_iptables_rules(inside, nft)? && has_iptables_rules(inside, xt)? {
+            if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
                 log::info!("removing the iptables backend's rules before writing nftables");
                 apply::remove(inside, xt, None)?;
             }
@@ -250,7 +258,11 @@ pub fn program_nft(
         crate::routing::apply_needs(inside, &ruleset.routing_needs())
             .map_err(apply::ApplyError::Routing)?;
         log::debug!("applied in {:?}", t.elapsed());
-        crate::nft::read_back(inside, nft, ruleset)?;
+        // One listing serves the read-back and shows iptables-nft's rules, if any.
+        crate::nft::settle_and_read_back(inside, nft, ruleset, || match xt {
+            Some(xt) => apply::remove(inside, xt, None),
+            None => Ok(()),
+        })?;
         log::debug!("read back after {:?}", t.elapsed());
         if let (Some(timeout), Some(port)) = (probe, ruleset.probe_port) {
             for family in ruleset.routing_needs().families {
@@ -340,36 +352,35 @@ pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Res
         Rules::Nftables(r) => {
             let nft = tools.nft()?;
             if let Some(xt) = &tools.xt {
-                if has_iptables_rules(inside, xt)? {
+                if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
                     apply::remove(inside, xt, None)?;
                 }
             }
             nft.apply(inside, r)?;
             crate::routing::apply_needs(inside, &r.routing_needs())
                 .map_err(apply::ApplyError::Routing)?;
-            Ok(crate::nft::read_back(inside, nft, r)?)
+            Ok(crate::nft::settle_and_read_back(
+                inside,
+                nft,
+                r,
+                || match &tools.xt {
+                    Some(xt) => apply::remove(inside, xt, None),
+                    None => Ok(()),
+                },
+            )?)
         }
     }
 }
 
-/// Whether the netns has iptables tables at all, cheaply: the legacy backend's tables are
-/// listed in `/proc/thread-self/net/ip{,6}_tables_names` (this thread is in the netns),
-/// iptables-nft's are `ip`/`ip6` tables in nft's list. A fresh pod netns has neither, so
-/// ADD then skips `iptables-save`.
-///
-/// Errors: [`Error::Apply`] when nft cannot list the tables.
-fn may_have_iptables_rules(inside: &Inside<'_>, nft: &Nft) -> Result<bool, Error> {
-    let legacy = ["ip_tables_names", "ip6_tables_names"].iter().any(|f| {
+/// Whether the netns has tables of the legacy iptables backend, which nft does not see:
+/// they are listed in `/proc/thread-self/net/ip{,6}_tables_names` (this thread is in the
+/// netns). A fresh pod netns has none, so ADD then runs no `iptables-save`. (iptables-nft's
+/// tables show up in the nft listing that the read-back makes anyway.)
+fn legacy_iptables_tables() -> bool {
+    ["ip_tables_names", "ip6_tables_names"].iter().any(|f| {
         std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
             .is_ok_and(|s| !s.trim().is_empty())
-    });
-    if legacy {
-        return Ok(true);
-    }
-    Ok(nft
-        .tables(inside)?
-        .iter()
-        .any(|(family, _)| family == "ip" || family == "ip6"))
+    })
 }
 
 /// Whether the netns holds iptables rules of ours (an `ISTIO_` chain in either family).

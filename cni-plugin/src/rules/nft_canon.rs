@@ -81,8 +81,9 @@ pub fn expected(ruleset: &NftRuleset) -> CanonTables {
     out
 }
 
-/// Reads the output of one or more `nft -j list table inet …` runs (one JSON document per
-/// line, or several concatenated).
+/// Reads the output of `nft -j list ruleset`, or of one or more `nft -j list table inet …`
+/// runs (one JSON document per line, or several concatenated): the `inet` tables of this
+/// backend (`istio-proxy-*`); other tables are not ours and are left out.
 ///
 /// Errors: [`CanonError`] when the text is not nft's JSON.
 pub fn from_json(text: &str) -> Result<CanonTables, CanonError> {
@@ -94,6 +95,17 @@ pub fn from_json(text: &str) -> Result<CanonTables, CanonError> {
             .as_array()
             .ok_or_else(|| CanonError("no \"nftables\" array".into()))?;
         for o in objects {
+            let Some(body) = o.as_object().and_then(|m| m.values().next()) else {
+                continue;
+            };
+            let table = body.get("table").or_else(|| body.get("name"));
+            let ours = body["family"] == "inet"
+                && table
+                    .and_then(Value::as_str)
+                    .is_some_and(|t| super::nftables::TABLES.contains(&t));
+            if !ours {
+                continue;
+            }
             if let Some(c) = o.get("chain") {
                 let (table, name) = (str_of(&c["table"])?, str_of(&c["name"])?);
                 let base = match (c["type"].as_str(), c["hook"].as_str(), c["prio"].as_i64()) {
@@ -127,6 +139,30 @@ fn str_of(v: &Value) -> Result<String, CanonError> {
     v.as_str()
         .map(str::to_owned)
         .ok_or_else(|| CanonError(format!("expected a string, got {v}")))
+}
+
+/// Chains of iptables-nft (tables of family `ip` or `ip6`) named like ours (`ISTIO_…`), in
+/// `nft -j list ruleset` output: the iptables backend's rules, seen through nftables.
+///
+/// Errors: [`CanonError`] when the text is not nft's JSON.
+pub fn iptables_chains(text: &str) -> Result<Vec<String>, CanonError> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| CanonError(e.to_string()))?;
+    Ok(doc["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let c = o.get("chain")?;
+            let family = c["family"].as_str()?;
+            let name = c["name"].as_str()?;
+            (matches!(family, "ip" | "ip6") && name.starts_with(super::CHAIN_PREFIX)).then(|| {
+                format!(
+                    "{family} {} {name}",
+                    c["table"].as_str().unwrap_or_default()
+                )
+            })
+        })
+        .collect())
 }
 
 /// The differences between what was meant and what is there, one line each; empty when
