@@ -94,20 +94,35 @@ impl Nft {
     /// Errors: [`ApplyError`] with nft's message; the netns is then unchanged.
     pub fn apply(&self, _inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
         let used = ruleset.table_names();
+        // Deleting a table is the costly part of a transaction (the kernel waits for an
+        // RCU grace period): only tables that exist are deleted, as the kernel says over
+        // nfnetlink; when it cannot tell, every unused one is.
+        let existing = table_names().ok();
         let mut text = String::new();
         for table in TABLES.iter().filter(|t| !used.contains(t)) {
-            text.push_str(&format!(
-                "add table inet {table}\ndelete table inet {table}\n"
-            ));
+            let exists = existing.as_ref().is_none_or(|names| {
+                names
+                    .iter()
+                    .any(|(f, n)| *f == NFPROTO_INET && n.as_str() == *table)
+            });
+            if exists {
+                text.push_str(&format!(
+                    "add table inet {table}\ndelete table inet {table}\n"
+                ));
+            }
         }
         text.push_str(&ruleset.transaction());
         self.run(&["-f", "-"], Some(&text)).map(drop)
     }
 
-    /// Deletes our three tables, in one transaction; tables that are not there are fine.
+    /// Deletes our three tables, in one transaction; tables that are not there are fine
+    /// (and when the kernel says over nfnetlink that none is there, nft is not run).
     ///
     /// Errors: [`ApplyError`] with nft's message.
-    pub fn remove(&self, _inside: &Inside<'_>) -> Result<(), ApplyError> {
+    pub fn remove(&self, inside: &Inside<'_>) -> Result<(), ApplyError> {
+        if matches!(has_our_tables(inside), Ok(false)) {
+            return Ok(());
+        }
         let text: String = TABLES
             .iter()
             .map(|t| format!("add table inet {t}\ndelete table inet {t}\n"))
