@@ -318,10 +318,6 @@ fn run_tool(
     lock: &Path,
     sandbox: Sandbox,
 ) -> Result<String, ApplyError> {
-    let spawn_err = |source| ApplyError::Spawn {
-        bin: bin.into(),
-        source,
-    };
     let mut cmd = Command::new(bin);
     cmd.args(args)
         .env("XTABLES_LOCKFILE", lock)
@@ -329,9 +325,7 @@ fn run_tool(
             Stdio::piped()
         } else {
             Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        });
     if sandbox == Sandbox::Nss {
         let nss = NssSandbox::new();
         // SAFETY: the closure only makes raw syscalls (unshare, mount) with pointers prepared
@@ -343,10 +337,32 @@ fn run_tool(
             });
         }
     }
-    let mut child = cmd.spawn().map_err(spawn_err)?;
+    run_command(&mut cmd, bin, stdin)
+}
+
+/// Spawns `cmd` (whose binary is `bin`, for messages) with stdout and stderr piped, feeds
+/// it `stdin` if given (stdin must then be piped), and returns its stdout when it
+/// succeeds.
+///
+/// Errors: [`ApplyError::Spawn`] when it cannot run, [`ApplyError::Failed`] with its
+/// stderr when it exits non-zero.
+pub(crate) fn run_command(
+    cmd: &mut Command,
+    bin: &Path,
+    stdin: Option<&str>,
+) -> Result<String, ApplyError> {
+    let spawn_err = |source| ApplyError::Spawn {
+        bin: bin.into(),
+        source,
+    };
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn_err)?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin is piped");
-        // If the tool exits before reading all of it, its status and stderr below say why.
+        // If the tool exits before reading all of it, its status and stderr say why.
         match pipe.write_all(input.as_bytes()) {
             Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
             _ => {}

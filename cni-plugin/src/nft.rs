@@ -6,7 +6,6 @@
 //! transactions (the nfnetlink commit mutex is per netns), so concurrent ADDs of different
 //! pods never wait on each other, unlike the xtables lock of the iptables backend.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -53,38 +52,13 @@ impl Nft {
     }
 
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
-        let spawn_err = |source| ApplyError::Spawn {
-            bin: self.bin.clone(),
-            source,
-        };
-        let mut child = Command::new(&self.bin)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn_err)?;
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin is piped");
-            // If nft exits before reading all of it, its status and stderr say why.
-            match pipe.write_all(input.as_bytes()) {
-                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(spawn_err(e)),
-                _ => {}
-            }
-        }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if !out.status.success() {
-            return Err(ApplyError::Failed {
-                bin: self.bin.clone(),
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args).stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        crate::apply::run_command(&mut cmd, &self.bin, stdin)
     }
 
     /// Writes `ruleset` in one transaction: our tables that it does not use are deleted

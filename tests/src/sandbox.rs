@@ -202,6 +202,19 @@ pub fn listen_in(ns: &TestNetns, addr: &str) -> TcpListener {
         .unwrap_or_else(|e| panic!("listen on {addr} in {}: {e}", ns.name))
 }
 
+/// A listener on `addr` inside `ns` with `IP_TRANSPARENT`, as a sidecar's TPROXY inbound
+/// listener: it receives connections addressed to other local addresses and ports.
+pub fn listen_transparent_in(ns: &TestNetns, addr: &str) -> TcpListener {
+    ns.open()
+        .run(|_| {
+            let l = TcpListener::bind(addr)?;
+            nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::IpTransparent, &true)?;
+            std::io::Result::Ok(l)
+        })
+        .expect("enter netns")
+        .unwrap_or_else(|e| panic!("transparent listen on {addr} in {}: {e}", ns.name))
+}
+
 /// Connects from inside `from` to `dst` and returns the connection as accepted by
 /// `listener`, or panics after 3 s.
 pub fn connect_and_accept(from: &TestNetns, dst: SocketAddr, listener: &TcpListener) -> TcpStream {

@@ -2,15 +2,15 @@
 //! istio-cni, run the way libcni runs them, from a host-side netns, against the in-repo
 //! fake API server; then real TCP connections prove the redirection. Needs root.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use istio_cni_e2e::chain::Attachment;
 use istio_cni_e2e::fake_api::Fault;
 use istio_cni_e2e::sandbox::{
-    connect_and_accept, injected_pod, listen_in, original_dst, Options, Sandbox,
+    connect_and_accept, injected_pod, listen_in, listen_transparent_in, original_dst, Options,
+    Sandbox,
 };
-use nix::sys::socket::{setsockopt, sockopt};
 use serde_json::{json, Value};
 
 fn meshed(name: &str) -> Value {
@@ -93,16 +93,7 @@ fn tproxy_inbound_keeps_the_original_destination() {
         .contains("fwmark 0x539 lookup 133"));
 
     // A transparent listener on 15006 receives the connection addressed to the pod's port.
-    let inbound = f
-        .pod
-        .open()
-        .run(|_| {
-            let l = TcpListener::bind("0.0.0.0:15006")?;
-            setsockopt(&l, sockopt::IpTransparent, &true)?;
-            std::io::Result::Ok(l)
-        })
-        .unwrap()
-        .unwrap();
+    let inbound = listen_transparent_in(&f.pod, "0.0.0.0:15006");
     let dst = SocketAddr::new(Sandbox::ip(&result, false), 8080);
     let conn = connect_and_accept(&f.host, dst, &inbound);
     assert_eq!(

@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use istio_cni_e2e::sandbox::{
-    connect_and_accept, injected_pod, listen_in, original_dst, Options, Sandbox,
+    connect_and_accept, injected_pod, listen_in, listen_transparent_in, original_dst, Options,
+    Sandbox,
 };
 use serde_json::{json, Value};
 
@@ -90,16 +91,7 @@ fn a_dual_stack_tproxy_pod_is_validated_in_both_families() {
     );
     // ADD probed both families. Inbound keeps its original destination and source
     // (TPROXY), into a transparent listener as the sidecar's.
-    let inbound = f
-        .pod
-        .open()
-        .run(|_| {
-            let l = std::net::TcpListener::bind("0.0.0.0:15006")?;
-            nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::IpTransparent, &true)?;
-            std::io::Result::Ok(l)
-        })
-        .unwrap()
-        .unwrap();
+    let inbound = listen_transparent_in(&f.pod, "0.0.0.0:15006");
     let dst = SocketAddr::new(Sandbox::ip(&result, false), 8080);
     let conn = connect_and_accept(&f.host, dst, &inbound);
     assert_eq!(
