@@ -119,11 +119,11 @@ e2e:
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,
-## prevResult conversion, annotations → rules, the iptables-save canonical form. Each target
+## prevResult conversion, annotations → rules, the iptables-save and nft -j canonical forms. Each target
 ## runs FUZZ_SECONDS (60) from the seeds in cni-plugin/fuzz/seeds; any crash fails it, and
 ## its input is kept in target/fuzz/artifacts/. Not part of `make test`.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon
+FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon nft_canon
 fuzz:
 	@$(DEPS) fuzz
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
