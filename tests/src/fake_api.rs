@@ -14,6 +14,12 @@
 //! patch that cannot be applied, a failed `test` included, is **422 `Invalid`** with the
 //! generic message and empty details (`applyJSPatch`), not 409.
 //!
+//! Transport: plain HTTP ([`FakeApi::start`], [`FakeApi::start_in`]), or HTTPS as a real
+//! API server serves it ([`FakeApi::start_tls_in`]): a certificate for `127.0.0.1` signed
+//! by the CA in [`FakeApi::ca_pem`], which a pod's service account `ca.crt` holds, so a
+//! client that trusts only that CA connects (kube-apiserver serves TLS only; the
+//! `kubernetes` service has no plain port).
+//!
 //! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
 //! [`FakeApi::stop`] closes the listener so that connections are refused.
 //!
@@ -177,6 +183,66 @@ fn rv_of(obj: &Value) -> u64 {
         .unwrap_or(0)
 }
 
+/// A CA (its PEM) and a TLS acceptor serving a certificate for `127.0.0.1` (and the name
+/// `fake-apiserver`) that the CA signs.
+fn certificates() -> (String, tokio_rustls::TlsAcceptor) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).expect("CA");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().expect("server key");
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned(), "fake-apiserver".to_owned()])
+        .expect("server params")
+        .signed_by(&key, &issuer)
+        .expect("server certificate");
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    (
+        ca.pem(),
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)),
+    )
+}
+
+/// Serves `app` over TLS until `stop` fires: each accepted connection is handshaked and
+/// served by hyper on its own task.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(_) => continue,
+            },
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
 /// A running fake API server. Dropping it stops the server.
 pub struct FakeApi {
     addr: SocketAddr,
@@ -184,6 +250,7 @@ pub struct FakeApi {
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
     ca_pem: String,
+    tls: bool,
 }
 
 impl FakeApi {
@@ -207,6 +274,27 @@ impl FakeApi {
     /// Starts a server on an already bound listener, e.g. one bound inside a test netns
     /// (the socket keeps its namespace, so the server answers only there).
     pub fn serve(std_listener: std::net::TcpListener) -> FakeApi {
+        FakeApi::serve_with(std_listener, false)
+    }
+
+    /// Starts an HTTPS server on `127.0.0.1` at a free port (see [`FakeApi::start_tls_in`]).
+    pub fn start_tls() -> FakeApi {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        FakeApi::serve_with(listener, true)
+    }
+
+    /// Starts an HTTPS server on `127.0.0.1` at a free port inside `netns`, with a
+    /// certificate for `127.0.0.1` signed by [`FakeApi::ca_pem`]'s CA.
+    pub fn start_tls_in(netns: &crate::net::TestNetns) -> FakeApi {
+        let listener = netns
+            .open()
+            .run(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("enter the netns")
+            .expect("bind loopback in the netns");
+        FakeApi::serve_with(listener, true)
+    }
+
+    fn serve_with(std_listener: std::net::TcpListener, tls: bool) -> FakeApi {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             changed: tokio::sync::watch::channel(0).0,
@@ -223,6 +311,11 @@ impl FakeApi {
         let app = router(shared.clone());
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("local addr");
+        // A CA, and a serving certificate for 127.0.0.1 that it signs. Without TLS the CA
+        // still goes into kubeconfigs: kube then trusts only it, as with a real node
+        // agent's kubeconfig, instead of loading the OS trust store on every call.
+        let (ca_pem, acceptor) = certificates();
+        let acceptor = tls.then_some(acceptor);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -232,23 +325,24 @@ impl FakeApi {
                 .expect("runtime");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async {
-                        let _ = rx.await;
-                    })
-                    .await
-                    .expect("serve");
+                match acceptor {
+                    None => axum::serve(listener, app)
+                        .with_graceful_shutdown(async {
+                            let _ = rx.await;
+                        })
+                        .await
+                        .expect("serve"),
+                    Some(acceptor) => serve_tls(listener, app, acceptor, rx).await,
+                }
             });
         });
-        // A real CA for the kubeconfig: kube then trusts only it, as it does with a real
-        // node agent's kubeconfig, instead of loading the OS trust store on every call.
-        let ca = rcgen::generate_simple_self_signed(vec!["fake-apiserver".into()]).expect("cert");
         FakeApi {
             addr,
             shared,
             shutdown: Some(tx),
             thread: Some(thread),
-            ca_pem: ca.cert.pem(),
+            ca_pem,
+            tls,
         }
     }
 
@@ -267,7 +361,8 @@ impl FakeApi {
         let path = dir.join("kubeconfig");
         let ca_b64 = BASE64_STANDARD.encode(self.ca_pem.as_bytes());
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n    certificate-authority-data: {ca_b64}\nusers:\n- name: plugin\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: plugin\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}://{}\n    certificate-authority-data: {ca_b64}\nusers:\n- name: plugin\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: plugin\ncurrent-context: fake\n",
+            if self.tls { "https" } else { "http" },
             self.addr
         );
         std::fs::write(&path, text).expect("write kubeconfig");

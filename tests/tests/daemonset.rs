@@ -9,8 +9,9 @@
 //! the template's hostPath volumes (`/opt/cni/bin`, `/etc/cni/net.d`,
 //! `/var/run/istio-cni`, `/var/run/netns`, `/proc`) and the agent's `/host/proc/1/ns/mnt`
 //! are the node's, and nothing of this machine is touched. The API server is the in-repo
-//! fake, inside the node's network namespace; the one variable kubelet would not set is
-//! `KUBERNETES_SERVICE_PROTOCOL=http`, because the fake serves plain HTTP.
+//! fake, inside the node's network namespace, over HTTPS with a certificate signed by the
+//! CA in the service account's `ca.crt`, as a cluster's: the pod's environment is exactly
+//! what kubelet gives it.
 //!
 //! Steps, one line each with its timing: import the image → the agent installs the static
 //! plugin and chains it into the primary config → the node is untainted only after the
@@ -126,7 +127,7 @@ impl Cluster {
         let taint = (data["TAINT_KEY"].clone(), data["TAINT_EFFECT"].clone());
 
         let host = TestNetns::new("ds");
-        let api = FakeApi::start_in(&host);
+        let api = FakeApi::start_tls_in(&host);
         api.put(
             "nodes",
             json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
@@ -171,7 +172,7 @@ impl Cluster {
                 data,
             )]),
             service: ("127.0.0.1".into(), api.addr().port()),
-            extra_env: vec![("KUBERNETES_SERVICE_PROTOCOL".into(), "http".into())],
+            extra_env: Vec::new(),
             token: "daemonset-e2e-token".into(),
             ca_pem: api.ca_pem().to_owned(),
         };

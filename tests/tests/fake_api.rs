@@ -269,3 +269,44 @@ fn delete_preconditions() {
         assert!(api.get("pods", "default", "a").is_none());
     });
 }
+
+/// Over HTTPS, as kube-apiserver serves: a client that trusts the CA of
+/// [`FakeApi::ca_pem`] (what a service account's `ca.crt` holds) gets answers; one that
+/// trusts another CA is refused at the handshake.
+#[test]
+fn https_with_the_service_account_ca() {
+    let api = FakeApi::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    api.put(
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}}),
+    );
+    block_on(async {
+        let nodes: kube::Api<Node> = kube::Api::all(client(&api, dir.path()).await);
+        assert_eq!(
+            nodes.get("n1").await.unwrap().metadata.name.as_deref(),
+            Some("n1")
+        );
+        // The same server, trusted through another server's CA: refused.
+        let other = FakeApi::start_tls();
+        let kc = kube::config::Kubeconfig::read_from(api.write_kubeconfig(dir.path())).unwrap();
+        let mut kc = kc;
+        let ca = base64::prelude::Engine::encode(
+            &base64::prelude::BASE64_STANDARD,
+            other.ca_pem().as_bytes(),
+        );
+        kc.clusters[0]
+            .cluster
+            .as_mut()
+            .unwrap()
+            .certificate_authority_data = Some(ca);
+        let config = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        let untrusted: kube::Api<Node> = kube::Api::all(kube::Client::try_from(config).unwrap());
+        assert!(
+            untrusted.get("n1").await.is_err(),
+            "a certificate from an untrusted CA"
+        );
+    });
+}
