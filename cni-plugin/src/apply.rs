@@ -292,7 +292,8 @@ pub fn remove(
     first_err.map_or(Ok(()), Err)
 }
 
-fn find_binary(name: &str) -> Option<PathBuf> {
+/// `name` in `PATH`, then in `/usr/sbin`, `/sbin`, `/usr/bin` and `/bin`.
+pub(crate) fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))

@@ -1,6 +1,7 @@
 //! The nftables backend's side effects (`native_nftables`): one `nft -f -` per pod, run
 //! from a thread inside the pod's netns, so the whole transaction is applied atomically or
-//! not at all; `nft -j list table` for the read-back; deleting our tables for DEL.
+//! not at all; one `nft -j list ruleset` for the read-back; deleting our tables for DEL;
+//! and an nfnetlink table dump that tells, without a process, which tables exist.
 //!
 //! No lock is taken: each netns has its own nftables ruleset, and the kernel serialises
 //! transactions (the nfnetlink commit mutex is per netns), so concurrent ADDs of different
@@ -26,11 +27,7 @@ impl Nft {
     ///
     /// Errors: [`ApplyError::NoNft`] when there is none.
     pub fn detect() -> Result<Nft, ApplyError> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
-            .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-            .map(|d| d.join("nft"))
-            .find(|p| p.is_file())
+        crate::apply::find_binary("nft")
             .map(|bin| Nft { bin })
             .ok_or(ApplyError::NoNft)
     }
