@@ -36,13 +36,26 @@ pub fn plan_for_pod(conf: &NetConf, pod: &Pod) -> Result<Plan, RedirectError> {
 ///
 /// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
 pub fn plan_for_pod_with_ips(pod: &Pod, pod_ips: &[IpAddr]) -> Result<Plan, RedirectError> {
-    let meshed = match decide(pod) {
-        Ok(m) => m,
-        Err(skip) => return Ok(Plan::Skip(skip)),
-    };
-    let redirect = Redirect::from_pod(&meshed)?;
-    let ipv6 = iptables::has_ipv6(pod_ips);
-    Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
+    plan_with(pod, |r| iptables::build(r, iptables::has_ipv6(pod_ips)))
+}
+
+/// The decision for `pod` ([`decide`]) and, when it is meshed, its redirect: `Err` of the
+/// inner result is why it passes through.
+///
+/// Errors: [`RedirectError`] when an annotation or proxy setting does not parse.
+pub fn redirect_for_pod(pod: &Pod) -> Result<Result<Redirect, Skip>, RedirectError> {
+    match decide(pod) {
+        Ok(meshed) => Redirect::from_pod(&meshed).map(Ok),
+        Err(skip) => Ok(Err(skip)),
+    }
+}
+
+/// [`redirect_for_pod`], then `build` of the redirect.
+fn plan_with<R>(pod: &Pod, build: impl FnOnce(&Redirect) -> R) -> Result<Plan<R>, RedirectError> {
+    Ok(match redirect_for_pod(pod)? {
+        Ok(redirect) => Plan::Redirect(Box::new(build(&redirect))),
+        Err(skip) => Plan::Skip(skip),
+    })
 }
 
 /// A pod's rules with either backend.
@@ -55,6 +68,16 @@ pub enum Rules {
 }
 
 impl Rules {
+    /// The rules of `redirect` with the chosen backend: nftables when `nftables`, else
+    /// iptables; IPv6 rules with `ipv6` (or dual stack).
+    pub fn build(redirect: &Redirect, ipv6: bool, nftables: bool) -> Rules {
+        if nftables {
+            Rules::Nftables(crate::rules::nftables::build(redirect, ipv6))
+        } else {
+            Rules::Iptables(iptables::build(redirect, ipv6))
+        }
+    }
+
     /// The proxy's UID (the probe connects as it).
     pub fn proxy_uid(&self) -> u32 {
         match self {
@@ -90,18 +113,11 @@ pub fn plan_rules_for_running_pod(
     exclude_namespaces: &[String],
     nftables: bool,
 ) -> Result<Plan<Rules>, RedirectError> {
-    Ok(
-        match plan_for_running_pod(pod, agent_namespace, exclude_namespaces)? {
-            Plan::Skip(skip) => Plan::Skip(skip),
-            Plan::Redirect(_) if nftables => {
-                match plan_nft_for_pod_with_ips(pod, &running_pod_ips(pod))? {
-                    Plan::Skip(skip) => Plan::Skip(skip),
-                    Plan::Redirect(r) => Plan::Redirect(Box::new(Rules::Nftables(*r))),
-                }
-            }
-            Plan::Redirect(r) => Plan::Redirect(Box::new(Rules::Iptables(*r))),
-        },
-    )
+    if let Some(skip) = skip_running(pod, agent_namespace, exclude_namespaces) {
+        return Ok(Plan::Skip(skip));
+    }
+    let ipv6 = iptables::has_ipv6(&running_pod_ips(pod));
+    plan_with(pod, |r| Rules::build(r, ipv6, nftables))
 }
 
 /// [`plan_for_pod`] for the nftables backend (`native_nftables`): the same decision and
@@ -123,15 +139,9 @@ pub fn plan_nft_for_pod_with_ips(
     pod: &Pod,
     pod_ips: &[IpAddr],
 ) -> Result<Plan<crate::rules::nftables::NftRuleset>, RedirectError> {
-    let meshed = match decide(pod) {
-        Ok(m) => m,
-        Err(skip) => return Ok(Plan::Skip(skip)),
-    };
-    let redirect = Redirect::from_pod(&meshed)?;
-    let ipv6 = iptables::has_ipv6(pod_ips);
-    Ok(Plan::Redirect(Box::new(crate::rules::nftables::build(
-        &redirect, ipv6,
-    ))))
+    plan_with(pod, |r| {
+        crate::rules::nftables::build(r, iptables::has_ipv6(pod_ips))
+    })
 }
 
 /// What ADD would program for a pod that is already running, as the node agent's repair
@@ -145,20 +155,21 @@ pub fn plan_for_running_pod(
     agent_namespace: &str,
     exclude_namespaces: &[String],
 ) -> Result<Plan, RedirectError> {
-    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
-    let name = pod.metadata.name.as_deref().unwrap_or_default();
-    if let Some(skip) = skip_by_name(namespace, name, agent_namespace, |ns| {
-        exclude_namespaces.iter().any(|e| e == ns)
-    }) {
+    if let Some(skip) = skip_running(pod, agent_namespace, exclude_namespaces) {
         return Ok(Plan::Skip(skip));
     }
-    let meshed = match decide(pod) {
-        Ok(m) => m,
-        Err(skip) => return Ok(Plan::Skip(skip)),
-    };
-    let redirect = Redirect::from_pod(&meshed)?;
     let ipv6 = iptables::has_ipv6(&running_pod_ips(pod));
-    Ok(Plan::Redirect(Box::new(iptables::build(&redirect, ipv6))))
+    plan_with(pod, |r| iptables::build(r, ipv6))
+}
+
+/// What ADD decides from the pod's name alone: the agent's own pods and excluded
+/// namespaces pass through.
+fn skip_running(pod: &Pod, agent_namespace: &str, exclude_namespaces: &[String]) -> Option<Skip> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+    let name = pod.metadata.name.as_deref().unwrap_or_default();
+    skip_by_name(namespace, name, agent_namespace, |ns| {
+        exclude_namespaces.iter().any(|e| e == ns)
+    })
 }
 
 /// The addresses in a pod's `status.podIPs` (or `status.podIP`); unparsable entries are

@@ -15,7 +15,7 @@ use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
 use crate::netns::{Inside, Netns, NetnsError};
 use crate::nft::Nft;
-use crate::plan::{plan_for_pod_with_ips, plan_nft_for_pod_with_ips, Plan, Rules};
+use crate::plan::Rules;
 use crate::pod::{self, PodRef};
 use crate::rules::nftables::NftRuleset;
 use crate::rules::{Family, Ruleset};
@@ -149,29 +149,18 @@ fn plan(
     let start = Instant::now();
     let pod = conf.pod_source().fetch(&pod_ref)?;
     log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
-    if let Err(skip) = crate::pod::decide(&pod) {
-        log::info!("pod {pod_ref}: pass through: {skip}");
-        return Ok(None);
-    }
-    let ips = pod_ips_of(conf, netns)?;
-    let planned = if conf.native_nftables {
-        match plan_nft_for_pod_with_ips(&pod, &ips)? {
-            Plan::Skip(skip) => Err(skip),
-            Plan::Redirect(r) => Ok(Rules::Nftables(*r)),
-        }
-    } else {
-        match plan_for_pod_with_ips(&pod, &ips)? {
-            Plan::Skip(skip) => Err(skip),
-            Plan::Redirect(r) => Ok(Rules::Iptables(*r)),
-        }
-    };
-    match planned {
+    let redirect = match crate::plan::redirect_for_pod(&pod)? {
+        Ok(r) => r,
         Err(skip) => {
             log::info!("pod {pod_ref}: pass through: {skip}");
-            Ok(None)
+            return Ok(None);
         }
-        Ok(p) => Ok(Some((pod_ref, p))),
-    }
+    };
+    let ipv6 = crate::rules::iptables::has_ipv6(&pod_ips_of(conf, netns)?);
+    Ok(Some((
+        pod_ref,
+        Rules::build(&redirect, ipv6, conf.native_nftables),
+    )))
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
@@ -635,7 +624,7 @@ pub const REQUIRED_CAPS: &[(caps::Capability, &str)] = &[
 mod tests {
     use super::*;
     use crate::netns::ScratchNetns;
-    use crate::plan::plan_for_pod;
+    use crate::plan::{plan_for_pod, Plan};
 
     /// The ruleset of an injected pod with default settings (IPv4 only).
     fn meshed_ruleset() -> Box<Ruleset> {

@@ -64,7 +64,7 @@ pub fn expected(ruleset: &NftRuleset) -> CanonTables {
             chains.insert(
                 c.name.to_owned(),
                 CanonChain {
-                    base: c.base.map(base_of_spec),
+                    base: c.base.map(str::to_owned),
                     rules: Vec::new(),
                 },
             );
@@ -207,12 +207,6 @@ impl fmt::Display for Rules<'_> {
         let lines: Vec<String> = self.0.iter().map(|r| r.join("; ")).collect();
         f.write_str(&lines.join("]\n  ["))
     }
-}
-
-/// `type nat hook prerouting priority -100` stays as it is (our specs are already in the
-/// canonical spelling).
-fn base_of_spec(spec: &str) -> String {
-    spec.to_owned()
 }
 
 /// Drops `match meta l4proto == P` when the rule matches a `P` header field (see the
