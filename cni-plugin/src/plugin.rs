@@ -237,22 +237,8 @@ pub fn program_nft(
 ) -> Result<(), Error> {
     let t = Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        if let Some(xt) = xt {
-            if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
-                log::info!("removing the iptables backend's rules before writing nftables");
-                apply::remove(inside, xt, None)?;
-            }
-        }
-        nft.apply(inside, ruleset)?;
-        crate::routing::apply_needs(inside, &ruleset.routing_needs())
-            .map_err(apply::ApplyError::Routing)?;
-        log::debug!("applied in {:?}", t.elapsed());
-        // One listing serves the read-back and shows iptables-nft's rules, if any.
-        crate::nft::settle_and_read_back(inside, nft, ruleset, || match xt {
-            Some(xt) => apply::remove(inside, xt, None),
-            None => Ok(()),
-        })?;
-        log::debug!("read back after {:?}", t.elapsed());
+        write_and_read_back_nft(inside, nft, xt, ruleset)?;
+        log::debug!("applied and read back in {:?}", t.elapsed());
         if let (Some(timeout), Some(port)) = (probe, ruleset.probe_port) {
             for family in ruleset.routing_needs().families {
                 validate::probe(inside, family, ruleset.proxy_uid, port, timeout)?;
@@ -338,27 +324,40 @@ pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Res
             }
             reprogram(inside, tools.xt()?, r)
         }
-        Rules::Nftables(r) => {
-            let nft = tools.nft()?;
-            if let Some(xt) = &tools.xt {
-                if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
-                    apply::remove(inside, xt, None)?;
-                }
-            }
-            nft.apply(inside, r)?;
-            crate::routing::apply_needs(inside, &r.routing_needs())
-                .map_err(apply::ApplyError::Routing)?;
-            Ok(crate::nft::settle_and_read_back(
-                inside,
-                nft,
-                r,
-                || match &tools.xt {
-                    Some(xt) => apply::remove(inside, xt, None),
-                    None => Ok(()),
-                },
-            )?)
+        Rules::Nftables(r) => write_and_read_back_nft(inside, tools.nft()?, tools.xt.as_ref(), r),
+    }
+}
+
+/// The nftables backend's write and read-back, shared by ADD and repair: the legacy
+/// iptables backend's rules go first when the netns has any; then one `nft -f`, the
+/// routing, and one `nft -j list ruleset`, which also shows iptables-nft's rules, removed
+/// then (with the routing put back, since removing iptables rules removes the TPROXY
+/// routing too).
+///
+/// Errors: [`Error::Apply`] when a write fails, [`Error::Validate`] when the read-back does.
+fn write_and_read_back_nft(
+    inside: &Inside<'_>,
+    nft: &Nft,
+    xt: Option<&Xtables>,
+    ruleset: &NftRuleset,
+) -> Result<(), Error> {
+    if let Some(xt) = xt {
+        if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
+            log::info!("removing the iptables backend's rules before writing nftables");
+            apply::remove(inside, xt, None)?;
         }
     }
+    nft.apply(inside, ruleset)?;
+    let needs = ruleset.routing_needs();
+    crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)?;
+    crate::nft::settle_and_read_back(inside, nft, ruleset, || match xt {
+        Some(xt) => {
+            apply::remove(inside, xt, None)?;
+            crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)
+        }
+        None => Ok(()),
+    })?;
+    Ok(())
 }
 
 /// Whether the netns has tables of the legacy iptables backend, which nft does not see:

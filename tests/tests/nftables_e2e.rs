@@ -121,6 +121,38 @@ fn switching_backends_never_leaves_both_rule_sets() {
     switch_backends(Sandbox::new(meshed("switch")));
 }
 
+/// A TPROXY pod switched from iptables-nft (whose rules show in nft's listing, so they
+/// are removed after the nftables write): it keeps the policy routing its nftables rules
+/// need, and CHECK passes.
+#[test]
+fn switching_a_tproxy_pod_keeps_its_routing() {
+    let pod = injected_pod(
+        "default",
+        "switch-tproxy",
+        json!({"sidecar.istio.io/interceptionMode": "TPROXY"}),
+        json!({}),
+    );
+    // iptables-nft: its rules show up in nft's listing, after the nftables write.
+    let f = Sandbox::with(
+        pod,
+        Options {
+            env: vec![("FORCE_IPTABLES_BINARY".into(), "nft".into())],
+            ..Options::default()
+        },
+    );
+    let result = f.add().unwrap();
+    let mut ours = f.ours();
+    ours.plugins[0]["native_nftables"] = json!(true);
+    ours.add_with_prev(&f.attachment, &result)
+        .unwrap_or_else(|e| panic!("ADD with nftables: {e:?}"));
+    assert!(iptables_rules(&f).is_empty(), "iptables rules removed");
+    assert!(f
+        .pod
+        .exec(&["ip", "rule"])
+        .contains("fwmark 0x539 lookup 133"));
+    ours.check(&f.attachment, &result).unwrap();
+}
+
 /// The same from iptables-legacy, whose tables nft does not see.
 #[test]
 fn switching_from_legacy_iptables_never_leaves_both_rule_sets() {
