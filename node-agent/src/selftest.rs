@@ -15,6 +15,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write as _;
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -177,12 +178,18 @@ fn open_mount_ns(path: &Path) -> Result<File, SelfTestError> {
         path: path.into(),
         reason,
     };
-    let file = File::open(path).map_err(|e| {
-        fail(format!(
-            "{e} (the DaemonSet mounts the host's /proc at /host/proc; an agent run on the \
-             host itself sets HOST_MOUNT_NS to an empty value)"
-        ))
-    })?;
+    // Non-blocking, so that a FIFO (or another odd file) named by the setting fails the
+    // checks below instead of hanging the self-test.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| {
+            fail(format!(
+                "{e} (the DaemonSet mounts the host's /proc at /host/proc; an agent run on \
+                 the host itself sets HOST_MOUNT_NS to an empty value)"
+            ))
+        })?;
     // NS_GET_NSTYPE (linux/nsfs.h): the namespace type of an nsfs file, as a CLONE_NEW* flag.
     const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
     // SAFETY: an ioctl without argument on a descriptor we own.

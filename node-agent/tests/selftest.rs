@@ -186,4 +186,15 @@ fn a_missing_mount_namespace_is_named_with_what_to_check() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("not a mount namespace"), "{msg}");
+    // A FIFO is refused at once, not waited on.
+    let fifo = run.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let view = HostView {
+        mount_ns: Some(fifo),
+        ..view
+    };
+    let msg = selftest::run(&view, &entry(run.path()), run.path())
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("not a mount namespace"), "{msg}");
 }
