@@ -62,6 +62,9 @@ pub enum ApplyError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// An nfnetlink request failed (what, and the kernel's answer).
+    #[error("nftables over netlink: {0}")]
+    Netlink(String),
     /// Policy routing for TPROXY could not be set up.
     #[error("TPROXY policy routing: {0}")]
     Routing(#[from] crate::routing::RoutingError),
@@ -120,6 +123,22 @@ impl Xtables {
             v4: Binaries::detect(Family::V4, force)?,
             v6: Binaries::detect(Family::V6, force).ok(),
         })
+    }
+
+    /// The binaries of one iptables variant, `iptables-legacy-*` or `iptables-nft-*`
+    /// (whatever `FORCE_IPTABLES_BINARY` says), to remove that variant's rules.
+    ///
+    /// Errors: [`ApplyError::NoBinaries`] when this node has no IPv4 binaries of it.
+    pub fn of_backend(backend: Backend) -> Result<Xtables, ApplyError> {
+        Ok(Xtables {
+            v4: Binaries::detect(Family::V4, Some(backend))?,
+            v6: Binaries::detect(Family::V6, Some(backend)).ok(),
+        })
+    }
+
+    /// The variant these binaries belong to.
+    pub fn backend(&self) -> Backend {
+        self.v4.backend
     }
 
     /// The binaries of `family`.
@@ -253,7 +272,23 @@ pub fn apply(inside: &Inside<'_>, xt: &Xtables, ruleset: &Ruleset) -> Result<(),
     for f in &ruleset.families {
         xt.binaries(f.family)?.write(inside, f)?;
     }
+    // iptables-restore leaves a table's flags alone: a dormant nat table (iptables-nft)
+    // would keep every rule just written from taking effect.
+    crate::nft::wake_dormant(inside, |t| is_table_of(ruleset, t))?;
     crate::routing::apply(inside, ruleset).map_err(ApplyError::Routing)
+}
+
+/// Whether `table` is an iptables-nft table (`ip nat`, `ip6 mangle`, …) that `ruleset`
+/// writes rules into.
+pub fn is_table_of(ruleset: &Ruleset, table: &crate::nft::NfTable) -> bool {
+    let family = match table.family {
+        crate::nft::NFPROTO_IPV4 => Family::V4,
+        crate::nft::NFPROTO_IPV6 => Family::V6,
+        _ => return false,
+    };
+    ruleset
+        .family(family)
+        .is_some_and(|f| f.rules.iter().any(|r| r.table.name() == table.name))
 }
 
 /// Removes every rule of ours from the netns: all `ISTIO_*` chains, the built-in-chain rules

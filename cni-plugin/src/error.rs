@@ -4,6 +4,7 @@
 use crate::apply::ApplyError;
 use crate::cni::{EnvError, ErrorCode};
 use crate::config::ConfigError;
+use crate::lock::LockError;
 use crate::netns::NetnsError;
 use crate::pod::LookupError;
 use crate::redirect::RedirectError;
@@ -33,6 +34,10 @@ pub enum Error {
     /// The pod netns could not be entered (102).
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// The netns is held by another of our operations (11 while it is busy, 103 when the
+    /// lock file cannot be used). Nothing was written.
+    #[error("cannot lock the pod netns: {0}")]
+    Lock(#[from] LockError),
     /// Writing the rules failed (103). They were removed again.
     #[error("writing redirection rules failed: {0}")]
     Apply(#[from] ApplyError),
@@ -63,6 +68,8 @@ impl Error {
             Error::Lookup(_) => ErrorCode::TRY_AGAIN_LATER,
             Error::Redirect(_) => ErrorCode::INVALID_POD_SETTING,
             Error::Netns(_) => ErrorCode::NETNS_FAILED,
+            Error::Lock(LockError::Busy { .. }) => ErrorCode::TRY_AGAIN_LATER,
+            Error::Lock(_) => ErrorCode::APPLY_FAILED,
             Error::Apply(_) => ErrorCode::APPLY_FAILED,
             Error::Validate(_) => ErrorCode::VALIDATION_FAILED,
             Error::NotAvailable(_) => ErrorCode::PLUGIN_NOT_AVAILABLE,

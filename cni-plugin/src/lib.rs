@@ -5,7 +5,8 @@
 //! Data flows one way through the modules, one per stage:
 //! stdin → [`config`] → [`pod`] → [`redirect`] → [`rules`] → [`apply`] (iptables) or
 //! [`nft`] (nftables) → [`validate`] → result.
-//! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace;
+//! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace, and [`lock`] keeps one
+//! writer per netns;
 //! [`plugin`] wires the verbs together.
 
 #![warn(missing_docs)]
@@ -14,6 +15,7 @@ pub mod apply;
 pub mod cni;
 pub mod config;
 pub mod error;
+pub mod lock;
 pub mod logging;
 pub mod netns;
 pub mod nft;

@@ -63,18 +63,17 @@ impl Nft {
     /// added, flushed and filled ([`NftRuleset::transaction`]).
     ///
     /// Errors: [`ApplyError`] with nft's message; the netns is then unchanged.
-    pub fn apply(&self, _inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
+    pub fn apply(&self, inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
         let used = ruleset.table_names();
         // Deleting a table is the costly part of a transaction (the kernel waits for an
         // RCU grace period): only tables that exist are deleted, as the kernel says over
         // nfnetlink; when it cannot tell, every unused one is.
-        let existing = table_names().ok();
+        let existing = tables(inside).ok();
         let mut text = String::new();
         for table in TABLES.iter().filter(|t| !used.contains(t)) {
-            let exists = existing.as_ref().is_none_or(|names| {
-                names
-                    .iter()
-                    .any(|(f, n)| *f == NFPROTO_INET && n.as_str() == *table)
+            let exists = existing.as_ref().is_none_or(|all| {
+                all.iter()
+                    .any(|t| t.family == NFPROTO_INET && t.name.as_str() == *table)
             });
             if exists {
                 text.push_str(&format!(
@@ -83,7 +82,16 @@ impl Nft {
             }
         }
         text.push_str(&ruleset.transaction());
-        self.run(&["-f", "-"], Some(&text)).map(drop)
+        self.run(&["-f", "-"], Some(&text))?;
+        // `add table` keeps a dormant table dormant: wake the ones we use.
+        let dormant = existing.as_ref().is_none_or(|all| {
+            all.iter()
+                .any(|t| t.is_ours() && t.is_dormant() && used.contains(&t.name.as_str()))
+        });
+        if dormant {
+            wake_dormant(inside, |t| t.is_ours() && used.contains(&t.name.as_str()))?;
+        }
+        Ok(())
     }
 
     /// Deletes our three tables, in one transaction; tables that are not there are fine
@@ -131,24 +139,77 @@ impl Nft {
 ///
 /// Errors: the socket's I/O error (a kernel without nf_tables answers EPROTONOSUPPORT or
 /// similar; callers treat any error as "cannot tell").
-pub fn has_our_tables(_inside: &Inside<'_>) -> std::io::Result<bool> {
-    Ok(table_names()?
-        .iter()
-        .any(|(family, name)| *family == NFPROTO_INET && TABLES.contains(&name.as_str())))
+pub fn has_our_tables(inside: &Inside<'_>) -> std::io::Result<bool> {
+    Ok(tables(inside)?.iter().any(NfTable::is_ours))
 }
 
 /// `NFPROTO_INET` (`linux/netfilter.h`).
-const NFPROTO_INET: u8 = 1;
+pub const NFPROTO_INET: u8 = 1;
+/// `NFPROTO_IPV4`: the family of iptables-nft's IPv4 tables.
+pub const NFPROTO_IPV4: u8 = 2;
+/// `NFPROTO_IPV6`: the family of iptables-nft's IPv6 tables.
+pub const NFPROTO_IPV6: u8 = 10;
+/// `NFT_TABLE_F_DORMANT` (`linux/netfilter/nf_tables.h`): the table is registered but none
+/// of its base chains is hooked, so none of its rules sees a packet.
+pub const NFT_TABLE_F_DORMANT: u32 = 0x1;
 
-/// Every nftables table of the calling thread's netns, as (family, name).
-fn table_names() -> std::io::Result<Vec<(u8, String)>> {
+/// One nftables table of a netns, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NfTable {
+    /// `NFPROTO_*` family ([`NFPROTO_INET`], [`NFPROTO_IPV4`], [`NFPROTO_IPV6`], …).
+    pub family: u8,
+    /// The table's name.
+    pub name: String,
+    /// `NFTA_TABLE_FLAGS` ([`NFT_TABLE_F_DORMANT`], owner, persist).
+    pub flags: u32,
+}
+
+impl NfTable {
+    /// Whether this is one of the nftables backend's tables (`inet istio-proxy-*`).
+    pub fn is_ours(&self) -> bool {
+        self.family == NFPROTO_INET && TABLES.contains(&self.name.as_str())
+    }
+
+    /// Whether it is an iptables-nft table (`ip`/`ip6` family).
+    pub fn is_iptables(&self) -> bool {
+        matches!(self.family, NFPROTO_IPV4 | NFPROTO_IPV6)
+    }
+
+    /// Whether the table is dormant: its rules take no effect.
+    pub fn is_dormant(&self) -> bool {
+        self.flags & NFT_TABLE_F_DORMANT != 0
+    }
+
+    /// `inet istio-proxy-nat`, `ip nat`: as nft names it.
+    pub fn describe(&self) -> String {
+        let family = match self.family {
+            NFPROTO_INET => "inet",
+            NFPROTO_IPV4 => "ip",
+            NFPROTO_IPV6 => "ip6",
+            _ => "family",
+        };
+        format!("{family} {}", self.name)
+    }
+}
+
+/// `NFNL_SUBSYS_NFTABLES`: the high byte of every nf_tables message type.
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
+const NFNL_MSG_BATCH_END: u16 = 0x11;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
+
+/// A netlink socket for nf_tables in the calling thread's netns, with a 5 s receive
+/// timeout.
+fn nfnetlink_socket() -> std::io::Result<netlink_sys::Socket> {
     use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-    // NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE; NLM_F_REQUEST | NLM_F_DUMP.
-    const GETTABLE: u16 = (10 << 8) | 1;
-    const FLAGS: u16 = 0x1 | 0x300;
-    const NLMSG_ERROR: u16 = 2;
-    const NLMSG_DONE: u16 = 3;
-    const NFTA_TABLE_NAME: u16 = 1;
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
@@ -157,24 +218,63 @@ fn table_names() -> std::io::Result<Vec<(u8, String)>> {
         nix::sys::socket::sockopt::ReceiveTimeout,
         &nix::sys::time::TimeVal::new(5, 0),
     )?;
-    let seq: u32 = 1;
-    // nlmsghdr (16 bytes) + nfgenmsg (family AF_UNSPEC, version 0, res_id 0).
-    let mut req = Vec::with_capacity(20);
-    req.extend_from_slice(&20u32.to_ne_bytes());
-    req.extend_from_slice(&GETTABLE.to_ne_bytes());
-    req.extend_from_slice(&FLAGS.to_ne_bytes());
-    req.extend_from_slice(&seq.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&[0, 0, 0, 0]);
-    sock.send(&req, 0)?;
-    let invalid =
-        |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned());
-    let u16_at = |b: &[u8], i: usize| b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]));
-    let u32_at = |b: &[u8], i: usize| {
-        b.get(i..i + 4)
-            .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
-    };
-    let mut out = Vec::new();
+    Ok(sock)
+}
+
+/// Appends one netlink message: `nlmsghdr`, `nfgenmsg` (`family`, version 0, `res_id`
+/// big-endian) and the already-encoded `attrs`.
+fn push_message(
+    out: &mut Vec<u8>,
+    kind: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+    attrs: &[u8],
+) {
+    let len = 16 + 4 + attrs.len();
+    out.extend_from_slice(&(len as u32).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.push(family);
+    out.push(0);
+    out.extend_from_slice(&res_id.to_be_bytes());
+    out.extend_from_slice(attrs);
+}
+
+/// Appends one netlink attribute, padded to 4 bytes.
+fn push_attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
+    out.extend_from_slice(&kind.to_ne_bytes());
+    out.extend_from_slice(value);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+fn invalid(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
+}
+
+fn u16_at(b: &[u8], i: usize) -> Option<u16> {
+    b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]))
+}
+
+fn u32_at(b: &[u8], i: usize) -> Option<u32> {
+    b.get(i..i + 4)
+        .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
+}
+
+/// Reads answers to request `seq` until the dump ends or the request is acknowledged,
+/// handing every other message of `seq` to `each` (its bytes, header included).
+///
+/// Errors: the socket's error, an error acknowledgement (as the errno), or a malformed
+/// message.
+fn receive(
+    sock: &netlink_sys::Socket,
+    seq: u32,
+    mut each: impl FnMut(&[u8]),
+) -> std::io::Result<()> {
     loop {
         let (buf, _) = sock.recv_from_full()?;
         let mut off = 0;
@@ -191,33 +291,144 @@ fn table_names() -> std::io::Result<Vec<(u8, String)>> {
                 continue;
             }
             match kind {
-                NLMSG_DONE => return Ok(out),
+                NLMSG_DONE => return Ok(()),
                 NLMSG_ERROR => {
                     let code = u32_at(msg, 16).map_or(0, |c| c as i32);
                     if code == 0 {
-                        return Ok(out);
+                        return Ok(());
                     }
                     return Err(std::io::Error::from_raw_os_error(-code));
                 }
-                _ => {}
-            }
-            let family = msg.get(16).copied().unwrap_or(0);
-            let mut a = 20;
-            while a + 4 <= msg.len() {
-                let alen = u16_at(msg, a).unwrap_or(0) as usize;
-                let atype = u16_at(msg, a + 2).unwrap_or(0) & 0x3fff;
-                if alen < 4 || a + alen > msg.len() {
-                    break;
-                }
-                if atype == NFTA_TABLE_NAME {
-                    let name = &msg[a + 4..a + alen];
-                    let name = name.split(|b| *b == 0).next().unwrap_or_default();
-                    out.push((family, String::from_utf8_lossy(name).into_owned()));
-                }
-                a += (alen + 3) & !3;
+                _ => each(msg),
             }
         }
     }
+}
+
+/// Every nftables table of the netns, with its flags: one `NFT_MSG_GETTABLE` dump.
+///
+/// Errors: as [`has_our_tables`].
+pub fn tables(_inside: &Inside<'_>) -> std::io::Result<Vec<NfTable>> {
+    let sock = nfnetlink_socket()?;
+    let seq: u32 = 1;
+    let mut req = Vec::with_capacity(20);
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
+    push_message(&mut req, kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, 0, &[]);
+    sock.send(&req, 0)?;
+    let mut out = Vec::new();
+    receive(&sock, seq, |msg| {
+        let mut table = NfTable {
+            family: msg.get(16).copied().unwrap_or(0),
+            name: String::new(),
+            flags: 0,
+        };
+        let mut a = 20;
+        while a + 4 <= msg.len() {
+            let alen = u16_at(msg, a).unwrap_or(0) as usize;
+            let atype = u16_at(msg, a + 2).unwrap_or(0) & 0x3fff;
+            if alen < 4 || a + alen > msg.len() {
+                break;
+            }
+            let value = &msg[a + 4..a + alen];
+            match atype {
+                NFTA_TABLE_NAME => {
+                    let name = value.split(|b| *b == 0).next().unwrap_or_default();
+                    table.name = String::from_utf8_lossy(name).into_owned();
+                }
+                NFTA_TABLE_FLAGS if value.len() >= 4 => {
+                    table.flags = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
+                }
+                _ => {}
+            }
+            a += (alen + 3) & !3;
+        }
+        out.push(table);
+    })?;
+    Ok(out)
+}
+
+/// Makes `table` take effect again: one nf_tables transaction (a batch holding one
+/// `NFT_MSG_NEWTABLE` for the existing table with `NFTA_TABLE_FLAGS` 0), which clears
+/// `dormant` and re-hooks its base chains; its rules, and other software's rules in it,
+/// stay as they are. (`nft add table` cannot clear a flag: it leaves the flags out.)
+///
+/// Errors: the kernel's answer as an errno (EPERM for a table another process owns).
+pub fn wake(_inside: &Inside<'_>, table: &NfTable) -> std::io::Result<()> {
+    let sock = nfnetlink_socket()?;
+    let mut attrs = Vec::new();
+    let mut name = table.name.as_bytes().to_vec();
+    name.push(0);
+    push_attr(&mut attrs, NFTA_TABLE_NAME, &name);
+    push_attr(&mut attrs, NFTA_TABLE_FLAGS, &0u32.to_be_bytes());
+    let mut batch = Vec::new();
+    push_message(
+        &mut batch,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        1,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE;
+    push_message(
+        &mut batch,
+        kind,
+        NLM_F_REQUEST | NLM_F_ACK,
+        2,
+        table.family,
+        0,
+        &attrs,
+    );
+    push_message(
+        &mut batch,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        3,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    sock.send(&batch, 0)?;
+    receive(&sock, 2, |_| {})
+}
+
+/// Problems for every table in `tables` that `wanted` selects and that is dormant, for
+/// the read-back: a dormant table's rules read back as written yet take no effect.
+pub fn dormant_problems(tables: &[NfTable], wanted: impl Fn(&NfTable) -> bool) -> Vec<String> {
+    tables
+        .iter()
+        .filter(|t| wanted(t) && t.is_dormant())
+        .map(|t| {
+            format!(
+                "table {} is dormant (flags dormant): none of its rules takes effect",
+                t.describe()
+            )
+        })
+        .collect()
+}
+
+/// Wakes every table `wanted` selects that is dormant ([`wake`]); a write path calls it
+/// so that what it writes takes effect. Cannot-tell (no nf_tables) is not an error.
+///
+/// Errors: [`ApplyError::Netlink`] naming the table that could not be woken.
+pub fn wake_dormant(
+    inside: &Inside<'_>,
+    wanted: impl Fn(&NfTable) -> bool,
+) -> Result<(), ApplyError> {
+    let Ok(all) = tables(inside) else {
+        return Ok(());
+    };
+    for t in all.iter().filter(|t| wanted(t) && t.is_dormant()) {
+        log::info!(
+            "table {} is dormant; making it take effect again",
+            t.describe()
+        );
+        wake(inside, t).map_err(|e| {
+            ApplyError::Netlink(format!("waking dormant table {}: {e}", t.describe()))
+        })?;
+    }
+    Ok(())
 }
 
 /// Compares `got` (our tables, as listed) with `ruleset`: each of its tables and chains
@@ -264,6 +475,15 @@ fn check(
     ruleset: &NftRuleset,
 ) -> Result<(), ValidateError> {
     let mut problems = compare(got, ruleset);
+    // nft's JSON does not show table flags reliably (1.0.6 prints `dormant` as "nat"):
+    // the kernel's table dump says whether our tables take effect.
+    let tables = tables(inside).map_err(|e| {
+        ValidateError::ReadBack(ApplyError::Netlink(format!("listing tables: {e}")))
+    })?;
+    let used = ruleset.table_names();
+    problems.extend(dormant_problems(&tables, |t| {
+        t.is_ours() && used.contains(&t.name.as_str())
+    }));
     problems.extend(
         crate::routing::check_needs(inside, &ruleset.routing_needs())
             .map_err(|e| ValidateError::ReadBack(ApplyError::Routing(e)))?,
@@ -312,8 +532,12 @@ mod tests {
                 assert!(has_our_tables(inside).unwrap());
                 nft.remove(inside).unwrap();
                 assert!(!has_our_tables(inside).unwrap(), "removed");
-                let names = table_names().unwrap();
-                assert!(names.contains(&(2, "nat".to_owned())), "{names:?}");
+                let all = tables(inside).unwrap();
+                assert!(
+                    all.iter()
+                        .any(|t| t.family == NFPROTO_IPV4 && t.name == "nat"),
+                    "{all:?}"
+                );
             })
             .unwrap();
     }

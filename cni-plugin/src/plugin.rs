@@ -8,13 +8,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::apply::{self, Xtables};
+use crate::apply::{self, Backend, Xtables};
 use crate::cni::result::chained_result;
 use crate::cni::{CniEnv, CniVersion, Command, ErrorCode};
 use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
+use crate::lock::{self, NetnsLock};
 use crate::netns::{Inside, Netns, NetnsError};
-use crate::nft::Nft;
+use crate::nft::{NfTable, Nft};
 use crate::plan::Rules;
 use crate::pod::{self, PodRef};
 use crate::rules::nftables::NftRuleset;
@@ -173,16 +174,16 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         .validation
         .probe
         .then(|| Duration::from_millis(conf.validation.timeout_ms));
+    // One writer per netns from here to the end of the rollback (see `lock`).
+    let _lock = NetnsLock::acquire(&conf.agent_run_dir, netns.get()?.id(), lock::ADD_WAIT)?;
     let start = Instant::now();
     match planned {
         Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
             let nft = Nft::detect().ok();
             netns.get()?.run(|inside| {
-                // The other backend's tables go first: never both backends' rules.
-                if let Some(nft) = &nft {
-                    remove_nft_tables(inside, nft)?;
-                }
+                // The other backends' rules go first: never two backends' rules.
+                remove_other_backends(inside, &xt, nft.as_ref())?;
                 program(inside, &xt, &ruleset, probe)
             })??;
         }
@@ -203,15 +204,19 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
 
 /// Deletes our nftables tables when the netns has any (a node that switched from the
 /// nftables backend to iptables), so that a pod never holds both backends' rules.
+/// `tables` is the kernel's table list when it could be read; else nft is asked.
 ///
 /// Errors: [`Error::Apply`] when they cannot be listed or deleted.
-fn remove_nft_tables(inside: &Inside<'_>, nft: &Nft) -> Result<(), Error> {
-    match crate::nft::has_our_tables(inside) {
-        Ok(false) => return Ok(()),
-        Ok(true) => {}
+fn remove_nft_tables(
+    inside: &Inside<'_>,
+    nft: &Nft,
+    tables: Option<&[NfTable]>,
+) -> Result<(), Error> {
+    match tables {
+        Some(t) if !t.iter().any(NfTable::is_ours) => return Ok(()),
+        Some(_) => {}
         // Cannot tell (no nf_tables in this kernel?): ask nft itself.
-        Err(e) => {
-            log::debug!("listing nftables tables over netlink: {e}");
+        None => {
             if nft.list(inside)?.is_empty() {
                 return Ok(());
             }
@@ -219,6 +224,66 @@ fn remove_nft_tables(inside: &Inside<'_>, nft: &Nft) -> Result<(), Error> {
     }
     log::info!("removing the nftables backend's tables before writing iptables rules");
     nft.remove(inside)?;
+    Ok(())
+}
+
+/// Before an iptables write with `xt`: removes our nftables tables and the Istio rules of
+/// the other iptables variant (`iptables-legacy` versus `iptables-nft`), when the netns
+/// has any, so that a pod never holds two sets of rules (a node that switched backends,
+/// or `FORCE_IPTABLES_BINARY` changed). One nfnetlink table dump decides; nothing is
+/// spawned for a netns that holds nothing else.
+///
+/// Errors: [`Error::Apply`] when a removal fails.
+fn remove_other_backends(
+    inside: &Inside<'_>,
+    xt: &Xtables,
+    nft: Option<&Nft>,
+) -> Result<(), Error> {
+    let tables = crate::nft::tables(inside)
+        .inspect_err(|e| log::debug!("listing nftables tables over netlink: {e}"))
+        .ok();
+    if let Some(nft) = nft {
+        remove_nft_tables(inside, nft, tables.as_deref())?;
+    }
+    remove_iptables_variants(inside, Some(xt.backend()), tables.as_deref())
+}
+
+/// Removes the Istio rules of every iptables variant other than `keep` (of both with
+/// `None`) that has tables in the netns: legacy when `/proc/thread-self/net/ip{,6}_tables_names`
+/// lists any, iptables-nft when the kernel's table dump `tables` has an `ip`/`ip6` table.
+/// With `keep` = [`Backend::Default`] (plain `iptables`, variant unknown) nothing is
+/// removed. A variant whose binaries this node lacks is skipped.
+///
+/// Errors: [`Error::Apply`] when a removal fails.
+fn remove_iptables_variants(
+    inside: &Inside<'_>,
+    keep: Option<Backend>,
+    tables: Option<&[NfTable]>,
+) -> Result<(), Error> {
+    if keep == Some(Backend::Default) {
+        return Ok(());
+    }
+    let present = [
+        (Backend::Legacy, legacy_iptables_tables()),
+        (
+            Backend::Nft,
+            tables.is_some_and(|t| t.iter().any(NfTable::is_iptables)),
+        ),
+    ];
+    for (variant, there) in present {
+        if !there || keep == Some(variant) {
+            continue;
+        }
+        let Ok(other) = Xtables::of_backend(variant) else {
+            continue;
+        };
+        if has_iptables_rules(inside, &other)? {
+            log::info!(
+                "removing the Istio rules of iptables {variant:?} (another backend wrote them)"
+            );
+            apply::remove(inside, &other, None)?;
+        }
+    }
     Ok(())
 }
 
@@ -319,10 +384,9 @@ pub fn read_back_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Res
 pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Result<(), Error> {
     match rules {
         Rules::Iptables(r) => {
-            if let Some(nft) = &tools.nft {
-                remove_nft_tables(inside, nft)?;
-            }
-            reprogram(inside, tools.xt()?, r)
+            let xt = tools.xt()?;
+            remove_other_backends(inside, xt, tools.nft.as_ref())?;
+            reprogram(inside, xt, r)
         }
         Rules::Nftables(r) => write_and_read_back_nft(inside, tools.nft()?, tools.xt.as_ref(), r),
     }
@@ -341,21 +405,19 @@ fn write_and_read_back_nft(
     xt: Option<&Xtables>,
     ruleset: &NftRuleset,
 ) -> Result<(), Error> {
-    if let Some(xt) = xt {
-        if legacy_iptables_tables() && has_iptables_rules(inside, xt)? {
-            log::info!("removing the iptables backend's rules before writing nftables");
-            apply::remove(inside, xt, None)?;
-        }
+    if xt.is_some() {
+        let tables = crate::nft::tables(inside).ok();
+        remove_iptables_variants(inside, None, tables.as_deref())?;
     }
     nft.apply(inside, ruleset)?;
     let needs = ruleset.routing_needs();
     crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)?;
-    crate::nft::settle_and_read_back(inside, nft, ruleset, || match xt {
-        Some(xt) => {
-            apply::remove(inside, xt, None)?;
-            crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)
+    crate::nft::settle_and_read_back(inside, nft, ruleset, || {
+        // iptables-nft's rules that appeared meanwhile: that variant's tools remove them.
+        if let Some(xt) = xt.and_then(|_| Xtables::of_backend(Backend::Nft).ok()) {
+            apply::remove(inside, &xt, None)?;
         }
-        None => Ok(()),
+        crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)
     })?;
     Ok(())
 }
@@ -496,6 +558,8 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
     let Some((pod_ref, planned)) = plan(env, conf, &netns)? else {
         return Ok(());
     };
+    // Not halfway through another ADD's write.
+    let _lock = NetnsLock::acquire(&conf.agent_run_dir, netns.get()?.id(), lock::ADD_WAIT)?;
     match planned {
         Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
@@ -519,13 +583,17 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
 /// that does not parse is logged and otherwise ignored. Never touches this process's or
 /// PID 1's namespace ([`Netns::open`] refuses them).
 fn del(env: &CniEnv, stdin: &[u8]) {
-    match NetConf::parse(stdin) {
-        Ok(conf) => init_logging(env, Some(&conf)),
+    let run_dir = match NetConf::parse(stdin) {
+        Ok(conf) => {
+            init_logging(env, Some(&conf));
+            conf.agent_run_dir
+        }
         Err(e) => {
             init_logging(env, None);
             log::warn!("ignoring a network configuration error for DEL: {e}");
+            crate::config::DEFAULT_AGENT_RUN_DIR.into()
         }
-    }
+    };
     let Some(path) = env.netns.as_deref() else {
         log::debug!("no CNI_NETNS: nothing to remove");
         return;
@@ -541,6 +609,10 @@ fn del(env: &CniEnv, stdin: &[u8]) {
             return;
         }
     };
+    // Wait for an ADD in flight, but not for long: DEL never blocks teardown.
+    let _lock = NetnsLock::acquire(&run_dir, netns.id(), lock::DEL_WAIT)
+        .inspect_err(|e| log::warn!("{e}; removing the rules without the lock"))
+        .ok();
     // Both backends' rules go: the configuration may have changed since ADD.
     if let Ok(nft) = Nft::detect() {
         let removed = netns
@@ -551,11 +623,24 @@ fn del(env: &CniEnv, stdin: &[u8]) {
             log::warn!("removing nftables tables from {}: {e}", path.display());
         }
     }
-    let outcome = Xtables::detect().map_err(Error::from).and_then(|xt| {
-        netns
-            .run(|inside| apply::remove(inside, &xt, None))?
-            .map_err(Error::from)
-    });
+    // Every iptables variant that has tables there (the backend may have changed since
+    // ADD), or the node's plain `iptables` when it has neither variant's binaries.
+    let outcome = netns
+        .run(|inside| -> Result<(), Error> {
+            let variants = [Backend::Legacy, Backend::Nft]
+                .iter()
+                .any(|b| Xtables::of_backend(*b).is_ok());
+            if !variants {
+                return Ok(apply::remove(inside, &Xtables::detect()?, None)?);
+            }
+            let tables = crate::nft::tables(inside).ok();
+            remove_iptables_variants(inside, None, tables.as_deref())?;
+            // The TPROXY routing, whatever wrote it.
+            crate::routing::remove(inside).map_err(apply::ApplyError::Routing)?;
+            Ok(())
+        })
+        .map_err(Error::from)
+        .and_then(|r| r);
     if let Err(e) = outcome {
         log::warn!(
             "removing rules from {}: {e}; leaving them to the netns teardown",

@@ -62,6 +62,14 @@ pub fn read_back(
             .map_err(ValidateError::ReadBack)?;
         compare_family(f, &saved, &mut problems);
     }
+    // Rules that read back as written take no effect in a dormant table (iptables-nft's
+    // `ip nat` with `flags dormant`); iptables-save does not show the flag, the kernel
+    // does. No nf_tables (legacy only): nothing can be dormant.
+    if let Ok(tables) = crate::nft::tables(inside) {
+        problems.extend(crate::nft::dormant_problems(&tables, |t| {
+            crate::apply::is_table_of(ruleset, t)
+        }));
+    }
     problems.extend(
         crate::routing::check(inside, ruleset)
             .map_err(|e| ValidateError::ReadBack(ApplyError::Routing(e)))?,

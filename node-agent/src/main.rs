@@ -321,6 +321,7 @@ fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> Rep
         ),
         host_proc: run.host_proc_dir.clone(),
         netns_dirs: run.netns_dirs.clone(),
+        lock_dir: args.cni_agent_run_dir.clone(),
         exclusions: Exclusions {
             agent_namespace: args.pod_namespace.clone(),
             exclude_namespaces: args.excluded_namespaces(),

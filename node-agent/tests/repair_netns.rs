@@ -72,10 +72,11 @@ fn a_netns_file_replaced_after_inspection_is_not_written() {
     let a = pods.start(Layout::BindMountOnly, Ipv4Addr::new(10, 78, 0, 5));
     let b = pods.start(Layout::BindMountOnly, Ipv4Addr::new(10, 78, 0, 6));
     let (c, found) = broken_pod(&pods, &a);
+    let lock_dir = tempfile::tempdir().unwrap();
     // Between inspection and repair, the path now names another pod's namespace (a
     // runtime re-pinned it; for /proc/<pid>/ns/net, a reused PID).
     let _swap = Overmount::new(&b.netns.path(), &file_of(&pods, &a));
-    repair_in_place(&found, &c, &Tools::detect()).expect("repair");
+    repair_in_place(&found, &c, &Tools::detect(), lock_dir.path()).expect("repair");
     assert!(!a.rules().is_empty(), "the inspected pod was repaired");
     assert!(
         b.rules().is_empty(),
@@ -89,9 +90,10 @@ fn a_netns_that_lost_the_pod_ip_is_not_written() {
     let pods = NodePods::new();
     let a = pods.start(Layout::BindMountOnly, Ipv4Addr::new(10, 78, 0, 7));
     let (c, found) = broken_pod(&pods, &a);
+    let lock_dir = tempfile::tempdir().unwrap();
     a.netns
         .exec(&["ip", "addr", "del", "10.78.0.7/24", "dev", "eth0"]);
-    let e = repair_in_place(&found, &c, &Tools::detect()).unwrap_err();
+    let e = repair_in_place(&found, &c, &Tools::detect(), lock_dir.path()).unwrap_err();
     assert!(matches!(e, RepairError::PodIpGone { .. }), "{e}");
     assert!(a.rules().is_empty());
 }

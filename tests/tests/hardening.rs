@@ -388,3 +388,164 @@ fn an_endless_local_pod_file_is_cut_off() {
     assert_eq!(error_code(&out), 100);
     assert!(String::from_utf8_lossy(&out.stdout).contains("larger than"));
 }
+
+/// `conf` for `backend`: `FORCE_IPTABLES_BINARY` and `native_nftables` as the name says
+/// (`legacy`, `nft`, `nftables`), the probe on, and the lock dir in `dir`.
+fn conf_for_backend(dir: &Path, backend: &str) -> (Value, Vec<(&'static str, &'static str)>) {
+    let mut conf = local_conf(dir);
+    conf["validation"]["probe"] = json!(true);
+    conf["cni_agent_run_dir"] = json!(dir);
+    let env = match backend {
+        "legacy" => vec![("FORCE_IPTABLES_BINARY", "legacy")],
+        "nft" => vec![("FORCE_IPTABLES_BINARY", "nft")],
+        _ => {
+            conf["native_nftables"] = json!(true);
+            Vec::new()
+        }
+    };
+    (conf, env)
+}
+
+/// ADD, CHECK or DEL of pod default/web in `ns` with container ID `id` and `extra` env.
+fn run_verb(verb: &str, ns: &TestNetns, id: &str, extra: &[(&str, &str)], conf: &Value) -> Output {
+    let netns = ns.path();
+    let mut env = cni_env(verb, netns.to_str().unwrap());
+    env.retain(|(k, _)| *k != "CNI_CONTAINERID");
+    env.push(("CNI_CONTAINERID", id));
+    env.extend_from_slice(extra);
+    run_plugin(&[], &env, conf)
+}
+
+/// 20 ADDs at once into one netns under different container IDs, as a runtime retrying a
+/// slow ADD does: each one that reports success leaves the pod redirected (CHECK passes
+/// after all of them). Write, validate and rollback are serialised per netns, so no
+/// loser's rollback removes a winner's validated rules, and no two probes race for the
+/// capture port. With each backend.
+#[test]
+fn concurrent_adds_into_one_netns_all_leave_the_rules() {
+    for backend in ["legacy", "nft", "nftables"] {
+        let ns = TestNetns::new("cc");
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, env) = conf_for_backend(dir.path(), backend);
+        let outs: Vec<Output> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..20)
+                .map(|i| {
+                    let (ns, conf, env) = (&ns, &conf, &env);
+                    s.spawn(move || run_verb("ADD", ns, &format!("retry{i}"), env, conf))
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        for (i, out) in outs.iter().enumerate() {
+            assert!(
+                out.status.success(),
+                "{backend}: ADD {i} failed: {} {}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let check = run_verb("CHECK", &ns, "retry0", &env, &conf);
+        assert!(
+            check.status.success(),
+            "{backend}: every ADD succeeded, so the rules must be there: {}",
+            String::from_utf8_lossy(&check.stdout)
+        );
+    }
+}
+
+/// Lines of `<tool>-save` (`iptables-legacy`, `iptables-nft`) in `ns` that name an ISTIO
+/// chain.
+fn istio_lines(ns: &TestNetns, tool: &str) -> usize {
+    ns.exec(&[&format!("{tool}-save")])
+        .lines()
+        .filter(|l| l.contains("ISTIO"))
+        .count()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// "Never two backends' rules" covers the two iptables variants: an ADD with one removes
+/// the other's Istio rules, whichever came first, and DEL with either removes both.
+#[test]
+fn iptables_legacy_and_nft_never_both_hold_rules() {
+    for (first, second) in [("legacy", "nft"), ("nft", "legacy")] {
+        let ns = TestNetns::new("xv");
+        let dir = tempfile::tempdir().unwrap();
+        let (conf1, env1) = conf_for_backend(dir.path(), first);
+        let (conf2, env2) = conf_for_backend(dir.path(), second);
+        assert_ok(&run_verb("ADD", &ns, "c1", &env1, &conf1), "first ADD");
+        assert!(istio_lines(&ns, &format!("iptables-{first}")) > 0);
+        assert_ok(&run_verb("ADD", &ns, "c2", &env2, &conf2), "second ADD");
+        assert!(istio_lines(&ns, &format!("iptables-{second}")) > 0);
+        assert_eq!(
+            istio_lines(&ns, &format!("iptables-{first}")),
+            0,
+            "ADD with {second} removed the rules {first} wrote"
+        );
+        assert_ok(&run_verb("CHECK", &ns, "c2", &env2, &conf2), "CHECK");
+        // Both variants hold rules again (written behind the plugin's back); DEL with
+        // either removes both.
+        assert_ok(&run_verb("ADD", &ns, "c3", &env1, &conf1), "ADD again");
+        assert_ok(&run_verb("ADD", &ns, "c4", &env2, &conf2), "ADD again");
+        ns.exec(&[
+            &format!("iptables-{first}"),
+            "-t",
+            "nat",
+            "-N",
+            "ISTIO_OUTPUT",
+        ]);
+        ns.exec(&[
+            &format!("iptables-{first}"),
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-j",
+            "ISTIO_OUTPUT",
+        ]);
+        assert_ok(&run_verb("DEL", &ns, "c4", &env2, &conf2), "DEL");
+        for tool in ["iptables-legacy", "iptables-nft"] {
+            assert_eq!(istio_lines(&ns, tool), 0, "{tool} rules left after DEL");
+        }
+    }
+}
+
+/// A dormant table keeps every rule in it from taking effect, although the rules read back
+/// as written: CHECK reports it (for iptables-nft's `ip nat` and for the nftables
+/// backend's own table), and a new write wakes the table.
+#[test]
+fn a_dormant_table_is_drift_and_a_write_wakes_it() {
+    for (backend, table) in [("nft", "ip nat"), ("nftables", "inet istio-proxy-nat")] {
+        let ns = TestNetns::new("dm");
+        let dir = tempfile::tempdir().unwrap();
+        let (conf, env) = conf_for_backend(dir.path(), backend);
+        assert_ok(&run_verb("ADD", &ns, "c1", &env, &conf), "ADD");
+        let (family, name) = table.split_once(' ').unwrap();
+        ns.exec(&["nft", "add", "table", family, name, "{ flags dormant; }"]);
+        let check = run_verb("CHECK", &ns, "c1", &env, &conf);
+        assert_eq!(
+            error_code(&check),
+            104,
+            "{backend}: CHECK must see the dormant table"
+        );
+        let msg = String::from_utf8_lossy(&check.stdout);
+        assert!(msg.contains("dormant") && msg.contains(table), "{msg}");
+        assert_ok(&run_verb("ADD", &ns, "c2", &env, &conf), "ADD wakes it");
+        assert!(!ns
+            .exec(&["nft", "list", "table", family, name])
+            .contains("dormant"));
+        assert_ok(
+            &run_verb("CHECK", &ns, "c2", &env, &conf),
+            "CHECK after the wake",
+        );
+    }
+}

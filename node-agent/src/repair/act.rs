@@ -2,7 +2,11 @@
 //! Event on the pod.
 
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
+use std::time::Duration;
+
+use istio_cni::lock::NetnsLock;
 
 use istio_cni::plugin::{reprogram_rules, Tools};
 use k8s_openapi::api::core::v1::Pod;
@@ -128,24 +132,36 @@ pub enum RepairError {
     /// The iptables binaries are unusable.
     #[error(transparent)]
     Xtables(#[from] istio_cni::apply::ApplyError),
+    /// Another operation (an ADD, CHECK or DEL of the plugin) holds the pod's netns, or
+    /// the lock file cannot be used; nothing was written, the next pass tries again.
+    #[error(transparent)]
+    Lock(#[from] istio_cni::lock::LockError),
     /// The blocking task running the repair died.
     #[error("the repair task failed: {0}")]
     Task(String),
 }
 
+/// How long a repair waits for the plugin's lock on the pod's netns ([`istio_cni::lock`]):
+/// an ADD holds it for milliseconds; a longer hold means the next pass will do.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// Writes the candidate's rules into the netns that was inspected (the same open handle,
-/// never the path again) and reads them back. Inside the same `setns` as the write, the
-/// netns must still hold one of the pod's IPs; otherwise nothing is written. A failed
-/// write or read-back removes nothing ([`reprogram_rules`]): the pod keeps what it had.
-/// Blocking; run it off the async runtime.
+/// never the path again) and reads them back, holding the plugin's per-netns lock in
+/// `lock_dir` (so a repair and an ADD never interleave). Inside the same `setns` as the
+/// write, the netns must still hold one of the pod's IPs; otherwise nothing is written. A
+/// failed write or read-back removes nothing ([`reprogram_rules`]): the pod keeps what it
+/// had. Blocking; run it off the async runtime.
 ///
 /// Errors: [`RepairError`]; [`RepairError::PodIpGone`] when the netns no longer holds the
-/// pod's IP (then nothing is written).
+/// pod's IP (then nothing is written); [`RepairError::Lock`] when the lock is not had
+/// within [`LOCK_WAIT`].
 pub fn repair_in_place(
     netns: &PodNetns,
     candidate: &Candidate,
     tools: &Tools,
+    lock_dir: &Path,
 ) -> Result<(), RepairError> {
+    let _lock = NetnsLock::acquire(lock_dir, netns.netns.id(), LOCK_WAIT)?;
     netns.netns.run(|inside| {
         let here = local_addresses().map_err(|reason| RepairError::Addresses {
             netns: netns.to_string(),

@@ -68,6 +68,10 @@ pub struct RepairConfig {
     pub host_proc: PathBuf,
     /// Dirs of bind-mounted netns files, for pods without a process.
     pub netns_dirs: Vec<PathBuf>,
+    /// Where the plugin's per-netns lock lives (`--cni-agent-run-dir`, the same host
+    /// directory as the plugin's `cni_agent_run_dir`): a repair holds it while it writes,
+    /// as ADD does ([`istio_cni::lock`]).
+    pub lock_dir: PathBuf,
     /// Pods the plugin passes through.
     pub exclusions: Exclusions,
 }
@@ -421,8 +425,9 @@ impl RepairController {
             let outcome = match mode {
                 Mode::Repair => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
+                    let lock_dir = self.cfg.lock_dir.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        act::repair_in_place(&netns, &candidate, &Tools::detect())
+                        act::repair_in_place(&netns, &candidate, &Tools::detect(), &lock_dir)
                     })
                     .await
                     .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
