@@ -516,7 +516,23 @@ fn write_and_validate(
         })
         .and_then(|()| {
             log::debug!("applied in {:?}", t.elapsed());
-            validate::read_back(inside, xt, ruleset).map_err(Error::from)
+            match validate::read_back(inside, xt, ruleset) {
+                // The first write assumes a fresh netns and appends upstream's text. When
+                // the netns holds more than that (e.g. a rule of other software ahead of
+                // ours), write once more against what it holds, which puts ours at the
+                // head of shared built-in chains, and read back again.
+                Err(validate::ValidateError::Mismatch(problems)) => {
+                    log::info!(
+                        "read-back after the first write: {}; writing against what the netns holds",
+                        problems.join("; ")
+                    );
+                    for f in &ruleset.families {
+                        xt.binaries(f.family)?.reconcile(inside, f, &[])?;
+                    }
+                    validate::read_back(inside, xt, ruleset).map_err(Error::from)
+                }
+                other => other.map_err(Error::from),
+            }
         })
         .and_then(|()| {
             log::debug!("read back after {:?}", t.elapsed());

@@ -147,17 +147,53 @@ fn compare_exact(
     }
 }
 
+/// Our rules in a built-in chain (`where_`): they must appear in `got` in order, with other
+/// software's rules around them; and none of those may sit ahead of one of ours and be
+/// able to take packets away from it ([`CanonRule::can_divert`]; a rule we cannot read
+/// counts as able). `iptables -t nat -I OUTPUT 1 -p tcp -j RETURN` is such a bypass: all
+/// TCP would go around the sidecar while every rule of ours is still in place. One pass
+/// over the chain, on the `iptables-save` output the read-back has anyway.
 fn compare_subsequence(
     where_: &str,
     want: &[(String, CanonRule)],
     got: &[SavedRule],
     problems: &mut Vec<String>,
 ) {
-    let mut rest = got.iter();
+    // Index in `got` of each of `want`, in order.
+    let mut at = Vec::with_capacity(want.len());
+    let mut next = 0;
     for (line, canon) in want {
-        if !rest.any(|g| g.canon.as_ref() == Some(canon)) {
-            problems.push(format!("{where_} lacks `{line}` (or has it out of order)"));
-            return;
+        match got[next..]
+            .iter()
+            .position(|g| g.canon.as_ref() == Some(canon))
+        {
+            Some(k) => {
+                at.push(next + k);
+                next += k + 1;
+            }
+            None => {
+                problems.push(format!("{where_} lacks `{line}` (or has it out of order)"));
+                return;
+            }
+        }
+    }
+    for (i, g) in got.iter().enumerate() {
+        let later: Vec<usize> = (0..want.len()).filter(|&j| at[j] > i).collect();
+        let Some(&first_later) = later.first() else {
+            break;
+        };
+        if at.contains(&i) {
+            continue;
+        }
+        let diverts = match &g.canon {
+            Some(c) => c.can_divert(&later.iter().map(|&j| &want[j].1).collect::<Vec<_>>()),
+            None => true,
+        };
+        if diverts {
+            problems.push(format!(
+                "{where_}: `{}` comes before our `{}` and can take the pod's traffic around the sidecar",
+                g.line, want[first_later].0
+            ));
         }
     }
 }

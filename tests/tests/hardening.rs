@@ -549,3 +549,54 @@ fn a_dormant_table_is_drift_and_a_write_wakes_it() {
         );
     }
 }
+
+/// A rule of other software placed ahead of our jump in a built-in chain, that can take the
+/// pod's TCP around the sidecar (`iptables -t nat -I OUTPUT 1 -p tcp -j RETURN`), is drift:
+/// CHECK fails naming it. Shapes that cannot (a log, a counter, ICMP) pass. A
+/// new write (ADD, or the agent's repair, which shares it) puts ours back at the head.
+#[test]
+fn a_bypass_ahead_of_our_jump_is_drift() {
+    let ns = TestNetns::new("by");
+    let dir = tempfile::tempdir().unwrap();
+    let (conf, env) = conf_for_backend(dir.path(), "nft");
+    assert_ok(&run_verb("ADD", &ns, "c1", &env, &conf), "ADD");
+    let insert = |args: &[&str]| {
+        let mut cmd = vec!["iptables-nft", "-t", "nat", "-I", "OUTPUT", "1"];
+        cmd.extend_from_slice(args);
+        ns.exec(&cmd);
+    };
+    for harmless in [
+        &["-j", "LOG"][..],
+        &["-p", "icmp", "-j", "RETURN"],
+        &["-p", "tcp"],
+    ] {
+        insert(harmless);
+        assert_ok(&run_verb("CHECK", &ns, "c1", &env, &conf), "harmless");
+    }
+    for bypass in [
+        &["-p", "tcp", "-j", "RETURN"][..],
+        &["-d", "10.0.0.0/8", "-j", "ACCEPT"],
+    ] {
+        ns.exec(&["iptables-nft", "-t", "nat", "-F", "OUTPUT"]);
+        assert_ok(&run_verb("ADD", &ns, "c2", &env, &conf), "ADD again");
+        insert(bypass);
+        let check = run_verb("CHECK", &ns, "c2", &env, &conf);
+        assert_eq!(error_code(&check), 104, "{bypass:?} must be seen");
+        let msg = String::from_utf8_lossy(&check.stdout);
+        assert!(msg.contains("comes before our"), "{msg}");
+        // A new write leaves the foreign rule, but after ours.
+        assert_ok(
+            &run_verb("ADD", &ns, "c3", &env, &conf),
+            "ADD puts ours first",
+        );
+        let output: Vec<String> = ns
+            .exec(&["iptables-nft-save", "-t", "nat"])
+            .lines()
+            .filter(|l| l.starts_with("-A OUTPUT"))
+            .map(str::to_owned)
+            .collect();
+        assert!(output[0].contains("ISTIO_OUTPUT"), "{output:?}");
+        assert!(output.len() >= 2, "the foreign rule stays: {output:?}");
+        assert_ok(&run_verb("CHECK", &ns, "c3", &env, &conf), "CHECK after");
+    }
+}

@@ -31,6 +31,10 @@ pub struct CanonRule {
 /// A match module's options → (negated, value).
 type MatchOptions = BTreeMap<String, (bool, Option<String>)>;
 
+/// Targets after which a packet goes on to the next rule of the chain: they log or trace,
+/// and decide nothing (`iptables-extensions(8)`).
+pub const NON_TERMINATING_TARGETS: &[&str] = &["LOG", "NFLOG", "TRACE", "AUDIT"];
+
 /// A rule line that is not iptables rule syntax.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("cannot read iptables rule {line:?}: {reason}")]
@@ -157,6 +161,51 @@ impl CanonRule {
     /// The target (`-j`) name, if any.
     pub fn target_name(&self) -> Option<&str> {
         self.target.as_ref().map(|(n, _)| n.as_str())
+    }
+
+    /// The protocol the rule is limited to (`-p tcp`), as a name; `None` when it matches
+    /// every protocol (no `-p`, `-p all`, or a negated `! -p X`).
+    pub fn protocol(&self) -> Option<&str> {
+        let (negated, p) = self.base.get("-p")?;
+        let name = match p.as_str() {
+            "all" | "0" => return None,
+            "6" => "tcp",
+            "17" => "udp",
+            "132" => "sctp",
+            other => other,
+        };
+        (!negated).then_some(name)
+    }
+
+    /// Whether this rule, of other software, placed ahead of `later` (our rules that follow
+    /// it in the same built-in chain), can keep packets from reaching them, so that they
+    /// bypass the sidecar. It can unless:
+    /// - it has no target (a counter) or one of [`NON_TERMINATING_TARGETS`], after which
+    ///   the packet goes on to the next rule;
+    /// - it jumps to one of our chains;
+    /// - it is limited to a protocol that none of `later` captures (`-p udp` ahead of
+    ///   `-p tcp -j ISTIO_INBOUND`; `-p icmp` ahead of anything, since our chains redirect
+    ///   only TCP, and UDP for DNS capture).
+    ///
+    /// Every other target can end the traversal for what it matches (`RETURN`, `ACCEPT`,
+    /// `DROP`, `REJECT`, NAT targets, `MARK`/`CONNMARK` that change what our mark matches
+    /// see, and a jump to another chain, which may end in any of those). A rule that cannot
+    /// be read at all (`-g`, unknown syntax) is not a [`CanonRule`]; callers count it too.
+    pub fn can_divert(&self, later: &[&CanonRule]) -> bool {
+        let Some(target) = self.target_name() else {
+            return false;
+        };
+        if NON_TERMINATING_TARGETS.contains(&target) || super::is_own_chain(target) {
+            return false;
+        }
+        match self.protocol() {
+            // What ours capture: their protocol, or, for a jump without one, what our
+            // chains redirect (TCP, and UDP for DNS capture).
+            Some(p) => later
+                .iter()
+                .any(|r| r.protocol().map_or(p == "tcp" || p == "udp", |q| q == p)),
+            None => true,
+        }
     }
 
     /// Whether a match or the target uses firewall mark `mark` (any mask), e.g. `-m mark
@@ -454,6 +503,40 @@ mod tests {
         assert!(p("-A OUTPUT -j MARK --set-mark 1338").uses_mark(1338));
         assert!(!p("-A OUTPUT -j MARK --set-mark 1338").uses_mark(1337));
         assert!(!p("-A OUTPUT -p tcp --dport 1337 -j RETURN").uses_mark(1337));
+    }
+
+    #[test]
+    fn which_foreign_rules_can_divert() {
+        let r = |l: &str| CanonRule::parse(l, Family::V4).unwrap();
+        let jump = r("-A OUTPUT -p tcp -j ISTIO_OUTPUT");
+        let later = [&jump];
+        for diverts in [
+            "-A OUTPUT -p tcp -j RETURN",
+            "-A OUTPUT -j RETURN",
+            "-A OUTPUT -j ACCEPT",
+            "-A OUTPUT -d 10.0.0.0/8 -j RETURN",
+            "-A OUTPUT -p tcp -j DNAT --to-destination 10.1.1.1",
+            "-A OUTPUT -p tcp -j REDIRECT --to-ports 9999",
+            "-A OUTPUT -j KUBE-SERVICES",
+            "-A OUTPUT ! -p udp -j RETURN",
+            "-A OUTPUT -p 6 -j RETURN",
+        ] {
+            assert!(r(diverts).can_divert(&later), "{diverts}");
+        }
+        for harmless in [
+            "-A OUTPUT -p tcp",
+            "-A OUTPUT -j LOG --log-prefix x",
+            "-A OUTPUT -j NFLOG",
+            "-A OUTPUT -p udp -j RETURN",
+            "-A OUTPUT -p icmp -j ACCEPT",
+            "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        ] {
+            assert!(!r(harmless).can_divert(&later), "{harmless}");
+        }
+        // Ours matching every protocol: any terminating rule ahead diverts something.
+        let all = r("-A OUTPUT -j ISTIO_OUTPUT");
+        assert!(r("-A OUTPUT -p udp -j RETURN").can_divert(&[&all]));
+        assert!(!r("-A OUTPUT -p icmp -j RETURN").can_divert(&[&all]));
     }
 
     #[test]

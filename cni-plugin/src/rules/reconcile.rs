@@ -4,7 +4,10 @@
 //! Per table the script declares every chain of ours (`:ISTIO_X - [0:0]` creates a missing
 //! chain and flushes an existing one, on both the legacy and the nft backend), deletes our
 //! earlier rules from built-in chains (`-D`), appends the desired rules, and removes chains
-//! of ours that are no longer wanted (`-X`). On a fresh netns this is upstream's text with
+//! of ours that are no longer wanted (`-X`). In a built-in chain that keeps rules of other
+//! software, ours are inserted at its head, in order (`-I CHAIN 1`, `-I CHAIN 2`, …), so
+//! that none of those rules can take traffic around the sidecar (see
+//! [`CanonRule::can_divert`]). On a fresh netns this is upstream's text with
 //! `:X - [0:0]` in place of `-N X`; on a netns that already has rules (a second ADD, a
 //! repair) nothing is duplicated. Each table commits atomically.
 
@@ -39,6 +42,8 @@ pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) 
             .filter(|c| is_own_chain(c) && !wanted.contains(c))
             .collect();
         let mut deletions = Vec::new();
+        // Built-in chains that keep rules of other software: ours go to their head.
+        let mut shared: Vec<&str> = Vec::new();
         for (chain, rules) in current.chains(table).filter(|(c, _)| !is_own_chain(c)) {
             for r in rules {
                 let ours = match &r.canon {
@@ -54,6 +59,8 @@ pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) 
                     let spec = r.line.strip_prefix("-A ").unwrap_or(&r.line);
                     debug_assert!(spec.starts_with(chain));
                     deletions.push(format!("-D {spec}"));
+                } else if !shared.contains(&chain) {
+                    shared.push(chain);
                 }
             }
         }
@@ -68,8 +75,27 @@ pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) 
         for d in deletions {
             let _ = writeln!(out, "{d}");
         }
+        let mut heads: Vec<(&str, u32)> = Vec::new();
         for r in rules {
-            let _ = writeln!(out, "{}", r.restore_line());
+            if r.position.is_none() && shared.contains(&r.chain.as_str()) {
+                let n = match heads.iter_mut().find(|(c, _)| *c == r.chain) {
+                    Some((_, n)) => {
+                        *n += 1;
+                        *n
+                    }
+                    None => {
+                        heads.push((&r.chain, 1));
+                        1
+                    }
+                };
+                let at_head = Rule {
+                    position: Some(n),
+                    ..r.clone()
+                };
+                let _ = writeln!(out, "{}", at_head.restore_line());
+            } else {
+                let _ = writeln!(out, "{}", r.restore_line());
+            }
         }
         for chain in stale {
             let _ = writeln!(out, "-X {chain}");
@@ -133,6 +159,19 @@ mod tests {
         assert!(
             s.contains(":ISTIO_OLD - [0:0]\n") && s.trim_end().ends_with("-X ISTIO_OLD\nCOMMIT")
         );
+    }
+
+    #[test]
+    fn ours_go_to_the_head_of_chains_shared_with_other_software() {
+        let desired = ruleset(&[]);
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+            -A OUTPUT -p tcp -j RETURN\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
+        let s = script(&desired, &[], &SavedTables::parse(saved, Family::V4));
+        assert!(s.contains("-D OUTPUT -j ISTIO_OUTPUT\n"), "{s}");
+        assert!(s.contains("-I OUTPUT 1 -j ISTIO_OUTPUT\n"), "{s}");
+        assert!(!s.contains("-A OUTPUT"), "{s}");
+        // A chain with nothing foreign keeps upstream's append.
+        assert!(s.contains("-A PREROUTING -p tcp -j ISTIO_INBOUND\n"), "{s}");
     }
 
     #[test]
