@@ -14,7 +14,9 @@ use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 /// Component name in Events (`reportingController`).
 pub const COMPONENT: &str = "istio-cni-node-agent";
 
-/// The process's Event recorder, built on first use from the shared API client.
+/// The process's Event recorder, built on first use from the shared API client's request
+/// client ([`ApiClient::get`]), so that each of its requests is bounded by
+/// [`REQUEST_TIMEOUT`].
 pub struct Events {
     api: ApiClient,
     reporter: Reporter,

@@ -69,8 +69,16 @@ pub struct Metrics {
     pub self_test_runs: Family<Outcome, Counter>,
     /// `istio_cni_self_test_duration_seconds`.
     pub self_test_duration: Histogram,
-    /// `istio_cni_node_tainted`: 1 while the agent keeps the not-ready taint on its node.
+    /// `istio_cni_node_tainted`: 1 while the node carries the not-ready taint (our key), as
+    /// the agent last read, watched or wrote it; 0 otherwise, including before the node
+    /// was ever read (see [`Metrics::node_taint_state_known`]).
     pub node_tainted: Gauge,
+    /// `istio_cni_node_taint_state_known`: 1 once the agent has read its node (a GET or the
+    /// watch), so that `istio_cni_node_tainted` is what the node carries; 0 before that and
+    /// after a read that failed (an API error, or no answer within the request timeout),
+    /// until the next successful read. Alert on it being 0, not on `istio_cni_node_tainted`
+    /// alone.
+    pub node_taint_state_known: Gauge,
     /// `istio_cni_repair_pods_checked_total`: meshed pods whose netns was read.
     pub repair_pods_checked: Counter,
     /// `istio_cni_repair_broken_pods_found_total`: checks that found rules missing or wrong.
@@ -103,6 +111,7 @@ impl Metrics {
         let self_test_runs = Family::<Outcome, Counter>::default();
         let self_test_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
         let node_tainted = Gauge::default();
+        let node_taint_state_known = Gauge::default();
         let repair_pods_checked = Counter::default();
         let repair_broken_found = Counter::default();
         let repair_actions = Family::<RepairAction, Counter>::default();
@@ -147,6 +156,11 @@ impl Metrics {
             "node_tainted",
             "1 while the node carries the not-ready taint set by this agent",
             node_tainted.clone(),
+        );
+        registry.register(
+            "node_taint_state_known",
+            "1 once the agent has read its node, so that istio_cni_node_tainted is what the node carries; 0 before that and after a failed read",
+            node_taint_state_known.clone(),
         );
         registry.register(
             "repair_pods_checked",
@@ -200,6 +214,7 @@ impl Metrics {
             repair_sweep_duration,
             repair_last_sweep,
             node_tainted,
+            node_taint_state_known,
             install_attempts,
             ready,
             conflist_rewrites,

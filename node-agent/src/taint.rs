@@ -16,7 +16,16 @@
 //! `NewGenericServerResponse`), which cannot be told apart from other patch errors, so 422
 //! is retried like 409 `Conflict`, a bounded number of times. When the node already is as
 //! desired nothing is written: the steady state costs no API writes.
+//!
+//! Every request (each read, each patch, each Event) is bounded by
+//! [`REQUEST_TIMEOUT`], on its own: a request lost in a black-holed connection fails after
+//! that and the loop retries with backoff, so once the API answers again the node follows
+//! within one request timeout. The metrics say what the agent last saw of its node:
+//! `istio_cni_node_tainted` (our taint present, by key) and
+//! `istio_cni_node_taint_state_known` (1 once the node was read; 0 before and after a failed
+//! read, when `istio_cni_node_tainted` means nothing).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,9 +148,26 @@ pub enum TaintError {
     /// Every attempt met a concurrent change.
     #[error("the node kept changing under us ({0} conflicts)")]
     KeptChanging(u32),
-    /// The API did not answer within the time given.
-    #[error("the API did not answer in time")]
-    Timeout,
+    /// One request got no answer within [`REQUEST_TIMEOUT`]; it is retried on a new
+    /// connection.
+    #[error("{what}: no answer from the API server within {timeout:?} (is it reachable from this node?)")]
+    Timeout {
+        /// The request: `reading the node`, `patching the taints`, …
+        what: &'static str,
+        /// How long it was given.
+        timeout: Duration,
+    },
+}
+
+/// `call` (one API request) within [`REQUEST_TIMEOUT`]; [`TaintError::Timeout`] naming
+/// `what` when it takes longer.
+async fn within<T>(what: &'static str, call: impl Future<Output = T>) -> Result<T, TaintError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, call)
+        .await
+        .map_err(|_| TaintError::Timeout {
+            what,
+            timeout: REQUEST_TIMEOUT,
+        })
 }
 
 /// Drives the taint and condition of one node.
@@ -260,6 +286,7 @@ impl TaintController {
                 r = changed.changed() => if r.is_err() { return },
                 ev = next_node => match ev {
                     Some(Ok(node)) => {
+                        self.observe(&node);
                         if applied.as_ref() == Some(&desired) && !self.is_as_desired(&node, &desired) {
                             log::info!("node {}: our taint or condition was changed by someone else; setting it again", self.cfg.node);
                             applied = None;
@@ -279,13 +306,14 @@ impl TaintController {
     }
 
     /// A watch on this controller's node (its applies and changes, after the initial
-    /// list), with `kube-runtime`'s backoff on errors; `None` without a client.
+    /// list), with `kube-runtime`'s backoff on errors; `None` without a client. Each list
+    /// is bounded by [`REQUEST_TIMEOUT`] ([`crate::apiclient::watch_bounding_lists`]).
     async fn node_watch(
         &self,
     ) -> Option<futures::stream::BoxStream<'static, Result<Value, kube::runtime::watcher::Error>>>
     {
         use kube::runtime::WatchStreamExt as _;
-        let client = match self.api.get().await {
+        let client = match self.api.watch_client().await {
             Ok(c) => c,
             Err(e) => {
                 log::warn!(
@@ -299,11 +327,21 @@ impl TaintController {
             kube::Api::all_with(client, &kube::discovery::ApiResource::erase::<Node>(&()));
         let config = kube::runtime::watcher::Config::default()
             .fields(&format!("metadata.name={}", self.cfg.node));
-        let stream = kube::runtime::watcher(nodes, config)
+        let stream = crate::apiclient::watch_bounding_lists(nodes, config)
             .default_backoff()
             .applied_objects()
             .map(|r| r.map(|o| json!({"spec": o.data["spec"], "status": o.data["status"]})));
         Some(stream.boxed())
+    }
+
+    /// Records what `node` (raw `spec` and `status`, just read or watched) carries: the
+    /// taint state is known, and tainted when a taint with our key is there.
+    fn observe(&self, node: &Value) {
+        let ours = node["spec"]["taints"]
+            .as_array()
+            .is_some_and(|ts| ts.iter().any(|t| t["key"] == self.cfg.key.as_str()));
+        self.metrics.node_tainted.set(i64::from(ours));
+        self.metrics.node_taint_state_known.set(1);
     }
 
     /// Whether the watched `node` (raw `spec` and `status`) already shows `d`: our taint as
@@ -334,15 +372,13 @@ impl TaintController {
         .await
     }
 
-    /// [`TaintController::apply_once`] within [`REQUEST_TIMEOUT`] per read-and-write round
-    /// (five rounds at most).
+    /// Reads the node and patches what differs from `d`, re-reading after a concurrent
+    /// change (five rounds at most). Each request is bounded by [`REQUEST_TIMEOUT`] on its
+    /// own; the caller retries the whole with backoff.
+    ///
+    /// Errors: [`TaintError`] for the first request that failed or timed out, or
+    /// [`TaintError::KeptChanging`].
     async fn apply(&self, d: &Desired) -> Result<(), TaintError> {
-        tokio::time::timeout(REQUEST_TIMEOUT * 5, self.apply_once(d))
-            .await
-            .unwrap_or(Err(TaintError::Timeout))
-    }
-
-    async fn apply_once(&self, d: &Desired) -> Result<(), TaintError> {
         let client = self.api.get().await?;
         let nodes: kube::Api<Node> = kube::Api::all(client.clone());
         let name = &self.cfg.node;
@@ -350,20 +386,29 @@ impl TaintController {
             client.clone(),
             &kube::discovery::ApiResource::erase::<Node>(&()),
         );
+        let params = PatchParams::default();
         // Conflicts (another writer between our read and our patch) are retried at once.
         for _ in 0..5 {
-            let node = raw.get(name).await.map_err(TaintError::Read)?;
+            let read = within("reading the node", raw.get(name))
+                .await
+                .and_then(|r| r.map_err(TaintError::Read));
+            let node = match read {
+                Ok(node) => node,
+                Err(e) => {
+                    self.metrics.node_taint_state_known.set(0);
+                    return Err(e);
+                }
+            };
+            self.observe(&node.data);
             let rv = node.metadata.resource_version.clone().unwrap_or_default();
             let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
             let taints = list(&node.data["spec"]["taints"]);
             let conditions = list(&node.data["status"]["conditions"]);
             if let Some(tainted) = d.tainted {
                 if let Some(new) = with_taint(&taints, &self.cfg.key, &self.cfg.effect, tainted) {
-                    let patch = test_and_set("/spec/taints", &rv, json!(new));
-                    match nodes
-                        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                        .await
-                    {
+                    let patch = Patch::<()>::Json(test_and_set("/spec/taints", &rv, json!(new)));
+                    let patched = nodes.patch(name, &params, &patch);
+                    match within("patching the taints", patched).await? {
                         Ok(_) => {
                             let (reason, verb) = if tainted {
                                 ("IstioCNITaintAdded", "added")
@@ -408,17 +453,14 @@ impl TaintController {
                         }
                     }
                 }
-                self.metrics.node_tainted.set(i64::from(tainted));
             }
             let now = Time(k8s_openapi::jiff::Timestamp::now());
             let Some(new) = with_condition(&conditions, d.ready, d.reason, &d.message, now) else {
                 return Ok(());
             };
-            let patch = test_and_set("/status/conditions", &rv, json!(new));
-            match nodes
-                .patch_status(name, &PatchParams::default(), &Patch::<()>::Json(patch))
-                .await
-            {
+            let patch = Patch::<()>::Json(test_and_set("/status/conditions", &rv, json!(new)));
+            let patched = nodes.patch_status(name, &params, &patch);
+            match within("patching the condition IstioCNIReady", patched).await? {
                 Ok(_) => return Ok(()),
                 Err(e) if changed_since_read(&e) => {
                     log::debug!(

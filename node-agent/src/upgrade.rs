@@ -10,6 +10,8 @@
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::apiclient::REQUEST_TIMEOUT;
+
 /// What to do on exit, with the reason for the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OnExit {
@@ -19,10 +21,26 @@ pub enum OnExit {
     Keep(String),
 }
 
-/// Decides for the agent pod `namespace/name`.
+/// `api.get_opt(name)` within [`REQUEST_TIMEOUT`]; a timeout is an error message.
+async fn get_opt<K>(api: &kube::Api<K>, name: &str) -> Result<Option<K>, String>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match tokio::time::timeout(REQUEST_TIMEOUT, api.get_opt(name)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer from the API server within {REQUEST_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Decides for the agent pod `namespace/name`, reading it and its DaemonSet through
+/// `client` (the request client, [`crate::apiclient::ApiClient::get`]); each read is
+/// bounded by [`REQUEST_TIMEOUT`]. When the API cannot tell, the answer is
+/// [`OnExit::Keep`] with the reason.
 pub async fn decide(client: kube::Client, namespace: &str, name: &str) -> OnExit {
     let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), namespace);
-    let pod = match pods.get_opt(name).await {
+    let pod = match get_opt(&pods, name).await {
         Ok(Some(p)) => p,
         Ok(None) => return OnExit::Cleanup(format!("own pod {namespace}/{name} is gone")),
         Err(e) => return OnExit::Keep(format!("cannot read own pod {namespace}/{name}: {e}")),
@@ -37,7 +55,7 @@ pub async fn decide(client: kube::Client, namespace: &str, name: &str) -> OnExit
         return OnExit::Cleanup(format!("pod {namespace}/{name} has no DaemonSet owner"));
     };
     let daemonsets: kube::Api<DaemonSet> = kube::Api::namespaced(client, namespace);
-    match daemonsets.get_opt(&owner.name).await {
+    match get_opt(&daemonsets, &owner.name).await {
         Ok(None) => OnExit::Cleanup(format!(
             "DaemonSet {namespace}/{} is gone: uninstall",
             owner.name

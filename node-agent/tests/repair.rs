@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use istio_cni_e2e::agent::{get, wait_for, Daemon, Kind, Node, PRIMARY};
 use istio_cni_e2e::fake_api::FakeApi;
-use istio_cni_e2e::kubelet::{istio_chain, Layout, NodePods, RunningPod};
+use istio_cni_e2e::kubelet::{istio_chain, unique_uid, Layout, NodePods, RunningPod};
 use istio_cni_e2e::sandbox::injected_pod;
 use serde_json::{json, Value};
 
@@ -556,5 +556,52 @@ fn nftables_pods_are_read_back_and_repaired_with_nft() {
     assert!(
         s.events_for("nft-a").is_empty(),
         "the healthy pod is left alone"
+    );
+}
+
+/// A stale meshed pod (Running in the API with IP X, but no process left on the node)
+/// and a live plain pod whose pinned netns now holds X: the agent never writes the stale
+/// pod's rules into the other pod's netns, since a process of another pod lives there. The
+/// stale pod is "netns not found"; nothing is written and no repair is recorded. A broken
+/// pod found through the same fallback (no process, only its netns file) is still repaired.
+#[test]
+fn a_stale_pod_never_gets_its_rules_written_into_another_pods_netns() {
+    let mut s = Setup::new();
+    let mut other = s.pod(Layout::Systemd, plain("live-plain"));
+    s.pods.pin(&mut other);
+    let mut stale = meshed("default", "stale");
+    stale["metadata"]["uid"] = json!(unique_uid());
+    stale["spec"]["nodeName"] = json!(NODE);
+    stale["status"] = json!({
+        "phase": "Running",
+        "podIP": other.ip.to_string(),
+        "podIPs": [{"ip": other.ip.to_string()}],
+        "containerStatuses": [{"name": "istio-proxy", "ready": true, "restartCount": 0,
+                               "image": "proxy", "imageID": "", "started": true}],
+    });
+    s.api.put("pods", stale);
+    let broken = s.pod(
+        Layout::BindMountOnly,
+        meshed("default", "broken-no-process"),
+    );
+    let expected = broken.rules();
+    broken.flush();
+
+    let daemon = s.agent(&["--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    wait_for("the control pod repaired", || {
+        (broken.rules() == expected).then_some(())
+    });
+    // Two more sweeps, each of which would have "repaired" the stale pod.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        other.rules().is_empty(),
+        "the live pod's netns got another pod's rules: {:?}",
+        other.rules()
+    );
+    assert!(
+        s.events_for("stale").is_empty(),
+        "nothing is recorded for the stale pod: {:?}",
+        s.events_for("stale")
     );
 }

@@ -20,8 +20,10 @@
 //! client that trusts only that CA connects (kube-apiserver serves TLS only; the
 //! `kubernetes` service has no plain port).
 //!
-//! Faults for tests: [`FakeApi::set_fault`] makes every request slow or fail with a status;
-//! [`FakeApi::stop`] closes the listener so that connections are refused.
+//! Faults for tests: [`FakeApi::set_fault`] makes every request slow, fail with a status,
+//! or go unanswered ([`Fault::BlackHole`]); [`FakeApi::stop`] closes the listener so that
+//! connections are refused. Apart from the injected fault, the server behaves as
+//! kube-apiserver does: a request that the fault leaves alone is served normally.
 //!
 //! Watches (`?watch=true`, as `kube-runtime`'s watcher sends them): events after the given
 //! `resourceVersion` are replayed from a change log, then streamed as they happen, one JSON
@@ -88,6 +90,15 @@ pub enum Fault {
     Delay(Duration),
     /// Answer with this HTTP status and a `Status` body.
     Status(u16),
+    /// Accept the connection and read the request, but never answer it: what a client
+    /// meets when the API server's packets are dropped after the handshake, or behind a
+    /// load balancer that accepts connections for a backend that is gone. No status, no
+    /// headers, no close: only a client-side timeout gets the client out. A request that
+    /// arrived while this was the fault stays unanswered after the fault is lifted (its
+    /// connection is dead for good, as a real black hole leaves it); requests that arrive
+    /// later are served. When the server stops, held requests are answered 503 so that
+    /// the server can finish.
+    BlackHole,
 }
 
 /// (resource, namespace or "" for cluster-scoped, name)
@@ -565,7 +576,8 @@ fn conflict(resource: &str, name: &str, why: &str) -> Response {
 }
 
 /// Every request passes here first: it is counted (writes: any method but GET), then the
-/// current [`Fault`] applies — a delay, or an injected status instead of the answer.
+/// current [`Fault`] applies — a delay, an injected status instead of the answer, or no
+/// answer at all until the server stops ([`Fault::BlackHole`]).
 async fn count_and_fault(shared: &Shared, method: &axum::http::Method) -> Option<Response> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
     if method != axum::http::Method::GET {
@@ -581,6 +593,17 @@ async fn count_and_fault(shared: &Shared, method: &axum::http::Method) -> Option
         Fault::Status(code) => {
             let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             Some(status(code, "InternalError", "injected fault".into()))
+        }
+        Fault::BlackHole => {
+            // Held whatever the fault becomes later; released only so that a stopping
+            // server (which waits for its requests) can finish.
+            let mut closing = shared.closing.subscribe();
+            let _ = closing.wait_for(|stopping| *stopping).await;
+            Some(status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "the server is shutting down".into(),
+            ))
         }
     }
 }

@@ -158,17 +158,23 @@ impl NodePods {
                 std::fs::write(leaf.join("cgroup.procs"), pid.to_string())
                     .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", leaf.display()));
             }
-            None => {
-                let file = self.netns_dir.path().join(unique_name("ns"));
-                std::fs::write(&file, "").expect("netns mount point");
-                run(Command::new("mount")
-                    .arg("--bind")
-                    .arg(pod.netns.path())
-                    .arg(&file));
-                pod.bind_mount = Some(file);
-            }
+            None => self.pin(&mut pod),
         }
         pod
+    }
+}
+
+impl NodePods {
+    /// Pins `pod`'s netns as a file in the node's netns dir too, as a runtime with an
+    /// infra container also does (removed with the pod).
+    pub fn pin(&self, pod: &mut RunningPod) {
+        let file = self.netns_dir.path().join(unique_name("ns"));
+        std::fs::write(&file, "").expect("netns mount point");
+        run(Command::new("mount")
+            .arg("--bind")
+            .arg(pod.netns.path())
+            .arg(&file));
+        pod.bind_mount = Some(file);
     }
 }
 

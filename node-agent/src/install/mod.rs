@@ -434,6 +434,11 @@ pub fn uninstall_once(cfg: &InstallConfig) -> Result<Vec<String>, InstallError> 
     }
     remove_if_present(&cfg.kubeconfig_path(), &mut changes)?;
     remove_if_present(&cfg.bin_dir.join(PLUGIN_BINARY), &mut changes)?;
+    // The plugin's per-netns lock file (`istio_cni::lock`): the plugin goes with it.
+    remove_if_present(
+        &cfg.agent_run_dir.join(istio_cni::lock::LOCK_FILE),
+        &mut changes,
+    )?;
     Ok(changes)
 }
 

@@ -172,12 +172,16 @@ impl<'a> Finder<'a> {
         }
     }
 
-    /// The netns of the pod `uid` with addresses `ips`.
+    /// The netns of the pod `uid` with addresses `ips`: through its processes, else the
+    /// netns file holding one of `ips`, but never a netns where another pod's processes
+    /// live ([`ProcIndex::unless_foreign`]).
     pub fn find(&self, uid: &str, ips: &[IpAddr]) -> Option<PodNetns> {
         self.procs.netns_of(uid).or_else(|| {
-            self.bind_mounts
+            let pinned = self
+                .bind_mounts
                 .get_or_init(|| BindMounts::scan(self.netns_dirs, self.procs.host_netns()))
-                .netns_of(ips)
+                .netns_of(ips)?;
+            self.procs.unless_foreign(uid, pinned)
         })
     }
 }

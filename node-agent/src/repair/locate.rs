@@ -16,6 +16,13 @@
 //!
 //! The host's own netns (`<host proc>/1/ns/net`) is never returned: a host-network pod, or
 //! a cgroup path that only looks like a pod's, must not get pod rules.
+//!
+//! Nor is a netns that something says is another pod's: one in which a process of another
+//! pod (by its cgroup's pod UID) lives ([`ProcIndex::other_pods_in`]). An IP alone proves
+//! nothing: a pod that is `Running` in the API but has no process left on the node (its
+//! sandbox died, the node restarted) may carry an IP that the runtime has since given to
+//! another pod, whose pinned netns then holds it. Writing the first pod's rules there
+//! would redirect the second pod's traffic. Such a pod is reported as "netns not found".
 
 use std::collections::HashMap;
 use std::fmt;
@@ -125,11 +132,13 @@ fn normalize_uid(raw: &str) -> Option<String> {
     (hex_or_dash && (dashed || hash)).then_some(uid)
 }
 
-/// Pod UID → PIDs, from one pass over `<host proc>/*/cgroup`.
+/// Pod UID → PIDs, and netns → pod UIDs with a process in it, from one pass over
+/// `<host proc>/*/cgroup` (and a `stat` of each pod process's `ns/net`).
 #[derive(Debug, Default)]
 pub struct ProcIndex {
     host_proc: PathBuf,
     pods: HashMap<String, Vec<u32>>,
+    owners: HashMap<NetnsId, Vec<String>>,
     host_netns: Option<NetnsId>,
 }
 
@@ -156,14 +165,50 @@ impl ProcIndex {
                 pods.entry(uid).or_default().push(pid);
             }
         }
-        for pids in pods.values_mut() {
+        let mut owners: HashMap<NetnsId, Vec<String>> = HashMap::new();
+        for (uid, pids) in pods.iter_mut() {
             pids.sort_unstable();
+            for pid in pids.iter() {
+                let Ok(id) = NetnsId::of(&host_proc.join(pid.to_string()).join("ns/net")) else {
+                    continue;
+                };
+                let uids = owners.entry(id).or_default();
+                if !uids.contains(uid) {
+                    uids.push(uid.clone());
+                }
+            }
         }
         Ok(ProcIndex {
             host_proc: host_proc.to_owned(),
             pods,
+            owners,
             host_netns: NetnsId::of(&host_proc.join("1/ns/net")).ok(),
         })
+    }
+
+    /// The UIDs of pods other than `uid` that have a process in the netns `id`: when there
+    /// is any, the netns is not `uid`'s to write into.
+    pub fn other_pods_in(&self, id: NetnsId, uid: &str) -> Vec<&str> {
+        self.owners
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter(|u| *u != uid)
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// `found`, unless another pod's process lives in it (then logged, and `None`).
+    pub fn unless_foreign(&self, uid: &str, found: PodNetns) -> Option<PodNetns> {
+        let others = self.other_pods_in(found.netns.id(), uid);
+        if others.is_empty() {
+            return Some(found);
+        }
+        log::info!(
+            "netns {found} is not pod {uid}'s: processes of pod(s) {} live in it; not touching it",
+            others.join(", ")
+        );
+        None
     }
 
     /// The identity of the host's netns (that of PID 1), when readable.
@@ -182,16 +227,18 @@ impl ProcIndex {
     }
 
     /// The netns of pod `uid`, opened: that of its lowest PID (the sandbox's pause
-    /// process, in practice) that is still alive and not in the host's netns.
+    /// process, in practice) that is still alive and not in the host's netns; `None` as
+    /// well when processes of another pod live in that netns.
     pub fn netns_of(&self, uid: &str) -> Option<PodNetns> {
-        self.pods.get(uid)?.iter().find_map(|&pid| {
+        let found = self.pods.get(uid)?.iter().find_map(|&pid| {
             let path = self.host_proc.join(pid.to_string()).join("ns/net");
             let netns = Netns::open(&path).ok()?;
             (Some(netns.id()) != self.host_netns).then(|| PodNetns {
                 netns: Arc::new(netns),
                 via: Via::Process(pid),
             })
-        })
+        })?;
+        self.unless_foreign(uid, found)
     }
 }
 

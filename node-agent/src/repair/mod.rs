@@ -179,7 +179,9 @@ impl RepairController {
         };
         let mut backoff = Backoff::with_jitter(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            let client = match self.api.get().await {
+            // The pods are watched through the watch client, each list bounded by the
+            // request timeout (see `watch`).
+            let client = match self.api.watch_client().await {
                 Ok(c) => c,
                 Err(e) => {
                     let delay = backoff.next_delay();
@@ -199,6 +201,12 @@ impl RepairController {
         }
     }
 
+    /// Watches this node's pods through `client` ([`ApiClient::watch_client`]) and runs
+    /// passes until the watch ends. The watcher's lists (the initial one and any re-list)
+    /// are bounded by [`REQUEST_TIMEOUT`] each
+    /// ([`crate::apiclient::watch_bounding_lists`]): a list lost in a black-holed
+    /// connection is made again within that, rather than after the watch client's read
+    /// timeout of minutes.
     async fn watch(&self, client: kube::Client, st: &mut State) -> WatchEnd {
         let pods: kube::Api<Pod> = kube::Api::all(client);
         let mut fields = format!("spec.nodeName={}", self.cfg.node);
@@ -210,7 +218,8 @@ impl RepairController {
             config = config.labels(labels);
         }
         let (reader, writer) = reflector::store();
-        let mut events = reflector::reflector(writer, watcher::watcher(pods, config))
+        let pods_watch = crate::apiclient::watch_bounding_lists(pods, config);
+        let mut events = reflector::reflector(writer, pods_watch)
             .default_backoff()
             .boxed();
         let mut ready_rx = self.readiness.subscribe();
