@@ -605,3 +605,53 @@ fn a_stale_pod_never_gets_its_rules_written_into_another_pods_netns() {
         s.events_for("stale")
     );
 }
+
+/// Drift that leaves every rule of ours in place is still drift for the repair loop, and
+/// a repair undoes it: a dormant `ip nat` table (iptables-nft: none of its rules takes
+/// effect), and a rule of other software ahead of our jump that takes the pod's TCP around
+/// the sidecar (`-I OUTPUT 1 -p tcp -j RETURN`; the repair puts ours back at the head).
+#[test]
+fn a_dormant_table_and_a_bypass_ahead_of_our_jump_are_repaired() {
+    let mut s = Setup::new();
+    let dormant = s.pod(Layout::Systemd, meshed("default", "dormant"));
+    let bypassed = s.pod(Layout::Cgroupfs, meshed("default", "bypassed"));
+    let env = [("FORCE_IPTABLES_BINARY", "nft")];
+    let daemon = s.agent_with_env(&env, &["--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    wait_for("a first sweep", || {
+        metric(&daemon, "istio_cni_repair_last_sweep_timestamp_seconds").filter(|t| *t > 0.0)
+    });
+    dormant
+        .netns
+        .exec(&["nft", "add", "table", "ip", "nat", "{ flags dormant; }"]);
+    bypassed.netns.exec(&[
+        "iptables-nft",
+        "-t",
+        "nat",
+        "-I",
+        "OUTPUT",
+        "1",
+        "-p",
+        "tcp",
+        "-j",
+        "RETURN",
+    ]);
+    wait_for("both repaired", || {
+        let woken = !dormant
+            .netns
+            .exec(&["nft", "list", "table", "ip", "nat"])
+            .contains("dormant");
+        let first = bypassed
+            .netns
+            .exec(&["iptables-nft-save", "-t", "nat"])
+            .lines()
+            .find(|l| l.starts_with("-A OUTPUT"))
+            .is_some_and(|l| l.contains("ISTIO_OUTPUT"));
+        (woken && first).then_some(())
+    });
+    wait_for("the events", || {
+        (s.events_for("dormant") == ["IstioCNIRepaired"]
+            && s.events_for("bypassed") == ["IstioCNIRepaired"])
+        .then_some(())
+    });
+}
