@@ -3,9 +3,13 @@
 //! not at all; one `nft -j list ruleset` for the read-back; deleting our tables for DEL;
 //! and an nfnetlink table dump that tells, without a process, which tables exist.
 //!
-//! No lock is taken: each netns has its own nftables ruleset, and the kernel serialises
-//! transactions (the nfnetlink commit mutex is per netns), so concurrent ADDs of different
-//! pods never wait on each other, unlike the xtables lock of the iptables backend.
+//! The kernel serialises transactions per netns (the nfnetlink commit mutex is per netns),
+//! so ADDs of different pods never wait on each other. Two operations on the same netns
+//! (a retried ADD, a repair) are serialised by the plugin's per-netns lock
+//! ([`crate::lock`]), which also covers the read-back, the probe and the rollback.
+//!
+//! Besides `nft`, the kernel is asked directly over nfnetlink ([`tables`], [`wake`]): which
+//! tables exist and with which flags, and to clear `dormant` on a table we write into.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -2,8 +2,11 @@
 //!
 //! 1. **Read-back** ([`read_back`]): `iptables-save` per family, and every expected rule
 //!    must be there. Our chains must hold exactly the expected rules in order; in built-in
-//!    chains our rules must appear in order (other software may have rules there too). The
-//!    TPROXY policy rule must exist.
+//!    chains our rules must appear in order (other software may have rules there too), and
+//!    no rule of other software ahead of one of ours may be able to take traffic around it
+//!    ([`CanonRule::can_divert`]). The tables we write into must not be dormant (the
+//!    kernel's nf_tables table flags: iptables-save does not show them). The TPROXY policy
+//!    rule must exist.
 //! 2. **Loopback probe** ([`probe`]): listen on the inbound capture port (15006) on
 //!    loopback, connect to `127.0.0.6:15002` (or `[::6]:15002`; the port moves up when the
 //!    pod excludes 15002 from capture) from a socket created with
