@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod agent;
+pub mod ambient;
 pub mod apiclient;
 pub mod backoff;
 pub mod config;

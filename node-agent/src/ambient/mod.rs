@@ -1,0 +1,14 @@
+//! Ambient mode (istio/istio `cni/pkg/nodeagent/`): the agent's side of Istio's ambient
+//! data plane, where ztunnel, the node proxy, captures an ambient pod's traffic from
+//! inside the pod's netns, which the agent hands it.
+//!
+//! Built so far, and not yet switched on by any setting:
+//! - [`zds`]: the wire of ZDS, the protocol with ztunnel (messages at upstream's field
+//!   numbers, one per `SOCK_SEQPACKET` packet, the netns in `SCM_RIGHTS`, acks and
+//!   deadlines), tested over `socketpair`.
+//!
+//! Still to come (issue 22): the enrolment decision and watches, the ZDS server and its
+//! snapshot, in-pod and host rules, the plugin-event socket, and validation of each
+//! enrolment in the pod's netns.
+
+pub mod zds;
