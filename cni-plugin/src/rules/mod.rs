@@ -6,8 +6,11 @@
 //! - [`nftables`] builds the same redirection as one nftables transaction, as upstream's
 //!   native nftables backend does (not yet applied by ADD: `native_nftables` is refused);
 //! - [`canon`] reads rules back from `iptables-save` in a canonical form, so that the
-//!   validator can compare what the kernel holds with what we meant.
+//!   validator can compare what the kernel holds with what we meant;
+//! - [`ambient`] builds Istio ambient mode's in-pod and node probe rules for both backends
+//!   (golden-tested against `cni-plugin/tests/conformance/istio-ambient/`; not yet applied).
 
+pub mod ambient;
 pub mod canon;
 pub mod iptables;
 pub mod nft_canon;

@@ -145,37 +145,7 @@ impl NftRuleset {
     /// upstream's goldens print it: per table, `add table`, `flush table`, `add chain`,
     /// then `add rule` / `insert rule … index N`.
     pub fn transaction(&self) -> String {
-        let mut out = String::new();
-        for t in &self.tables {
-            let name = t.name;
-            let _ = writeln!(out, "add table inet {name}");
-            let _ = writeln!(out, "flush table inet {name}");
-            for c in &t.chains {
-                match c.base {
-                    Some(spec) => {
-                        let _ = writeln!(out, "add chain inet {name} {} {{ {spec} ; }}", c.name);
-                    }
-                    None => {
-                        let _ = writeln!(out, "add chain inet {name} {}", c.name);
-                    }
-                }
-            }
-            for r in &t.rules {
-                match r.index {
-                    Some(i) => {
-                        let _ = writeln!(
-                            out,
-                            "insert rule inet {name} {} index {i} {}",
-                            r.chain, r.expr
-                        );
-                    }
-                    None => {
-                        let _ = writeln!(out, "add rule inet {name} {} {}", r.chain, r.expr);
-                    }
-                }
-            }
-        }
-        out
+        transaction_text(&self.tables)
     }
 
     /// What these rules need besides themselves (see [`crate::routing`]).
@@ -646,4 +616,42 @@ fn tproxy_marks(b: &mut Builder, uid: u32, gid: u32) {
         2,
         format!("iifname lo meta l4proto tcp mark != {OUTBOUND_MARK} counter return"),
     );
+}
+
+/// `tables` as one `nft -f` transaction, one command per line, in upstream's order and
+/// spelling: per table `add table`, `flush table` (which keeps the table's sets), `add
+/// chain` (a base chain with its `{ type … hook … priority … ; }`), then `add rule`, or
+/// `insert rule … index N` for a rule with an index. Shared by every builder of ours.
+pub fn transaction_text(tables: &[NftTable]) -> String {
+    let mut out = String::new();
+    for t in tables {
+        let name = t.name;
+        let _ = writeln!(out, "add table inet {name}");
+        let _ = writeln!(out, "flush table inet {name}");
+        for c in &t.chains {
+            match c.base {
+                Some(spec) => {
+                    let _ = writeln!(out, "add chain inet {name} {} {{ {spec} ; }}", c.name);
+                }
+                None => {
+                    let _ = writeln!(out, "add chain inet {name} {}", c.name);
+                }
+            }
+        }
+        for r in &t.rules {
+            match r.index {
+                Some(i) => {
+                    let _ = writeln!(
+                        out,
+                        "insert rule inet {name} {} index {i} {}",
+                        r.chain, r.expr
+                    );
+                }
+                None => {
+                    let _ = writeln!(out, "add rule inet {name} {} {}", r.chain, r.expr);
+                }
+            }
+        }
+    }
+    out
 }

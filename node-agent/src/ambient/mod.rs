@@ -5,10 +5,13 @@
 //! Built so far, and not yet switched on by any setting:
 //! - [`zds`]: the wire of ZDS, the protocol with ztunnel (messages at upstream's field
 //!   numbers, one per `SOCK_SEQPACKET` packet, the netns in `SCM_RIGHTS`, acks and
-//!   deadlines), tested over `socketpair`.
+//!   deadlines), tested over `socketpair`;
+//! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
+//!   connection, deletes to all.
 //!
-//! Still to come (issue 22): the enrolment decision and watches, the ZDS server and its
-//! snapshot, in-pod and host rules, the plugin-event socket, and validation of each
+//! Still to come (issue 22): the enrolment decision and watches, the ZDS listener (socket
+//! `0600` in a root-only dir), in-pod and host rules, the plugin-event socket, and validation of each
 //! enrolment in the pod's netns.
 
+pub mod server;
 pub mod zds;

@@ -197,6 +197,9 @@ pub enum ZdsError {
         /// ztunnel's message.
         error: String,
     },
+    /// A packet while no request was waiting for an answer.
+    #[error("ztunnel sent a message it was not asked for")]
+    Unsolicited,
     /// A response without an answer in it.
     #[error("ztunnel answered {request} with an empty response")]
     EmptyResponse {
@@ -206,8 +209,8 @@ pub enum ZdsError {
 }
 
 /// One ZDS connection with ztunnel: a connected, non-blocking `SOCK_SEQPACKET` socket on
-/// the tokio reactor. Requests are sent one at a time (`&mut self`), as the protocol
-/// wants: each waits for its ack.
+/// the tokio reactor. Its owner sends requests one at a time, as the protocol wants: each
+/// waits for its ack (the server gives each connection one task).
 #[derive(Debug)]
 pub struct ZdsConn {
     fd: AsyncFd<OwnedFd>,
@@ -262,7 +265,7 @@ impl ZdsConn {
     /// Waits at most `timeout` for ztunnel's [`ZdsHello`] and checks that it speaks V1.
     ///
     /// Errors: [`ZdsError::Timeout`], [`ZdsError::Version`], and those of a read.
-    pub async fn hello(&mut self, timeout: Duration) -> Result<(), ZdsError> {
+    pub async fn hello(&self, timeout: Duration) -> Result<(), ZdsError> {
         let hello: ZdsHello = within(timeout, "say hello", self.recv("ZdsHello")).await?;
         if hello.version != Version::V1 as i32 {
             return Err(ZdsError::Version(hello.version));
@@ -276,7 +279,7 @@ impl ZdsConn {
     /// Errors: [`ZdsError::Nack`] with ztunnel's reason, [`ZdsError::Timeout`],
     /// [`ZdsError::EmptyResponse`], and those of a write or read.
     pub async fn request(
-        &mut self,
+        &self,
         request: Request,
         netns: Option<BorrowedFd<'_>>,
         timeout: Duration,
@@ -300,6 +303,17 @@ impl ZdsConn {
                 error,
             }),
             None => Err(ZdsError::EmptyResponse { request: name }),
+        }
+    }
+
+    /// Waits until ztunnel sends something it was not asked for, which ends the
+    /// connection: returns [`ZdsError::Closed`] when ztunnel hangs up, the read's error,
+    /// or [`ZdsError::Unsolicited`] for a packet. Cancel-safe: the idle loop races it with
+    /// the next request.
+    pub async fn unsolicited(&self) -> ZdsError {
+        match self.recv::<WorkloadResponse>("WorkloadResponse").await {
+            Ok(_) => ZdsError::Unsolicited,
+            Err(e) => e,
         }
     }
 
@@ -500,7 +514,7 @@ mod tests {
     #[tokio::test]
     async fn hello_add_with_the_netns_fd_and_ack() {
         let (agent, ztunnel) = pair();
-        let mut conn = ZdsConn::new(agent).unwrap();
+        let conn = ZdsConn::new(agent).unwrap();
         assert_eq!(conn.peer().unwrap().pid, std::process::id() as i32);
         ztunnel_sends(&ztunnel, &[0x08, 0x01], None);
         conn.hello(Duration::from_secs(5)).await.unwrap();
@@ -537,7 +551,7 @@ mod tests {
     async fn nack_timeout_close_and_hostile_packets() {
         // A refusal carries ztunnel's reason.
         let (agent, ztunnel) = pair();
-        let mut conn = ZdsConn::new(agent).unwrap();
+        let conn = ZdsConn::new(agent).unwrap();
         let nack = WorkloadResponse {
             payload: Some(Response::Ack(Ack {
                 error: "no such netns".into(),
