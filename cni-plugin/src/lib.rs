@@ -7,13 +7,15 @@
 //! [`nft`] (nftables) → [`validate`] → result.
 //! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace, and [`lock`] keeps one
 //! writer per netns;
-//! [`plugin`] wires the verbs together.
+//! [`plugin`] wires the verbs together. [`enablement`] decides which pods are in ambient
+//! mode (upstream's enablement selectors; not switched on yet).
 
 #![warn(missing_docs)]
 
 pub mod apply;
 pub mod cni;
 pub mod config;
+pub mod enablement;
 pub mod error;
 pub mod lock;
 pub mod logging;
