@@ -23,6 +23,7 @@ pub mod netns;
 pub mod nft;
 pub mod plan;
 pub mod plugin;
+pub mod pluginevent;
 pub mod pod;
 pub mod redirect;
 pub mod routing;
