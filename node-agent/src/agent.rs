@@ -117,6 +117,18 @@ pub struct Agent {
 /// Longest wait between two failing self-tests.
 pub const SELF_TEST_BACKOFF_MAX: Duration = Duration::from_secs(300);
 
+/// The longest an install pass may legitimately take; one running longer is stuck, and
+/// `/healthz` fails (see [`Readiness::busy`]). A pass reads a few small files (each
+/// bounded, opened non-blocking, so no read can wait), copies at most the plugin binary
+/// ([`install::fsutil::PLUGIN_BINARY_LIMIT`]) and fsyncs a few files: milliseconds on a
+/// healthy node, seconds on a slow disk. 60 s is far beyond that, and well inside what a
+/// liveness probe tolerates before a restart would help.
+pub const INSTALL_PASS_LIMIT: Duration = Duration::from_secs(60);
+
+/// On SIGTERM during a pass, how long the pass may still run before the agent stops
+/// without it (its writes are atomic, so abandoning it leaves no partial file).
+pub const SHUTDOWN_PASS_GRACE: Duration = Duration::from_secs(5);
+
 impl Agent {
     /// An agent for `cfg`, reporting into `readiness` and `metrics`.
     pub fn new(
@@ -146,7 +158,10 @@ impl Agent {
 
     /// Runs until `shutdown` completes. What to remove on exit, and when readiness reports
     /// the agent as stopping, is the caller's decision (see [`crate::upgrade`]): the taint
-    /// controller must be stopped first, or it would report the stop on the node.
+    /// controller must be stopped first, or it would report the stop on the node. A pass
+    /// in progress when `shutdown` completes gets [`SHUTDOWN_PASS_GRACE`] to finish; the
+    /// file I/O of a pass runs off the async runtime, so a slow pass never delays the
+    /// signal handling or the health endpoints.
     ///
     /// Errors: a message when the file watcher cannot be set up.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), String> {
@@ -164,23 +179,44 @@ impl Agent {
         let mut watches = Watches::default();
         watches.update(&mut watcher, &self.watched_dirs());
         tokio::pin!(shutdown);
-        self.pass().await;
-        loop {
+        let mut stopped = self.pass_unless(shutdown.as_mut()).await;
+        while !stopped {
             let wake = self.next_wake();
-            tokio::select! {
-                _ = &mut shutdown => break,
+            stopped = tokio::select! {
+                _ = &mut shutdown => true,
                 Some(()) = rx.recv() => {
                     // Let a burst of writes (a writer that is not atomic) settle.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     while rx.try_recv().is_ok() {}
                     watches.update(&mut watcher, &self.watched_dirs());
-                    self.pass().await;
+                    self.pass_unless(shutdown.as_mut()).await
                 }
-                _ = tokio::time::sleep_until(wake) => self.pass().await,
-            }
+                _ = tokio::time::sleep_until(wake) => self.pass_unless(shutdown.as_mut()).await,
+            };
         }
         drop(watcher);
         Ok(())
+    }
+
+    /// One [`Agent::pass`], unless `shutdown` completes first: then the pass gets
+    /// [`SHUTDOWN_PASS_GRACE`] to finish. Returns whether `shutdown` completed.
+    async fn pass_unless<F: Future<Output = ()>>(
+        &mut self,
+        shutdown: std::pin::Pin<&mut F>,
+    ) -> bool {
+        let pass = self.pass();
+        tokio::pin!(pass);
+        tokio::select! {
+            () = &mut pass => false,
+            () = shutdown => {
+                if tokio::time::timeout(SHUTDOWN_PASS_GRACE, pass).await.is_err() {
+                    log::warn!(
+                        "stopping without waiting for the pass in progress (still running after {SHUTDOWN_PASS_GRACE:?})"
+                    );
+                }
+                true
+            }
+        }
     }
 
     fn watched_dirs(&self) -> Vec<PathBuf> {
@@ -209,6 +245,9 @@ impl Agent {
         }
         let cfg = self.cfg.clone();
         let mut cache = std::mem::take(&mut self.cache);
+        let busy = self
+            .readiness
+            .busy("install", "an install pass", INSTALL_PASS_LIMIT);
         let (outcome, cache) = tokio::task::spawn_blocking(move || {
             let outcome = install::install_once(&cfg, &mut cache);
             (outcome, cache)
@@ -223,6 +262,7 @@ impl Agent {
             (Err(err), InstallCache::default())
         });
         self.cache = cache;
+        drop(busy);
         self.metrics
             .install_attempts
             .get_or_create(&Outcome::of(outcome.is_ok()))
@@ -306,9 +346,13 @@ impl Agent {
             return;
         };
         let (entry, work) = (self.cfg.plugin_entry(), self.cfg.agent_run_dir.clone());
+        let busy = self
+            .readiness
+            .busy("self-test", "the self-test", selftest::time_limit(&entry));
         let result = tokio::task::spawn_blocking(move || selftest::run(&host, &entry, &work))
             .await
             .unwrap_or_else(|e| Err(selftest::SelfTestError::Setup(e.to_string())));
+        drop(busy);
         self.metrics
             .self_test_runs
             .get_or_create(&Outcome::of(result.is_ok()))

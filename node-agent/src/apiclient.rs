@@ -136,10 +136,23 @@ async fn build(
     kubeconfig_override: Option<&Path>,
 ) -> Result<Clients, ApiClientError> {
     let kc = match kubeconfig_override {
-        Some(path) => Kubeconfig::read_from(path).map_err(|e| ApiClientError::Kubeconfig {
-            path: path.into(),
-            reason: e.to_string(),
-        })?,
+        // Read as every file the agent reads: non-blocking, a regular file only, bounded
+        // (`install::fsutil`); off the runtime's threads.
+        Some(path) => {
+            let owned = path.to_owned();
+            tokio::task::spawn_blocking(move || {
+                crate::install::kubeconfig::load_agent_kubeconfig(&owned)
+            })
+            .await
+            .map_err(|e| ApiClientError::Kubeconfig {
+                path: path.into(),
+                reason: e.to_string(),
+            })?
+            .map_err(|e| ApiClientError::Kubeconfig {
+                path: path.into(),
+                reason: e.to_string(),
+            })?
+        }
         None => in_cluster(cfg)?,
     };
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())

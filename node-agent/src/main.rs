@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use istio_cni_node_agent::agent::{Agent, RunOptions};
+use istio_cni_node_agent::backoff::Backoff;
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::events::Events;
 use istio_cni_node_agent::metrics::Metrics;
@@ -162,6 +163,8 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     };
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
+    let uses_api = run.node_name.is_some() && (run.taint_enabled || run.repair_enabled)
+        || run.cleanup_on_exit && run.pod_name.is_some();
     let opts = RunOptions {
         self_test: args.self_test_view(),
         resync: Duration::from_secs(run.resync_seconds.max(1)),
@@ -210,6 +213,26 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         );
         // One API client for the whole process, built on first use.
         let api = apiclient::ApiClient::new(&cfg, run.kubeconfig.as_deref());
+        // The loops that use the API start once its credentials are known to be safe to
+        // read (see `api_credentials`).
+        let (gate, gate_open) = tokio::sync::watch::channel(!uses_api);
+        let gate_task = uses_api.then(|| {
+            tokio::spawn(api_credentials(
+                run.kubeconfig.clone(),
+                api.clone(),
+                readiness.clone(),
+                gate,
+            ))
+        });
+        type Loop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let after_gate = |task: Loop| {
+            let mut open = gate_open.clone();
+            tokio::spawn(async move {
+                if open.wait_for(|o| *o).await.is_ok() {
+                    task.await;
+                }
+            })
+        };
         let events = Arc::new(Events::new(
             api.clone(),
             run.node_name.as_deref().unwrap_or("unknown-node"),
@@ -235,7 +258,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         };
         let taint_task = taint
             .clone()
-            .map(|t| tokio::spawn(async move { t.run_shared().await }));
+            .map(|t| after_gate(Box::pin(async move { t.run_shared().await })));
         let repair_task = match (&run.node_name, run.repair_enabled) {
             (Some(node), true) => {
                 let repair = RepairController::new(
@@ -245,7 +268,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                     readiness.clone(),
                     metrics.clone(),
                 );
-                Some(tokio::spawn(repair.run()))
+                Some(after_gate(Box::pin(repair.run())))
             }
             (None, true) => {
                 log::warn!("no --node-name: the repair loop is off");
@@ -257,28 +280,54 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         let outcome = agent.run(shutdown).await;
         // Stop in order: the loops that write to the API first (and wait until they are
         // gone), only then report "stopping". Otherwise the taint controller could see the
-        // agent go not ready and write IstioCNIReady=False during an upgrade.
-        for task in [taint_task, repair_task].into_iter().flatten() {
+        // agent go not ready and write IstioCNIReady=False during an upgrade. A loop
+        // stuck inside a blocking call cannot be aborted: it is waited for a bounded time,
+        // and left behind (the runtime's shutdown does not wait for it either).
+        let loops = [
+            ("api-credentials", gate_task),
+            ("taint", taint_task),
+            ("repair", repair_task),
+        ];
+        for (name, task) in loops {
+            let Some(mut task) = task else { continue };
             task.abort();
-            let _ = task.await;
+            if tokio::time::timeout(LOOP_STOP_TIMEOUT, &mut task)
+                .await
+                .is_err()
+            {
+                log::warn!(
+                    "the {name} loop did not stop within {LOOP_STOP_TIMEOUT:?}; going on without it"
+                );
+            }
         }
         readiness.set_stopping();
         if let Some(path) = sink {
             let _ = std::fs::remove_file(path);
         }
         outcome?;
-        match on_exit(&api, args, run).await {
+        let api_usable = *gate_open.borrow();
+        match on_exit(&api, api_usable, args, run).await {
             OnExit::Keep(why) => log::info!("keeping the plugin installed: {why}"),
             OnExit::Cleanup(why) => {
                 log::info!("removing the plugin: {why}");
-                if let Some(t) = &taint {
-                    let tainted =
-                        tokio::time::timeout(Duration::from_secs(5), t.taint_on_exit(&why)).await;
-                    match tainted {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => log::warn!("tainting the node on exit: {e}"),
-                        Err(_) => log::warn!("tainting the node on exit: no answer within 5s"),
+                match taint.clone() {
+                    Some(_) if !api_usable => log::warn!(
+                        "not tainting the node on exit: the agent's API credentials cannot be \
+                         used (see /readyz)"
+                    ),
+                    Some(t) => {
+                        // On its own task, so that even a call that blocks its thread
+                        // cannot hold up the exit past the timeout.
+                        let why = why.clone();
+                        let call = tokio::spawn(async move { t.taint_on_exit(&why).await });
+                        match tokio::time::timeout(Duration::from_secs(5), call).await {
+                            Ok(Ok(Ok(()))) => {}
+                            Ok(Ok(Err(e))) => log::warn!("tainting the node on exit: {e}"),
+                            Ok(Err(e)) => log::warn!("tainting the node on exit: {e}"),
+                            Err(_) => log::warn!("tainting the node on exit: no answer within 5s"),
+                        }
                     }
+                    None => {}
                 }
                 let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
                     .await
@@ -289,6 +338,9 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         }
         Ok(())
     });
+    // Whatever is still running (a blocking task that never returned) must not keep the
+    // process from exiting: the kubelet would SIGKILL it after the grace period.
+    rt.shutdown_timeout(RUNTIME_STOP_TIMEOUT);
     match outcome {
         Ok(_) => {
             log::info!("stopped");
@@ -329,29 +381,120 @@ fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> Rep
     }
 }
 
+/// How long each loop may take to stop on SIGTERM (an aborted task stops at its next
+/// await; only one stuck in a blocking call takes longer).
+const LOOP_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the async runtime may take to shut down after everything else is done.
+const RUNTIME_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long building the API client may take before it counts as stuck on `/healthz`:
+/// it reads a few small files and sets up TLS, without network I/O (milliseconds).
+const API_CLIENT_BUILD_LIMIT: Duration = Duration::from_secs(60);
+
+/// Checks the agent's own API credentials before the API loops read them through `kube`
+/// (which reads files without bound, and blocks on a FIFO), then builds the API client
+/// under a liveness bound, until that succeeds.
+///
+/// With `--kubeconfig`, the file and every file it names are checked by
+/// [`install::kubeconfig::load_agent_kubeconfig`] (regular files within their limits,
+/// read non-blocking): while that fails, `/readyz` says why (`api: ...`) and it is checked
+/// again with backoff (1 s doubling to 60 s), so a fixed file is picked up. The first
+/// success opens `gate` (the taint and repair loops wait for it). In-cluster credentials
+/// are read the same bounded way by the client's own build. Building the client is
+/// marked busy for [`API_CLIENT_BUILD_LIMIT`], so a build stuck on a file that changed
+/// after the check makes `/healthz` fail; a failed build is tried again with the same
+/// backoff (the loops log their own failures).
+async fn api_credentials(
+    kubeconfig: Option<std::path::PathBuf>,
+    api: apiclient::ApiClient,
+    readiness: Arc<Readiness>,
+    gate: tokio::sync::watch::Sender<bool>,
+) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        if let Some(path) = &kubeconfig {
+            let file = path.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                install::kubeconfig::load_agent_kubeconfig(&file).map(drop)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(install::kubeconfig::KubeconfigError::Invalid {
+                    path: path.clone(),
+                    reason: format!("the check did not complete: {e}"),
+                })
+            });
+            if let Err(e) = checked {
+                let delay = backoff.next_delay();
+                log::warn!(
+                    "--kubeconfig cannot be used: {e}; the taint and repair loops wait for it (checking again in {delay:?})"
+                );
+                readiness.set_api(Some(e.to_string()));
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            readiness.set_api(None);
+        }
+        gate.send_replace(true);
+        let busy = readiness.busy(
+            "api-client",
+            "building the API client",
+            API_CLIENT_BUILD_LIMIT,
+        );
+        let built = api.get().await;
+        drop(busy);
+        match built {
+            Ok(_) => return,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                log::debug!("API client: {e}; building it again in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
 /// Whether to remove the plugin now that the agent stops: never with
 /// `--cleanup-on-exit=false`; as the API says (see [`upgrade`]) when the agent knows its pod
-/// name; else (outside a cluster) yes.
-async fn on_exit(api: &apiclient::ApiClient, args: &AgentArgs, run: &RunArgs) -> OnExit {
+/// name and its API credentials passed their checks (`api_usable`), keep when they did
+/// not; else (outside a cluster) yes. Takes at most 10 s in all.
+async fn on_exit(
+    api: &apiclient::ApiClient,
+    api_usable: bool,
+    args: &AgentArgs,
+    run: &RunArgs,
+) -> OnExit {
     if !run.cleanup_on_exit {
         return OnExit::Keep("--cleanup-on-exit=false".into());
     }
     let Some(pod) = &run.pod_name else {
         return OnExit::Cleanup("no --pod-name: not running as a DaemonSet pod".into());
     };
-    let client = match api.get().await {
-        Ok(c) => c,
-        Err(e) => {
-            return OnExit::Keep(format!(
-                "no API client to ask whether this is an upgrade: {e}"
-            ))
-        }
-    };
-    // Well inside the pod's termination grace period (30 s by default).
+    if !api_usable {
+        return OnExit::Keep(
+            "the agent's API credentials cannot be used (see /readyz), so the API cannot say \
+             whether this is an upgrade"
+                .into(),
+        );
+    }
+    // Well inside the pod's termination grace period (30 s by default). On its own task,
+    // so that even a call that blocks its thread cannot hold up the exit past it.
     let deadline = Duration::from_secs(10);
-    tokio::time::timeout(deadline, upgrade::decide(client, &args.pod_namespace, pod))
-        .await
-        .unwrap_or_else(|_| OnExit::Keep(format!("the API did not answer within {deadline:?}")))
+    let (api, namespace, pod) = (api.clone(), args.pod_namespace.clone(), pod.clone());
+    let ask = tokio::spawn(async move {
+        match api.get().await {
+            Ok(client) => upgrade::decide(client, &namespace, &pod).await,
+            Err(e) => OnExit::Keep(format!(
+                "no API client to ask whether this is an upgrade: {e}"
+            )),
+        }
+    });
+    match tokio::time::timeout(deadline, ask).await {
+        Ok(Ok(decided)) => decided,
+        Ok(Err(e)) => OnExit::Keep(format!("asking the API whether this is an upgrade: {e}")),
+        Err(_) => OnExit::Keep(format!("the API did not answer within {deadline:?}")),
+    }
 }
 
 /// Registers the SIGTERM (the kubelet stopping the pod) and SIGINT handlers now, before

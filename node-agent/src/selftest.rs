@@ -13,7 +13,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::os::fd::{AsFd as _, AsRawFd as _, RawFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::os::unix::process::CommandExt as _;
@@ -35,6 +35,33 @@ pub const POD_NAME: &str = "self-test";
 /// services (`systemd.exec(5)`, "Environment variables in spawned processes"), which is
 /// what a containerd or CRI-O started by systemd has and hands to its CNI plugins.
 pub const DEFAULT_HOST_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How much longer than the plugin's own validation probe timeout (`validation.timeout_ms`
+/// of the entry, at most 60 s) one verb of the self-test may take before the plugin is
+/// killed and the self-test fails: the probe is the only long wait of a verb, the rest
+/// (reading the pod file, writing and reading back rules) takes milliseconds.
+pub const VERB_TIMEOUT_MARGIN: Duration = Duration::from_secs(30);
+
+/// How long one verb may take with `entry`: its validation probe timeout plus
+/// [`VERB_TIMEOUT_MARGIN`].
+pub fn verb_timeout(entry: &Map<String, Value>) -> Duration {
+    let probe_ms = entry
+        .get("validation")
+        .and_then(|v| v.get("timeout_ms"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Duration::from_millis(probe_ms) + VERB_TIMEOUT_MARGIN
+}
+
+/// The longest a whole self-test with `entry` can take: three verbs of at most
+/// [`verb_timeout`] each, and 30 s for the scratch netns and the leftover checks. Used as
+/// its liveness bound: a self-test running longer is stuck.
+pub fn time_limit(entry: &Map<String, Value>) -> Duration {
+    3 * verb_timeout(entry) + Duration::from_secs(30)
+}
+
+/// The most bytes kept of the plugin's stdout or stderr (the rest is read and dropped).
+const OUTPUT_LIMIT: u64 = 1 << 20;
 
 /// How the node's runtime runs the plugin, which the self-test reproduces.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +115,11 @@ pub enum SelfTestError {
 
 /// Runs the self-test of the plugin installed as `host` sees it, with our chain `entry`,
 /// keeping its pod file in `work_dir` while it runs. `work_dir` must be the same path on
-/// the host and in the agent (the agent run dir is). Returns how long it took.
+/// the host and in the agent (the agent run dir is). Each verb that takes longer than
+/// [`verb_timeout`] is killed and fails the test, so the whole takes at most
+/// [`time_limit`]. The pod file and the container ID are unique to this run (PID and
+/// random bits), so two agents self-testing at once (an upgrade) never share them.
+/// Returns how long it took.
 ///
 /// Errors: [`SelfTestError`] saying which step failed and why.
 pub fn run(
@@ -112,6 +143,12 @@ pub fn run(
     let conf = Value::Object(conf).to_string();
     let runtime = Runtime {
         host,
+        timeout: verb_timeout(entry),
+        container_id: format!(
+            "istio-cni-self-test-{}-{:016x}",
+            std::process::id(),
+            crate::install::fsutil::random_u64()
+        ),
         mount_ns: mount_ns.as_ref().map(|f| f.as_raw_fd()),
         netns: scratch.netns().as_fd().as_raw_fd(),
     };
@@ -158,11 +195,26 @@ pub fn synthetic_pod() -> Value {
 struct PodFile(PathBuf);
 
 impl PodFile {
+    /// A new file in `dir`, under a name no other writer uses (removed on drop, and only
+    /// by us).
     fn write(dir: &Path) -> Result<PodFile, SelfTestError> {
-        let path = dir.join(format!(".istio-cni-self-test-{}.json", std::process::id()));
-        std::fs::write(&path, synthetic_pod().to_string())
-            .map_err(|e| SelfTestError::Setup(format!("writing {}: {e}", path.display())))?;
-        Ok(PodFile(path))
+        let path = dir.join(format!(
+            ".istio-cni-self-test-{}-{:016x}.json",
+            std::process::id(),
+            crate::install::fsutil::random_u64()
+        ));
+        let fail =
+            |e: std::io::Error| SelfTestError::Setup(format!("writing {}: {e}", path.display()));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&path)
+            .map_err(fail)?;
+        let pod = PodFile(path.clone());
+        file.write_all(synthetic_pod().to_string().as_bytes())
+            .map_err(fail)?;
+        Ok(pod)
     }
 }
 
@@ -203,6 +255,10 @@ fn open_mount_ns(path: &Path) -> Result<File, SelfTestError> {
 /// The plugin's execution as the runtime does it: see [`HostView`].
 struct Runtime<'a> {
     host: &'a HostView,
+    /// How long one verb may take (see [`verb_timeout`]).
+    timeout: Duration,
+    /// `CNI_CONTAINERID`, unique to this run.
+    container_id: String,
     /// The node's mount namespace, entered by the child before exec.
     mount_ns: Option<RawFd>,
     /// The scratch netns, inherited by the plugin as `CNI_NETNS=/proc/self/fd/N`: that path
@@ -233,10 +289,7 @@ impl Runtime<'_> {
         cmd.env_clear()
             .env("PATH", &self.host.path)
             .env("CNI_COMMAND", verb)
-            .env(
-                "CNI_CONTAINERID",
-                format!("istio-cni-self-test-{}", std::process::id()),
-            )
+            .env("CNI_CONTAINERID", &self.container_id)
             .env("CNI_NETNS", format!("/proc/self/fd/{}", self.netns))
             .env("CNI_IFNAME", "eth0")
             .env(
@@ -273,18 +326,108 @@ impl Runtime<'_> {
                 _ => {}
             }
         }
-        let out = child.wait_with_output().map_err(spawn_err)?;
-        if out.status.success() {
+        // Read both pipes on threads, so that a chatty plugin never blocks on a full
+        // pipe while we wait for it.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.by_ref().take(OUTPUT_LIMIT).read_to_end(&mut kept);
+                    let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+                }
+                kept
+            })
+        };
+        let stdout = drain(
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let stderr = drain(
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        );
+        let deadline = Instant::now() + self.timeout;
+        let status = loop {
+            match child.try_wait().map_err(spawn_err)? {
+                Some(status) => break status,
+                None if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    // The drain threads end when the plugin's children close the pipes.
+                    return Err(SelfTestError::Verb {
+                        verb,
+                        exit: -1,
+                        msg: format!(
+                            "{} did not finish within {:?} (its validation timeout plus {:?}); killed it",
+                            plugin.display(),
+                            self.timeout,
+                            VERB_TIMEOUT_MARGIN
+                        ),
+                    });
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        };
+        let stdout = stdout.join().unwrap_or_default();
+        let stderr = stderr.join().unwrap_or_default();
+        if status.success() {
             return Ok(());
         }
-        let msg = serde_json::from_slice::<Value>(&out.stdout)
+        let msg = serde_json::from_slice::<Value>(&stdout)
             .ok()
             .and_then(|e| e.get("msg").and_then(Value::as_str).map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&out.stderr).trim().to_owned());
+            .unwrap_or_else(|| String::from_utf8_lossy(&stderr).trim().to_owned());
         Err(SelfTestError::Verb {
             verb,
-            exit: out.status.code().unwrap_or(-1),
+            exit: status.code().unwrap_or(-1),
             msg,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn a_hung_plugin_is_killed_after_the_verb_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join(crate::install::PLUGIN_BINARY);
+        std::fs::write(&plugin, "#!/bin/sh\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host = HostView {
+            mount_ns: None,
+            cni_bin_dir: dir.path().into(),
+            path: "/usr/bin:/bin".into(),
+        };
+        let netns = File::open("/dev/null").unwrap();
+        let runtime = Runtime {
+            host: &host,
+            timeout: Duration::from_millis(300),
+            container_id: "c".into(),
+            mount_ns: None,
+            netns: netns.as_raw_fd(),
+        };
+        let start = Instant::now();
+        let e = runtime.exec("ADD", "{}").unwrap_err().to_string();
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            e.contains("did not finish within 300ms") && e.contains("killed"),
+            "{e}"
+        );
+
+        let entry = serde_json::json!({"validation": {"timeout_ms": 60000}});
+        let entry = entry.as_object().unwrap();
+        assert_eq!(verb_timeout(entry), Duration::from_secs(90));
+        assert_eq!(time_limit(entry), Duration::from_secs(300));
     }
 }

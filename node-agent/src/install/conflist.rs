@@ -38,6 +38,15 @@ pub enum ConfError {
         /// What is missing.
         reason: String,
     },
+    /// The file cannot be read: not a regular file, larger than
+    /// [`super::fsutil::CONF_LIMIT`], or an I/O error. Skipped like an invalid one.
+    #[error("{reason}")]
+    Unreadable {
+        /// The file name.
+        file: String,
+        /// The reader's message, naming the file's path and what is wrong.
+        reason: String,
+    },
 }
 
 /// Whether a file is a single plugin's config or a list.

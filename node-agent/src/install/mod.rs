@@ -5,13 +5,17 @@ pub mod conflist;
 pub mod fsutil;
 pub mod kubeconfig;
 
-use std::io;
+use std::io::{self, Seek as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
 use self::conflist::{ConfError, PLUGIN_TYPE};
-use self::fsutil::{has_content, mode_of, remove_stale_temps, write_atomic};
+use self::fsutil::{
+    has_content, mode_of, remove_stale_temps, write_atomic, write_atomic_with, ReadError,
+    CONF_LIMIT, PLUGIN_BINARY_LIMIT,
+};
 use self::kubeconfig::{KubeconfigError, KUBECONFIG_FILE};
 
 /// Name of the plugin binary in the CNI bin dir.
@@ -167,6 +171,10 @@ pub enum InstallError {
         /// The plugin parser's message.
         reason: String,
     },
+    /// A file to read is not a regular file, is larger than its limit, or cannot be read
+    /// (the message names it).
+    #[error(transparent)]
+    Read(#[from] ReadError),
     /// A file operation failed.
     #[error("cannot {what} {}: {source}{}", .path.display(), read_only_hint(.source))]
     Io {
@@ -189,6 +197,7 @@ impl InstallError {
         Some(match self {
             InstallError::NoPrimary { .. } => return None,
             InstallError::Kubeconfig(_) => "CREATE_KUBECONFIG_FAILURE",
+            InstallError::Read(e) if e.path() == cfg.plugin_bin => "COPY_BINARIES_FAILURE",
             InstallError::Io { path, .. }
                 if path.starts_with(&cfg.bin_dir) || *path == cfg.plugin_bin =>
             {
@@ -200,6 +209,7 @@ impl InstallError {
             InstallError::BadConf(_)
             | InstallError::NamedConfMissing { .. }
             | InstallError::InvalidEntry { .. }
+            | InstallError::Read(_)
             | InstallError::Io { .. } => "CREATE_CNI_CONFIG_FAILURE",
         })
     }
@@ -241,8 +251,8 @@ pub struct Installed {
     pub changes: Vec<String>,
 }
 
-/// What earlier passes verified, so that a pass does not re-read the plugin binary (tens
-/// of megabytes) when neither it nor the installed copy changed. `Default` for a first or
+/// What earlier passes verified, so that a pass does not re-read the plugin binary (up to
+/// [`PLUGIN_BINARY_LIMIT`]) when neither it nor the installed copy changed. `Default` for a first or
 /// single pass.
 #[derive(Debug, Clone, Default)]
 pub struct InstallCache {
@@ -261,7 +271,8 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 }
 
 /// One install pass: checks our entry with the plugin's own parser ([`InstallConfig::validate_entry`];
-/// nothing is written when it fails), removes stale temp files, writes the kubeconfig (unless identical),
+/// nothing is written when it fails), removes stale temp files of writers that are gone, writes the
+/// kubeconfig (unless identical),
 /// chains our entry into the primary config (or writes the standalone config), and
 /// installs the binary (unless identical). When a binary is already installed, the
 /// config goes first, so that a rewrite of the primary config is undone without waiting
@@ -276,9 +287,19 @@ pub fn install_once(
     // Before any write: an entry the plugin would reject must not half-install.
     cfg.validate_entry()?;
     let mut changes = Vec::new();
-    for dir in [&cfg.bin_dir, &cfg.conf_dir] {
-        for stale in remove_stale_temps(dir).map_err(io_err("read", dir))? {
-            changes.push(format!("removed stale temp file {}", stale.display()));
+    // Only temp files whose writer is gone (see `fsutil`): another agent writing here at
+    // the same time (an upgrade) keeps its own.
+    for dir in [&cfg.bin_dir, &cfg.conf_dir, &cfg.agent_run_dir] {
+        let stale = match remove_stale_temps(dir) {
+            Ok(stale) => stale,
+            // The run dir is created below, on the first install.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && *dir == cfg.agent_run_dir => {
+                Vec::new()
+            }
+            Err(e) => return Err(io_err("read", dir)(e)),
+        };
+        for file in stale {
+            changes.push(format!("removed stale temp file {}", file.display()));
         }
     }
     let kubeconfig = cfg.kubeconfig_path();
@@ -313,6 +334,8 @@ pub fn install_once(
     })
 }
 
+/// Installs `cfg.plugin_bin` as `binary` unless identical: the source is opened as a
+/// regular file of at most [`PLUGIN_BINARY_LIMIT`], compared and copied in chunks.
 fn install_binary(
     cfg: &InstallConfig,
     binary: &Path,
@@ -323,11 +346,17 @@ fn install_binary(
     if stamps.is_some() && stamps == cache.binary {
         return Ok(());
     }
-    let content = std::fs::read(&cfg.plugin_bin)
-        .map_err(io_err("read the plugin binary", &cfg.plugin_bin))?;
-    if !has_content(binary, &content) {
-        write_atomic(binary, &content, 0o755)
-            .map_err(io_err("install the plugin binary as", binary))?;
+    let source = &cfg.plugin_bin;
+    let (mut src, meta) = fsutil::open_regular(source, PLUGIN_BINARY_LIMIT)?;
+    let same = fsutil::same_as(binary, &mut src, meta.len())
+        .map_err(io_err("read the plugin binary", source))?;
+    if !same {
+        src.rewind()
+            .map_err(io_err("read the plugin binary", source))?;
+        write_atomic_with(binary, 0o755, |out| {
+            fsutil::copy_limited(&mut src, out, source, PLUGIN_BINARY_LIMIT).map(drop)
+        })
+        .map_err(io_err("install the plugin binary as", binary))?;
         changes.push(format!("installed {}", binary.display()));
     }
     cache.binary = stamp(&cfg.plugin_bin).zip(stamp(binary));
@@ -351,10 +380,26 @@ fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBu
         }
         return Ok(path);
     }
-    let files = read_conf_dir(&cfg.conf_dir)?;
+    let mut files = Vec::new();
+    let mut modes = Vec::new();
+    let mut names = Vec::new();
+    let mut unreadable = Vec::new();
+    for (name, read) in read_conf_entries(&cfg.conf_dir)? {
+        names.push(name.clone());
+        match read {
+            Ok((content, mode)) => {
+                files.push((name, content));
+                modes.push(mode);
+            }
+            Err(e) => unreadable.push(ConfError::Unreadable {
+                file: name,
+                reason: e.to_string(),
+            }),
+        }
+    }
     if let Some(name) = cfg.conf_name.as_deref() {
         let sibling = conflist::sibling(name);
-        let present = |n: &str| files.iter().any(|(f, _)| f == n);
+        let present = |n: &str| names.iter().any(|f| f == n);
         if !present(name) && !sibling.as_deref().is_some_and(present) {
             return Err(InstallError::NamedConfMissing {
                 dir: cfg.conf_dir.clone(),
@@ -363,8 +408,10 @@ fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBu
             });
         }
     }
+    // Unreadable files are skipped like invalid ones, and named when nothing is left.
     let (i, _skipped) =
-        conflist::pick_primary(&files, cfg.conf_name.as_deref()).map_err(|skipped| {
+        conflist::pick_primary(&files, cfg.conf_name.as_deref()).map_err(|mut skipped| {
+            skipped.extend(unreadable);
             InstallError::NoPrimary {
                 dir: cfg.conf_dir.clone(),
                 skipped,
@@ -376,52 +423,77 @@ fn write_config(cfg: &InstallConfig, changes: &mut Vec<String>) -> Result<PathBu
         return Ok(primary);
     };
     let target = cfg.conf_dir.join(&chained.file);
-    let mode = mode_of(&primary).unwrap_or(CONF_MODE);
-    write_atomic(&target, &chained.content, mode).map_err(io_err("write", &target))?;
+    // The mode the primary had when read: it may be gone by now (another agent replaced
+    // a `.conf` primary with its `.conflist`).
+    write_atomic(&target, &chained.content, modes[i]).map_err(io_err("write", &target))?;
     changes.push(format!("chained istio-cni into {}", target.display()));
     if let Some(old) = chained.replaces {
         let old = cfg.conf_dir.join(old);
-        std::fs::remove_file(&old).map_err(io_err("remove the replaced config", &old))?;
-        changes.push(format!(
-            "removed {} (now {})",
-            old.display(),
-            target.display()
-        ));
+        match std::fs::remove_file(&old) {
+            Ok(()) => changes.push(format!(
+                "removed {} (now {})",
+                old.display(),
+                target.display()
+            )),
+            // Another agent chaining at the same time (a rolling upgrade) replaced it
+            // already: what this pass wanted.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove the replaced config", &old)(e)),
+        }
     }
     Ok(target)
 }
 
-/// The network configuration files of `dir` (name, content), unsorted. Files that vanish
-/// while being read are skipped.
+/// The network configuration files of `dir` (name, content), unsorted, each read as
+/// [`fsutil::read_limited`] does (a regular file of at most [`CONF_LIMIT`]). Files that
+/// vanish while being read, or cannot be read, are skipped.
 ///
 /// Errors: [`InstallError::Io`] when `dir` cannot be read.
 pub fn read_conf_dir(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, InstallError> {
+    Ok(read_conf_entries(dir)?
+        .into_iter()
+        .filter_map(|(name, read)| read.ok().map(|(content, _)| (name, content)))
+        .collect())
+}
+
+/// The candidate network configuration files of `dir` (by extension; not directories,
+/// nor files that vanished while being read): name, and content and permission bits or
+/// why the file could not be read.
+type ConfEntries = Vec<(String, Result<(Vec<u8>, u32), ReadError>)>;
+
+fn read_conf_entries(dir: &Path) -> Result<ConfEntries, InstallError> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(io_err("read", dir))? {
         let entry = entry.map_err(io_err("read", dir))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if conflist::shape_of(&name).is_none() || !entry.path().is_file() {
+        // As libcni's `ConfFiles`: by extension, directories skipped.
+        if conflist::shape_of(&name).is_none() || entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        if let Ok(content) = std::fs::read(entry.path()) {
-            out.push((name, content));
+        match fsutil::read_limited_meta(&entry.path(), CONF_LIMIT) {
+            Ok((content, meta)) => {
+                out.push((name, Ok((content, meta.permissions().mode() & 0o7777))));
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => out.push((name, Err(e))),
         }
     }
     Ok(out)
 }
 
 /// One removal pass: our entry out of every list in the conf dir (or the standalone
-/// config removed), then the kubeconfig and the binary. Missing pieces are fine.
+/// config removed), then the kubeconfig, the binary and the plugin's netns lock file.
+/// Missing pieces are fine.
 ///
 /// Errors: [`InstallError::Io`] of the first removal that failed for another reason
 /// than the file being gone.
 pub fn uninstall_once(cfg: &InstallConfig) -> Result<Vec<String>, InstallError> {
     let mut changes = Vec::new();
     if cfg.chained {
-        for (name, content) in read_conf_dir(&cfg.conf_dir)? {
+        for (name, read) in read_conf_entries(&cfg.conf_dir)? {
+            let Ok((content, mode)) = read else { continue };
             if let Some(without) = conflist::unchain(&name, &content) {
                 let path = cfg.conf_dir.join(&name);
-                let mode = mode_of(&path).unwrap_or(CONF_MODE);
                 write_atomic(&path, &without, mode).map_err(io_err("write", &path))?;
                 changes.push(format!("removed istio-cni from {}", path.display()));
             }
