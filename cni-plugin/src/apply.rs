@@ -273,8 +273,11 @@ pub fn apply(inside: &Inside<'_>, xt: &Xtables, ruleset: &Ruleset) -> Result<(),
         xt.binaries(f.family)?.write(inside, f)?;
     }
     // iptables-restore leaves a table's flags alone: a dormant nat table (iptables-nft)
-    // would keep every rule just written from taking effect.
-    crate::nft::wake_dormant(inside, |t| is_table_of(ruleset, t))?;
+    // would keep every rule just written from taking effect. (Legacy rules live in
+    // x_tables, which nf_tables' flags do not touch.)
+    if xt.backend() != Backend::Legacy {
+        crate::nft::wake_dormant(inside, |t| is_table_of(ruleset, t))?;
+    }
     crate::routing::apply(inside, ruleset).map_err(ApplyError::Routing)
 }
 

@@ -94,12 +94,42 @@ impl NetnsLock {
     /// Errors: [`LockError::Open`], [`LockError::Busy`] after `wait`,
     /// [`LockError::Fcntl`].
     pub fn acquire(dir: &Path, id: NetnsId, wait: Duration) -> Result<NetnsLock, LockError> {
+        Self::take(dir, id, wait, true)
+    }
+
+    /// [`NetnsLock::acquire`] for DEL, which writes nothing on the node: neither the
+    /// directory nor the file is created (then no ADD can hold the lock either).
+    ///
+    /// Errors: as [`NetnsLock::acquire`]; [`LockError::Open`] when the file is missing.
+    pub fn acquire_existing(
+        dir: &Path,
+        id: NetnsId,
+        wait: Duration,
+    ) -> Result<NetnsLock, LockError> {
+        Self::take(dir, id, wait, false)
+    }
+
+    /// Checks that the lock file can be opened (created if need be) as ADD opens it, for
+    /// STATUS: a node whose run dir cannot hold it runs ADD without the lock.
+    ///
+    /// Errors: [`LockError::Open`].
+    pub fn check(dir: &Path) -> Result<(), LockError> {
+        Self::open(dir, true).map(drop)
+    }
+
+    fn take(dir: &Path, id: NetnsId, wait: Duration, create: bool) -> Result<NetnsLock, LockError> {
+        let path = dir.join(LOCK_FILE);
+        let file = Self::open(dir, create)?;
+        Self::lock(file, path, id, wait)
+    }
+
+    fn open(dir: &Path, create: bool) -> Result<File, LockError> {
         let path = dir.join(LOCK_FILE);
         let open_err = |reason: String| LockError::Open {
             path: path.clone(),
             reason,
         };
-        if !dir.is_dir() {
+        if create && !dir.is_dir() {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -109,7 +139,7 @@ impl NetnsLock {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(true)
+            .create(create)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
@@ -118,6 +148,15 @@ impl NetnsLock {
         if !meta.is_file() {
             return Err(open_err("not a regular file".into()));
         }
+        Ok(file)
+    }
+
+    fn lock(
+        file: File,
+        path: PathBuf,
+        id: NetnsId,
+        wait: Duration,
+    ) -> Result<NetnsLock, LockError> {
         let start = Instant::now();
         let mut pause = Duration::from_millis(1);
         loop {

@@ -274,9 +274,20 @@ fn u32_at(b: &[u8], i: usize) -> Option<u32> {
 ///
 /// Errors: the socket's error, an error acknowledgement (as the errno), or a malformed
 /// message.
-fn receive(
+fn receive(sock: &netlink_sys::Socket, seq: u32, each: impl FnMut(&[u8])) -> std::io::Result<()> {
+    receive_batch(sock, seq..=seq, seq, each)
+}
+
+/// [`receive`] for a batch whose messages carry the sequence numbers `batch`: an error
+/// acknowledgement for any of them fails it (the kernel answers a failed commit, or a
+/// refused batch header, on the batch's first message), and it is done at the
+/// acknowledgement (or end of dump) of `done`.
+///
+/// Errors: as [`receive`].
+fn receive_batch(
     sock: &netlink_sys::Socket,
-    seq: u32,
+    batch: std::ops::RangeInclusive<u32>,
+    done: u32,
     mut each: impl FnMut(&[u8]),
 ) -> std::io::Result<()> {
     loop {
@@ -291,19 +302,25 @@ fn receive(
             }
             let msg = &buf[off..off + len];
             off += (len + 3) & !3;
-            if msg_seq != seq {
+            if !batch.contains(&msg_seq) {
                 continue;
             }
             match kind {
-                NLMSG_DONE => return Ok(()),
+                NLMSG_DONE if msg_seq == done => return Ok(()),
                 NLMSG_ERROR => {
-                    let code = u32_at(msg, 16).map_or(0, |c| c as i32);
-                    if code == 0 {
+                    let code = u32_at(msg, 16)
+                        .map(|c| c as i32)
+                        .ok_or_else(|| invalid("short error message"))?;
+                    if code != 0 {
+                        return Err(std::io::Error::from_raw_os_error(-code));
+                    }
+                    if msg_seq == done {
                         return Ok(());
                     }
-                    return Err(std::io::Error::from_raw_os_error(-code));
                 }
-                _ => each(msg),
+                NLMSG_DONE => {}
+                _ if msg_seq == done => each(msg),
+                _ => {}
             }
         }
     }
@@ -352,8 +369,8 @@ pub fn tables(_inside: &Inside<'_>) -> std::io::Result<Vec<NfTable>> {
 }
 
 /// Makes `table` take effect again: one nf_tables transaction (a batch holding one
-/// `NFT_MSG_NEWTABLE` for the existing table with `NFTA_TABLE_FLAGS` 0), which clears
-/// `dormant` and re-hooks its base chains; its rules, and other software's rules in it,
+/// `NFT_MSG_NEWTABLE` for the existing table with its flags minus `dormant`), which
+/// re-hooks its base chains; its rules, and other software's rules in it,
 /// stay as they are. (`nft add table` cannot clear a flag: it leaves the flags out.)
 ///
 /// Errors: the kernel's answer as an errno (EPERM for a table another process owns).
@@ -363,7 +380,10 @@ pub fn wake(_inside: &Inside<'_>, table: &NfTable) -> std::io::Result<()> {
     let mut name = table.name.as_bytes().to_vec();
     name.push(0);
     push_attr(&mut attrs, NFTA_TABLE_NAME, &name);
-    push_attr(&mut attrs, NFTA_TABLE_FLAGS, &0u32.to_be_bytes());
+    // Only `dormant` is cleared: the kernel refuses a change of the other flags (owner,
+    // persist) with EOPNOTSUPP.
+    let flags = table.flags & !NFT_TABLE_F_DORMANT;
+    push_attr(&mut attrs, NFTA_TABLE_FLAGS, &flags.to_be_bytes());
     let mut batch = Vec::new();
     push_message(
         &mut batch,
@@ -394,7 +414,7 @@ pub fn wake(_inside: &Inside<'_>, table: &NfTable) -> std::io::Result<()> {
         &[],
     );
     sock.send(&batch, 0)?;
-    receive(&sock, 2, |_| {})
+    receive_batch(&sock, 1..=3, 2, |_| {})
 }
 
 /// Problems for every table in `tables` that `wanted` selects and that is dormant, for

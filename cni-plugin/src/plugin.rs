@@ -175,7 +175,7 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         .probe
         .then(|| Duration::from_millis(conf.validation.timeout_ms));
     // One writer per netns from here to the end of the rollback (see `lock`).
-    let _lock = NetnsLock::acquire(&conf.agent_run_dir, netns.get()?.id(), lock::ADD_WAIT)?;
+    let _lock = lock_netns(conf, netns.get()?)?;
     let start = Instant::now();
     match planned {
         Rules::Iptables(ruleset) => {
@@ -200,6 +200,23 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         start.elapsed()
     );
     Ok(result)
+}
+
+/// The per-netns lock for ADD and CHECK ([`lock`]), waiting up to [`lock::ADD_WAIT`]. A
+/// lock file that cannot be used at all (a read-only or broken `cni_agent_run_dir`) does
+/// not stop pods from starting: ADD then runs without it, as before the lock existed, with
+/// a warning, and STATUS reports it.
+///
+/// Errors: [`Error::Lock`] with [`lock::LockError::Busy`] (code 11, try again later).
+fn lock_netns(conf: &NetConf, netns: &Netns) -> Result<Option<NetnsLock>, Error> {
+    match NetnsLock::acquire(&conf.agent_run_dir, netns.id(), lock::ADD_WAIT) {
+        Ok(l) => Ok(Some(l)),
+        Err(e @ lock::LockError::Busy { .. }) => Err(e.into()),
+        Err(e) => {
+            log::warn!("{e}; going on without the per-netns lock");
+            Ok(None)
+        }
+    }
 }
 
 /// Deletes our nftables tables when the netns has any (a node that switched from the
@@ -263,28 +280,35 @@ fn remove_iptables_variants(
     if keep == Some(Backend::Default) {
         return Ok(());
     }
-    let present = [
-        (Backend::Legacy, legacy_iptables_tables()),
-        (
-            Backend::Nft,
-            tables.is_some_and(|t| t.iter().any(NfTable::is_iptables)),
-        ),
-    ];
-    for (variant, there) in present {
-        if !there || keep == Some(variant) {
+    let mut first_err = None;
+    for variant in [Backend::Legacy, Backend::Nft] {
+        let there = keep != Some(variant)
+            && match variant {
+                Backend::Legacy => legacy_iptables_tables(),
+                _ => tables.is_some_and(|t| t.iter().any(NfTable::is_iptables)),
+            };
+        if !there {
             continue;
         }
         let Ok(other) = Xtables::of_backend(variant) else {
             continue;
         };
-        if has_iptables_rules(inside, &other)? {
-            log::info!(
-                "removing the Istio rules of iptables {variant:?} (another backend wrote them)"
-            );
-            apply::remove(inside, &other, None)?;
+        // A variant that cannot even list its tables (iptables-nft facing a native `ip`
+        // table it cannot read) holds nothing of ours that it could have written.
+        match has_iptables_rules(inside, &other) {
+            Ok(false) => {}
+            Ok(true) => {
+                log::info!(
+                    "removing the Istio rules of iptables {variant:?} (another backend wrote them)"
+                );
+                if let Err(e) = apply::remove(inside, &other, None) {
+                    first_err.get_or_insert(Error::from(e));
+                }
+            }
+            Err(e) => log::warn!("cannot list the rules of iptables {variant:?}: {e}"),
         }
     }
-    Ok(())
+    first_err.map_or(Ok(()), Err)
 }
 
 /// [`program`] for the nftables backend: the transaction is applied and validated
@@ -575,7 +599,7 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
         return Ok(());
     };
     // Not halfway through another ADD's write.
-    let _lock = NetnsLock::acquire(&conf.agent_run_dir, netns.get()?.id(), lock::ADD_WAIT)?;
+    let _lock = lock_netns(conf, netns.get()?)?;
     match planned {
         Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
@@ -626,7 +650,7 @@ fn del(env: &CniEnv, stdin: &[u8]) {
         }
     };
     // Wait for an ADD in flight, but not for long: DEL never blocks teardown.
-    let _lock = NetnsLock::acquire(&run_dir, netns.id(), lock::DEL_WAIT)
+    let _lock = NetnsLock::acquire_existing(&run_dir, netns.id(), lock::DEL_WAIT)
         .inspect_err(|e| log::warn!("{e}; removing the rules without the lock"))
         .ok();
     // Both backends' rules go: the configuration may have changed since ADD.
@@ -650,10 +674,10 @@ fn del(env: &CniEnv, stdin: &[u8]) {
                 return Ok(apply::remove(inside, &Xtables::detect()?, None)?);
             }
             let tables = crate::nft::tables(inside).ok();
-            remove_iptables_variants(inside, None, tables.as_deref())?;
-            // The TPROXY routing, whatever wrote it.
+            let variants = remove_iptables_variants(inside, None, tables.as_deref());
+            // The TPROXY routing, whatever wrote it, also when a variant failed.
             crate::routing::remove(inside).map_err(apply::ApplyError::Routing)?;
-            Ok(())
+            variants
         })
         .map_err(Error::from)
         .and_then(|r| r);
@@ -691,6 +715,9 @@ fn status(conf: &NetConf) -> Result<(), Error> {
             }
             Err(e) => problems.push(e.to_string()),
         }
+    }
+    if let Err(e) = NetnsLock::check(&conf.agent_run_dir) {
+        problems.push(format!("{e}: ADD would run without the per-netns lock"));
     }
     for (cap, why) in REQUIRED_CAPS {
         match caps::has_cap(None, caps::CapSet::Effective, *cap) {
@@ -739,6 +766,52 @@ mod tests {
             panic!("meshed pod")
         };
         ruleset
+    }
+
+    /// A netns whose nat PREROUTING already holds a rule of other software: ADD's write
+    /// puts ours at the head, in the order they would have alone, also with upstream's own
+    /// inserts (virtual interfaces, excluded interfaces), and the read-back passes. Needs
+    /// root.
+    #[test]
+    fn ours_go_first_in_a_shared_chain_also_with_positioned_rules() {
+        let _seam = SEAM.lock().unwrap_or_else(|p| p.into_inner());
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "default", "annotations": {
+                "sidecar.istio.io/status": "{}",
+                "istio.io/reroute-virtual-interfaces": "veth-a,veth-b",
+                "traffic.sidecar.istio.io/excludeInterfaces": "eth9"}},
+            "spec": {"containers": [{"name": "istio-proxy", "args": ["proxy", "sidecar"]}]}
+        }))
+        .unwrap();
+        let conf = NetConf::parse(br#"{"cniVersion":"1.0.0"}"#).unwrap();
+        let Plan::Redirect(ruleset) = plan_for_pod(&conf, &pod).unwrap() else {
+            panic!("meshed pod")
+        };
+        let xt = Xtables::detect().unwrap();
+        let scratch = ScratchNetns::create().unwrap();
+        scratch
+            .netns()
+            .run(|inside| {
+                let b = xt.binaries(Family::V4)?;
+                b.restore(inside, "*nat\n-A PREROUTING -p tcp -j RETURN\nCOMMIT\n")?;
+                program(inside, &xt, &ruleset, None)
+            })
+            .unwrap()
+            .unwrap();
+        let saved = scratch
+            .netns()
+            .run(|inside| xt.binaries(Family::V4).and_then(|b| b.save_text(inside)))
+            .unwrap()
+            .unwrap();
+        let prerouting: Vec<&str> = saved
+            .lines()
+            .filter(|l| l.starts_with("-A PREROUTING"))
+            .collect();
+        assert_eq!(
+            prerouting.last(),
+            Some(&"-A PREROUTING -p tcp -j RETURN"),
+            "the foreign rule comes after ours: {prerouting:?}"
+        );
     }
 
     /// The tests that write rules share [`PANIC_AFTER_APPLY`]: one at a time.

@@ -67,8 +67,9 @@ pub fn read_back(
     }
     // Rules that read back as written take no effect in a dormant table (iptables-nft's
     // `ip nat` with `flags dormant`); iptables-save does not show the flag, the kernel
-    // does. No nf_tables (legacy only): nothing can be dormant.
-    if let Ok(tables) = crate::nft::tables(inside) {
+    // does. The legacy backend's rules live in x_tables: nothing there can be dormant.
+    let legacy = xt.backend() == crate::apply::Backend::Legacy;
+    if let Some(Ok(tables)) = (!legacy).then(|| crate::nft::tables(inside)) {
         problems.extend(crate::nft::dormant_problems(&tables, |t| {
             crate::apply::is_table_of(ruleset, t)
         }));

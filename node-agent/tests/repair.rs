@@ -655,3 +655,42 @@ fn a_dormant_table_and_a_bypass_ahead_of_our_jump_are_repaired() {
         .then_some(())
     });
 }
+
+/// The window the previous test cannot see: a new pod's netns holds the IP that a stale
+/// pod still claims, before the new pod's first process starts (nothing in the netns says
+/// whose it is yet). The loop waits for a netns found by its pinned file only to settle;
+/// the new pod's process starts meanwhile, and nothing is ever written into its netns.
+#[test]
+fn a_new_pods_netns_before_its_first_process_never_gets_a_stale_pods_rules() {
+    let mut s = Setup::new();
+    s.next_ip += 1;
+    let mut fresh = s
+        .pods
+        .start(Layout::BindMountOnly, Ipv4Addr::new(10, 77, 0, s.next_ip));
+    let mut stale = meshed("default", "stale");
+    stale["metadata"]["uid"] = json!(unique_uid());
+    stale["spec"]["nodeName"] = json!(NODE);
+    stale["status"] = json!({
+        "phase": "Running",
+        "podIP": fresh.ip.to_string(),
+        "podIPs": [{"ip": fresh.ip.to_string()}],
+        "containerStatuses": [{"name": "istio-proxy", "ready": true, "restartCount": 0,
+                               "image": "proxy", "imageID": "", "started": true}],
+    });
+    s.api.put("pods", stale);
+    let daemon = s.agent(&["--repair-resync-seconds", "1"]);
+    daemon.wait_ready();
+    std::thread::sleep(Duration::from_secs(3));
+    s.pods.start_first_process(&mut fresh);
+    std::thread::sleep(istio_cni_node_agent::repair::PINNED_SETTLE + Duration::from_secs(3));
+    assert!(
+        fresh.rules().is_empty(),
+        "the new pod's netns got the stale pod's rules: {:?}",
+        fresh.rules()
+    );
+    assert!(
+        s.events_for("stale").is_empty(),
+        "{:?}",
+        s.events_for("stale")
+    );
+}

@@ -11,11 +11,17 @@ use istio_cni::plugin::Tools;
 use istio_cni_e2e::kubelet::{Layout, NodePods, RunningPod};
 use istio_cni_e2e::net::run;
 use istio_cni_e2e::sandbox::injected_pod;
-use istio_cni_node_agent::repair::act::{repair_in_place, RepairError};
+use istio_cni_node_agent::repair::act::{repair_in_place, Owner, RepairError};
 use istio_cni_node_agent::repair::inspect::{candidate, inspect, Candidate, Exclusions, Health};
 use istio_cni_node_agent::repair::locate::{BindMounts, PodNetns};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
+
+/// The write alone: no `/proc` re-check (these pods have no process).
+const NO_RECHECK: Owner<'static> = Owner {
+    uid: "",
+    host_proc: None,
+};
 
 /// A bind mount stacked on top of another; removed on drop. The target is made private
 /// first, so the new mount does not propagate to its peers (`/var/run/netns/<pod>`).
@@ -76,7 +82,7 @@ fn a_netns_file_replaced_after_inspection_is_not_written() {
     // Between inspection and repair, the path now names another pod's namespace (a
     // runtime re-pinned it; for /proc/<pid>/ns/net, a reused PID).
     let _swap = Overmount::new(&b.netns.path(), &file_of(&pods, &a));
-    repair_in_place(&found, &c, &Tools::detect(), lock_dir.path()).expect("repair");
+    repair_in_place(&found, &c, &Tools::detect(), lock_dir.path(), &NO_RECHECK).expect("repair");
     assert!(!a.rules().is_empty(), "the inspected pod was repaired");
     assert!(
         b.rules().is_empty(),
@@ -93,7 +99,8 @@ fn a_netns_that_lost_the_pod_ip_is_not_written() {
     let lock_dir = tempfile::tempdir().unwrap();
     a.netns
         .exec(&["ip", "addr", "del", "10.78.0.7/24", "dev", "eth0"]);
-    let e = repair_in_place(&found, &c, &Tools::detect(), lock_dir.path()).unwrap_err();
+    let e =
+        repair_in_place(&found, &c, &Tools::detect(), lock_dir.path(), &NO_RECHECK).unwrap_err();
     assert!(matches!(e, RepairError::PodIpGone { .. }), "{e}");
     assert!(a.rules().is_empty());
 }

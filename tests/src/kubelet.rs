@@ -142,26 +142,46 @@ impl NodePods {
             Layout::BindMountOnly => None,
         };
         match leaf {
-            Some(leaf) => {
-                std::fs::create_dir_all(&leaf)
-                    .unwrap_or_else(|e| panic!("create cgroup {}: {e}", leaf.display()));
-                pod.cgroup_dirs.insert(0, leaf.clone());
-                // The "pause" process: sleeps in the pod's netns and cgroup.
-                let child = Command::new("ip")
-                    .args(["netns", "exec", &pod.netns.name, "sleep", "3600"])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .spawn()
-                    .expect("spawn the pod's process");
-                let pid = child.id();
-                pod.holder = Some(child);
-                std::fs::write(leaf.join("cgroup.procs"), pid.to_string())
-                    .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", leaf.display()));
-            }
+            Some(leaf) => start_process(&mut pod, leaf),
             None => self.pin(&mut pod),
         }
         pod
     }
+
+    /// Starts the first process of a pod that had none (`Layout::BindMountOnly`), as the
+    /// runtime starts a new sandbox's pause process a moment after its netns got its IP:
+    /// in a systemd-layout cgroup naming the pod's UID, in the pod's netns.
+    pub fn start_first_process(&self, pod: &mut RunningPod) {
+        let pod_dir = self
+            .cgroup_root
+            .join("kubepods.slice/kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                pod.uid.replace('-', "_")
+            ));
+        pod.cgroup_dirs.push(pod_dir.clone());
+        start_process(
+            pod,
+            pod_dir.join(format!("cri-containerd-{}.scope", unique_name("ctr"))),
+        );
+    }
+}
+
+/// The "pause" process: sleeps in the pod's netns, in cgroup `leaf` (created).
+fn start_process(pod: &mut RunningPod, leaf: PathBuf) {
+    std::fs::create_dir_all(&leaf)
+        .unwrap_or_else(|e| panic!("create cgroup {}: {e}", leaf.display()));
+    pod.cgroup_dirs.insert(0, leaf.clone());
+    let child = Command::new("ip")
+        .args(["netns", "exec", &pod.netns.name, "sleep", "3600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn the pod's process");
+    let pid = child.id();
+    pod.holder = Some(child);
+    std::fs::write(leaf.join("cgroup.procs"), pid.to_string())
+        .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", leaf.display()));
 }
 
 impl NodePods {

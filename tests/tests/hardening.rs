@@ -600,3 +600,34 @@ fn a_bypass_ahead_of_our_jump_is_drift() {
         assert_ok(&run_verb("CHECK", &ns, "c3", &env, &conf), "CHECK after");
     }
 }
+
+/// A run dir that cannot hold the lock file (here a directory sits where the file
+/// belongs) does not stop pods: ADD runs without the lock, with a warning, and STATUS
+/// names the problem. DEL never creates the run dir or the lock file.
+#[test]
+fn a_broken_lock_file_degrades_to_unlocked_and_del_creates_nothing() {
+    let ns = TestNetns::new("lk");
+    let dir = tempfile::tempdir().unwrap();
+    let (mut conf, env) = conf_for_backend(dir.path(), "nft");
+    std::fs::create_dir(dir.path().join("netns.lock")).unwrap();
+    let add = run_verb("ADD", &ns, "c1", &env, &conf);
+    assert_ok(&add, "ADD without the lock");
+    assert!(
+        String::from_utf8_lossy(&add.stderr).contains("without the per-netns lock"),
+        "{}",
+        String::from_utf8_lossy(&add.stderr)
+    );
+    let mut status_conf = conf.clone();
+    status_conf["cniVersion"] = json!("1.1.0");
+    let status = run_verb("STATUS", &ns, "c1", &env, &status_conf);
+    assert_eq!(error_code(&status), 50);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("netns.lock"));
+    let gone = dir.path().join("gone");
+    conf["cni_agent_run_dir"] = json!(gone);
+    assert_ok(&run_verb("DEL", &ns, "c1", &env, &conf), "DEL");
+    assert!(!gone.exists(), "DEL created {}", gone.display());
+    assert!(
+        ns.istio_rules(false).is_empty(),
+        "DEL still removed the rules"
+    );
+}

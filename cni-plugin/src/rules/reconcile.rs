@@ -75,26 +75,25 @@ pub fn script(desired: &FamilyRules, also_ours: &[Rule], current: &SavedTables) 
         for d in deletions {
             let _ = writeln!(out, "{d}");
         }
-        let mut heads: Vec<(&str, u32)> = Vec::new();
-        for r in rules {
-            if r.position.is_none() && shared.contains(&r.chain.as_str()) {
-                let n = match heads.iter_mut().find(|(c, _)| *c == r.chain) {
-                    Some((_, n)) => {
-                        *n += 1;
-                        *n
-                    }
-                    None => {
-                        heads.push((&r.chain, 1));
-                        1
-                    }
-                };
+        // Ours in a shared built-in chain go to its head, in the order the chain would
+        // hold them when written alone (`final_chains`, which honours upstream's own
+        // `-I CHAIN 1` inserts), whatever each rule's position says.
+        let finals = desired.final_chains();
+        for r in &rules {
+            if !shared.contains(&r.chain.as_str()) {
+                let _ = writeln!(out, "{}", r.restore_line());
+            }
+        }
+        for chain in &shared {
+            let Some(ours) = finals.get(&(table, (*chain).to_owned())) else {
+                continue;
+            };
+            for (n, r) in ours.iter().enumerate() {
                 let at_head = Rule {
-                    position: Some(n),
-                    ..r.clone()
+                    position: Some(n as u32 + 1),
+                    ..(*r).clone()
                 };
                 let _ = writeln!(out, "{}", at_head.restore_line());
-            } else {
-                let _ = writeln!(out, "{}", r.restore_line());
             }
         }
         for chain in stale {

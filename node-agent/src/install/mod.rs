@@ -482,8 +482,8 @@ fn read_conf_entries(dir: &Path) -> Result<ConfEntries, InstallError> {
 }
 
 /// One removal pass: our entry out of every list in the conf dir (or the standalone
-/// config removed), then the kubeconfig, the binary and the plugin's netns lock file.
-/// Missing pieces are fine.
+/// config removed), then the kubeconfig and the binary (not the plugin's empty netns lock
+/// file, which a running plugin may hold). Missing pieces are fine.
 ///
 /// Errors: [`InstallError::Io`] of the first removal that failed for another reason
 /// than the file being gone.
@@ -506,11 +506,9 @@ pub fn uninstall_once(cfg: &InstallConfig) -> Result<Vec<String>, InstallError> 
     }
     remove_if_present(&cfg.kubeconfig_path(), &mut changes)?;
     remove_if_present(&cfg.bin_dir.join(PLUGIN_BINARY), &mut changes)?;
-    // The plugin's per-netns lock file (`istio_cni::lock`): the plugin goes with it.
-    remove_if_present(
-        &cfg.agent_run_dir.join(istio_cni::lock::LOCK_FILE),
-        &mut changes,
-    )?;
+    // The plugin's per-netns lock file (`istio_cni::lock`) stays: a plugin still running
+    // may hold it, and one that opened it anew after a removal would lock another inode.
+    // It is empty, and the run dir is on tmpfs.
     Ok(changes)
 }
 

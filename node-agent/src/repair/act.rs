@@ -132,6 +132,14 @@ pub enum RepairError {
     /// The iptables binaries are unusable.
     #[error(transparent)]
     Xtables(#[from] istio_cni::apply::ApplyError),
+    /// Processes of another pod now live in the netns: it is not (or no longer) the pod's.
+    #[error("netns {netns} now holds processes of pod(s) {pods}; not touching it")]
+    OtherPod {
+        /// The netns, as found.
+        netns: String,
+        /// The other pods' UIDs.
+        pods: String,
+    },
     /// Another operation (an ADD, CHECK or DEL of the plugin) holds the pod's netns, or
     /// the lock file cannot be used; nothing was written, the next pass tries again.
     #[error(transparent)]
@@ -139,6 +147,17 @@ pub enum RepairError {
     /// The blocking task running the repair died.
     #[error("the repair task failed: {0}")]
     Task(String),
+}
+
+/// Whose netns a repair writes into, to check again under the lock: the pod's UID, and
+/// the host's `/proc` to look for other pods' processes in the netns (`None`: not checked,
+/// for tests of the write alone).
+#[derive(Debug, Clone, Copy)]
+pub struct Owner<'a> {
+    /// The pod's UID.
+    pub uid: &'a str,
+    /// The host's `/proc` as mounted in the agent.
+    pub host_proc: Option<&'a Path>,
 }
 
 /// How long a repair waits for the plugin's lock on the pod's netns ([`istio_cni::lock`]):
@@ -153,15 +172,33 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// had. Blocking; run it off the async runtime.
 ///
 /// Errors: [`RepairError`]; [`RepairError::PodIpGone`] when the netns no longer holds the
-/// pod's IP (then nothing is written); [`RepairError::Lock`] when the lock is not had
-/// within [`LOCK_WAIT`].
+/// pod's IP, [`RepairError::OtherPod`] when another pod's process now lives in it (then
+/// nothing is written); [`RepairError::Lock`] when the lock is not had within
+/// [`LOCK_WAIT`].
 pub fn repair_in_place(
     netns: &PodNetns,
     candidate: &Candidate,
     tools: &Tools,
     lock_dir: &Path,
+    owner: &Owner<'_>,
 ) -> Result<(), RepairError> {
     let _lock = NetnsLock::acquire(lock_dir, netns.netns.id(), LOCK_WAIT)?;
+    // What the pass saw may be old by now (a new pod's first process may have started in
+    // this netns): look again, under the lock.
+    if let Some(host_proc) = owner.host_proc {
+        let procs =
+            super::locate::ProcIndex::scan(host_proc).map_err(|e| RepairError::Addresses {
+                netns: netns.to_string(),
+                reason: format!("reading {}: {e}", host_proc.display()),
+            })?;
+        let others = procs.other_pods_in(netns.netns.id(), owner.uid);
+        if !others.is_empty() {
+            return Err(RepairError::OtherPod {
+                netns: netns.to_string(),
+                pods: others.join(", "),
+            });
+        }
+    }
     netns.netns.run(|inside| {
         let here = local_addresses().map_err(|reason| RepairError::Addresses {
             netns: netns.to_string(),

@@ -25,6 +25,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{FutureExt, StreamExt};
+use istio_cni::netns::NetnsId;
+use istio_cni::plan::running_pod_ips;
 use istio_cni::plugin::Tools;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -120,7 +122,17 @@ struct State {
     deferred_until: Option<Instant>,
     cooldown: Cooldown,
     budget: DeleteBudget,
+    /// Pods found broken through a pinned netns file only: which netns, first seen when.
+    pinned_seen: HashMap<String, (NetnsId, std::time::Instant)>,
 }
+
+/// How long a netns found only through a pinned file (no process of the pod in it) must
+/// stay the pod's before the loop acts on it. A new pod's netns holds its IP from its
+/// CNI ADD on, before its first process starts (normally within a second): an IP that a
+/// stale pod still claims in the API may sit in a new pod's netns for that long, with
+/// nothing yet saying whose it is. Once that pod's process runs, its netns is another
+/// pod's ([`ProcIndex::unless_foreign`](locate::ProcIndex::unless_foreign)).
+pub const PINNED_SETTLE: Duration = Duration::from_secs(10);
 
 /// How a watch ended.
 enum WatchEnd {
@@ -176,6 +188,7 @@ impl RepairController {
             deferred_until: None,
             cooldown: Cooldown::new(self.cfg.cooldown),
             budget: DeleteBudget::new(self.cfg.max_deletes_per_minute),
+            pinned_seen: HashMap::new(),
         };
         let mut backoff = Backoff::with_jitter(Duration::from_millis(500), Duration::from_secs(30));
         loop {
@@ -293,6 +306,7 @@ impl RepairController {
             Ok(Event::Delete(pod)) => {
                 let uid = pod.uid().unwrap_or_default();
                 st.fingerprints.remove(&uid);
+                st.pinned_seen.remove(&uid);
                 st.cooldown.forget(&uid, std::time::Instant::now());
                 let key = ObjectRef::from(&pod);
                 st.due.remove(&key);
@@ -352,7 +366,6 @@ impl RepairController {
             match result {
                 Ok((_, Health::Healthy)) => {}
                 Ok((netns, Health::Broken(problems))) => {
-                    self.metrics.repair_broken_found.inc();
                     broken.push(Broken {
                         pod,
                         candidate,
@@ -382,6 +395,9 @@ impl RepairController {
                 broken.len()
             );
         }
+        let broken = settled(broken, reader, st);
+        // Counted once the pod's netns is known to be its own (see `settled`).
+        self.metrics.repair_broken_found.inc_by(broken.len() as u64);
         if !broken.is_empty() {
             self.act_on(broken, st).await;
         }
@@ -435,8 +451,20 @@ impl RepairController {
                 Mode::Repair => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
                     let lock_dir = self.cfg.lock_dir.clone();
+                    let host_proc = self.cfg.host_proc.clone();
+                    let pod_uid = uid.clone();
                     let result = tokio::task::spawn_blocking(move || {
-                        act::repair_in_place(&netns, &candidate, &Tools::detect(), &lock_dir)
+                        let owner = act::Owner {
+                            uid: &pod_uid,
+                            host_proc: Some(&host_proc),
+                        };
+                        act::repair_in_place(
+                            &netns,
+                            &candidate,
+                            &Tools::detect(),
+                            &lock_dir,
+                            &owner,
+                        )
                     })
                     .await
                     .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
@@ -511,6 +539,66 @@ impl RepairController {
 /// `namespace/name` of a pod.
 fn pod_name(pod: &Pod) -> String {
     format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// The broken pods the loop may act on now. A pod found through a pinned netns file only
+/// (no process of its own, see `locate`) must pass two more checks, since nothing in the
+/// netns itself says whose it is:
+/// - no other pod of this node that is not terminal claims one of its IPs in the API;
+/// - the same netns was found for it at least [`PINNED_SETTLE`] ago; until then it is
+///   looked at again when that time is up.
+fn settled(broken: Vec<Broken>, reader: &Store<Pod>, st: &mut State) -> Vec<Broken> {
+    let now = std::time::Instant::now();
+    st.pinned_seen
+        .retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(3600));
+    let mut out = Vec::with_capacity(broken.len());
+    for b in broken {
+        if b.netns.via != locate::Via::BindMount {
+            out.push(b);
+            continue;
+        }
+        let uid = b.pod.uid().unwrap_or_default();
+        let claimed = reader.state().into_iter().find(|p| {
+            p.uid().as_deref() != Some(uid.as_str())
+                && !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+                && running_pod_ips(p)
+                    .iter()
+                    .any(|ip| b.candidate.ips.contains(ip))
+        });
+        if let Some(other) = claimed {
+            log::info!(
+                "repair: {}: netns {} holds an IP that pod {} claims too; not touching it",
+                pod_name(&b.pod),
+                b.netns,
+                pod_name(&other)
+            );
+            continue;
+        }
+        let id = b.netns.netns.id();
+        match st.pinned_seen.get(&uid) {
+            Some((seen, at)) if *seen == id && now.duration_since(*at) >= PINNED_SETTLE => {
+                st.pinned_seen.remove(&uid);
+                out.push(b);
+            }
+            Some((seen, _)) if *seen == id => {}
+            _ => {
+                log::info!(
+                    "repair: {}: redirection broken in netns {} (found by its pinned file only); acting if it is still so in {PINNED_SETTLE:?}",
+                    pod_name(&b.pod),
+                    b.netns
+                );
+                st.pinned_seen.insert(uid, (id, now));
+                let key = ObjectRef::from(b.pod.as_ref());
+                let at = Instant::from_std(now + PINNED_SETTLE);
+                st.deferred.insert(key);
+                st.deferred_until = Some(st.deferred_until.map_or(at, |d| d.min(at)));
+            }
+        }
+    }
+    out
 }
 
 /// Where a pod's netns is and what it holds, or why that is unknown.
