@@ -33,7 +33,8 @@ use crate::netns::NetnsId;
 pub const LOCK_FILE: &str = "netns.lock";
 
 /// How long ADD and CHECK wait for another invocation in the same netns. An ADD holds the
-/// lock for milliseconds, and at most its probe timeout (2 s by default) plus the write;
+/// lock for milliseconds, and at most one probe timeout per family (2 s by default) plus
+/// its writes (a second one when the first read-back disagrees);
 /// 20 s lets a burst of retries queue up, and stays far below the runtime's own timeout
 /// for the sandbox (kubelet's `--runtime-request-timeout`, 2 min).
 pub const ADD_WAIT: Duration = Duration::from_secs(20);

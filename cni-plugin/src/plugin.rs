@@ -1,8 +1,10 @@
 //! The CNI verbs, wiring the stages together (CNI spec 1.1.0, "CNI operations").
 //!
-//! ADD: config → pod decision → ruleset → apply in the netns → read-back → probe → result.
-//! If anything after the first write fails, ADD removes what it wrote before returning the
-//! error, so a pod never starts half-redirected.
+//! ADD: config → pod decision → ruleset → lock the netns → remove other backends' rules →
+//! apply in the netns → read-back (once more after a second write against what the netns
+//! holds, when the first disagrees) → probe → result. If anything after the first write
+//! fails, ADD removes what it wrote before returning the error, so a pod never starts
+//! half-redirected.
 
 use std::time::{Duration, Instant};
 

@@ -31,9 +31,32 @@ pub struct CanonRule {
 /// A match module's options → (negated, value).
 type MatchOptions = BTreeMap<String, (bool, Option<String>)>;
 
-/// Targets after which a packet goes on to the next rule of the chain: they log or trace,
-/// and decide nothing (`iptables-extensions(8)`).
-pub const NON_TERMINATING_TARGETS: &[&str] = &["LOG", "NFLOG", "TRACE", "AUDIT"];
+/// Targets after which a packet goes on to the next rule of the chain, and that change
+/// nothing our rules match on (`iptables-extensions(8)`): logging and tracing, and header
+/// or QoS edits (MSS, DSCP/TOS, TTL/HL, ECN, checksum, traffic class, security labels,
+/// idle timers, LEDs, rate estimators, `TEE` copies). Not here: `MARK`/`CONNMARK` (our
+/// rules match marks), `CT` (`--notrack` keeps NAT from seeing the connection), and
+/// anything that ends the traversal.
+pub const NON_TERMINATING_TARGETS: &[&str] = &[
+    "LOG",
+    "NFLOG",
+    "TRACE",
+    "AUDIT",
+    "TCPMSS",
+    "DSCP",
+    "TOS",
+    "TTL",
+    "HL",
+    "ECN",
+    "CHECKSUM",
+    "CLASSIFY",
+    "SECMARK",
+    "CONNSECMARK",
+    "IDLETIMER",
+    "LED",
+    "RATEEST",
+    "TEE",
+];
 
 /// A rule line that is not iptables rule syntax.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -520,6 +543,7 @@ mod tests {
             "-A OUTPUT -j KUBE-SERVICES",
             "-A OUTPUT ! -p udp -j RETURN",
             "-A OUTPUT -p 6 -j RETURN",
+            "-A OUTPUT -j MARK --set-mark 1",
         ] {
             assert!(r(diverts).can_divert(&later), "{diverts}");
         }
@@ -527,6 +551,7 @@ mod tests {
             "-A OUTPUT -p tcp",
             "-A OUTPUT -j LOG --log-prefix x",
             "-A OUTPUT -j NFLOG",
+            "-A OUTPUT -p tcp -j TCPMSS --clamp-mss-to-pmtu",
             "-A OUTPUT -p udp -j RETURN",
             "-A OUTPUT -p icmp -j ACCEPT",
             "-A OUTPUT -p tcp -j ISTIO_OUTPUT",

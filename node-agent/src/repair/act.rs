@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use istio_cni::lock::NetnsLock;
 
-use istio_cni::plugin::{reprogram_rules, Tools};
+use istio_cni::plugin::{read_back_rules, reprogram_rules, Tools};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::ResourceExt;
@@ -166,10 +166,12 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// Writes the candidate's rules into the netns that was inspected (the same open handle,
 /// never the path again) and reads them back, holding the plugin's per-netns lock in
-/// `lock_dir` (so a repair and an ADD never interleave). Inside the same `setns` as the
-/// write, the netns must still hold one of the pod's IPs; otherwise nothing is written. A
-/// failed write or read-back removes nothing ([`reprogram_rules`]): the pod keeps what it
-/// had. Blocking; run it off the async runtime.
+/// `lock_dir` (so a repair and an ADD never interleave). Under the lock it looks again:
+/// no other pod's process may live in the netns (with `owner.host_proc`), the netns must
+/// still hold one of the pod's IPs, and when the rules now read back as they should,
+/// nothing is written ([`Repair::AlreadyInPlace`]). A failed write or read-back removes
+/// nothing ([`reprogram_rules`]): the pod keeps what it had. Blocking; run it off the async
+/// runtime.
 ///
 /// Errors: [`RepairError`]; [`RepairError::PodIpGone`] when the netns no longer holds the
 /// pod's IP, [`RepairError::OtherPod`] when another pod's process now lives in it (then
@@ -181,7 +183,7 @@ pub fn repair_in_place(
     tools: &Tools,
     lock_dir: &Path,
     owner: &Owner<'_>,
-) -> Result<(), RepairError> {
+) -> Result<Repair, RepairError> {
     let _lock = NetnsLock::acquire(lock_dir, netns.netns.id(), LOCK_WAIT)?;
     // What the pass saw may be old by now (a new pod's first process may have started in
     // this netns): look again, under the lock.
@@ -210,8 +212,25 @@ pub fn repair_in_place(
                 ips: join(&candidate.ips),
             });
         }
-        Ok(reprogram_rules(inside, tools, &candidate.ruleset)?)
+        // Read back once more under the lock: what the pass saw may have been an ADD or a
+        // DEL halfway through, since finished.
+        match read_back_rules(inside, tools, &candidate.ruleset) {
+            Ok(()) => return Ok(Repair::AlreadyInPlace),
+            Err(e) => log::debug!("repair: read-back under the lock: {e}"),
+        }
+        reprogram_rules(inside, tools, &candidate.ruleset)?;
+        Ok(Repair::Written)
     })?
+}
+
+/// What an in-place repair did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// The rules were written and read back.
+    Written,
+    /// Under the lock, the rules read back as they should: nothing was written (the pass
+    /// had seen another operation halfway through).
+    AlreadyInPlace,
 }
 
 /// Records the outcome of an in-place repair as an Event on `pod`.
@@ -219,10 +238,11 @@ pub async fn report_repair(
     events: &Events,
     pod: &Pod,
     problems: &[String],
-    result: &Result<(), RepairError>,
+    result: &Result<Repair, RepairError>,
 ) {
     match result {
-        Ok(()) => {
+        Ok(Repair::AlreadyInPlace) => {}
+        Ok(Repair::Written) => {
             let message = format!(
                 "istio-cni restored the traffic redirection rules in the pod's netns (found: {})",
                 summary(problems)

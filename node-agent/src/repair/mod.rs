@@ -470,7 +470,10 @@ impl RepairController {
                     .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
                     act::report_repair(&self.events, &b.pod, &b.problems, &result).await;
                     match result {
-                        Ok(()) => Outcome::Done,
+                        Ok(act::Repair::Written) => Outcome::Done,
+                        Ok(act::Repair::AlreadyInPlace) => {
+                            Outcome::Moot("the rules were in place under the lock".into())
+                        }
                         Err(e) => Outcome::Failed(e.to_string()),
                     }
                 }
