@@ -7,11 +7,15 @@
 //!   numbers, one per `SOCK_SEQPACKET` packet, the netns in `SCM_RIGHTS`, acks and
 //!   deadlines), tested over `socketpair`;
 //! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
-//!   connection, deletes to all.
+//!   connection, deletes to all;
+//! - [`listeners`]: whether ztunnel's sockets listen in a pod's netns;
+//! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
+//!   that accepts ztunnel's connections.
 //!
-//! Still to come (issue 22): the enrolment decision and watches, the ZDS listener (socket
-//! `0600` in a root-only dir), in-pod and host rules, the plugin-event socket, and validation of each
+//! Still to come (issue 22): the enrolment decision and watches, in-pod and host rules, the plugin-event socket, and validation of each
 //! enrolment in the pod's netns.
 
+pub mod listeners;
 pub mod server;
+pub mod socket;
 pub mod zds;
