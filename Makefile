@@ -117,6 +117,7 @@ e2e:
 	ISTIO_CNI_CHART=$(CURDIR)/target/e2e/chart.json \
 	    $(CARGO) test -p istio-cni-e2e --test daemonset -- --ignored --nocapture --test-threads 1
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
+	$(CARGO) test -p istio-cni-node-agent --test ztunnel_zds -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,
 ## prevResult conversion, annotations → rules, the iptables-save and nft -j canonical forms. Each target

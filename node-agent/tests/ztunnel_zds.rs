@@ -1,0 +1,247 @@
+//! The agent's ZDS server and socket against the real ztunnel (istio/ztunnel, built from
+//! `../shared/peers/ztunnel/` by its `build.sh` into `target/peers/`), in in-pod mode
+//! without istiod: ztunnel connects to the agent's socket, takes the snapshot, and serves
+//! a pod the agent adds (its listeners appear in the pod's netns, as the agent reads them)
+//! until the agent deletes it. A pod added while ztunnel was away is in the snapshot of the
+//! next connection. Needs root; run by `make e2e` (`--ignored`).
+//!
+//! Without `../shared` (the shared peer kit), the test says how to get it and passes
+//! without running.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use istio_cni::netns::Netns;
+use istio_cni_e2e::net::{unique_name, TestNetns};
+use istio_cni_node_agent::ambient::listeners::missing_ztunnel_listeners;
+use istio_cni_node_agent::ambient::server::{ServerError, Workload, ZdsServer};
+use istio_cni_node_agent::ambient::socket::{accept_loop, bind_zds};
+use istio_cni_node_agent::ambient::zds::WorkloadInfo;
+
+const NODE_NAME: &str = "node1";
+
+/// The workspace root (this crate's parent).
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+/// The ztunnel binary: built by the peer kit's `build.sh` into `target/peers/` when the
+/// kit is there (cached: milliseconds when nothing changed); `None`, with the reason
+/// printed, when it is not.
+fn ztunnel() -> Option<PathBuf> {
+    let kit = workspace().join("../shared/peers/ztunnel/build.sh");
+    if !kit.exists() {
+        eprintln!(
+            "SKIPPED: the real ztunnel is built from ../shared/peers/ztunnel/ (the shared peer \
+             kit beside this repository), which is absent here; put the kit there (or run \
+             where CI provides it) to run this test"
+        );
+        return None;
+    }
+    let out = workspace().join("target/peers");
+    let status = Command::new("bash")
+        .arg(&kit)
+        .arg(&out)
+        .status()
+        .expect("run the ztunnel peer kit's build.sh");
+    assert!(
+        status.success(),
+        "{} {} failed",
+        kit.display(),
+        out.display()
+    );
+    Some(out.join("ztunnel"))
+}
+
+/// ztunnel running in the node netns; killed on drop.
+struct Ztunnel(Child);
+
+impl Ztunnel {
+    fn start(bin: &Path, node: &TestNetns, dir: &Path, uds: &Path) -> Ztunnel {
+        let log = std::fs::File::create(dir.join("ztunnel.log")).unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &node.name])
+            .arg(bin)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("PROXY_MODE", "shared")
+            .env("INPOD_UDS", uds)
+            .env("FAKE_CA", "true")
+            .env("XDS_ADDRESS", "")
+            .env("LOCAL_XDS_PATH", dir.join("local.yaml"))
+            .env("NODE_NAME", NODE_NAME)
+            .env("IPV6_ENABLED", "false")
+            .env("RUST_LOG", "info")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start ztunnel");
+        Ztunnel(child)
+    }
+}
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A pod netns with `ip`/24 on `eth0` (a veth kept inside) and `lo` up.
+fn pod_netns(ip: Ipv4Addr) -> TestNetns {
+    let ns = TestNetns::new("ztp");
+    ns.exec(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    ns.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+    ns.exec(&["ip", "link", "set", "eth0", "up"]);
+    ns.exec(&["ip", "link", "set", "peer0", "up"]);
+    ns
+}
+
+fn local_yaml(ip: Ipv4Addr) -> String {
+    format!(
+        "workloads:\n- uid: cluster1//v1/Pod/default/web\n  name: web\n  namespace: default\n  \
+         serviceAccount: web\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  \
+         protocol: HBONE\n  node: {NODE_NAME}\n  network: \"\"\n  services: {{}}\n\
+         policies: []\nservices: []\n"
+    )
+}
+
+/// Waits up to 30 s for `cond`, panicking with `what` and ztunnel's log tail after.
+async fn eventually(what: &str, dir: &Path, mut cond: impl AsyncFnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        if cond().await {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(dir.join("ztunnel.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(30).collect();
+    panic!(
+        "timed out waiting for {what}; ztunnel log (last lines, newest first):\n{}",
+        tail.join("\n")
+    );
+}
+
+fn missing(netns: &Netns) -> Vec<u16> {
+    netns
+        .run(|inside| missing_ztunnel_listeners(inside).unwrap())
+        .unwrap()
+}
+
+/// ztunnel's readiness (`:15021/healthz/ready` in the node netns) answers 200.
+fn ready(node: &Netns) -> bool {
+    node.run(|_| {
+        use std::io::{Read as _, Write as _};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:15021".parse().unwrap(),
+            Duration::from_millis(500),
+        ) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let req = "GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        if s.write_all(req.as_bytes()).is_err() {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
+    })
+    .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
+    let Some(bin) = ztunnel() else { return };
+    let dir = tempfile::Builder::new().prefix("zds-").tempdir().unwrap();
+    let ip = Ipv4Addr::new(10, 91, 0, 2);
+    std::fs::write(dir.path().join("local.yaml"), local_yaml(ip)).unwrap();
+    let uds = dir.path().join(format!("{}.sock", unique_name("zt")));
+    let node = TestNetns::new("ztn");
+    let pod = pod_netns(ip);
+    let pod_handle = Arc::new(pod.open());
+
+    let server = ZdsServer::new(Duration::from_secs(5));
+    let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
+    let zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    let took = eventually(
+        "ztunnel to connect and take the snapshot",
+        dir.path(),
+        async || server.connections().await == 1,
+    )
+    .await;
+    eprintln!("ztunnel connected and took the (empty) snapshot {took:?} after start");
+    let node_handle = node.open();
+    eventually("ztunnel ready", dir.path(), async || ready(&node_handle)).await;
+
+    let web = Workload {
+        uid: "uid-web".into(),
+        info: WorkloadInfo {
+            name: "web".into(),
+            namespace: "default".into(),
+            service_account: "web".into(),
+        },
+        netns: Some(pod_handle.clone()),
+    };
+    let t = Instant::now();
+    server.add(web.clone()).await.expect("ztunnel acks the add");
+    let acked = t.elapsed();
+    eventually(
+        "ztunnel's listeners in the pod netns",
+        dir.path(),
+        async || missing(&pod_handle).is_empty(),
+    )
+    .await;
+    eprintln!(
+        "add acked in {acked:?}; 15001, 15006 and 15008 listening in the pod netns {:?} after the add",
+        t.elapsed()
+    );
+
+    // ztunnel restarts: the pod comes back through the next snapshot.
+    drop(zt);
+    eventually("the connection to end", dir.path(), async || {
+        server.connections().await == 0
+    })
+    .await;
+    let zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    eventually("the new ztunnel's snapshot", dir.path(), async || {
+        server.connections().await == 1
+    })
+    .await;
+    eventually(
+        "the listeners back after the snapshot",
+        dir.path(),
+        async || missing(&pod_handle).is_empty(),
+    )
+    .await;
+
+    server
+        .del("uid-web")
+        .await
+        .expect("ztunnel acks the delete");
+    eventually(
+        "the listeners gone after the delete",
+        dir.path(),
+        async || missing(&pod_handle).len() == 3,
+    )
+    .await;
+
+    drop(zt);
+    eventually("the connection to end", dir.path(), async || {
+        server.connections().await == 0
+    })
+    .await;
+    assert!(matches!(server.add(web).await, Err(ServerError::NoZtunnel)));
+    accepting.abort();
+}
