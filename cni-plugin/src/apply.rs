@@ -322,7 +322,7 @@ pub fn remove(
             first_err.get_or_insert(e);
         }
     }
-    if written.is_none_or(|r| r.tproxy_routing) {
+    if written.is_none_or(|r| r.local_delivery.is_some()) {
         if let Err(e) = crate::routing::remove(inside) {
             first_err.get_or_insert(ApplyError::Routing(e));
         }

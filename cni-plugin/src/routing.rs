@@ -1,9 +1,11 @@
 //! The routing side of a ruleset, over netlink (no `ip` binary), as upstream Istio's
 //! `tools/common/tproxy` sets it up:
 //!
-//! - TPROXY policy routing: packets marked 1337 are looked up in table 133, whose only
-//!   route delivers everything locally through `lo` (`ip rule add fwmark 1337 lookup 133`,
-//!   `ip route add local 0.0.0.0/0 dev lo table 133`, and the same with `-6` and `::/0`);
+//! - policy routing that delivers marked packets locally ([`LocalDelivery`]): for a
+//!   sidecar in TPROXY mode, packets marked 1337 are looked up in table 133, whose only
+//!   route delivers everything through `lo` (`ip rule add fwmark 1337 lookup 133`, `ip route
+//!   add local 0.0.0.0/0 dev lo table 133`, and the same with `-6` and `::/0`); for
+//!   ambient's in-pod rules, mark `0x111/0xfff`, `pref 32764`, table 100;
 //! - with IPv6, the inbound passthrough address `::6/128` on `lo` (`ip -6 addr add ::6/128
 //!   dev lo`): IPv4 has all of 127/8 on `lo`, IPv6 only `::1`.
 //!
@@ -26,8 +28,8 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::net::{IpAddr, Ipv6Addr};
 
 use crate::netns::Inside;
-use crate::rules::iptables::{TPROXY_MARK, TPROXY_ROUTE_TABLE};
-use crate::rules::{Family, RoutingNeeds, Ruleset};
+use crate::rules::{ambient::INPOD_DELIVERY, iptables::TPROXY_DELIVERY};
+use crate::rules::{Family, LocalDelivery, RoutingNeeds, Ruleset};
 
 /// A routing step failed: the request, as the `ip` command that would do the same, and the
 /// errno or I/O error.
@@ -69,11 +71,11 @@ pub fn apply(inside: &Inside<'_>, ruleset: &Ruleset) -> Result<(), RoutingError>
 /// Errors: [`RoutingError`] naming the request and the errno.
 pub fn apply_needs(_inside: &Inside<'_>, needs: &RoutingNeeds) -> Result<(), RoutingError> {
     let families = needs.families.clone();
-    if !families.contains(&Family::V6) && !needs.tproxy_routing {
+    if !needs.ipv6_passthrough && needs.local_delivery.is_none() {
         return Ok(());
     }
     let sock = open()?;
-    if families.contains(&Family::V6) {
+    if needs.ipv6_passthrough {
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
         request(
             &sock,
@@ -85,32 +87,30 @@ pub fn apply_needs(_inside: &Inside<'_>, needs: &RoutingNeeds) -> Result<(), Rou
             RoutingError::new(format!("ip -6 addr add {IPV6_PASSTHROUGH}/128 dev lo"), e)
         })?;
     }
-    if !needs.tproxy_routing {
+    let Some(d) = needs.local_delivery else {
         return Ok(());
-    }
+    };
     for family in families {
         let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
         request(
             &sock,
-            RouteNetlinkMessage::NewRule(rule(family)),
+            RouteNetlinkMessage::NewRule(rule(family, &d)),
             flags,
             libc::EEXIST,
         )
-        .map_err(|e| {
-            RoutingError::new(
-                format!("ip rule add fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE} ({family})"),
-                e,
-            )
-        })?;
+        .map_err(|e| RoutingError::new(format!("ip rule add {} ({family})", describe(&d)), e))?;
         request(
             &sock,
-            RouteNetlinkMessage::NewRoute(route(family)),
+            RouteNetlinkMessage::NewRoute(route(family, &d)),
             flags,
             libc::EEXIST,
         )
         .map_err(|e| {
             RoutingError::new(
-                format!("ip route add local default dev lo table {TPROXY_ROUTE_TABLE} ({family})"),
+                format!(
+                    "ip route add local default dev lo table {} ({family})",
+                    d.table
+                ),
                 e,
             )
         })?;
@@ -118,17 +118,34 @@ pub fn apply_needs(_inside: &Inside<'_>, needs: &RoutingNeeds) -> Result<(), Rou
     Ok(())
 }
 
-/// Removes the TPROXY rule and route of both families. Missing entries are fine. The `::6`
-/// address stays: it is harmless, and the pod's sidecar may be using it.
+/// `fwmark M[/MASK] [pref P] lookup T`, as `ip rule` spells it.
+fn describe(d: &LocalDelivery) -> String {
+    let mut s = format!("fwmark {:#x}", d.mark);
+    if let Some(mask) = d.mask {
+        s.push_str(&format!("/{mask:#x}"));
+    }
+    if let Some(p) = d.priority {
+        s.push_str(&format!(" pref {p}"));
+    }
+    s.push_str(&format!(" lookup {}", d.table));
+    s
+}
+
+/// Removes the policy routing of the sidecar's TPROXY mode and of ambient's in-pod rules,
+/// for both families. Missing entries are fine. The `::6` address stays: it is harmless,
+/// and the pod's sidecar may be using it.
 ///
 /// Errors: [`RoutingError`] naming the request and the errno.
 pub fn remove(_inside: &Inside<'_>) -> Result<(), RoutingError> {
     let sock = open()?;
-    for family in [Family::V4, Family::V6] {
+    for (family, d) in [Family::V4, Family::V6]
+        .into_iter()
+        .flat_map(|f| [(f, TPROXY_DELIVERY), (f, INPOD_DELIVERY)])
+    {
         let flags = NLM_F_REQUEST | NLM_F_ACK;
         for msg in [
-            RouteNetlinkMessage::DelRule(rule(family)),
-            RouteNetlinkMessage::DelRoute(route(family)),
+            RouteNetlinkMessage::DelRule(rule(family, &d)),
+            RouteNetlinkMessage::DelRoute(route(family, &d)),
         ] {
             match request(&sock, msg, flags, libc::ENOENT) {
                 Ok(()) => {}
@@ -137,7 +154,7 @@ pub fn remove(_inside: &Inside<'_>) -> Result<(), RoutingError> {
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EAFNOSUPPORT)) => {}
                 Err(e) => {
                     return Err(RoutingError::new(
-                        format!("removing TPROXY routing ({family})"),
+                        format!("ip rule del {} ({family})", describe(&d)),
                         e,
                     ))
                 }
@@ -148,7 +165,7 @@ pub fn remove(_inside: &Inside<'_>) -> Result<(), RoutingError> {
 }
 
 /// What of [`apply`]'s work is missing from the netns, one line per problem (empty when all
-/// is in place): the TPROXY rule of each family in TPROXY mode.
+/// is in place): the policy rule of each family.
 ///
 /// Errors: [`RoutingError`] for a failed netlink dump.
 pub fn check(inside: &Inside<'_>, ruleset: &Ruleset) -> Result<Vec<String>, RoutingError> {
@@ -163,12 +180,10 @@ pub fn check_needs(
     needs: &RoutingNeeds,
 ) -> Result<Vec<String>, RoutingError> {
     let mut problems = Vec::new();
-    if needs.tproxy_routing {
+    if let Some(d) = &needs.local_delivery {
         for family in &needs.families {
-            if !has_tproxy_rule(*family)? {
-                problems.push(format!(
-                    "{family} policy rule `fwmark {TPROXY_MARK} lookup {TPROXY_ROUTE_TABLE}` is missing"
-                ));
+            if !has_rule(*family, d)? {
+                problems.push(format!("{family} policy rule `{}` is missing", describe(d)));
             }
         }
     }
@@ -241,7 +256,7 @@ pub fn loopback_up(_inside: &Inside<'_>) -> Result<(), RoutingError> {
     .map_err(|e| RoutingError::new("ip link set lo up", e))
 }
 
-fn has_tproxy_rule(family: Family) -> Result<bool, RoutingError> {
+fn has_rule(family: Family, d: &LocalDelivery) -> Result<bool, RoutingError> {
     let sock = open()?;
     let mut query = RuleMessage::default();
     query.header.family = address_family(family);
@@ -252,8 +267,10 @@ fn has_tproxy_rule(family: Family) -> Result<bool, RoutingError> {
         |msg| {
             if let RouteNetlinkMessage::NewRule(r) = msg {
                 let attrs = &r.attributes;
-                found |= attrs.contains(&RuleAttribute::FwMark(TPROXY_MARK))
-                    && attrs.contains(&RuleAttribute::Table(TPROXY_ROUTE_TABLE));
+                found |= attrs.contains(&RuleAttribute::FwMark(d.mark))
+                    && attrs.contains(&RuleAttribute::Table(d.table))
+                    && d.mask
+                        .is_none_or(|m| attrs.contains(&RuleAttribute::FwMask(m)));
             }
         },
     )
@@ -281,27 +298,30 @@ fn passthrough_address() -> AddressMessage {
     msg
 }
 
-fn rule(family: Family) -> RuleMessage {
+fn rule(family: Family, d: &LocalDelivery) -> RuleMessage {
     let mut msg = RuleMessage::default();
     msg.header.family = address_family(family);
     msg.header.action = RuleAction::ToTable;
-    msg.header.table = TPROXY_ROUTE_TABLE as u8;
-    msg.attributes = vec![
-        RuleAttribute::FwMark(TPROXY_MARK),
-        RuleAttribute::Table(TPROXY_ROUTE_TABLE),
-    ];
+    msg.header.table = d.table as u8;
+    msg.attributes = vec![RuleAttribute::FwMark(d.mark), RuleAttribute::Table(d.table)];
+    if let Some(mask) = d.mask {
+        msg.attributes.push(RuleAttribute::FwMask(mask));
+    }
+    if let Some(p) = d.priority {
+        msg.attributes.push(RuleAttribute::Priority(p));
+    }
     msg
 }
 
-fn route(family: Family) -> RouteMessage {
+fn route(family: Family, d: &LocalDelivery) -> RouteMessage {
     let mut msg = RouteMessage::default();
     msg.header.address_family = address_family(family);
-    msg.header.table = TPROXY_ROUTE_TABLE as u8;
+    msg.header.table = d.table as u8;
     msg.header.protocol = RouteProtocol::Boot;
     msg.header.scope = RouteScope::Host;
     msg.header.kind = RouteType::Local;
     msg.attributes = vec![
-        RouteAttribute::Table(TPROXY_ROUTE_TABLE),
+        RouteAttribute::Table(d.table),
         RouteAttribute::Oif(LOOPBACK_IFINDEX),
     ];
     msg
@@ -449,6 +469,46 @@ mod tests {
         );
     }
 
+    /// Ambient's in-pod policy routing, as `ip` shows upstream's: `32764: from all fwmark
+    /// 0x111/0xfff lookup 100` and a local default route in table 100, for both families;
+    /// checked, then removed. Needs root.
+    #[test]
+    fn ambient_inpod_policy_routing() {
+        let scratch = ScratchNetns::create().unwrap();
+        let needs = RoutingNeeds {
+            families: vec![Family::V4, Family::V6],
+            local_delivery: Some(INPOD_DELIVERY),
+            ipv6_passthrough: false,
+        };
+        scratch
+            .netns()
+            .run(|inside| {
+                apply_needs(inside, &needs).unwrap();
+                apply_needs(inside, &needs).unwrap();
+                assert!(check_needs(inside, &needs).unwrap().is_empty());
+                let ip = |args: &[&str]| {
+                    let out = std::process::Command::new("ip")
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    String::from_utf8_lossy(&out.stdout).into_owned()
+                };
+                for v in ["-4", "-6"] {
+                    let rules = ip(&[v, "rule", "show"]);
+                    assert!(
+                        rules.contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+                        "{rules}"
+                    );
+                    let routes = ip(&[v, "route", "show", "table", "100"]);
+                    assert!(routes.starts_with("local default dev lo"), "{routes}");
+                }
+                assert!(!ip(&["-6", "addr", "show", "dev", "lo"]).contains("::6"));
+                remove(inside).unwrap();
+                assert_eq!(check_needs(inside, &needs).unwrap().len(), 2);
+            })
+            .unwrap();
+    }
+
     #[test]
     fn every_request_gets_its_own_answer() {
         let scratch = ScratchNetns::create().unwrap();
@@ -460,7 +520,7 @@ mod tests {
                 for _ in 0..2 {
                     request(
                         &sock,
-                        RouteNetlinkMessage::NewRule(rule(Family::V4)),
+                        RouteNetlinkMessage::NewRule(rule(Family::V4, &TPROXY_DELIVERY)),
                         add,
                         libc::EEXIST,
                     )
@@ -478,17 +538,17 @@ mod tests {
                 )
                 .unwrap_err();
                 assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
-                assert!(has_tproxy_rule(Family::V4).unwrap());
+                assert!(has_rule(Family::V4, &TPROXY_DELIVERY).unwrap());
                 for _ in 0..2 {
                     request(
                         &sock,
-                        RouteNetlinkMessage::DelRule(rule(Family::V4)),
+                        RouteNetlinkMessage::DelRule(rule(Family::V4, &TPROXY_DELIVERY)),
                         NLM_F_REQUEST | NLM_F_ACK,
                         libc::ENOENT,
                     )
                     .unwrap();
                 }
-                assert!(!has_tproxy_rule(Family::V4).unwrap());
+                assert!(!has_rule(Family::V4, &TPROXY_DELIVERY).unwrap());
                 assert_eq!(
                     sock.next_seq.get(),
                     6,

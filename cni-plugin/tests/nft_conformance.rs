@@ -91,7 +91,7 @@ fn every_conformance_pod_renders_under_nftables() {
                     assert_eq!(rule.matches(" counter").count(), 1, "{rule}");
                 }
                 assert_eq!(
-                    (a.proxy_uid, a.probe_port, a.tproxy_routing),
+                    (a.proxy_uid, a.probe_port, a.local_delivery.is_some()),
                     (b.proxy_uid, b.probe_port, b.tproxy_routing)
                 );
                 rendered += 1;

@@ -29,6 +29,15 @@ pub const DEFAULT_PROBE_PORT: u16 = 15002;
 /// Routing table of the TPROXY policy route.
 pub const TPROXY_ROUTE_TABLE: u32 = 133;
 
+/// The sidecar's TPROXY policy routing: `ip rule add fwmark 1337 lookup 133` and a local
+/// default route in table 133 (upstream `tools/common/tproxy`).
+pub const TPROXY_DELIVERY: super::LocalDelivery = super::LocalDelivery {
+    mark: TPROXY_MARK,
+    mask: None,
+    table: TPROXY_ROUTE_TABLE,
+    priority: None,
+};
+
 /// Chain: inbound traffic classification.
 pub const ISTIO_INBOUND: &str = "ISTIO_INBOUND";
 /// Chain: REDIRECT to the outbound capture port.
@@ -80,8 +89,9 @@ pub fn build(redirect: &Redirect, ipv6: bool) -> Ruleset {
     Ruleset {
         families,
         // As upstream: no inbound capture, no TPROXY routing.
-        tproxy_routing: redirect.mode == InterceptionMode::Tproxy
-            && redirect.include_inbound_ports != PortSet::List(Vec::new()),
+        local_delivery: (redirect.mode == InterceptionMode::Tproxy
+            && redirect.include_inbound_ports != PortSet::List(Vec::new()))
+        .then_some(TPROXY_DELIVERY),
         proxy_uid: redirect.proxy_uid,
         probe_port: probe_port(redirect),
     }

@@ -189,9 +189,10 @@ impl FamilyRules {
 pub struct Ruleset {
     /// Per family, IPv4 first.
     pub families: Vec<FamilyRules>,
-    /// TPROXY mode with inbound capture: `ip rule fwmark 1337 lookup 133` and a local
-    /// default route in table 133 are needed for each family (see [`crate::routing`]).
-    pub tproxy_routing: bool,
+    /// The policy routing the rules need, for each family (see [`crate::routing`]):
+    /// [`iptables::TPROXY_DELIVERY`] in TPROXY mode with inbound capture,
+    /// [`ambient::INPOD_DELIVERY`] for ambient's in-pod rules, else none.
+    pub local_delivery: Option<LocalDelivery>,
     /// The proxy's UID, exempt from capture; the validation probe connects as it.
     pub proxy_uid: u32,
     /// The destination port of the validation probe: one these rules redirect. `None`
@@ -199,22 +200,44 @@ pub struct Ruleset {
     pub probe_port: Option<u16>,
 }
 
-/// What a ruleset needs besides its rules (see [`crate::routing`]): `::6` on `lo` when it
-/// has IPv6 rules, and the TPROXY policy routing of each family in TPROXY mode.
+/// Policy routing that delivers marked packets locally: packets whose firewall mark is
+/// `mark` (under `mask`) are looked up in `table`, whose one route delivers everything
+/// through `lo` (`ip rule add fwmark MARK[/MASK] [pref PRIORITY] lookup TABLE`, `ip route
+/// add local default dev lo table TABLE`, per family). TPROXY needs it, so that a
+/// transparently intercepted packet reaches the local listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalDelivery {
+    /// The firewall mark.
+    pub mark: u32,
+    /// The mask the mark is compared under; `None`: all bits.
+    pub mask: Option<u32>,
+    /// The routing table.
+    pub table: u32,
+    /// The rule's priority (`pref`); `None`: the kernel picks one.
+    pub priority: Option<u32>,
+}
+
+/// What a ruleset needs besides its rules (see [`crate::routing`]): `::6` on `lo` for a
+/// sidecar with IPv6 rules, and the policy routing of each family.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingNeeds {
     /// The families programmed, IPv4 first.
     pub families: Vec<Family>,
-    /// TPROXY mode with inbound capture.
-    pub tproxy_routing: bool,
+    /// The policy routing, if any.
+    pub local_delivery: Option<LocalDelivery>,
+    /// `::6/128` on `lo`: the sidecar's IPv6 inbound passthrough address.
+    pub ipv6_passthrough: bool,
 }
 
 impl Ruleset {
     /// What these rules need besides themselves.
     pub fn routing_needs(&self) -> RoutingNeeds {
+        let families: Vec<Family> = self.families.iter().map(|f| f.family).collect();
         RoutingNeeds {
-            families: self.families.iter().map(|f| f.family).collect(),
-            tproxy_routing: self.tproxy_routing,
+            ipv6_passthrough: families.contains(&Family::V6)
+                && self.local_delivery != Some(ambient::INPOD_DELIVERY),
+            families,
+            local_delivery: self.local_delivery,
         }
     }
 

@@ -155,8 +155,11 @@ impl NftRuleset {
             families.push(super::Family::V6);
         }
         super::RoutingNeeds {
+            ipv6_passthrough: families.contains(&super::Family::V6),
             families,
-            tproxy_routing: self.tproxy_routing,
+            local_delivery: self
+                .tproxy_routing
+                .then_some(super::iptables::TPROXY_DELIVERY),
         }
     }
 

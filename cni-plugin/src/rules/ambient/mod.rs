@@ -42,6 +42,22 @@ pub const INPOD_TPROXY_MARK: u32 = 0x111;
 /// Mask of [`INPOD_TPROXY_MARK`] (`0x111/0xfff`). Upstream: `InpodTProxyMask` in
 /// `cni/pkg/config/config.go`.
 pub const INPOD_TPROXY_MASK: u32 = 0xfff;
+/// The routing table of the in-pod policy rule. Upstream: `RouteTableInbound` in
+/// `cni/pkg/config/config.go`.
+pub const INPOD_ROUTE_TABLE: u32 = 100;
+/// Priority (`pref`) of the in-pod policy rule. Upstream: `cni/pkg/iptables/iptables_linux.go`
+/// (`forEachInpodMarkIPRule`).
+pub const INPOD_RULE_PRIORITY: u32 = 32764;
+/// The in-pod policy routing: replies of connections ztunnel accepted (mark
+/// `0x111/0xfff`) are delivered locally, `ip rule add fwmark 0x111/0xfff pref 32764 lookup
+/// 100` and `ip route add local default dev lo table 100` (upstream
+/// `cni/pkg/iptables/iptables_linux.go`, `AddInpodMarkIPRule`, `AddLoopbackRoutes`).
+pub const INPOD_DELIVERY: crate::rules::LocalDelivery = crate::rules::LocalDelivery {
+    mark: INPOD_TPROXY_MARK,
+    mask: Some(INPOD_TPROXY_MASK),
+    table: INPOD_ROUTE_TABLE,
+    priority: Some(INPOD_RULE_PRIORITY),
+};
 /// Both masks of the iptables `CONNMARK --restore-mark` (the whole mark is copied).
 /// Upstream: `InpodRestoreMask` in `cni/pkg/config/config.go`.
 pub const INPOD_RESTORE_MASK: u32 = 0xffff_ffff;
