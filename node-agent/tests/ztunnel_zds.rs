@@ -3,7 +3,8 @@
 //! without istiod: ztunnel connects to the agent's socket, takes the snapshot, and serves
 //! a pod the agent adds (its listeners appear in the pod's netns, as the agent reads them)
 //! until the agent deletes it. A pod added while ztunnel was away is in the snapshot of the
-//! next connection. Needs root; run by `make e2e` (`--ignored`).
+//! next connection; an enrolment (rules, ack, listeners) is proved or undone. Needs root;
+//! the tests with the real ztunnel run in `make e2e` (`--ignored`).
 //!
 //! Without `../shared` (the shared peer kit), the test says how to get it and passes
 //! without running.
@@ -15,7 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use istio_cni::netns::Netns;
+use istio_cni::rules::ambient::NodeSettings;
 use istio_cni_e2e::net::{unique_name, TestNetns};
+use istio_cni_node_agent::ambient::enrol::{AmbientPod, EnrolError, Enroller, LISTENER_WAIT};
 use istio_cni_node_agent::ambient::listeners::missing_ztunnel_listeners;
 use istio_cni_node_agent::ambient::server::{ServerError, Workload, ZdsServer};
 use istio_cni_node_agent::ambient::socket::{accept_loop, bind_zds};
@@ -243,5 +246,142 @@ async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
     })
     .await;
     assert!(matches!(server.add(web).await, Err(ServerError::NoZtunnel)));
+    accepting.abort();
+}
+
+fn enroller(server: &ZdsServer, lock_dir: &Path) -> Enroller {
+    Enroller {
+        node: NodeSettings::new(true, false),
+        tools: istio_cni::plugin::Tools::detect(),
+        lock_dir: lock_dir.to_owned(),
+        server: server.clone(),
+        listener_wait: LISTENER_WAIT,
+    }
+}
+
+fn ambient_pod() -> AmbientPod {
+    AmbientPod {
+        uid: "uid-web".into(),
+        info: WorkloadInfo {
+            name: "web".into(),
+            namespace: "default".into(),
+            service_account: "web".into(),
+        },
+        annotations: Default::default(),
+    }
+}
+
+/// A ztunnel double that connects, says hello and acks every request, but never listens in
+/// any pod: what upstream would call enrolled (istio/istio#57285).
+fn acking_double(uds: &Path) -> std::thread::JoinHandle<()> {
+    use nix::sys::socket::{
+        connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
+    };
+    use std::os::fd::AsRawFd as _;
+    let uds = uds.to_owned();
+    std::thread::spawn(move || {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        connect(fd.as_raw_fd(), &UnixAddr::new(&uds).unwrap()).unwrap();
+        send(fd.as_raw_fd(), &[0x08, 0x01], MsgFlags::empty()).unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+            if n == 0 || send(fd.as_raw_fd(), &[0x0a, 0x00], MsgFlags::empty()).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// An enrolment counts only when ztunnel's listeners are in the pod's netns: with no
+/// ztunnel, or one that acks without listening, it fails with the reason and leaves the
+/// netns without rules and ztunnel without the pod. Needs root (no ztunnel binary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolment_is_proved_or_undone() {
+    let dir = tempfile::Builder::new().prefix("zds-").tempdir().unwrap();
+    let uds = dir.path().join("ztunnel.sock");
+    let pod = pod_netns(Ipv4Addr::new(10, 91, 0, 3));
+    let netns = Arc::new(pod.open());
+    let server = ZdsServer::new(Duration::from_secs(5));
+    let e = enroller(&server, dir.path());
+
+    let err = e.enrol(&ambient_pod(), netns.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("no ztunnel is connected"), "{err}");
+    assert!(
+        pod.istio_rules(false).is_empty(),
+        "{:?}",
+        pod.istio_rules(false)
+    );
+    assert!(server.pods().await.is_empty());
+
+    let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
+    let _double = acking_double(&uds);
+    eventually("the double's snapshot", dir.path(), async || {
+        server.connections().await == 1
+    })
+    .await;
+    let err = e.enrol(&ambient_pod(), netns.clone()).await.unwrap_err();
+    assert!(
+        matches!(&err, EnrolError::NoListeners { missing, .. } if missing.len() == 3),
+        "{err}"
+    );
+    assert!(
+        pod.istio_rules(false).is_empty(),
+        "{:?}",
+        pod.istio_rules(false)
+    );
+    assert!(server.pods().await.is_empty());
+    assert!(!pod.exec(&["ip", "rule", "show"]).contains("0x111"));
+    accepting.abort();
+}
+
+/// With the real ztunnel: the pod's in-pod rules and policy routing are written and read
+/// back, ztunnel takes it and listens in its netns; unenrolment removes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+async fn the_real_ztunnel_serves_an_enrolled_pod() {
+    let Some(bin) = ztunnel() else { return };
+    let dir = tempfile::Builder::new().prefix("zds-").tempdir().unwrap();
+    let ip = Ipv4Addr::new(10, 91, 0, 4);
+    std::fs::write(dir.path().join("local.yaml"), local_yaml(ip)).unwrap();
+    let uds = dir.path().join("ztunnel.sock");
+    let node = TestNetns::new("ztn");
+    let pod = pod_netns(ip);
+    let netns = Arc::new(pod.open());
+    let server = ZdsServer::new(Duration::from_secs(5));
+    let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
+    let _zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    eventually("ztunnel's snapshot", dir.path(), async || {
+        server.connections().await == 1
+    })
+    .await;
+    let e = enroller(&server, dir.path());
+    let t = Instant::now();
+    e.enrol(&ambient_pod(), netns.clone())
+        .await
+        .expect("enrolled");
+    eprintln!("enrolled (rules, ack, listeners) in {:?}", t.elapsed());
+    let rules = pod.istio_rules(false);
+    assert!(
+        rules
+            .iter()
+            .any(|l| l.contains("-j REDIRECT --to-ports 15001")),
+        "{rules:?}"
+    );
+    assert!(pod
+        .exec(&["ip", "rule", "show"])
+        .contains("fwmark 0x111/0xfff lookup 100"));
+    assert!(missing(&netns).is_empty());
+    e.unenrol("uid-web", Some(netns.clone())).await.unwrap();
+    assert!(pod.istio_rules(false).is_empty());
+    eventually("the listeners gone", dir.path(), async || {
+        missing(&netns).len() == 3
+    })
+    .await;
     accepting.abort();
 }

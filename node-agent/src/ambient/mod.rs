@@ -9,12 +9,15 @@
 //! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
 //!   connection, deletes to all;
 //! - [`listeners`]: whether ztunnel's sockets listen in a pod's netns;
+//! - [`enrol`]: one pod enrolled, proved (rules read back, ztunnel's ack, its listeners in
+//!   the pod's netns) or undone;
 //! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
 //!   that accepts ztunnel's connections.
 //!
 //! Still to come (issue 22): the enrolment decision and watches, in-pod and host rules, the plugin-event socket, and validation of each
 //! enrolment in the pod's netns.
 
+pub mod enrol;
 pub mod listeners;
 pub mod server;
 pub mod socket;

@@ -1,0 +1,224 @@
+//! Enrolling one pod into ambient mode, proved before it counts (ours; upstream trusts
+//! ztunnel's ack alone): the in-pod rules are written and read back, ztunnel takes the
+//! pod's netns and acks, and ztunnel's listeners are then seen in that netns. If any step
+//! fails, what the earlier ones did is undone (ztunnel is told to drop the pod, the rules
+//! are removed), so a pod is either captured by ztunnel or left as it was.
+//!
+//! Upstream's order (`cni/pkg/nodeagent/net_linux.go`, `AddPodToMesh`): rules first, then
+//! ztunnel, so that no packet reaches a listener before the rules that protect ztunnel's
+//! own traffic exist.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use istio_cni::lock::{LockError, NetnsLock};
+use istio_cni::netns::{Netns, NetnsError};
+use istio_cni::plugin::{program, Tools};
+use istio_cni::rules::ambient::{self, NodeSettings, OverrideError, PodOverrides};
+use istio_cni::rules::Ruleset;
+
+use super::listeners::missing_ztunnel_listeners;
+use super::server::{ServerError, Workload, ZdsServer};
+use super::zds::WorkloadInfo;
+
+/// How long ztunnel's listeners may take to appear in the pod's netns after its ack. The
+/// real ztunnel opens them before it acks (about 10 ms in `ztunnel_zds.rs`); the wait only
+/// absorbs scheduling on a busy node.
+pub const LISTENER_WAIT: Duration = Duration::from_secs(2);
+
+/// How long an enrolment waits for the pod's netns lock ([`istio_cni::lock`]).
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The pod, as enrolment needs it.
+#[derive(Debug, Clone)]
+pub struct AmbientPod {
+    /// `metadata.uid`.
+    pub uid: String,
+    /// Name, namespace and service account, for ztunnel.
+    pub info: WorkloadInfo,
+    /// `metadata.annotations` (the pod-level overrides).
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// An enrolment failed; what it had done was undone.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrolError {
+    /// A pod-level override annotation is invalid.
+    #[error(transparent)]
+    Settings(#[from] OverrideError),
+    /// The pod's netns could not be entered.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    /// Another operation holds the pod's netns.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// Writing or reading back the in-pod rules failed (the plugin's error).
+    #[error("in-pod rules: {0}")]
+    Rules(#[source] Box<istio_cni::Error>),
+    /// ztunnel did not take the pod.
+    #[error(transparent)]
+    Ztunnel(#[from] ServerError),
+    /// ztunnel acked, but its sockets are not listening in the pod's netns.
+    #[error("ztunnel acked the pod, but nothing listens on port(s) {missing:?} in its netns after {waited:?}; the pod would not be captured")]
+    NoListeners {
+        /// The ports without a listener.
+        missing: Vec<u16>,
+        /// How long the agent looked.
+        waited: Duration,
+    },
+    /// A blocking task died.
+    #[error("the enrolment task failed: {0}")]
+    Task(String),
+}
+
+/// What enrolment needs of the node.
+#[derive(Clone)]
+pub struct Enroller {
+    /// The node-wide settings (DNS capture, IPv6, probe SNAT addresses).
+    pub node: NodeSettings,
+    /// The iptables (and nft) tools of this node.
+    pub tools: Tools,
+    /// Where the plugin's per-netns lock lives (`cni_agent_run_dir`).
+    pub lock_dir: PathBuf,
+    /// The ZDS server ztunnel is connected to.
+    pub server: ZdsServer,
+    /// How long to wait for ztunnel's listeners after its ack ([`LISTENER_WAIT`]).
+    pub listener_wait: Duration,
+}
+
+impl Enroller {
+    /// The in-pod ruleset of a pod with `overrides`, for the iptables backend.
+    pub fn ruleset(&self, overrides: &PodOverrides) -> Ruleset {
+        let built = ambient::iptables::build_inpod(&self.node, overrides);
+        Ruleset {
+            families: built.families().into_iter().cloned().collect(),
+            local_delivery: Some(ambient::INPOD_DELIVERY),
+            proxy_uid: 0,
+            probe_port: None,
+        }
+    }
+
+    /// Enrols `pod` whose netns is `netns` (see the module docs).
+    ///
+    /// Errors: [`EnrolError`]; nothing of the enrolment is left behind.
+    pub async fn enrol(&self, pod: &AmbientPod, netns: Arc<Netns>) -> Result<(), EnrolError> {
+        let overrides = PodOverrides::from_annotations(&pod.annotations)?;
+        let ruleset = self.ruleset(&overrides);
+        self.blocking({
+            let (netns, ruleset) = (netns.clone(), ruleset.clone());
+            move |me| me.write_rules(&netns, &ruleset)
+        })
+        .await?;
+        let workload = Workload {
+            uid: pod.uid.clone(),
+            info: pod.info.clone(),
+            netns: Some(netns.clone()),
+        };
+        if let Err(e) = self.server.add(workload).await {
+            // `add` records the pod even when no ztunnel took it; it is not enrolled.
+            let _ = self.server.del(&pod.uid).await;
+            self.undo_rules(&netns, &ruleset).await;
+            return Err(e.into());
+        }
+        let start = Instant::now();
+        loop {
+            let missing = self
+                .blocking({
+                    let netns = netns.clone();
+                    move |_| {
+                        netns
+                            .run(|inside| missing_ztunnel_listeners(inside))
+                            .map_err(EnrolError::from)?
+                            .map_err(|e| {
+                                EnrolError::Task(format!("reading the netns's sockets: {e}"))
+                            })
+                    }
+                })
+                .await?;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= self.listener_wait {
+                let _ = self.server.del(&pod.uid).await;
+                self.undo_rules(&netns, &ruleset).await;
+                return Err(EnrolError::NoListeners {
+                    missing,
+                    waited: start.elapsed(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Takes `pod` out of ambient mode: ztunnel drops it, and its in-pod rules are removed
+    /// when its netns is still there.
+    ///
+    /// Errors: [`EnrolError::Ztunnel`] when ztunnel does not ack; the rules are removed
+    /// anyway.
+    pub async fn unenrol(&self, uid: &str, netns: Option<Arc<Netns>>) -> Result<(), EnrolError> {
+        let told = self.server.del(uid).await;
+        if let Some(netns) = netns {
+            let xt = self.tools.xt.clone();
+            let lock_dir = self.lock_dir.clone();
+            let removed = tokio::task::spawn_blocking(move || -> Result<(), EnrolError> {
+                let _lock = NetnsLock::acquire(&lock_dir, netns.id(), LOCK_WAIT)?;
+                let Some(xt) = xt else { return Ok(()) };
+                netns
+                    .run(|inside| istio_cni::apply::remove(inside, &xt, None))?
+                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))
+            })
+            .await
+            .map_err(|e| EnrolError::Task(e.to_string()))?;
+            if let Err(e) = removed {
+                log::warn!("ambient: removing the in-pod rules of pod {uid}: {e}");
+            }
+        }
+        Ok(told?)
+    }
+
+    /// Writes and reads back `ruleset` under the netns lock; on failure nothing is left
+    /// (the plugin's ADD semantics, [`program`], without its probe).
+    fn write_rules(&self, netns: &Netns, ruleset: &Ruleset) -> Result<(), EnrolError> {
+        let _lock = NetnsLock::acquire(&self.lock_dir, netns.id(), LOCK_WAIT)?;
+        let xt = match &self.tools.xt {
+            Some(xt) => xt.clone(),
+            // Not found at start: look again, for the error that says what is missing.
+            None => istio_cni::apply::Xtables::detect()
+                .map_err(|e| EnrolError::Rules(Box::new(e.into())))?,
+        };
+        netns
+            .run(|inside| program(inside, &xt, ruleset, None))?
+            .map_err(|e| EnrolError::Rules(Box::new(e)))
+    }
+
+    async fn undo_rules(&self, netns: &Arc<Netns>, ruleset: &Ruleset) {
+        let (netns, ruleset) = (netns.clone(), ruleset.clone());
+        let undone = self
+            .blocking(move |me| {
+                let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
+                let Some(xt) = &me.tools.xt else {
+                    return Ok(());
+                };
+                netns
+                    .run(|inside| istio_cni::apply::remove(inside, xt, Some(&ruleset)))?
+                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))
+            })
+            .await;
+        if let Err(e) = undone {
+            log::error!("ambient: undoing the in-pod rules after a failed enrolment: {e}");
+        }
+    }
+
+    /// Runs `f` with this enroller on a blocking thread.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Enroller) -> Result<T, EnrolError> + Send + 'static,
+    ) -> Result<T, EnrolError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| EnrolError::Task(e.to_string()))?
+    }
+}
