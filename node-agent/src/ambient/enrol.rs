@@ -129,7 +129,7 @@ impl Enroller {
                     let netns = netns.clone();
                     move |_| {
                         netns
-                            .run(|inside| missing_ztunnel_listeners(inside))
+                            .run(missing_ztunnel_listeners)
                             .map_err(EnrolError::from)?
                             .map_err(|e| {
                                 EnrolError::Task(format!("reading the netns's sockets: {e}"))
