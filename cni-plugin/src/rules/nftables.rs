@@ -58,17 +58,29 @@ pub struct NftChain {
     pub base: Option<&'static str>,
 }
 
-/// The chains each table may have, in the order upstream declares them (and so adds
-/// them); only those with rules are created.
-fn declared_chains(table: &str) -> &'static [NftChain] {
-    const fn base(name: &'static str, spec: &'static str) -> NftChain {
+impl NftChain {
+    /// A base chain `name` with its `type … hook … priority …` specification.
+    pub const fn base(name: &'static str, spec: &'static str) -> NftChain {
         NftChain {
             name,
             base: Some(spec),
         }
     }
-    const fn plain(name: &'static str) -> NftChain {
+
+    /// A regular chain `name`.
+    pub const fn plain(name: &'static str) -> NftChain {
         NftChain { name, base: None }
+    }
+}
+
+/// The chains each table may have, in the order upstream declares them (and so adds
+/// them); only those with rules are created.
+fn declared_chains(table: &str) -> &'static [NftChain] {
+    const fn base(name: &'static str, spec: &'static str) -> NftChain {
+        NftChain::base(name, spec)
+    }
+    const fn plain(name: &'static str) -> NftChain {
+        NftChain::plain(name)
     }
     // Priorities as knftables spells them: dstnat -100, mangle -150, raw -300.
     const NAT: &[NftChain] = &[

@@ -294,10 +294,7 @@ impl ZdsServer {
 mod tests {
     use super::*;
     use crate::ambient::zds::{Ack, Response, WorkloadRequest, WorkloadResponse, ZdsHello};
-    use nix::sys::socket::{
-        recvmsg, sendmsg, socketpair, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
-        SockType, UnixAddr,
-    };
+    use nix::sys::socket::{recvmsg, sendmsg, ControlMessageOwned, MsgFlags, UnixAddr};
     use prost::Message as _;
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -375,13 +372,7 @@ mod tests {
     }
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        crate::ambient::zds::seqpacket_pair()
     }
 
     /// A netns of the test's own (gone with the last handle): only its descriptor travels.

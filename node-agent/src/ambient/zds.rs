@@ -431,19 +431,25 @@ async fn within<T>(
         })
 }
 
+/// A connected `SOCK_SEQPACKET` pair, as the agent's and ztunnel's ends (tests).
+#[cfg(test)]
+pub(crate) fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .expect("socketpair")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        seqpacket_pair()
     }
 
     /// The bytes upstream's peers put on the wire (the peer kit's README: `ZdsHello{V1}` is

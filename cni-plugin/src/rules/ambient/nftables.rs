@@ -65,14 +65,11 @@ impl AmbientNftRuleset {
 }
 
 const fn base(name: &'static str, spec: &'static str) -> NftChain {
-    NftChain {
-        name,
-        base: Some(spec),
-    }
+    NftChain::base(name, spec)
 }
 
 const fn plain(name: &'static str) -> NftChain {
-    NftChain { name, base: None }
+    NftChain::plain(name)
 }
 
 /// The chains a table may have, in the order upstream declares them (and so adds them),
