@@ -215,6 +215,107 @@ impl AddEvent {
     }
 }
 
+/// The agent did not enrol the pod.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Nothing listens on the socket: the agent is not running on this node, or ambient
+    /// mode is off in it.
+    #[error("the istio-cni node agent does not answer on {socket} ({source}); is its DaemonSet running on this node with ambient enabled?")]
+    NoAgent {
+        /// The socket.
+        socket: PathBuf,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// The agent refused the pod, with its reason.
+    #[error("the istio-cni node agent refused the pod (HTTP {status}): {reason}")]
+    Refused {
+        /// The HTTP status.
+        status: u16,
+        /// The agent's message.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("the istio-cni node agent did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The exchange failed midway.
+    #[error("talking to the istio-cni node agent on {socket}: {reason}")]
+    Exchange {
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Sends `event` to the agent on `<run_dir>/pluginevent.sock` (`POST /cmdadd`, as
+/// upstream's plugin does) and waits for its answer, at most `timeout` in all. The answer's
+/// body is read up to [`MAX_BODY`].
+///
+/// Errors: [`SendError`].
+pub fn send_add(
+    run_dir: &std::path::Path,
+    event: &AddEvent,
+    timeout: std::time::Duration,
+) -> Result<(), SendError> {
+    let socket = run_dir.join(SOCKET_NAME);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SendError::Exchange {
+            socket: socket.clone(),
+            reason: format!("tokio runtime: {e}"),
+        })?;
+    rt.block_on(async {
+        tokio::time::timeout(timeout, post(&socket, event.to_json()))
+            .await
+            .unwrap_or(Err(SendError::Timeout(timeout)))
+    })
+}
+
+async fn post(socket: &std::path::Path, body: Vec<u8>) -> Result<(), SendError> {
+    use http_body_util::BodyExt as _;
+    let exchange = |reason: String| SendError::Exchange {
+        socket: socket.to_owned(),
+        reason,
+    };
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| SendError::NoAgent {
+            socket: socket.to_owned(),
+            source,
+        })?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| exchange(e.to_string()))?;
+    let driver = tokio::spawn(conn);
+    let request = hyper::Request::post(ADD_PATH)
+        .header(hyper::header::HOST, "unix")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| exchange(e.to_string()))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| exchange(e.to_string()))?;
+    let status = response.status();
+    let text = http_body_util::Limited::new(response.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
+        .unwrap_or_else(|e| format!("(unreadable answer: {e})"));
+    driver.abort();
+    if status == hyper::StatusCode::OK {
+        Ok(())
+    } else {
+        Err(SendError::Refused {
+            status: status.as_u16(),
+            reason: text,
+        })
+    }
+}
+
 /// A Kubernetes object name: lowercase alphanumerics and `-` (and `.` in a subdomain),
 /// starting and ending alphanumeric, at most `max` characters (apimachinery
 /// `IsDNS1123Label`, `IsDNS1123Subdomain`).

@@ -11,14 +11,17 @@
 //! - [`listeners`]: whether ztunnel's sockets listen in a pod's netns;
 //! - [`enrol`]: one pod enrolled, proved (rules read back, ztunnel's ack, its listeners in
 //!   the pod's netns) or undone;
+//! - [`pluginevents`]: the plugin-event socket's server (`POST /cmdadd`), bounded and
+//!   checked, against the plugin's own client ([`istio_cni::pluginevent::send_add`]);
 //! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
 //!   that accepts ztunnel's connections.
 //!
-//! Still to come (issue 22): the enrolment decision and watches, in-pod and host rules, the plugin-event socket, and validation of each
-//! enrolment in the pod's netns.
+//! Still to come (issue 22): the enrolment decision and watches, host rules and ipsets,
+//! the annotation, the settings and their wiring into `run`.
 
 pub mod enrol;
 pub mod listeners;
+pub mod pluginevents;
 pub mod server;
 pub mod socket;
 pub mod zds;

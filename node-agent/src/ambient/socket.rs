@@ -1,5 +1,6 @@
 //! The ZDS socket ztunnel connects to (upstream `ZTUNNEL_UDS_ADDRESS`, by default
-//! `/var/run/ztunnel/ztunnel.sock`), and the loop that accepts its connections.
+//! `/var/run/ztunnel/ztunnel.sock`), and the loop that accepts its connections; the checks
+//! here serve the plugin-event socket too ([`super::pluginevents`]).
 //!
 //! The socket hands out the netns of every ambient pod to whoever connects, so:
 //! - its directory must exist, be owned by root and writable by no one else (a directory
@@ -25,7 +26,7 @@ use super::server::ZdsServer;
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// The directory is missing, or others than root could write it.
-    #[error("ZDS socket directory {dir}: {reason} (it must be a directory owned by root that no one else can write; the chart mounts the host's /var/run/ztunnel)")]
+    #[error("socket directory {dir}: {reason} (it must be a directory owned by root that no one else can write)")]
     Dir {
         /// The directory.
         dir: PathBuf,
@@ -33,7 +34,7 @@ pub enum SocketError {
         reason: String,
     },
     /// Something other than a socket is at the path.
-    #[error("{0} exists and is not a socket; not removing it (ZTUNNEL_UDS_ADDRESS must name a path for the agent's socket)")]
+    #[error("{0} exists and is not a socket; not removing it (the path is the agent's socket's)")]
     NotASocket(PathBuf),
     /// A socket call failed.
     #[error("ZDS socket {path}: {call}: {source}")]
@@ -52,6 +53,46 @@ pub enum SocketError {
 ///
 /// Errors: [`SocketError`].
 pub fn bind_zds(path: &Path) -> Result<OwnedFd, SocketError> {
+    prepare_path(path)?;
+    let sys = |call, source| SocketError::Sys {
+        path: path.into(),
+        call,
+        source,
+    };
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )
+    .map_err(|e| sys("socket", e))?;
+    let addr = UnixAddr::new(path).map_err(|e| sys("address", e))?;
+    bind(fd.as_raw_fd(), &addr).map_err(|e| sys("bind", e))?;
+    // Before listen: no connection can be made before the mode is right.
+    restrict(path)?;
+    listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(|e| sys("listen", e))?;
+    Ok(fd)
+}
+
+/// Makes a bound socket's file `0600`.
+///
+/// Errors: [`SocketError::Sys`] (`chmod`).
+pub fn restrict(path: &Path) -> Result<(), SocketError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        SocketError::Sys {
+            path: path.into(),
+            call: "chmod",
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(0)),
+        }
+    })
+}
+
+/// Checks that a socket may be bound at `path` as the module docs say: its directory is
+/// root's and no one else can write it; a socket already there (an earlier agent's) is
+/// removed; anything else there is refused.
+///
+/// Errors: [`SocketError::Dir`], [`SocketError::NotASocket`].
+pub fn prepare_path(path: &Path) -> Result<(), SocketError> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let dir_err = |reason: String| SocketError::Dir {
         dir: dir.into(),
@@ -75,25 +116,7 @@ pub fn bind_zds(path: &Path) -> Result<OwnedFd, SocketError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(dir_err(e.to_string())),
     }
-    let sys = |call, source| SocketError::Sys {
-        path: path.into(),
-        call,
-        source,
-    };
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )
-    .map_err(|e| sys("socket", e))?;
-    let addr = UnixAddr::new(path).map_err(|e| sys("address", e))?;
-    bind(fd.as_raw_fd(), &addr).map_err(|e| sys("bind", e))?;
-    // Before listen: no connection can be made before the mode is right.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| sys("chmod", nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
-    listen(&fd, Backlog::new(16).unwrap_or(Backlog::MAXCONN)).map_err(|e| sys("listen", e))?;
-    Ok(fd)
+    Ok(())
 }
 
 /// Accepts ztunnel's connections on `listener` (from [`bind_zds`]) and serves each with
