@@ -130,6 +130,8 @@ struct Raw {
     native_nftables: bool,
     validation: Validation,
     local_pod_file: Option<PathBuf>,
+    ambient_enabled: bool,
+    enablement_selectors: Option<Vec<crate::enablement::EnablementSelector>>,
 }
 
 /// The parsed configuration, defaults filled in.
@@ -164,6 +166,13 @@ pub struct NetConf {
     /// `local_pod_file` (ours): read the pod from this JSON file instead of the API. The
     /// node agent's self-test uses it; production chains never set it.
     pub local_pod_file: Option<PathBuf>,
+    /// `ambient_enabled` (upstream's field, chart `ambient.enabled`): ambient pods are
+    /// enrolled by the node agent. Read, and used by `render`; ADD does not act on it yet
+    /// (ambient mode is being built).
+    pub ambient_enabled: bool,
+    /// `enablement_selectors` (upstream's field, chart `ambient.enablementSelectors`),
+    /// compiled; upstream's defaults when absent.
+    pub enablement: crate::enablement::Enablement,
 }
 
 impl NetConf {
@@ -200,6 +209,15 @@ impl NetConf {
                 reason: format!("{api_timeout_ms} is outside 1..=300000 milliseconds"),
             });
         }
+        let enablement = match &raw.enablement_selectors {
+            Some(selectors) => crate::enablement::Enablement::compile(selectors).map_err(|e| {
+                ConfigError::InvalidField {
+                    field: "enablement_selectors".into(),
+                    reason: e.to_string(),
+                }
+            })?,
+            None => crate::enablement::Enablement::default(),
+        };
         let agent_run_dir = raw
             .cni_agent_run_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_AGENT_RUN_DIR));
@@ -224,6 +242,8 @@ impl NetConf {
             native_nftables: raw.native_nftables,
             validation: v,
             local_pod_file: raw.local_pod_file,
+            ambient_enabled: raw.ambient_enabled,
+            enablement,
         })
     }
 
@@ -294,6 +314,28 @@ mod tests {
 
     fn parse(s: &str) -> Result<NetConf, ConfigError> {
         NetConf::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn ambient_fields() {
+        let c = parse(r#"{"cniVersion":"1.0.0","ambient_enabled":true}"#).unwrap();
+        assert!(c.ambient_enabled);
+        assert_eq!(c.enablement, crate::enablement::Enablement::default());
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","enablement_selectors":[{"podSelector":{"matchLabels":{"a":"b"}}}]}"#,
+        )
+        .unwrap();
+        assert!(!c.ambient_enabled);
+        assert_ne!(c.enablement, crate::enablement::Enablement::default());
+        let e = parse(
+            r#"{"cniVersion":"1.0.0","enablement_selectors":[{"podSelector":{"matchExpressions":[{"key":"a","operator":"Near"}]}}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, ConfigError::InvalidField { field, .. } if field == "enablement_selectors"),
+            "{e}"
+        );
+        assert_eq!(e.code(), crate::cni::ErrorCode::INVALID_NETWORK_CONFIG);
     }
 
     #[test]

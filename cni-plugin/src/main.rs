@@ -35,6 +35,17 @@ enum Cmd {
         /// Our network configuration entry (JSON). Its prevResult decides IPv6.
         #[arg(long)]
         netconf: Option<PathBuf>,
+        /// The pod's namespace as the API returns it (JSON), whose labels the ambient
+        /// enablement selectors read; without it, the namespace has no labels.
+        #[arg(long)]
+        namespace: Option<PathBuf>,
+        /// Ambient: capture DNS to ztunnel (the node-wide setting the agent keeps, chart
+        /// `ambient.dnsCapture`; upstream's default, true).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        ambient_dns_capture: bool,
+        /// Ambient: also IPv6 rules (chart `ambient.ipv6`; upstream's default, true).
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        ambient_ipv6: bool,
     },
 }
 
@@ -43,7 +54,18 @@ fn main() -> ExitCode {
         return cni_main();
     }
     match Cli::parse().command {
-        Cmd::Render { pod, netconf } => match render(&pod, netconf.as_deref()) {
+        Cmd::Render {
+            pod,
+            netconf,
+            namespace,
+            ambient_dns_capture,
+            ambient_ipv6,
+        } => match render(
+            &pod,
+            netconf.as_deref(),
+            namespace.as_deref(),
+            istio_cni::rules::ambient::NodeSettings::new(ambient_dns_capture, ambient_ipv6),
+        ) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -54,6 +76,46 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The in-pod rules the node agent writes for an ambient pod (the same builders as the
+/// agent's enrolment), or `None` when the pod is not ambient: excluded namespace, the
+/// agent's own namespace, or no enablement selector matches.
+fn render_ambient(
+    conf: &NetConf,
+    pod: &k8s_openapi::api::core::v1::Pod,
+    namespace_labels: &std::collections::BTreeMap<String, String>,
+    node: &istio_cni::rules::ambient::NodeSettings,
+) -> Result<Option<String>, String> {
+    use istio_cni::rules::ambient;
+    let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+    if conf.is_excluded(ns)
+        || ns == conf.pod_namespace
+        || !conf.enablement.matches(pod, namespace_labels)
+    {
+        return Ok(None);
+    }
+    let overrides = ambient::PodOverrides::from_annotations(
+        pod.metadata
+            .annotations
+            .as_ref()
+            .unwrap_or(&Default::default()),
+    )
+    .map_err(|e| format!("{e} (the node agent would refuse to enrol the pod)"))?;
+    let mut out = String::from(
+        "# ambient: in-pod rules the node agent writes into the pod's netns
+",
+    );
+    if conf.native_nftables {
+        out.push_str(&ambient::nftables::build_inpod(node, &overrides).transaction());
+    } else {
+        out.push_str(
+            &ambient::iptables::build_inpod(node, &overrides)
+                .ruleset()
+                .render(),
+        );
+    }
+    Ok(Some(out))
 }
 
 /// Largest network configuration read from stdin, in bytes. A conflist entry with its
@@ -141,7 +203,12 @@ fn error_details(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-fn render(pod: &std::path::Path, netconf: Option<&std::path::Path>) -> Result<String, String> {
+fn render(
+    pod: &std::path::Path,
+    netconf: Option<&std::path::Path>,
+    namespace: Option<&std::path::Path>,
+    ambient_node: istio_cni::rules::ambient::NodeSettings,
+) -> Result<String, String> {
     let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
     let conf = match netconf {
         Some(p) => NetConf::parse(&read(p)?).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -157,6 +224,20 @@ fn render(pod: &std::path::Path, netconf: Option<&std::path::Path>) -> Result<St
             ErrorCode::INVALID_POD_SETTING.0
         )
     };
+    if conf.ambient_enabled {
+        let labels = match namespace {
+            Some(p) => {
+                let ns: k8s_openapi::api::core::v1::Namespace =
+                    serde_json::from_slice(&read(p)?)
+                        .map_err(|e| format!("{} is not a Namespace: {e}", p.display()))?;
+                ns.metadata.labels.unwrap_or_default()
+            }
+            None => Default::default(),
+        };
+        if let Some(text) = render_ambient(&conf, &pod, &labels, &ambient_node)? {
+            return Ok(text);
+        }
+    }
     if conf.native_nftables {
         return match istio_cni::plan::plan_nft_for_pod(&conf, &pod).map_err(invalid)? {
             Plan::Skip(reason) => Ok(format!("# no rules: {reason}\n")),

@@ -504,3 +504,107 @@ fn render_prints_the_nftables_transaction_with_native_nftables() {
         "{text}"
     );
 }
+
+/// Rules of one golden of upstream's ambient set: the restore input (harness lines left
+/// out) or the nftables transaction.
+fn ambient_golden(backend: &str, name: &str) -> String {
+    let path = format!(
+        "{}/tests/conformance/istio-ambient/{backend}/{name}.golden",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut out: String = text
+        .lines()
+        .filter(|l| !matches!(*l, "iptables-save" | "ip6tables-save"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    out.push('\n');
+    out
+}
+
+/// `render` with `ambient_enabled` prints, for an ambient pod, the in-pod rules the node
+/// agent writes (the same builders), with the node-wide settings as flags; a pod whose
+/// namespace makes it ambient needs `--namespace`; a sidecar pod still gets its sidecar
+/// rules; a bad override is named.
+#[test]
+fn render_prints_the_ambient_in_pod_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, v: Value| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, v.to_string()).unwrap();
+        p
+    };
+    let ambient_pod = write(
+        "pod.json",
+        json!({"metadata": {"name": "p", "namespace": "apps",
+                            "labels": {"istio.io/dataplane-mode": "ambient"}},
+               "spec": {"containers": [{"name": "app"}]}}),
+    );
+    let plain_pod = write(
+        "plain.json",
+        json!({"metadata": {"name": "q", "namespace": "apps"}, "spec": {"containers": [{"name": "app"}]}}),
+    );
+    let ns = write(
+        "ns.json",
+        json!({"metadata": {"name": "apps", "labels": {"istio.io/dataplane-mode": "ambient"}}}),
+    );
+    let render = |pod: &std::path::Path, conf: Value, extra: &[&str]| {
+        let netconf = write("netconf.json", conf);
+        let out = Command::new(BIN)
+            .args(["render", "--pod"])
+            .arg(pod)
+            .arg("--netconf")
+            .arg(&netconf)
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let ambient = json!({"cniVersion": "1.0.0", "ambient_enabled": true});
+    let without_comments = |t: &str| -> String {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let (ok, out, err) = render(&ambient_pod, ambient.clone(), &["--ambient-ipv6=false"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("# ambient"), "{out}");
+    assert_eq!(
+        without_comments(&out),
+        ambient_golden("iptables", "default")
+    );
+    let nft = json!({"cniVersion": "1.0.0", "ambient_enabled": true, "native_nftables": true});
+    let (ok, out, err) = render(&ambient_pod, nft, &["--ambient-ipv6=false"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        without_comments(&out),
+        ambient_golden("nftables", "default")
+    );
+    // The namespace's label: only with --namespace.
+    let (_, out, _) = render(&plain_pod, ambient.clone(), &[]);
+    assert!(out.starts_with("# no rules"), "{out}");
+    let (_, out, _) = render(
+        &plain_pod,
+        ambient.clone(),
+        &["--namespace", ns.to_str().unwrap()],
+    );
+    assert!(out.starts_with("# ambient"), "{out}");
+    // Not with ambient off.
+    let (_, out, _) = render(&ambient_pod, json!({"cniVersion": "1.0.0"}), &[]);
+    assert!(out.starts_with("# no rules"), "{out}");
+    // A bad override.
+    let bad = write(
+        "bad.json",
+        json!({"metadata": {"name": "p", "namespace": "apps",
+                            "labels": {"istio.io/dataplane-mode": "ambient"},
+                            "annotations": {"ambient.istio.io/dns-capture": "maybe"}},
+               "spec": {"containers": [{"name": "app"}]}}),
+    );
+    let (ok, _, err) = render(&bad, ambient, &[]);
+    assert!(!ok && err.contains("ambient.istio.io/dns-capture"), "{err}");
+}

@@ -91,13 +91,7 @@ pub struct Enroller {
 impl Enroller {
     /// The in-pod ruleset of a pod with `overrides`, for the iptables backend.
     pub fn ruleset(&self, overrides: &PodOverrides) -> Ruleset {
-        let built = ambient::iptables::build_inpod(&self.node, overrides);
-        Ruleset {
-            families: built.families().into_iter().cloned().collect(),
-            local_delivery: Some(ambient::INPOD_DELIVERY),
-            proxy_uid: 0,
-            probe_port: None,
-        }
+        ambient::iptables::build_inpod(&self.node, overrides).ruleset()
     }
 
     /// Enrols `pod` whose netns is `netns` (see the module docs).

@@ -35,6 +35,18 @@ impl AmbientIptables {
         std::iter::once(&self.v4).chain(&self.v6).collect()
     }
 
+    /// In-pod rules as the ruleset the shared apply and read-back path takes: these
+    /// families, with ambient's policy routing ([`super::INPOD_DELIVERY`]) and no loopback
+    /// probe (ztunnel's listeners prove the capture instead).
+    pub fn ruleset(&self) -> crate::rules::Ruleset {
+        crate::rules::Ruleset {
+            families: self.families().into_iter().cloned().collect(),
+            local_delivery: Some(super::INPOD_DELIVERY),
+            proxy_uid: 0,
+            probe_port: None,
+        }
+    }
+
     /// The rules of `family`, if that family is programmed.
     pub fn family(&self, family: Family) -> Option<&FamilyRules> {
         self.families().into_iter().find(|f| f.family == family)
