@@ -35,11 +35,17 @@ use serde_json::json;
 
 use crate::install::{kubeconfig, InstallConfig};
 
-/// How long a watch read may wait for the next byte: above the 290 s that `kube-runtime`'s
-/// watcher asks the server to end each watch after (`timeoutSeconds`, its default when
-/// `watcher::Config::timeout` is unset), and above the watcher's own idle limit (that plus
-/// 5 s), so that only a dead connection hits it. Used by [`ApiClient::watch_client`] only.
-pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(330);
+/// The server-side length of each watch (`timeoutSeconds`, set on every watcher by
+/// [`watch_bounding_lists`]): 60 s. `kube-runtime` drops a watch that stays silent 5 s
+/// longer, so a watch whose connection went dead mid-life (an API server that stops
+/// answering) is replaced within about 65 s, where its default of 290 s took about 5
+/// minutes. A new watch a minute per watcher costs the server nothing worth counting.
+pub const WATCH_TIMEOUT_SECONDS: u32 = 60;
+
+/// How long a watch read may wait for the next byte: above [`WATCH_TIMEOUT_SECONDS`] and
+/// the watcher's own idle limit (that plus 5 s), so that only a dead connection the idle
+/// limit missed hits it. Used by [`ApiClient::watch_client`] only.
+pub const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// How long one non-watch request (a GET, a LIST page, a PATCH, a DELETE, an Event) may
 /// wait for the API server's next byte, from when it was sent; the taint loop, the Event
@@ -189,9 +195,9 @@ pub struct ListTimedOut(pub Duration);
 /// request, and one that takes longer drops the watcher (its request and connection with
 /// it) and yields [`watcher::Error::InitialListFailed`] with [`ListTimedOut`]; the next
 /// poll starts a new watcher, so a backoff on the stream applies between the two. Once
-/// listed, the watch stream is left alone: the server ends it after `timeoutSeconds`
-/// (290 s), `kube-runtime` drops one idle for 5 s longer, and [`WATCH_READ_TIMEOUT`] is the
-/// last resort.
+/// listed, the watch stream is left alone: the server ends it after
+/// [`WATCH_TIMEOUT_SECONDS`] (set here on `config`), `kube-runtime` drops one idle for 5 s
+/// longer, and [`WATCH_READ_TIMEOUT`] is the last resort.
 pub fn watch_bounding_lists<K>(
     api: kube::Api<K>,
     config: watcher::Config,
@@ -205,6 +211,7 @@ where
         inner: BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>,
         listing: bool,
     }
+    let config = config.timeout(WATCH_TIMEOUT_SECONDS);
     let inner = watcher(api.clone(), config.clone()).boxed();
     let state = State {
         api,
