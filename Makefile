@@ -124,7 +124,7 @@ e2e:
 ## runs FUZZ_SECONDS (60) from the seeds in cni-plugin/fuzz/seeds; any crash fails it, and
 ## its input is kept in target/fuzz/artifacts/. Not part of `make test`.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon nft_canon plugin_event
+FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon nft_canon plugin_event zds
 fuzz:
 	@$(DEPS) fuzz
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz

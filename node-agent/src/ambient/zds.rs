@@ -266,11 +266,8 @@ impl ZdsConn {
     ///
     /// Errors: [`ZdsError::Timeout`], [`ZdsError::Version`], and those of a read.
     pub async fn hello(&self, timeout: Duration) -> Result<(), ZdsError> {
-        let hello: ZdsHello = within(timeout, "say hello", self.recv("ZdsHello")).await?;
-        if hello.version != Version::V1 as i32 {
-            return Err(ZdsError::Version(hello.version));
-        }
-        Ok(())
+        let packet = within(timeout, "say hello", self.recv()).await?;
+        decode_hello(&packet)
     }
 
     /// Sends `request` (with `netns` in `SCM_RIGHTS` for an add) and waits at most
@@ -290,20 +287,8 @@ impl ZdsConn {
         }
         .encode_to_vec();
         self.send(&packet, netns).await?;
-        let response: WorkloadResponse = within(
-            timeout,
-            &format!("acknowledge {name}"),
-            self.recv("WorkloadResponse"),
-        )
-        .await?;
-        match response.payload {
-            Some(Response::Ack(Ack { error })) if error.is_empty() => Ok(()),
-            Some(Response::Ack(Ack { error })) => Err(ZdsError::Nack {
-                request: name,
-                error,
-            }),
-            None => Err(ZdsError::EmptyResponse { request: name }),
-        }
+        let packet = within(timeout, &format!("acknowledge {name}"), self.recv()).await?;
+        decode_ack(&packet, &name)
     }
 
     /// Waits until ztunnel sends something it was not asked for, which ends the
@@ -311,7 +296,7 @@ impl ZdsConn {
     /// or [`ZdsError::Unsolicited`] for a packet. Cancel-safe: the idle loop races it with
     /// the next request.
     pub async fn unsolicited(&self) -> ZdsError {
-        match self.recv::<WorkloadResponse>("WorkloadResponse").await {
+        match self.recv().await {
             Ok(_) => ZdsError::Unsolicited,
             Err(e) => e,
         }
@@ -349,22 +334,59 @@ impl ZdsConn {
         }
     }
 
-    /// Reads one packet and decodes it as `M`. Any descriptor that came with it is closed
-    /// and the packet refused; so is a packet over [`MAX_PACKET`].
-    async fn recv<M: prost::Message + Default>(&self, what: &'static str) -> Result<M, ZdsError> {
+    /// Reads one packet. Any descriptor that came with it is closed and the packet
+    /// refused; so is a packet over [`MAX_PACKET`].
+    async fn recv(&self) -> Result<Vec<u8>, ZdsError> {
         let mut buf = vec![0u8; MAX_PACKET];
         loop {
             let mut guard = self.fd.readable().await?;
             let got = guard.try_io(|inner| read_packet(inner.get_ref().as_fd(), &mut buf));
             match got {
                 Ok(Ok(Ok(n))) => {
-                    return M::decode(&buf[..n]).map_err(|source| ZdsError::Decode { what, source })
+                    buf.truncate(n);
+                    return Ok(buf);
                 }
                 Ok(Ok(Err(e))) => return Err(e),
                 Ok(Err(e)) => return Err(e.into()),
                 Err(_would_block) => continue,
             }
         }
+    }
+}
+
+/// ztunnel's hello, from one packet: a [`ZdsHello`] naming [`Version::V1`].
+///
+/// Errors: [`ZdsError::Decode`], [`ZdsError::Version`].
+pub fn decode_hello(packet: &[u8]) -> Result<(), ZdsError> {
+    let hello = ZdsHello::decode(packet).map_err(|source| ZdsError::Decode {
+        what: "ZdsHello",
+        source,
+    })?;
+    if hello.version != Version::V1 as i32 {
+        return Err(ZdsError::Version(hello.version));
+    }
+    Ok(())
+}
+
+/// ztunnel's answer to the request described as `request`, from one packet: `Ok` for an
+/// ack with no error.
+///
+/// Errors: [`ZdsError::Decode`], [`ZdsError::Nack`] with ztunnel's reason,
+/// [`ZdsError::EmptyResponse`].
+pub fn decode_ack(packet: &[u8], request: &str) -> Result<(), ZdsError> {
+    let response = WorkloadResponse::decode(packet).map_err(|source| ZdsError::Decode {
+        what: "WorkloadResponse",
+        source,
+    })?;
+    match response.payload {
+        Some(Response::Ack(Ack { error })) if error.is_empty() => Ok(()),
+        Some(Response::Ack(Ack { error })) => Err(ZdsError::Nack {
+            request: request.to_owned(),
+            error,
+        }),
+        None => Err(ZdsError::EmptyResponse {
+            request: request.to_owned(),
+        }),
     }
 }
 
