@@ -103,7 +103,8 @@ image-check: image
 ## the chart's DaemonSet as Helm renders it, run from that image through containerd's CRI
 ## on a test node (install, host-side self-test, untaint, pods, upgrade, uninstall, a node
 ## without iptables); then the node lifecycle: containerd + the real agent and plugin over
-## one node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step.
+## one node's life (join, gate, schedule, break, repair, upgrade, uninstall), a line per step;
+## and ambient mode against the real ztunnel (ZDS, and ADD of an ambient pod through the agent).
 e2e:
 	@$(DEPS) e2e
 	$(CARGO) build --workspace --bins
@@ -117,7 +118,7 @@ e2e:
 	ISTIO_CNI_CHART=$(CURDIR)/target/e2e/chart.json \
 	    $(CARGO) test -p istio-cni-e2e --test daemonset -- --ignored --nocapture --test-threads 1
 	$(CARGO) test -p istio-cni-e2e --test lifecycle -- --ignored --nocapture
-	$(CARGO) test -p istio-cni-node-agent --test ztunnel_zds -- --ignored --nocapture
+	$(CARGO) test -p istio-cni-node-agent --test ztunnel_zds --test ambient -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,
 ## prevResult conversion, annotations → rules, the iptables-save and nft -j canonical forms. Each target

@@ -166,9 +166,9 @@ pub struct NetConf {
     /// `local_pod_file` (ours): read the pod from this JSON file instead of the API. The
     /// node agent's self-test uses it; production chains never set it.
     pub local_pod_file: Option<PathBuf>,
-    /// `ambient_enabled` (upstream's field, chart `ambient.enabled`): ambient pods are
-    /// enrolled by the node agent. Read, and used by `render`; ADD does not act on it yet
-    /// (ambient mode is being built).
+    /// `ambient_enabled` (upstream's field, chart `ambient.enabled`): ADD reads the pod's
+    /// namespace too, and an ambient pod ([`NetConf::enablement`]) is enrolled by the
+    /// node agent instead of getting sidecar rules.
     pub ambient_enabled: bool,
     /// `enablement_selectors` (upstream's field, chart `ambient.enablementSelectors`),
     /// compiled; upstream's defaults when absent.

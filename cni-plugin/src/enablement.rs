@@ -2,7 +2,7 @@
 //! (`cni/pkg/util/enablement_selector.go`, `podutil.go`; the chart's
 //! `ambient.enablementSelectors`, the netconf's `enablement_selectors`, the agent's
 //! `AMBIENT_ENABLEMENT_SELECTOR`). Pure: the pod and its namespace's labels in, a decision
-//! out. Not used by ADD yet (ambient mode is not switched on).
+//! out; used by ADD (with `ambient_enabled`) and the node agent.
 //!
 //! A pod is ambient when one selector matches: its pod selector matches the pod's labels
 //! and its namespace selector the namespace's labels. Each is a Kubernetes

@@ -6,6 +6,7 @@ use crate::cni::{EnvError, ErrorCode};
 use crate::config::ConfigError;
 use crate::lock::LockError;
 use crate::netns::NetnsError;
+use crate::pluginevent::SendError;
 use crate::pod::LookupError;
 use crate::redirect::RedirectError;
 use crate::validate::ValidateError;
@@ -44,6 +45,10 @@ pub enum Error {
     /// The rules were written but are not in effect (104). They were removed again.
     #[error("validation failed: {0}")]
     Validate(#[from] ValidateError),
+    /// The node agent did not enrol an ambient pod: absent or no answer in time (11),
+    /// refused or the exchange failed (106). Nothing was left in the netns.
+    #[error("ambient mode: {0}")]
+    Ambient(#[from] SendError),
     /// STATUS: the plugin cannot serve ADD now (50).
     #[error("istio-cni is not ready: {0}")]
     NotAvailable(String),
@@ -72,6 +77,10 @@ impl Error {
             Error::Lock(_) => ErrorCode::APPLY_FAILED,
             Error::Apply(_) => ErrorCode::APPLY_FAILED,
             Error::Validate(_) => ErrorCode::VALIDATION_FAILED,
+            Error::Ambient(SendError::NoAgent { .. } | SendError::Timeout(_)) => {
+                ErrorCode::TRY_AGAIN_LATER
+            }
+            Error::Ambient(_) => ErrorCode::AMBIENT_NOT_ENROLLED,
             Error::NotAvailable(_) => ErrorCode::PLUGIN_NOT_AVAILABLE,
             Error::Internal(_) => ErrorCode::INTERNAL,
         }

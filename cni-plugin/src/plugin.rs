@@ -19,6 +19,7 @@ use crate::lock::{self, NetnsLock};
 use crate::netns::{Inside, Netns, NetnsError};
 use crate::nft::{NfTable, Nft};
 use crate::plan::Rules;
+use crate::pluginevent;
 use crate::pod::{self, PodRef};
 use crate::rules::nftables::NftRuleset;
 use crate::rules::{Family, Ruleset};
@@ -136,41 +137,100 @@ fn pod_ips_of(conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Vec<std::net::IpA
         .map_err(|e| Error::Apply(crate::apply::ApplyError::Routing(e)))
 }
 
-/// Looks the pod up and plans its rules; `None` when it passes through.
-fn plan(
-    env: &CniEnv,
-    conf: &NetConf,
-    netns: &LazyNetns<'_>,
-) -> Result<Option<(PodRef, Rules)>, Error> {
+/// What ADD and CHECK do for the pod of the request.
+enum Plan {
+    /// Nothing: not a pod of ours.
+    PassThrough,
+    /// Sidecar redirection: these rules, written by the plugin.
+    Sidecar(PodRef, Rules),
+    /// Ambient mode (netconf `ambient_enabled` and the enablement selectors match): the
+    /// node agent enrols the pod.
+    Ambient(PodRef),
+}
+
+/// Looks the pod up (and with `ambient_enabled`, its namespace) and decides what it
+/// gets, in upstream's order (`cni/pkg/plugin/plugin.go`): the checks without the API
+/// first; then, with ambient mode on, an ambient pod goes to the node agent; else the
+/// sidecar decision, from the same pod read.
+fn plan(env: &CniEnv, conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Plan, Error> {
     let pod_ref = match pod::pre_api(conf, &env.args) {
         Ok(p) => p,
         Err(skip) => {
             log::info!("pass through: {skip}");
-            return Ok(None);
+            return Ok(Plan::PassThrough);
         }
     };
     let start = Instant::now();
-    let pod = conf.pod_source().fetch(&pod_ref)?;
-    log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
+    let pod = if conf.ambient_enabled {
+        let (pod, namespace_labels) = conf.pod_source().fetch_with_namespace(&pod_ref)?;
+        log::debug!(
+            "read pod {pod_ref} and its namespace in {:?}",
+            start.elapsed()
+        );
+        if conf.enablement.matches(&pod, &namespace_labels) {
+            return Ok(Plan::Ambient(pod_ref));
+        }
+        pod
+    } else {
+        let pod = conf.pod_source().fetch(&pod_ref)?;
+        log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
+        pod
+    };
     let redirect = match crate::plan::redirect_for_pod(&pod)? {
         Ok(r) => r,
         Err(skip) => {
             log::info!("pod {pod_ref}: pass through: {skip}");
-            return Ok(None);
+            return Ok(Plan::PassThrough);
         }
     };
     let ipv6 = crate::rules::iptables::has_ipv6(&pod_ips_of(conf, netns)?);
-    Ok(Some((
+    Ok(Plan::Sidecar(
         pod_ref,
         Rules::build(&redirect, ipv6, conf.native_nftables),
-    )))
+    ))
+}
+
+/// How long ADD waits for the node agent to enrol an ambient pod: the agent bounds its
+/// own work to [`pluginevent::AGENT_DEADLINE`] (API read, netns checks, rules, ztunnel's
+/// ack, its listeners), and answers before this; the margin covers a loaded node. Far
+/// inside kubelet's `--runtime-request-timeout` (2 min), so the runtime sees our error,
+/// not its own timeout.
+pub const AMBIENT_ADD_WAIT: Duration = Duration::from_secs(30);
+
+/// ADD of an ambient pod: the node agent enrols it (upstream's plugin-event socket,
+/// [`pluginevent::send_add`]) and answers once ztunnel captures the pod; nothing is
+/// written here. The event carries `CNI_NETNS`, the pod's name and namespace, and
+/// `prevResult`'s addresses.
+///
+/// Errors: [`Error::Ambient`]: no agent, a refusal (with the agent's reason), or no answer
+/// within [`AMBIENT_ADD_WAIT`]. The agent leaves nothing in the netns when it refuses.
+fn add_ambient(env: &CniEnv, conf: &NetConf, pod_ref: &PodRef) -> Result<(), Error> {
+    let start = Instant::now();
+    let nets = crate::cni::result::pod_nets(conf.prev_result.as_ref());
+    let event = pluginevent::AddEvent::new(
+        &env_netns(env)?.to_string_lossy(),
+        &pod_ref.name,
+        &pod_ref.namespace,
+        &nets,
+    );
+    pluginevent::send_add(&conf.agent_run_dir, &event, AMBIENT_ADD_WAIT)?;
+    log::info!(
+        "pod {pod_ref}: enrolled in ambient mode by the node agent in {:?}",
+        start.elapsed()
+    );
+    Ok(())
 }
 
 fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
     let result = chained_result(conf.prev_result.as_ref(), conf.cni_version);
     let netns = LazyNetns::new(env);
-    let Some((pod_ref, planned)) = plan(env, conf, &netns)? else {
-        return Ok(result);
+    let (pod_ref, planned) = match plan(env, conf, &netns)? {
+        Plan::PassThrough => return Ok(result),
+        Plan::Ambient(pod_ref) => {
+            add_ambient(env, conf, &pod_ref)?;
+            return Ok(result);
+        }
+        Plan::Sidecar(pod_ref, planned) => (pod_ref, planned),
     };
     let probe = conf
         .validation
@@ -597,8 +657,15 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
         )));
     }
     let netns = LazyNetns::new(env);
-    let Some((pod_ref, planned)) = plan(env, conf, &netns)? else {
-        return Ok(());
+    let (pod_ref, planned) = match plan(env, conf, &netns)? {
+        Plan::PassThrough => return Ok(()),
+        // The node agent keeps an ambient pod's rules (and repairs them); upstream's
+        // CHECK does not look at them either.
+        Plan::Ambient(pod_ref) => {
+            log::info!("pod {pod_ref}: ambient; its rules are the node agent's to check");
+            return Ok(());
+        }
+        Plan::Sidecar(pod_ref, planned) => (pod_ref, planned),
     };
     // Not halfway through another ADD's write.
     let _lock = lock_netns(conf, netns.get()?)?;

@@ -1,7 +1,6 @@
 //! The plugin-event socket: how the plugin's ADD of an ambient pod asks the node agent to
 //! enrol it (upstream Istio `cni/pkg/plugin/cnieventclient.go`, the client;
-//! `cni/pkg/nodeagent/cni-watcher.go`, the server). Not used by ADD yet (ambient mode is
-//! not switched on).
+//! `cni/pkg/nodeagent/cni-watcher.go`, the server).
 //!
 //! The wire, as upstream speaks it: HTTP/1.1 over the Unix socket
 //! `<cni_agent_run_dir>/pluginevent.sock`, `POST /cmdadd` with a JSON body ([`AddEvent`],
@@ -25,6 +24,10 @@ use serde::{Deserialize, Serialize};
 pub const SOCKET_NAME: &str = "pluginevent.sock";
 /// The request path of an ADD event (upstream `CNIAddEventPath`).
 pub const ADD_PATH: &str = "/cmdadd";
+/// How long the agent may take over one event, all of it (API reads, netns checks, rules,
+/// ztunnel's ack and listeners); after it, the agent undoes what it did and answers
+/// `504`. The plugin waits a little longer ([`crate::plugin::AMBIENT_ADD_WAIT`]).
+pub const AGENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(25);
 /// The largest body the agent reads: an event is a few hundred bytes.
 pub const MAX_BODY: usize = 64 * 1024;
 

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, Pod};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::cni::CniArgs;
@@ -336,6 +336,26 @@ impl PodSource<'_> {
         pod.check(&got)?;
         Ok(got)
     }
+
+    /// Reads the pod as [`PodSource::fetch`] does, and the labels of its namespace: from
+    /// the API ([`lookup_with_namespace`]), or none with a local pod file (the self-test's
+    /// pod is enrolled by its own labels, if ever).
+    ///
+    /// Errors: see [`LookupError`].
+    pub fn fetch_with_namespace(
+        &self,
+        pod: &PodRef,
+    ) -> Result<(Pod, BTreeMap<String, String>), LookupError> {
+        let (got, labels) = match *self {
+            PodSource::Api {
+                kubeconfig,
+                deadline,
+            } => lookup_with_namespace(kubeconfig, pod, deadline)?,
+            PodSource::File(_) => return Ok((self.fetch(pod)?, BTreeMap::new())),
+        };
+        pod.check(&got)?;
+        Ok((got, labels))
+    }
 }
 
 /// Reads the pod through the kubeconfig, retrying transient failures (connection errors,
@@ -345,6 +365,31 @@ impl PodSource<'_> {
 /// Errors: see [`LookupError`]. A missing pod is [`LookupError::Rejected`]; the plugin fails
 /// closed and never treats an unreadable pod as "not meshed".
 pub fn lookup(kubeconfig: &Path, pod: &PodRef, deadline: Duration) -> Result<Pod, LookupError> {
+    Ok(lookup_objects(kubeconfig, pod, deadline, false)?.0)
+}
+
+/// Reads the pod and then its namespace (`GET /api/v1/namespaces/{ns}`, for the ambient
+/// decision, as upstream's plugin does in `isAmbientPod`), both within `deadline` in
+/// total, with [`lookup`]'s retries. Returns the pod and the namespace's labels.
+///
+/// Errors: see [`LookupError`]; a namespace that cannot be read fails the lookup (its
+/// status says "namespace …"), since without its labels the pod's mode is unknown.
+pub fn lookup_with_namespace(
+    kubeconfig: &Path,
+    pod: &PodRef,
+    deadline: Duration,
+) -> Result<(Pod, BTreeMap<String, String>), LookupError> {
+    let (pod, ns) = lookup_objects(kubeconfig, pod, deadline, true)?;
+    let labels = ns.and_then(|n| n.metadata.labels).unwrap_or_default();
+    Ok((pod, labels))
+}
+
+fn lookup_objects(
+    kubeconfig: &Path,
+    pod: &PodRef,
+    deadline: Duration,
+    with_namespace: bool,
+) -> Result<(Pod, Option<Namespace>), LookupError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -352,16 +397,39 @@ pub fn lookup(kubeconfig: &Path, pod: &PodRef, deadline: Duration) -> Result<Pod
             path: kubeconfig.into(),
             reason: format!("cannot start the async runtime: {e}"),
         })?;
-    rt.block_on(lookup_async(kubeconfig, pod, deadline))
+    rt.block_on(async {
+        let start = Instant::now();
+        let client = client(kubeconfig, deadline).await?;
+        let pod_url = format!("/api/v1/namespaces/{}/pods", pod.namespace);
+        let got: Pod = get_retrying(&client, pod, start, deadline, &pod_url, &pod.name, "").await?;
+        if !with_namespace {
+            return Ok((got, None));
+        }
+        let ns: Namespace = get_retrying(
+            &client,
+            pod,
+            start,
+            deadline,
+            "/api/v1/namespaces",
+            &pod.namespace,
+            "its namespace: ",
+        )
+        .await?;
+        Ok((got, Some(ns)))
+    })
 }
 
-async fn lookup_async(
-    kubeconfig: &Path,
+/// `GET {collection}/{name}` with retries until `deadline` after `start`; failures are
+/// reported for `pod`, their text prefixed with `what`.
+async fn get_retrying<T: serde::de::DeserializeOwned>(
+    client: &kube::Client,
     pod: &PodRef,
+    start: Instant,
     deadline: Duration,
-) -> Result<Pod, LookupError> {
-    let start = Instant::now();
-    let client = client(kubeconfig, deadline).await?;
+    collection: &str,
+    name: &str,
+    what: &str,
+) -> Result<T, LookupError> {
     let mut backoff = Duration::from_millis(50);
     let mut attempts = 0;
     // The most telling failure so far: a timeout at the deadline does not hide the 500s
@@ -370,24 +438,25 @@ async fn lookup_async(
     loop {
         attempts += 1;
         let remaining = deadline.saturating_sub(start.elapsed());
-        let failure = match tokio::time::timeout(remaining, get_pod(&client, pod)).await {
-            Ok(Ok(p)) => return Ok(p),
-            Ok(Err(Attempt::Rejected(status))) => {
-                return Err(LookupError::Rejected {
-                    pod: pod.clone(),
-                    status,
-                })
-            }
-            Ok(Err(Attempt::Retry(e))) => {
-                cause = Some(e.clone());
-                e
-            }
-            Err(_) => match &cause {
-                Some(c) => format!("request timed out; before that: {c}"),
-                None => "request timed out".to_owned(),
-            },
-        };
-        log::debug!("GET pod {pod} attempt {attempts} failed: {failure}");
+        let failure =
+            match tokio::time::timeout(remaining, get_object(client, collection, name)).await {
+                Ok(Ok(p)) => return Ok(p),
+                Ok(Err(Attempt::Rejected(status))) => {
+                    return Err(LookupError::Rejected {
+                        pod: pod.clone(),
+                        status: format!("{what}{status}"),
+                    })
+                }
+                Ok(Err(Attempt::Retry(e))) => {
+                    cause = Some(e.clone());
+                    format!("{what}{e}")
+                }
+                Err(_) => match &cause {
+                    Some(c) => format!("{what}request timed out; before that: {c}"),
+                    None => format!("{what}request timed out"),
+                },
+            };
+        log::debug!("GET {collection}/{name} attempt {attempts} failed: {failure}");
         let remaining = deadline.saturating_sub(start.elapsed());
         if remaining.is_zero() {
             return Err(LookupError::Unreachable {
@@ -410,12 +479,16 @@ enum Attempt {
     Retry(String),
 }
 
-/// One `GET /api/v1/namespaces/{ns}/pods/{name}`, reading at most [`MAX_POD_BYTES`] of the
-/// body. Error bodies are `metav1.Status` objects; their message is kept.
-async fn get_pod(client: &kube::Client, pod: &PodRef) -> Result<Pod, Attempt> {
+/// One `GET {collection}/{name}` (a pod, a namespace), reading at most [`MAX_POD_BYTES`]
+/// of the body. Error bodies are `metav1.Status` objects; their message is kept.
+async fn get_object<T: serde::de::DeserializeOwned>(
+    client: &kube::Client,
+    collection: &str,
+    name: &str,
+) -> Result<T, Attempt> {
     use http_body_util::BodyExt as _;
-    let request = kube::core::Request::new(format!("/api/v1/namespaces/{}/pods", pod.namespace))
-        .get(&pod.name, &kube::api::GetParams::default())
+    let request = kube::core::Request::new(collection)
+        .get(name, &kube::api::GetParams::default())
         .map_err(|e| Attempt::Rejected(e.to_string()))?;
     let response = client
         .send(request.map(kube::client::Body::from))
@@ -439,8 +512,9 @@ async fn get_pod(client: &kube::Client, pod: &PodRef) -> Result<Pod, Attempt> {
         })?
         .to_bytes();
     if status.is_success() {
-        return serde_json::from_slice(&body)
-            .map_err(|e| Attempt::Rejected(format!("the answer is not a Pod: {e}")));
+        return serde_json::from_slice(&body).map_err(|e| {
+            Attempt::Rejected(format!("the answer is not the object asked for: {e}"))
+        });
     }
     let detail = match serde_json::from_slice::<kube::core::Status>(&body) {
         Ok(s) => format!("{} {}: {}", status.as_u16(), s.reason, s.message),

@@ -81,6 +81,20 @@ pub struct AgentArgs {
     #[arg(long, env = "NATIVE_NFTABLES", default_value_t = false, action = ArgAction::Set,
           value_parser = BoolishValueParser::new())]
     pub native_nftables: bool,
+    /// Ambient mode (upstream's `AMBIENT_ENABLED`, the chart's `ambient.enabled`): the
+    /// chained entry asks the plugin to send ambient pods to the agent, which enrols them
+    /// into ztunnel (see [`crate::ambient`]).
+    #[arg(long, env = "AMBIENT_ENABLED", default_value_t = false, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub ambient_enabled: bool,
+    /// Which pods are ambient (upstream's `AMBIENT_ENABLEMENT_SELECTOR`, the chart's
+    /// `ambient.enablementSelectors`): a YAML or JSON list of `{podSelector,
+    /// namespaceSelector}` label selectors. Empty: upstream's defaults (pod label
+    /// `istio.io/dataplane-mode=ambient`, or that namespace label unless the pod's is
+    /// `none`), which the chart also sets by default.
+    #[arg(long, env = "AMBIENT_ENABLEMENT_SELECTOR", default_value = "",
+          value_parser = parse_enablement_selectors)]
+    pub ambient_enablement_selector: String,
     /// After installing, prove the plugin works here: a real ADD/CHECK/DEL in a scratch
     /// netns with a synthetic pod.
     #[arg(long, env = "SELF_TEST", default_value_t = true, action = ArgAction::Set,
@@ -182,6 +196,27 @@ fn parse_selector(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// `AMBIENT_ENABLEMENT_SELECTOR`: parsed and compiled at start, so that a typo stops the
+/// agent with a message naming the selector.
+fn parse_enablement_selectors(s: &str) -> Result<String, String> {
+    let selectors = enablement_selectors(s)?;
+    istio_cni::enablement::Enablement::compile(&selectors).map_err(|e| e.to_string())?;
+    Ok(s.to_owned())
+}
+
+/// The selectors in `s` (YAML, of which JSON is a subset); upstream's defaults when it is
+/// blank.
+fn enablement_selectors(s: &str) -> Result<Vec<istio_cni::enablement::EnablementSelector>, String> {
+    if s.trim().is_empty() {
+        return Ok(istio_cni::enablement::Enablement::default_selectors());
+    }
+    serde_saphyr::from_str(s).map_err(|e| {
+        format!(
+            "not a list of ambient enablement selectors ({{podSelector, namespaceSelector}}): {e}"
+        )
+    })
+}
+
 fn parse_mode(s: &str) -> Result<u32, String> {
     let digits = s.trim_start_matches("0o");
     u32::from_str_radix(digits, 8)
@@ -207,6 +242,15 @@ impl AgentArgs {
                 self.host_cni_bin_dir.clone()
             },
             path: self.host_path.clone().into(),
+        })
+    }
+
+    /// The ambient enablement selectors (`--ambient-enablement-selector`, checked at
+    /// start; upstream's defaults when empty).
+    pub fn enablement_selectors(&self) -> Vec<istio_cni::enablement::EnablementSelector> {
+        enablement_selectors(&self.ambient_enablement_selector).unwrap_or_else(|e| {
+            log::error!("--ambient-enablement-selector: {e}; using upstream's defaults");
+            istio_cni::enablement::Enablement::default_selectors()
         })
     }
 
@@ -251,6 +295,7 @@ impl AgentArgs {
                 probe: self.validation_probe,
                 probe_timeout_ms: self.validation_timeout_ms,
                 native_nftables: self.native_nftables,
+                ambient: self.ambient_enabled.then(|| self.enablement_selectors()),
             },
         })
     }
@@ -554,6 +599,36 @@ pub struct RunArgs {
         value_delimiter = ','
     )]
     pub netns_dirs: Vec<PathBuf>,
+    /// Capture each ambient pod's DNS (UDP and TCP port 53) to ztunnel's DNS proxy
+    /// (upstream's `AMBIENT_DNS_CAPTURE`, the chart's `ambient.dnsCapture`); a pod may
+    /// override it with `ambient.istio.io/dns-capture`.
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub ambient_dns_capture: bool,
+    /// Also redirect ambient pods' IPv6 traffic (upstream's `AMBIENT_IPV6`, the chart's
+    /// `ambient.ipv6`).
+    #[arg(long, env = "AMBIENT_IPV6", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub ambient_ipv6: bool,
+    /// Upstream's `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (the chart's
+    /// `ambient.reconcileIptablesOnStartup`): rewrite the in-pod rules of pods already
+    /// enrolled when the agent starts. Accepted; the agent reads the rules back instead
+    /// and rewrites them when they differ (see the README, "Ambient mode").
+    #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value_t = false,
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub ambient_reconcile_pod_rules_on_startup: bool,
+    /// The ZDS socket ztunnel connects to (upstream's `ZTUNNEL_UDS_ADDRESS`); its
+    /// directory is the chart's ztunnel socket dir, mounted from the host.
+    #[arg(
+        long,
+        env = "ZTUNNEL_UDS_ADDRESS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub ztunnel_uds_address: PathBuf,
+    /// The host's root as mounted in the agent: the netns path of a plugin event
+    /// (`CNI_NETNS` on the host, e.g. `/var/run/netns/cni-…`) is opened below it.
+    #[arg(long, env = "HOST_ROOT", default_value = "/host")]
+    pub host_root: PathBuf,
     /// Parse every flag and env var, print the effective settings as JSON on stdout and
     /// exit: checks a DaemonSet's command line and environment without running anything.
     #[arg(long)]

@@ -17,7 +17,7 @@ use istio_cni_node_agent::repair::inspect::Exclusions;
 use istio_cni_node_agent::repair::{RepairConfig, RepairController};
 use istio_cni_node_agent::taint::{TaintConfig, TaintController};
 use istio_cni_node_agent::upgrade::{self, OnExit};
-use istio_cni_node_agent::{apiclient, http, install, logsink, selftest};
+use istio_cni_node_agent::{ambient, apiclient, http, install, logsink, selftest};
 
 #[derive(Parser)]
 #[command(
@@ -163,7 +163,8 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     };
     let readiness = Arc::new(Readiness::default());
     let metrics = Arc::new(Metrics::new());
-    let uses_api = run.node_name.is_some() && (run.taint_enabled || run.repair_enabled)
+    let uses_api = run.node_name.is_some()
+        && (run.taint_enabled || run.repair_enabled || args.ambient_enabled)
         || run.cleanup_on_exit && run.pod_name.is_some();
     let opts = RunOptions {
         self_test: args.self_test_view(),
@@ -276,6 +277,20 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             }
             (_, false) => None,
         };
+        let ambient = match (&run.node_name, args.ambient_enabled) {
+            (Some(node), true) => {
+                let config = ambient_config(node, args, run);
+                Some(
+                    ambient::start(config, api.clone())
+                        .map_err(|e| format!("ambient mode cannot start: {e}"))?,
+                )
+            }
+            (None, true) => {
+                log::warn!("no --node-name: ambient mode is off");
+                None
+            }
+            (_, false) => None,
+        };
         let agent = Agent::new(cfg.clone(), opts, readiness.clone(), metrics);
         let outcome = agent.run(shutdown).await;
         // Stop in order: the loops that write to the API first (and wait until they are
@@ -299,6 +314,9 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                     "the {name} loop did not stop within {LOOP_STOP_TIMEOUT:?}; going on without it"
                 );
             }
+        }
+        if let Some(a) = ambient {
+            a.stop();
         }
         readiness.set_stopping();
         if let Some(path) = sink {
@@ -378,6 +396,33 @@ fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> Rep
             agent_namespace: args.pod_namespace.clone(),
             exclude_namespaces: args.excluded_namespaces(),
         },
+    }
+}
+
+/// Ambient mode's settings from the flags.
+fn ambient_config(node: &str, args: &AgentArgs, run: &RunArgs) -> ambient::AmbientConfig {
+    let enablement = istio_cni::enablement::Enablement::compile(&args.enablement_selectors())
+        .unwrap_or_else(|e| {
+            // Checked when the flags were parsed; not reached.
+            log::error!("{e}; using upstream's default enablement selectors");
+            istio_cni::enablement::Enablement::default()
+        });
+    ambient::AmbientConfig {
+        node: node.to_owned(),
+        zds_socket: run.ztunnel_uds_address.clone(),
+        run_dir: args.cni_agent_run_dir.clone(),
+        settings: istio_cni::rules::ambient::NodeSettings::new(
+            run.ambient_dns_capture,
+            run.ambient_ipv6,
+        ),
+        enablement,
+        exclusions: Exclusions {
+            agent_namespace: args.pod_namespace.clone(),
+            exclude_namespaces: args.excluded_namespaces(),
+        },
+        host_root: run.host_root.clone(),
+        host_proc: run.host_proc_dir.clone(),
+        native_nftables: args.native_nftables,
     }
 }
 

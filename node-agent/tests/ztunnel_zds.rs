@@ -10,14 +10,14 @@
 //! without running.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use istio_cni::netns::Netns;
 use istio_cni::rules::ambient::NodeSettings;
 use istio_cni_e2e::net::{unique_name, TestNetns};
+use istio_cni_e2e::ztunnel::{self, LocalWorkload, Ztunnel};
 use istio_cni_node_agent::ambient::enrol::{AmbientPod, EnrolError, Enroller, LISTENER_WAIT};
 use istio_cni_node_agent::ambient::listeners::missing_ztunnel_listeners;
 use istio_cni_node_agent::ambient::server::{ServerError, Workload, ZdsServer};
@@ -25,78 +25,6 @@ use istio_cni_node_agent::ambient::socket::{accept_loop, bind_zds};
 use istio_cni_node_agent::ambient::zds::WorkloadInfo;
 
 const NODE_NAME: &str = "node1";
-
-/// The workspace root (this crate's parent).
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_owned()
-}
-
-/// The ztunnel binary: built by the peer kit's `build.sh` into `target/peers/` when the
-/// kit is there (cached: milliseconds when nothing changed); `None`, with the reason
-/// printed, when it is not.
-fn ztunnel() -> Option<PathBuf> {
-    let kit = workspace().join("../shared/peers/ztunnel/build.sh");
-    if !kit.exists() {
-        eprintln!(
-            "SKIPPED: the real ztunnel is built from ../shared/peers/ztunnel/ (the shared peer \
-             kit beside this repository), which is absent here; put the kit there (or run \
-             where CI provides it) to run this test"
-        );
-        return None;
-    }
-    let out = workspace().join("target/peers");
-    let status = Command::new("bash")
-        .arg(&kit)
-        .arg(&out)
-        .status()
-        .expect("run the ztunnel peer kit's build.sh");
-    assert!(
-        status.success(),
-        "{} {} failed",
-        kit.display(),
-        out.display()
-    );
-    Some(out.join("ztunnel"))
-}
-
-/// ztunnel running in the node netns; killed on drop.
-struct Ztunnel(Child);
-
-impl Ztunnel {
-    fn start(bin: &Path, node: &TestNetns, dir: &Path, uds: &Path) -> Ztunnel {
-        let log = std::fs::File::create(dir.join("ztunnel.log")).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.name])
-            .arg(bin)
-            .env_clear()
-            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-            .env("PROXY_MODE", "shared")
-            .env("INPOD_UDS", uds)
-            .env("FAKE_CA", "true")
-            .env("XDS_ADDRESS", "")
-            .env("LOCAL_XDS_PATH", dir.join("local.yaml"))
-            .env("NODE_NAME", NODE_NAME)
-            .env("IPV6_ENABLED", "false")
-            .env("RUST_LOG", "info")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start ztunnel");
-        Ztunnel(child)
-    }
-}
-
-impl Drop for Ztunnel {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A pod netns with `ip`/24 on `eth0` (a veth kept inside) and `lo` up.
 fn pod_netns(ip: Ipv4Addr) -> TestNetns {
@@ -111,11 +39,13 @@ fn pod_netns(ip: Ipv4Addr) -> TestNetns {
 }
 
 fn local_yaml(ip: Ipv4Addr) -> String {
-    format!(
-        "workloads:\n- uid: cluster1//v1/Pod/default/web\n  name: web\n  namespace: default\n  \
-         serviceAccount: web\n  trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  \
-         protocol: HBONE\n  node: {NODE_NAME}\n  network: \"\"\n  services: {{}}\n\
-         policies: []\nservices: []\n"
+    ztunnel::local_yaml(
+        NODE_NAME,
+        &[LocalWorkload {
+            name: "web".into(),
+            namespace: "default".into(),
+            ip: ip.into(),
+        }],
     )
 }
 
@@ -128,11 +58,9 @@ async fn eventually(what: &str, dir: &Path, mut cond: impl AsyncFnMut() -> bool)
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let log = std::fs::read_to_string(dir.join("ztunnel.log")).unwrap_or_default();
-    let tail: Vec<&str> = log.lines().rev().take(30).collect();
     panic!(
         "timed out waiting for {what}; ztunnel log (last lines, newest first):\n{}",
-        tail.join("\n")
+        ztunnel::log_tail(&dir.join("ztunnel.log"), 30)
     );
 }
 
@@ -142,31 +70,10 @@ fn missing(netns: &Netns) -> Vec<u16> {
         .unwrap()
 }
 
-/// ztunnel's readiness (`:15021/healthz/ready` in the node netns) answers 200.
-fn ready(node: &Netns) -> bool {
-    node.run(|_| {
-        use std::io::{Read as _, Write as _};
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:15021".parse().unwrap(),
-            Duration::from_millis(500),
-        ) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let req = "GET /healthz/ready HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-        if s.write_all(req.as_bytes()).is_err() {
-            return false;
-        }
-        let mut head = [0u8; 12];
-        s.read_exact(&mut head).is_ok() && head.ends_with(b"200")
-    })
-    .unwrap_or(false)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
-    let Some(bin) = ztunnel() else { return };
+    let Some(bin) = ztunnel::binary() else { return };
     let dir = tempfile::Builder::new().prefix("zds-").tempdir().unwrap();
     let ip = Ipv4Addr::new(10, 91, 0, 2);
     std::fs::write(dir.path().join("local.yaml"), local_yaml(ip)).unwrap();
@@ -177,7 +84,7 @@ async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
 
     let server = ZdsServer::new(Duration::from_secs(5));
     let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
-    let zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    let zt = Ztunnel::start(&bin, &node, NODE_NAME, dir.path(), &uds);
     let took = eventually(
         "ztunnel to connect and take the snapshot",
         dir.path(),
@@ -185,8 +92,7 @@ async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
     )
     .await;
     eprintln!("ztunnel connected and took the (empty) snapshot {took:?} after start");
-    let node_handle = node.open();
-    eventually("ztunnel ready", dir.path(), async || ready(&node_handle)).await;
+    eventually("ztunnel ready", dir.path(), async || ztunnel::ready(&node)).await;
 
     let web = Workload {
         uid: "uid-web".into(),
@@ -217,7 +123,7 @@ async fn the_real_ztunnel_takes_snapshots_adds_and_deletes_from_the_agent() {
         server.connections().await == 0
     })
     .await;
-    let zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    let zt = Ztunnel::start(&bin, &node, NODE_NAME, dir.path(), &uds);
     eventually("the new ztunnel's snapshot", dir.path(), async || {
         server.connections().await == 1
     })
@@ -271,33 +177,6 @@ fn ambient_pod() -> AmbientPod {
     }
 }
 
-/// A ztunnel double that connects, says hello and acks every request, but never listens in
-/// any pod: what upstream would call enrolled (istio/istio#57285).
-fn acking_double(uds: &Path) -> std::thread::JoinHandle<()> {
-    use nix::sys::socket::{
-        connect, recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr,
-    };
-    use std::os::fd::AsRawFd as _;
-    let uds = uds.to_owned();
-    std::thread::spawn(move || {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        connect(fd.as_raw_fd(), &UnixAddr::new(&uds).unwrap()).unwrap();
-        send(fd.as_raw_fd(), &[0x08, 0x01], MsgFlags::empty()).unwrap();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-            if n == 0 || send(fd.as_raw_fd(), &[0x0a, 0x00], MsgFlags::empty()).is_err() {
-                return;
-            }
-        }
-    })
-}
-
 /// An enrolment counts only when ztunnel's listeners are in the pod's netns: with no
 /// ztunnel, or one that acks without listening, it fails with the reason and leaves the
 /// netns without rules and ztunnel without the pod. Needs root (no ztunnel binary).
@@ -320,7 +199,7 @@ async fn an_enrolment_is_proved_or_undone() {
     assert!(server.pods().await.is_empty());
 
     let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
-    let _double = acking_double(&uds);
+    let _double = ztunnel::acking_double(&uds);
     eventually("the double's snapshot", dir.path(), async || {
         server.connections().await == 1
     })
@@ -345,7 +224,7 @@ async fn an_enrolment_is_proved_or_undone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 async fn the_real_ztunnel_serves_an_enrolled_pod() {
-    let Some(bin) = ztunnel() else { return };
+    let Some(bin) = ztunnel::binary() else { return };
     let dir = tempfile::Builder::new().prefix("zds-").tempdir().unwrap();
     let ip = Ipv4Addr::new(10, 91, 0, 4);
     std::fs::write(dir.path().join("local.yaml"), local_yaml(ip)).unwrap();
@@ -355,7 +234,7 @@ async fn the_real_ztunnel_serves_an_enrolled_pod() {
     let netns = Arc::new(pod.open());
     let server = ZdsServer::new(Duration::from_secs(5));
     let accepting = tokio::spawn(accept_loop(bind_zds(&uds).unwrap(), server.clone()));
-    let _zt = Ztunnel::start(&bin, &node, dir.path(), &uds);
+    let _zt = Ztunnel::start(&bin, &node, NODE_NAME, dir.path(), &uds);
     eventually("ztunnel's snapshot", dir.path(), async || {
         server.connections().await == 1
     })

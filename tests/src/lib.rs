@@ -15,3 +15,4 @@ pub mod node;
 pub mod podtemplate;
 pub mod sandbox;
 pub mod stats;
+pub mod ztunnel;

@@ -42,6 +42,9 @@ impl ErrorCode {
     pub const VALIDATION_FAILED: ErrorCode = ErrorCode(104);
     /// 105: an internal error (a bug); anything written was removed again.
     pub const INTERNAL: ErrorCode = ErrorCode(105);
+    /// 106: the node agent refused to enrol an ambient pod, or the exchange with it
+    /// failed; it left nothing in the netns.
+    pub const AMBIENT_NOT_ENROLLED: ErrorCode = ErrorCode(106);
 }
 
 /// The JSON object a plugin prints on stdout when a verb fails (CNI spec 1.1.0, "Error").

@@ -51,12 +51,17 @@ fn ip_family(ip: &Map<String, Value>) -> Option<&'static str> {
 /// The pod's addresses listed in a `prevResult` (`ips[].address`, CIDR form), in order.
 /// Entries that do not parse are skipped: the result is not ours to validate.
 pub fn pod_ips(prev: Option<&Value>) -> Vec<IpAddr> {
+    pod_nets(prev).iter().map(IpNet::addr).collect()
+}
+
+/// The pod's networks listed in a `prevResult` (`ips[].address` with their prefix), in
+/// order; entries that do not parse are skipped, as in [`pod_ips`].
+pub fn pod_nets(prev: Option<&Value>) -> Vec<IpNet> {
     prev.and_then(|p| p.get("ips"))
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
         .filter_map(|ip| ip.get("address")?.as_str()?.parse::<IpNet>().ok())
-        .map(|net| net.addr())
         .collect()
 }
 

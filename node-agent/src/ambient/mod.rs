@@ -1,27 +1,160 @@
 //! Ambient mode (istio/istio `cni/pkg/nodeagent/`): the agent's side of Istio's ambient
 //! data plane, where ztunnel, the node proxy, captures an ambient pod's traffic from
-//! inside the pod's netns, which the agent hands it.
+//! inside the pod's netns, which the agent hands it. On with `AMBIENT_ENABLED`
+//! ([`start`]).
 //!
-//! Built so far, and not yet switched on by any setting:
+//! The parts, in the order of the data flow:
+//! - [`pluginevents`]: the plugin-event socket's server (`POST /cmdadd`), bounded and
+//!   checked, against the plugin's own client ([`istio_cni::pluginevent::send_add`]);
+//! - [`admit`]: an event checked against the API and the netns it names, then enrolled;
+//! - [`enrol`]: one pod enrolled, proved (rules read back, ztunnel's ack, its listeners in
+//!   the pod's netns) or undone;
+//! - [`annotate`]: the pod's `ambient.istio.io/redirection` annotation;
+//! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
+//!   connection, deletes to all;
 //! - [`zds`]: the wire of ZDS, the protocol with ztunnel (messages at upstream's field
 //!   numbers, one per `SOCK_SEQPACKET` packet, the netns in `SCM_RIGHTS`, acks and
 //!   deadlines), tested over `socketpair`;
-//! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
-//!   connection, deletes to all;
 //! - [`listeners`]: whether ztunnel's sockets listen in a pod's netns;
-//! - [`enrol`]: one pod enrolled, proved (rules read back, ztunnel's ack, its listeners in
-//!   the pod's netns) or undone;
-//! - [`pluginevents`]: the plugin-event socket's server (`POST /cmdadd`), bounded and
-//!   checked, against the plugin's own client ([`istio_cni::pluginevent::send_add`]);
 //! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
 //!   that accepts ztunnel's connections.
 //!
-//! Still to come (issue 22): the enrolment decision and watches, host rules and ipsets,
-//! the annotation, the settings and their wiring into `run`.
+//! Still to come (issue 22): the pod and namespace watches (enrolling and unenrolling
+//! running pods, telling ztunnel of deleted pods), the host's probe SNAT rules and
+//! ipsets, and the in-pod rules on the native nftables backend.
 
+pub mod admit;
+pub mod annotate;
 pub mod enrol;
 pub mod listeners;
 pub mod pluginevents;
 pub mod server;
 pub mod socket;
 pub mod zds;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use istio_cni::enablement::Enablement;
+use istio_cni::plugin::Tools;
+use istio_cni::rules::ambient::NodeSettings;
+
+use crate::apiclient::ApiClient;
+use crate::repair::inspect::Exclusions;
+
+/// How long ztunnel has to ack each request (an add, a delete, the snapshot's end).
+/// ztunnel acks an add once its listeners in the pod's netns are up: milliseconds.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What ambient mode needs of the agent's settings.
+#[derive(Debug, Clone)]
+pub struct AmbientConfig {
+    /// This node's name.
+    pub node: String,
+    /// The ZDS socket (`ZTUNNEL_UDS_ADDRESS`).
+    pub zds_socket: PathBuf,
+    /// The agent run dir: the plugin-event socket is `pluginevent.sock` in it, and the
+    /// per-netns lock file.
+    pub run_dir: PathBuf,
+    /// DNS capture and IPv6 (`AMBIENT_DNS_CAPTURE`, `AMBIENT_IPV6`).
+    pub settings: NodeSettings,
+    /// `AMBIENT_ENABLEMENT_SELECTOR`, compiled.
+    pub enablement: Enablement,
+    /// The agent's namespace and `EXCLUDE_NAMESPACES`.
+    pub exclusions: Exclusions,
+    /// `HOST_ROOT`.
+    pub host_root: PathBuf,
+    /// `HOST_PROC_DIR`.
+    pub host_proc: PathBuf,
+    /// `NATIVE_NFTABLES`: ambient pods are refused on this backend for now, with a reason.
+    pub native_nftables: bool,
+}
+
+/// The sockets could not be set up.
+pub type StartError = socket::SocketError;
+
+/// Ambient mode, running: the ZDS server and the plugin-event server on their tasks.
+pub struct Ambient {
+    /// The ZDS server (the pods enrolled, ztunnel's connections).
+    pub server: server::ZdsServer,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sockets: Vec<PathBuf>,
+}
+
+/// Binds the ZDS socket and the plugin-event socket and serves both on their own tasks.
+///
+/// Errors: [`StartError`] when a socket cannot be created where it belongs (its directory
+/// missing or writable by others than root, a non-socket at the path).
+pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> {
+    let server = server::ZdsServer::new(ACK_TIMEOUT);
+    let zds = socket::bind_zds(&cfg.zds_socket)?;
+    let event_path = cfg.run_dir.join(istio_cni::pluginevent::SOCKET_NAME);
+    let events = pluginevents::bind(&event_path)?;
+    let enroller = enrol::Enroller {
+        node: cfg.settings.clone(),
+        tools: Tools::detect(),
+        lock_dir: cfg.run_dir.clone(),
+        server: server.clone(),
+        listener_wait: enrol::LISTENER_WAIT,
+    };
+    let handler: pluginevents::Handler = if cfg.native_nftables {
+        Arc::new(|_| {
+            Box::pin(async {
+                Err((
+                    axum::http::StatusCode::NOT_IMPLEMENTED,
+                    "ambient pods are not enrolled on the native nftables backend yet \
+                     (NATIVE_NFTABLES=true): use the iptables backend for ambient mode"
+                        .to_owned(),
+                ))
+            })
+        })
+    } else {
+        admit::Admitter {
+            api,
+            node: cfg.node.clone(),
+            enablement: Arc::new(cfg.enablement),
+            exclusions: cfg.exclusions,
+            host_root: cfg.host_root,
+            host_proc: cfg.host_proc,
+            enroller,
+        }
+        .handler()
+    };
+    log::info!(
+        "ambient mode: serving ztunnel on {} and plugin events on {}",
+        cfg.zds_socket.display(),
+        event_path.display()
+    );
+    let zds_task = tokio::spawn({
+        let server = server.clone();
+        async move {
+            if let Err(e) = socket::accept_loop(zds, server).await {
+                log::error!("ambient: the ZDS socket stopped accepting: {e}");
+            }
+        }
+    });
+    let events_task = tokio::spawn(async move {
+        if let Err(e) = pluginevents::serve(events, handler).await {
+            log::error!("ambient: the plugin-event socket stopped: {e}");
+        }
+    });
+    Ok(Ambient {
+        server,
+        tasks: vec![zds_task, events_task],
+        sockets: vec![cfg.zds_socket, event_path],
+    })
+}
+
+impl Ambient {
+    /// Stops serving and removes both sockets: the plugin then fails ambient ADDs at once
+    /// (no agent), and ztunnel keeps its pods until an agent serves the socket again.
+    pub fn stop(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}

@@ -26,7 +26,7 @@ pub const STANDALONE_CONF: &str = "YYY-istio-cni.conf";
 pub const CONF_MODE: u32 = 0o644;
 
 /// What the plugin's entry in the chain carries (the plugin's netconf fields).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PluginSettings {
     /// `plugin_log_level`.
     pub log_level: String,
@@ -40,6 +40,9 @@ pub struct PluginSettings {
     pub probe_timeout_ms: u64,
     /// `native_nftables`: the nftables backend (written into the entry only when on).
     pub native_nftables: bool,
+    /// Ambient mode: `ambient_enabled: true` and these `enablement_selectors` in the entry
+    /// (both left out when off, as the plugin's defaults are off).
+    pub ambient: Option<Vec<istio_cni::enablement::EnablementSelector>>,
 }
 
 /// Where and how to install.
@@ -130,6 +133,10 @@ impl InstallConfig {
         };
         if p.native_nftables {
             map.insert("native_nftables".into(), Value::Bool(true));
+        }
+        if let Some(selectors) = &p.ambient {
+            map.insert("ambient_enabled".into(), Value::Bool(true));
+            map.insert("enablement_selectors".into(), json!(selectors));
         }
         map
     }

@@ -1,0 +1,368 @@
+//! The plugin's ADD event of an ambient pod, checked and acted on (upstream
+//! `cni/pkg/nodeagent/cni-watcher.go`, `ReconcileCNIAddEvent`; the checks are ours).
+//!
+//! Anything that can reach the plugin-event socket can send an event, so an event is a
+//! claim, checked before the agent enters any netns on its behalf:
+//! 1. the pod it names is read from the API: it must exist, be scheduled to this node, and
+//!    be ambient by this agent's settings (enablement selectors, excluded namespaces, not
+//!    the agent's own pod, not host-network, no sidecar);
+//! 2. the netns it names is opened once, as the host sees it (`<host root>/<path>`), and
+//!    must be a network namespace other than the host's (and the agent's);
+//! 3. every address of the event must be on an interface inside that netns, and when the
+//!    API already lists the pod's addresses, they must be the event's;
+//! 4. no process of another pod (by its cgroup's pod UID) may live in that netns.
+//!
+//! Only then is the pod enrolled ([`Enroller::enrol`]: rules, ztunnel's ack, its listeners
+//! in the netns) and annotated `ambient.istio.io/redirection: enabled`. Anything that fails
+//! after the first write undoes the enrolment, so the plugin's ADD fails with nothing left
+//! in the netns. The whole exchange is bounded by [`AGENT_DEADLINE`]; it runs on its own
+//! task, so a plugin that hangs up midway cannot cut an enrolment in half.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use istio_cni::enablement::Enablement;
+use istio_cni::netns::{Netns, NetnsError, NetnsId};
+use istio_cni::pluginevent::{CheckedAddEvent, AGENT_DEADLINE};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+
+use super::annotate::{self, Redirection};
+use super::enrol::{AmbientPod, EnrolError, Enroller};
+use super::pluginevents::{Answer, Handler};
+use super::zds::WorkloadInfo;
+use crate::apiclient::ApiClient;
+use crate::repair::inspect::Exclusions;
+use crate::repair::locate::{addresses_in, ProcIndex};
+
+/// How long each API request of an admission may take (the pod, its namespace, the
+/// annotation).
+pub const API_WAIT: Duration = Duration::from_secs(5);
+
+/// Why an event was not acted on, or its enrolment failed (and was undone).
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    /// The API could not be asked, or did not answer.
+    #[error("reading {what} from the Kubernetes API: {reason}")]
+    Api {
+        /// The object.
+        what: String,
+        /// The error.
+        reason: String,
+    },
+    /// The pod the event names is not one this agent may enrol.
+    #[error("pod {pod} is not enrolled by this agent: {why}")]
+    NotOurs {
+        /// `namespace/name`.
+        pod: String,
+        /// Why.
+        why: String,
+    },
+    /// The netns the event names cannot be used.
+    #[error("the netns of the event ({path}): {source}")]
+    Netns {
+        /// The path as the event gives it.
+        path: PathBuf,
+        /// Why.
+        source: NetnsError,
+    },
+    /// The event and the netns (or the API) disagree about the pod's addresses.
+    #[error("the event does not match netns {path}: {why}")]
+    Mismatch {
+        /// The path as the event gives it.
+        path: PathBuf,
+        /// What differs.
+        why: String,
+    },
+    /// Enrolment failed; it was undone.
+    #[error(transparent)]
+    Enrol(#[from] EnrolError),
+    /// The pod was enrolled, but its annotation could not be written: undone.
+    #[error("annotating the pod {REDIRECTION}=enabled failed ({0}); the enrolment was undone")]
+    Annotate(String),
+    /// Over [`AGENT_DEADLINE`]; what was done was undone.
+    #[error("the enrolment took longer than {0:?}; it was undone")]
+    Deadline(Duration),
+}
+
+const REDIRECTION: &str = annotate::REDIRECTION_ANNOTATION;
+
+impl AdmitError {
+    /// The HTTP status the plugin gets (its message is the error's text).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AdmitError::Api { .. } | AdmitError::Annotate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdmitError::NotOurs { .. } | AdmitError::Mismatch { .. } => StatusCode::CONFLICT,
+            AdmitError::Netns { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AdmitError::Enrol(_) => StatusCode::BAD_GATEWAY,
+            AdmitError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+}
+
+/// What admitting an event needs.
+#[derive(Clone)]
+pub struct Admitter {
+    /// The agent's API client.
+    pub api: ApiClient,
+    /// This node's name (`spec.nodeName` of the pods it may enrol).
+    pub node: String,
+    /// Which pods are ambient (`AMBIENT_ENABLEMENT_SELECTOR`).
+    pub enablement: Arc<Enablement>,
+    /// The agent's namespace and the excluded namespaces.
+    pub exclusions: Exclusions,
+    /// The host's root as the agent sees it: an event's netns path is read below it.
+    pub host_root: PathBuf,
+    /// The host's `/proc` as the agent sees it (the host's netns, pods' processes).
+    pub host_proc: PathBuf,
+    /// Enrols the pod once admitted.
+    pub enroller: Enroller,
+}
+
+impl Admitter {
+    /// The plugin-event handler: each event on its own task, answered within
+    /// [`AGENT_DEADLINE`].
+    pub fn handler(self) -> Handler {
+        let me = Arc::new(self);
+        Arc::new(move |event: CheckedAddEvent| {
+            let me = me.clone();
+            Box::pin(async move {
+                let task = tokio::spawn(async move { me.admit(event).await });
+                let answer: Answer = match task.await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err((e.status(), e.to_string())),
+                    Err(e) => Err((
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("the enrolment task failed: {e}"),
+                    )),
+                };
+                answer
+            })
+        })
+    }
+
+    /// Checks `event` (see the module docs), then enrols and annotates its pod.
+    ///
+    /// Errors: [`AdmitError`]; nothing of the enrolment is left behind.
+    pub async fn admit(&self, event: CheckedAddEvent) -> Result<(), AdmitError> {
+        let start = Instant::now();
+        let pod_name = format!("{}/{}", event.pod_namespace, event.pod_name);
+        let client = self.api.get().await.map_err(|e| AdmitError::Api {
+            what: format!("pod {pod_name}"),
+            reason: e.to_string(),
+        })?;
+        let (pod, namespace_labels) = self.read(&client, &event).await?;
+        let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
+        let netns = self.check_netns(&event, &pod, &uid).await?;
+        let ambient = AmbientPod {
+            uid: uid.clone(),
+            info: WorkloadInfo {
+                name: event.pod_name.clone(),
+                namespace: event.pod_namespace.clone(),
+                service_account: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            },
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+        };
+        self.enroller.enrol(&ambient, netns.clone()).await?;
+        let undo = |why: AdmitError| async {
+            if let Err(e) = self.enroller.unenrol(&uid, Some(netns.clone())).await {
+                log::warn!("ambient: undoing the enrolment of pod {pod_name}: {e}");
+            }
+            Err(why)
+        };
+        if start.elapsed() > AGENT_DEADLINE {
+            return undo(AdmitError::Deadline(AGENT_DEADLINE)).await;
+        }
+        let annotated = tokio::time::timeout(
+            API_WAIT,
+            annotate::set(
+                &client,
+                &event.pod_namespace,
+                &event.pod_name,
+                Some(Redirection::Enabled),
+            ),
+        )
+        .await;
+        match annotated {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return undo(AdmitError::Annotate(e.to_string())).await,
+            Err(_) => {
+                return undo(AdmitError::Annotate(format!(
+                    "no answer within {API_WAIT:?}"
+                )))
+                .await
+            }
+        }
+        if start.elapsed() > AGENT_DEADLINE {
+            return undo(AdmitError::Deadline(AGENT_DEADLINE)).await;
+        }
+        log::info!(
+            "ambient: pod {pod_name} enrolled (netns {}) in {:?}",
+            event.netns.display(),
+            start.elapsed()
+        );
+        Ok(())
+    }
+
+    /// The pod and its namespace's labels, each read within [`API_WAIT`].
+    async fn read(
+        &self,
+        client: &kube::Client,
+        event: &CheckedAddEvent,
+    ) -> Result<(Pod, BTreeMap<String, String>), AdmitError> {
+        let pods: kube::Api<Pod> = kube::Api::namespaced(client.clone(), &event.pod_namespace);
+        let namespaces: kube::Api<Namespace> = kube::Api::all(client.clone());
+        let api = |what: String, reason: String| AdmitError::Api { what, reason };
+        let pod_what = format!("pod {}/{}", event.pod_namespace, event.pod_name);
+        let pod = tokio::time::timeout(API_WAIT, pods.get(&event.pod_name))
+            .await
+            .map_err(|_| api(pod_what.clone(), format!("no answer within {API_WAIT:?}")))?
+            .map_err(|e| api(pod_what, e.to_string()))?;
+        let ns_what = format!("namespace {}", event.pod_namespace);
+        let ns = tokio::time::timeout(API_WAIT, namespaces.get(&event.pod_namespace))
+            .await
+            .map_err(|_| api(ns_what.clone(), format!("no answer within {API_WAIT:?}")))?
+            .map_err(|e| api(ns_what, e.to_string()))?;
+        Ok((pod, ns.metadata.labels.unwrap_or_default()))
+    }
+
+    /// Check 1 of the module docs. Returns the pod's UID.
+    fn check_pod(
+        &self,
+        pod: &Pod,
+        pod_name: &str,
+        namespace_labels: &BTreeMap<String, String>,
+    ) -> Result<String, AdmitError> {
+        let not_ours = |why: String| AdmitError::NotOurs {
+            pod: pod_name.to_owned(),
+            why,
+        };
+        let uid = pod
+            .metadata
+            .uid
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| not_ours("it has no UID in the API".into()))?;
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Err(not_ours("it is being deleted".into()));
+        }
+        let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
+        if node != Some(self.node.as_str()) {
+            return Err(not_ours(format!(
+                "it is scheduled to node {:?}, not to this node ({})",
+                node.unwrap_or(""),
+                self.node
+            )));
+        }
+        let (namespace, name) = pod_name.split_once('/').unwrap_or(("", pod_name));
+        if let Some(skip) =
+            istio_cni::pod::skip_by_name(namespace, name, &self.exclusions.agent_namespace, |ns| {
+                self.exclusions.exclude_namespaces.iter().any(|e| e == ns)
+            })
+        {
+            return Err(not_ours(skip.to_string()));
+        }
+        if !self.enablement.matches(pod, namespace_labels) {
+            return Err(not_ours(
+                "it is not ambient by this agent's enablement selectors (or it is on the \
+                 host network, or has a sidecar)"
+                    .into(),
+            ));
+        }
+        Ok(uid)
+    }
+
+    /// Checks 2 to 4 of the module docs. Returns the netns, opened once.
+    async fn check_netns(
+        &self,
+        event: &CheckedAddEvent,
+        pod: &Pod,
+        uid: &str,
+    ) -> Result<Arc<Netns>, AdmitError> {
+        let mismatch = |why: String| AdmitError::Mismatch {
+            path: event.netns.clone(),
+            why,
+        };
+        let event_ips: Vec<IpAddr> = event.ips.iter().map(|n| n.addr()).collect();
+        if event_ips.is_empty() {
+            return Err(mismatch(
+                "the event lists no pod address (the chained plugin got no prevResult \
+                 addresses), so the netns cannot be checked"
+                    .into(),
+            ));
+        }
+        let api_ips: Vec<IpAddr> = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if let Some(ip) = api_ips.iter().find(|ip| !event_ips.contains(ip)) {
+            return Err(mismatch(format!(
+                "the API lists pod address {ip}, which the event does not"
+            )));
+        }
+        let path = self
+            .host_root
+            .join(event.netns.strip_prefix("/").unwrap_or(&event.netns));
+        let (host_proc, uid, event_path) =
+            (self.host_proc.clone(), uid.to_owned(), event.netns.clone());
+        tokio::task::spawn_blocking(move || -> Result<Arc<Netns>, AdmitError> {
+            let netns = Netns::open(&path).map_err(|source| AdmitError::Netns {
+                path: event_path.clone(),
+                source,
+            })?;
+            let mismatch = |why: String| AdmitError::Mismatch {
+                path: event_path.clone(),
+                why,
+            };
+            if NetnsId::of(&host_proc.join("1/ns/net")).ok() == Some(netns.id()) {
+                return Err(AdmitError::Netns {
+                    path: event_path.clone(),
+                    source: NetnsError::HostNamespace {
+                        path: event_path.clone(),
+                        which: "the host's network namespace",
+                    },
+                });
+            }
+            let present = addresses_in(&netns).map_err(mismatch)?;
+            let missing: Vec<String> = event_ips
+                .iter()
+                .filter(|ip| !present.contains(ip))
+                .map(ToString::to_string)
+                .collect();
+            if !missing.is_empty() {
+                return Err(mismatch(format!(
+                    "address(es) {} of the event are not on its interfaces",
+                    missing.join(", ")
+                )));
+            }
+            let procs = ProcIndex::scan(&host_proc).map_err(|e| {
+                mismatch(format!(
+                    "cannot list the host's processes in {}: {e}",
+                    host_proc.display()
+                ))
+            })?;
+            let others = procs.other_pods_in(netns.id(), &uid);
+            if !others.is_empty() {
+                return Err(mismatch(format!(
+                    "processes of other pod(s) ({}) live in it",
+                    others.join(", ")
+                )));
+            }
+            Ok(Arc::new(netns))
+        })
+        .await
+        .map_err(|e| AdmitError::Enrol(EnrolError::Task(e.to_string())))?
+    }
+}
