@@ -147,6 +147,20 @@ impl Setup {
         pod
     }
 
+    /// A pod that has been running for a while: `Running`, its address in the API.
+    fn running_pod(&mut self, name: &str, labels: Value) -> RunningPod {
+        let pod = self.pod(name, labels, Layout::Systemd);
+        let object = pod.object(self.api.get("pods", "default", name).unwrap(), NODE);
+        self.api.put("pods", object);
+        pod
+    }
+
+    fn label_namespace(&self, labels: Value) {
+        let mut ns = self.api.get("namespaces", "", "default").unwrap();
+        ns["metadata"]["labels"] = labels;
+        self.api.put("namespaces", ns);
+    }
+
     fn ambient_pod(&mut self, name: &str) -> RunningPod {
         self.pod(
             name,
@@ -313,19 +327,33 @@ fn hostile_plugin_events_are_refused_with_the_reason() {
     }
 }
 
-/// With the real ztunnel: ADD of an ambient pod returns once ztunnel listens in the pod's
-/// netns; the in-pod rules are there and the pod is annotated `enabled`. With ztunnel
-/// stopped, ADD of the next ambient pod fails and leaves nothing.
+/// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.
+fn ztunnel_ports(netns: &TestNetns) -> Vec<u16> {
+    let listening = netns.exec(&["ss", "-Htln"]);
+    [15001, 15006, 15008]
+        .into_iter()
+        .filter(|p| listening.contains(&format!(":{p} ")))
+        .collect()
+}
+
+/// With the real ztunnel, on one node:
+/// - ADD of an ambient pod returns once ztunnel listens in the pod's netns; the in-pod
+///   rules are there and the pod is annotated `enabled`;
+/// - labelling the namespace enrols a pod that was already running (no restart), and
+///   removing the label unenrols it (rules, listeners and annotation gone);
+/// - deleting a pod makes ztunnel drop it;
+/// - with ztunnel stopped, ADD of the next ambient pod fails and leaves nothing.
 #[test]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
-fn the_real_ztunnel_captures_a_pod_enrolled_at_add() {
+fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     let Some(bin) = ztunnel::binary() else { return };
     let mut s = Setup::new(83);
     let _agent = s.agent();
     let chain = s.chain();
     let web = s.ambient_pod("web");
     let late = s.ambient_pod("late");
-    let workloads: Vec<LocalWorkload> = [("web", &web), ("late", &late)]
+    let running = s.running_pod("running", json!({}));
+    let workloads: Vec<LocalWorkload> = [("web", &web), ("late", &late), ("running", &running)]
         .iter()
         .map(|(name, p)| LocalWorkload {
             name: (*name).into(),
@@ -359,11 +387,40 @@ fn the_real_ztunnel_captures_a_pod_enrolled_at_add() {
             .any(|l| l.contains("-j REDIRECT --to-ports 15001")),
         "{rules:?}"
     );
-    let listening = web.netns.exec(&["ss", "-Htln"]);
-    for port in [15001, 15006, 15008] {
-        assert!(listening.contains(&format!(":{port} ")), "{listening}");
-    }
+    assert_eq!(ztunnel_ports(&web.netns), [15001, 15006, 15008]);
     assert_eq!(s.annotation("web").as_deref(), Some("enabled"));
+
+    // A running pod joins with its namespace's label, and leaves without it.
+    assert!(running.rules().is_empty());
+    s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    let (_, took) = wait_for("the running pod enrolled by its namespace's label", || {
+        (ztunnel_ports(&running.netns).len() == 3
+            && s.annotation("running").as_deref() == Some("enabled"))
+        .then_some(())
+    });
+    eprintln!("namespace labelled: running pod enrolled in {took:?}");
+    assert!(!running.rules().is_empty());
+    s.label_namespace(json!({}));
+    let (_, took) = wait_for("the running pod unenrolled", || {
+        (ztunnel_ports(&running.netns).is_empty()
+            && running.rules().is_empty()
+            && s.annotation("running").is_none())
+        .then_some(())
+    });
+    eprintln!("label removed: running pod unenrolled in {took:?}");
+    assert!(!running
+        .netns
+        .exec(&["ip", "rule", "show"])
+        .contains("0x111"));
+    // The pod labelled itself stays.
+    assert_eq!(ztunnel_ports(&web.netns), [15001, 15006, 15008]);
+
+    // Deleted: ztunnel drops it; its netns is not entered (the rules stay with it).
+    s.api.remove("pods", "default", "web");
+    wait_for("ztunnel to drop the deleted pod", || {
+        ztunnel_ports(&web.netns).is_empty().then_some(())
+    });
+    assert!(!web.rules().is_empty());
 
     drop(zt);
     let t = Instant::now();

@@ -9,6 +9,8 @@
 //! - [`admit`]: an event checked against the API and the netns it names, then enrolled;
 //! - [`enrol`]: one pod enrolled, proved (rules read back, ztunnel's ack, its listeners in
 //!   the pod's netns) or undone;
+//! - [`watch`]: this node's pods and the namespaces, watched: running pods enrolled and
+//!   unenrolled as their labels change, deleted and terminal pods dropped from ztunnel;
 //! - [`annotate`]: the pod's `ambient.istio.io/redirection` annotation;
 //! - [`server`]: the pods known and each ztunnel connection's snapshot; adds to the newest
 //!   connection, deletes to all;
@@ -19,9 +21,8 @@
 //! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
 //!   that accepts ztunnel's connections.
 //!
-//! Still to come (issue 22): the pod and namespace watches (enrolling and unenrolling
-//! running pods, telling ztunnel of deleted pods), the host's probe SNAT rules and
-//! ipsets, and the in-pod rules on the native nftables backend.
+//! Still to come (issue 22): the host's probe SNAT rules and ipsets, the `pending`
+//! annotation, and the in-pod rules on the native nftables backend.
 
 pub mod admit;
 pub mod annotate;
@@ -30,6 +31,7 @@ pub mod listeners;
 pub mod pluginevents;
 pub mod server;
 pub mod socket;
+pub mod watch;
 pub mod zds;
 
 use std::path::PathBuf;
@@ -82,7 +84,8 @@ pub struct Ambient {
     sockets: Vec<PathBuf>,
 }
 
-/// Binds the ZDS socket and the plugin-event socket and serves both on their own tasks.
+/// Binds the ZDS socket and the plugin-event socket and serves both on their own tasks,
+/// and starts the pod and namespace watches ([`watch`]).
 ///
 /// Errors: [`StartError`] when a socket cannot be created where it belongs (its directory
 /// missing or writable by others than root, a non-socket at the path).
@@ -97,6 +100,14 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         lock_dir: cfg.run_dir.clone(),
         server: server.clone(),
         listener_wait: enrol::LISTENER_WAIT,
+    };
+    let watch = watch::PodWatch {
+        api: api.clone(),
+        node: cfg.node.clone(),
+        enablement: Arc::new(cfg.enablement.clone()),
+        exclusions: cfg.exclusions.clone(),
+        host_proc: cfg.host_proc.clone(),
+        enroller: enroller.clone(),
     };
     let handler: pluginevents::Handler = if cfg.native_nftables {
         Arc::new(|_| {
@@ -139,9 +150,13 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
             log::error!("ambient: the plugin-event socket stopped: {e}");
         }
     });
+    let mut tasks = vec![zds_task, events_task];
+    if !cfg.native_nftables {
+        tasks.push(tokio::spawn(watch.run()));
+    }
     Ok(Ambient {
         server,
-        tasks: vec![zds_task, events_task],
+        tasks,
         sockets: vec![cfg.zds_socket, event_path],
     })
 }

@@ -1,0 +1,316 @@
+//! This node's pods and all namespaces, watched, so that ambient mode follows the API
+//! after ADD (upstream `cni/pkg/nodeagent/informers.go`):
+//! - a **running** pod that becomes ambient (its own label, or its namespace's, changed) is
+//!   enrolled without a restart: its netns is found from the host (a process of the pod,
+//!   by the pod UID in its cgroup, never a netns another pod's process lives in), then
+//!   [`Enroller::enrol`] proves it or undoes it, and the pod is annotated `enabled`;
+//! - an enrolled pod that stops being ambient is unenrolled: its in-pod rules are removed,
+//!   ztunnel drops it, and the annotation goes;
+//! - a pod that is deleted or terminal (`Succeeded`, `Failed`) is dropped from ztunnel,
+//!   without entering its netns (which may be gone, or another's by now);
+//! - after each (re)list, pods that ztunnel holds but the API no longer lists are dropped.
+//!
+//! A pod still starting (not `Running`, or without an address) is left to the plugin's
+//! ADD, which enrols it through [`super::admit`]. An enrolment that fails is tried again
+//! on the next change of the pod or its namespace, and at least every
+//! [`RETRY_INTERVAL`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use istio_cni::enablement::Enablement;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt as _;
+use kube::ResourceExt as _;
+
+use super::annotate::{self, Redirection};
+use super::enrol::{AmbientPod, Enroller};
+use super::zds::WorkloadInfo;
+use crate::apiclient::{watch_bounding_lists, ApiClient};
+use crate::backoff::Backoff;
+use crate::repair::inspect::Exclusions;
+use crate::repair::locate::ProcIndex;
+
+/// How often pods whose enrolment failed (or is due) are looked at again without a change
+/// in the API.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The watches of one node.
+#[derive(Clone)]
+pub struct PodWatch {
+    /// The agent's API client.
+    pub api: ApiClient,
+    /// This node's name.
+    pub node: String,
+    /// Which pods are ambient.
+    pub enablement: Arc<Enablement>,
+    /// The agent's namespace and the excluded namespaces.
+    pub exclusions: Exclusions,
+    /// The host's `/proc` as the agent sees it.
+    pub host_proc: PathBuf,
+    /// Enrols and unenrols.
+    pub enroller: Enroller,
+}
+
+/// What the pod should be, by the API.
+#[derive(Debug, PartialEq, Eq)]
+enum Want {
+    /// Enrolled.
+    In,
+    /// Not enrolled.
+    Out,
+    /// Gone from ztunnel, netns untouched (deleted or terminal).
+    Forget,
+    /// Nothing yet (starting: ADD enrols it).
+    Wait,
+}
+
+impl PodWatch {
+    /// Runs until the task is dropped; watch errors are retried with backoff.
+    pub async fn run(self) {
+        let mut backoff = Backoff::with_jitter(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            match self.api.watch_client().await {
+                Ok(client) => {
+                    backoff.reset();
+                    self.watch(client).await;
+                    log::debug!("ambient: pod and namespace watches ended; restarting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    log::warn!("ambient: no API client: {e}; retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn watch(&self, client: kube::Client) {
+        let pods_api: kube::Api<Pod> = kube::Api::all(client.clone());
+        let ns_api: kube::Api<Namespace> = kube::Api::all(client);
+        let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
+        let (pods, pod_writer) = reflector::store();
+        let (namespaces, ns_writer) = reflector::store();
+        let mut pod_events =
+            reflector::reflector(pod_writer, watch_bounding_lists(pods_api, pod_config))
+                .default_backoff()
+                .boxed();
+        let mut ns_events = reflector::reflector(
+            ns_writer,
+            watch_bounding_lists(ns_api, watcher::Config::default()),
+        )
+        .default_backoff()
+        .boxed();
+        let (mut pods_synced, mut ns_synced) = (false, false);
+        // Pods to look at once both lists are in.
+        let mut due: HashMap<String, Arc<Pod>> = HashMap::new();
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        loop {
+            tokio::select! {
+                ev = pod_events.next() => match ev {
+                    None => return,
+                    Some(Err(e)) => log::warn!("ambient: watching pods on {}: {e}", self.node),
+                    Some(Ok(Event::Init)) => {}
+                    Some(Ok(Event::InitApply(pod) | Event::Apply(pod))) => {
+                        due.insert(pod.uid().unwrap_or_default(), Arc::new(pod));
+                    }
+                    Some(Ok(Event::Delete(pod))) => {
+                        let uid = pod.uid().unwrap_or_default();
+                        due.remove(&uid);
+                        self.forget(&uid, &pod_name(&pod)).await;
+                    }
+                    Some(Ok(Event::InitDone)) => {
+                        pods_synced = true;
+                        self.forget_unlisted(&pods).await;
+                    }
+                },
+                ev = ns_events.next() => match ev {
+                    None => return,
+                    Some(Err(e)) => log::warn!("ambient: watching namespaces: {e}"),
+                    Some(Ok(Event::InitApply(ns) | Event::Apply(ns))) => {
+                        let name = ns.name_any();
+                        for pod in pods.state() {
+                            if pod.namespace().as_deref() == Some(name.as_str()) {
+                                due.insert(pod.uid().unwrap_or_default(), pod);
+                            }
+                        }
+                    }
+                    Some(Ok(Event::InitDone)) => ns_synced = true,
+                    Some(Ok(_)) => {}
+                },
+                _ = retry.tick() => {
+                    for pod in pods.state() {
+                        due.insert(pod.uid().unwrap_or_default(), pod);
+                    }
+                }
+            }
+            if pods_synced && ns_synced {
+                for (_, pod) in due.drain() {
+                    self.reconcile(&pod, &namespaces).await;
+                }
+            }
+        }
+    }
+
+    /// What `pod` should be, by the API (see the module docs).
+    fn want(&self, pod: &Pod, namespaces: &Store<Namespace>) -> Want {
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref());
+        if pod.metadata.deletion_timestamp.is_some()
+            || matches!(phase, Some("Succeeded" | "Failed"))
+        {
+            return Want::Forget;
+        }
+        let namespace = pod.namespace().unwrap_or_default();
+        let excluded = istio_cni::pod::skip_by_name(
+            &namespace,
+            &pod.name_any(),
+            &self.exclusions.agent_namespace,
+            |ns| self.exclusions.exclude_namespaces.iter().any(|e| e == ns),
+        )
+        .is_some();
+        let empty = BTreeMap::new();
+        let ns = namespaces.get(&reflector::ObjectRef::new(&namespace));
+        let labels = ns
+            .as_ref()
+            .and_then(|n| n.metadata.labels.as_ref())
+            .unwrap_or(&empty);
+        if excluded || !self.enablement.matches(pod, labels) {
+            return Want::Out;
+        }
+        let has_ip = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .is_some_and(|ips| !ips.is_empty());
+        if phase == Some("Running") && has_ip {
+            Want::In
+        } else {
+            Want::Wait
+        }
+    }
+
+    async fn reconcile(&self, pod: &Pod, namespaces: &Store<Namespace>) {
+        let Some(uid) = pod.uid() else { return };
+        let name = pod_name(pod);
+        let known = self.enroller.server.pods().await.contains(&uid);
+        let annotated = Redirection::of(pod);
+        match self.want(pod, namespaces) {
+            Want::Forget if known => self.forget(&uid, &name).await,
+            Want::In if !known => self.enrol(pod, &uid, &name).await,
+            Want::In if annotated != Some(Redirection::Enabled) => {
+                self.annotate(pod, Some(Redirection::Enabled)).await
+            }
+            Want::Out if known || annotated.is_some() => self.unenrol(pod, &uid, &name).await,
+            _ => {}
+        }
+    }
+
+    async fn enrol(&self, pod: &Pod, uid: &str, name: &str) {
+        let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
+        let found = tokio::task::spawn_blocking(move || {
+            ProcIndex::scan(&host_proc)
+                .ok()
+                .and_then(|procs| procs.netns_of(&owner))
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(found) = found else {
+            log::info!(
+                "ambient: pod {name} is ambient, but no process of it (by its UID) is on this \
+                 node; trying again later"
+            );
+            return;
+        };
+        let ambient = AmbientPod {
+            uid: uid.to_owned(),
+            info: WorkloadInfo {
+                name: pod.name_any(),
+                namespace: pod.namespace().unwrap_or_default(),
+                service_account: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            },
+            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
+        };
+        match self.enroller.enrol(&ambient, found.netns.clone()).await {
+            Ok(()) => {
+                log::info!("ambient: running pod {name} enrolled (netns {found})");
+                self.annotate(pod, Some(Redirection::Enabled)).await;
+            }
+            Err(e) => log::warn!("ambient: enrolling running pod {name}: {e}; trying again later"),
+        }
+    }
+
+    async fn unenrol(&self, pod: &Pod, uid: &str, name: &str) {
+        // A pod with a sidecar holds sidecar rules, never ours to remove here (an
+        // annotation left by another agent must not cost it its redirection).
+        let sidecar = pod.annotations().contains_key(istio_cni::pod::STATUS_KEY);
+        let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
+        let netns = tokio::task::spawn_blocking(move || {
+            ProcIndex::scan(&host_proc)
+                .ok()
+                .and_then(|procs| procs.netns_of(&owner))
+                .map(|f| f.netns)
+        })
+        .await
+        .ok()
+        .flatten()
+        .filter(|_| !sidecar);
+        match self.enroller.unenrol(uid, netns).await {
+            Ok(()) => log::info!("ambient: pod {name} unenrolled"),
+            Err(e) => log::warn!("ambient: unenrolling pod {name}: {e}"),
+        }
+        self.annotate(pod, None).await;
+    }
+
+    /// Drops a deleted or terminal pod from ztunnel (its netns is not entered).
+    async fn forget(&self, uid: &str, name: &str) {
+        if !self.enroller.server.pods().await.iter().any(|u| u == uid) {
+            return;
+        }
+        match self.enroller.server.del(uid).await {
+            Ok(()) => log::info!("ambient: pod {name} is gone; ztunnel dropped it"),
+            Err(e) => log::warn!("ambient: telling ztunnel to drop pod {name}: {e}"),
+        }
+    }
+
+    /// After a (re)list: drops the pods ztunnel holds that the API no longer lists.
+    async fn forget_unlisted(&self, pods: &Store<Pod>) {
+        let listed: Vec<String> = pods.state().iter().filter_map(|p| p.uid()).collect();
+        for uid in self.enroller.server.pods().await {
+            if !listed.contains(&uid) {
+                self.forget(&uid, &format!("with UID {uid}")).await;
+            }
+        }
+    }
+
+    async fn annotate(&self, pod: &Pod, state: Option<Redirection>) {
+        let Ok(client) = self.api.get().await else {
+            return;
+        };
+        let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+        match tokio::time::timeout(
+            super::admit::API_WAIT,
+            annotate::set(&client, &ns, &name, state),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("ambient: annotating pod {ns}/{name}: {e}"),
+            Err(_) => log::warn!("ambient: annotating pod {ns}/{name}: no answer"),
+        }
+    }
+}
+
+fn pod_name(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
