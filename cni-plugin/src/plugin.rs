@@ -659,8 +659,8 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
     let netns = LazyNetns::new(env);
     let (pod_ref, planned) = match plan(env, conf, &netns)? {
         Plan::PassThrough => return Ok(()),
-        // The node agent keeps an ambient pod's rules (and repairs them); upstream's
-        // CHECK does not look at them either.
+        // An ambient pod's rules are the node agent's; upstream's CHECK does not look at
+        // them either.
         Plan::Ambient(pod_ref) => {
             log::info!("pod {pod_ref}: ambient; its rules are the node agent's to check");
             return Ok(());

@@ -176,6 +176,17 @@ impl Admitter {
             if let Err(e) = self.enroller.unenrol(&uid, Some(netns.clone())).await {
                 log::warn!("ambient: undoing the enrolment of pod {pod_name}: {e}");
             }
+            // The patch may have landed although its answer did not: best effort, bounded.
+            let cleared = tokio::time::timeout(
+                API_WAIT,
+                annotate::set(&client, &event.pod_namespace, &event.pod_name, None),
+            )
+            .await;
+            if !matches!(cleared, Ok(Ok(()))) {
+                log::warn!(
+                    "ambient: removing the annotation of pod {pod_name} after an undo failed"
+                );
+            }
             Err(why)
         };
         if start.elapsed() > AGENT_DEADLINE {

@@ -288,6 +288,11 @@ impl ZdsServer {
     pub async fn pods(&self) -> Vec<String> {
         self.state.lock().await.pods.keys().cloned().collect()
     }
+
+    /// The netns handle recorded for pod `uid`, if the server knows the pod with one.
+    pub async fn netns_of(&self, uid: &str) -> Option<Arc<Netns>> {
+        self.state.lock().await.pods.get(uid)?.netns.clone()
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! - an enrolled pod that stops being ambient is unenrolled: its in-pod rules are removed,
 //!   ztunnel drops it, and the annotation goes;
 //! - a pod that is deleted or terminal (`Succeeded`, `Failed`) is dropped from ztunnel,
-//!   without entering its netns (which may be gone, or another's by now);
+//!   without entering its netns (which may be gone, or another's by now); one being
+//!   deleted keeps its capture through its grace period;
 //! - after each (re)list, pods that ztunnel holds but the API no longer lists are dropped.
 //!
 //! A pod still starting (not `Running`, or without an address) is left to the plugin's
@@ -162,10 +163,14 @@ impl PodWatch {
     fn want(&self, pod: &Pod, namespaces: &Store<Namespace>) -> Want {
         let status = pod.status.as_ref();
         let phase = status.and_then(|s| s.phase.as_deref());
-        if pod.metadata.deletion_timestamp.is_some()
-            || matches!(phase, Some("Succeeded" | "Failed"))
-        {
+        if matches!(phase, Some("Succeeded" | "Failed")) {
             return Want::Forget;
+        }
+        // A pod being deleted keeps its capture through its grace period (its containers
+        // still run, its rules still redirect) and is dropped on the DELETE event; one not
+        // enrolled is not enrolled now.
+        if pod.metadata.deletion_timestamp.is_some() {
+            return Want::Wait;
         }
         let namespace = pod.namespace().unwrap_or_default();
         let excluded = istio_cni::pod::skip_by_name(
@@ -176,11 +181,12 @@ impl PodWatch {
         )
         .is_some();
         let empty = BTreeMap::new();
-        let ns = namespaces.get(&reflector::ObjectRef::new(&namespace));
-        let labels = ns
-            .as_ref()
-            .and_then(|n| n.metadata.labels.as_ref())
-            .unwrap_or(&empty);
+        // A namespace not in the store yet (created a moment ago) decides nothing: a pod
+        // ADD enrolled by its labels must not be unenrolled for a stale cache.
+        let Some(ns) = namespaces.get(&reflector::ObjectRef::new(&namespace)) else {
+            return Want::Wait;
+        };
+        let labels = ns.metadata.labels.as_ref().unwrap_or(&empty);
         if excluded || !self.enablement.matches(pod, labels) {
             return Want::Out;
         }
@@ -201,6 +207,20 @@ impl PodWatch {
         let annotated = Redirection::of(pod);
         match self.want(pod, namespaces) {
             Want::Forget if known => self.forget(&uid, &name).await,
+            // Captured by an earlier agent (this one restarted): its rules are in place.
+            // Enrolment undoes its rules when ztunnel does not take the pod, which must
+            // not uncapture it while ztunnel is away; until one is connected the pod is
+            // left as it is (restoring such pods into the first snapshot is issue 23).
+            Want::In
+                if !known
+                    && annotated.is_some()
+                    && self.enroller.server.connections().await == 0 =>
+            {
+                log::info!(
+                    "ambient: pod {name} was enrolled before this agent started; waiting for \
+                     ztunnel to enrol it again"
+                );
+            }
             Want::In if !known => self.enrol(pod, &uid, &name).await,
             Want::In if annotated != Some(Redirection::Enabled) => {
                 self.annotate(pod, Some(Redirection::Enabled)).await
@@ -254,16 +274,22 @@ impl PodWatch {
         // A pod with a sidecar holds sidecar rules, never ours to remove here (an
         // annotation left by another agent must not cost it its redirection).
         let sidecar = pod.annotations().contains_key(istio_cni::pod::STATUS_KEY);
-        let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
-        let netns = tokio::task::spawn_blocking(move || {
-            ProcIndex::scan(&host_proc)
+        // The netns the pod was enrolled with, else the one a process of it lives in.
+        let netns = match self.enroller.server.netns_of(uid).await {
+            Some(n) => Some(n),
+            None => {
+                let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    ProcIndex::scan(&host_proc)
+                        .ok()
+                        .and_then(|procs| procs.netns_of(&owner))
+                        .map(|f| f.netns)
+                })
+                .await
                 .ok()
-                .and_then(|procs| procs.netns_of(&owner))
-                .map(|f| f.netns)
-        })
-        .await
-        .ok()
-        .flatten()
+                .flatten()
+            }
+        }
         .filter(|_| !sidecar);
         match self.enroller.unenrol(uid, netns).await {
             Ok(()) => log::info!("ambient: pod {name} unenrolled"),
