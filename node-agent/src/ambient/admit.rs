@@ -33,7 +33,6 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use super::annotate::{self, Redirection};
 use super::enrol::{AmbientPod, EnrolError, Enroller};
 use super::pluginevents::{Answer, Handler};
-use super::zds::WorkloadInfo;
 use crate::apiclient::ApiClient;
 use crate::repair::inspect::Exclusions;
 use crate::repair::locate::{addresses_in, ProcIndex};
@@ -157,20 +156,7 @@ impl Admitter {
         let (pod, namespace_labels) = self.read(&client, &event).await?;
         let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
         let netns = self.check_netns(&event, &pod, &uid).await?;
-        let ambient = AmbientPod {
-            uid: uid.clone(),
-            info: WorkloadInfo {
-                name: event.pod_name.clone(),
-                namespace: event.pod_namespace.clone(),
-                service_account: pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "default".into()),
-            },
-            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
-        };
+        let ambient = AmbientPod::of(&pod, &uid);
         self.enroller.enrol(&ambient, netns.clone()).await?;
         let undo = |why: AdmitError| async {
             if let Err(e) = self.enroller.unenrol(&uid, Some(netns.clone())).await {

@@ -42,6 +42,28 @@ pub struct AmbientPod {
     pub annotations: BTreeMap<String, String>,
 }
 
+impl AmbientPod {
+    /// The pod `pod` from the API, whose UID is `uid`: its name, namespace, service
+    /// account (`default` when unset, as the API defaults it) and annotations.
+    pub fn of(pod: &k8s_openapi::api::core::v1::Pod, uid: &str) -> AmbientPod {
+        let meta = &pod.metadata;
+        AmbientPod {
+            uid: uid.to_owned(),
+            info: WorkloadInfo {
+                name: meta.name.clone().unwrap_or_default(),
+                namespace: meta.namespace.clone().unwrap_or_default(),
+                service_account: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+            },
+            annotations: meta.annotations.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// An enrolment failed; what it had done was undone.
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {

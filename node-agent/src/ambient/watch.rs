@@ -31,7 +31,6 @@ use kube::ResourceExt as _;
 
 use super::annotate::{self, Redirection};
 use super::enrol::{AmbientPod, Enroller};
-use super::zds::WorkloadInfo;
 use crate::apiclient::{watch_bounding_lists, ApiClient};
 use crate::backoff::Backoff;
 use crate::repair::inspect::Exclusions;
@@ -247,20 +246,7 @@ impl PodWatch {
             );
             return;
         };
-        let ambient = AmbientPod {
-            uid: uid.to_owned(),
-            info: WorkloadInfo {
-                name: pod.name_any(),
-                namespace: pod.namespace().unwrap_or_default(),
-                service_account: pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "default".into()),
-            },
-            annotations: pod.metadata.annotations.clone().unwrap_or_default(),
-        };
+        let ambient = AmbientPod::of(pod, uid);
         match self.enroller.enrol(&ambient, found.netns.clone()).await {
             Ok(()) => {
                 log::info!("ambient: running pod {name} enrolled (netns {found})");
