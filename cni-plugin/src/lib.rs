@@ -20,6 +20,7 @@ pub mod error;
 pub mod lock;
 pub mod logging;
 pub mod netns;
+pub mod nfnetlink;
 pub mod nft;
 pub mod plan;
 pub mod plugin;

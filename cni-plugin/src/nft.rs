@@ -16,6 +16,10 @@ use std::process::{Command, Stdio};
 
 use crate::apply::ApplyError;
 use crate::netns::Inside;
+use crate::nfnetlink::{
+    nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 use crate::rules::nft_canon::{self, CanonTables};
 use crate::rules::nftables::{NftRuleset, TABLES};
 use crate::validate::ValidateError;
@@ -200,131 +204,8 @@ impl NfTable {
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
-const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
-const NFNL_MSG_BATCH_END: u16 = 0x11;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
-
-/// A netlink socket for nf_tables in the calling thread's netns, with a 5 s receive
-/// timeout.
-fn nfnetlink_socket() -> std::io::Result<netlink_sys::Socket> {
-    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-    let mut sock = Socket::new(NETLINK_NETFILTER)?;
-    sock.bind_auto()?;
-    sock.connect(&SocketAddr::new(0, 0))?;
-    nix::sys::socket::setsockopt(
-        &std::os::fd::AsFd::as_fd(&sock),
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(5, 0),
-    )?;
-    Ok(sock)
-}
-
-/// Appends one netlink message: `nlmsghdr`, `nfgenmsg` (`family`, version 0, `res_id`
-/// big-endian) and the already-encoded `attrs`.
-fn push_message(
-    out: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-    attrs: &[u8],
-) {
-    let len = 16 + 4 + attrs.len();
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
-    out.push(family);
-    out.push(0);
-    out.extend_from_slice(&res_id.to_be_bytes());
-    out.extend_from_slice(attrs);
-}
-
-/// Appends one netlink attribute, padded to 4 bytes.
-fn push_attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    out.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    out.extend_from_slice(&kind.to_ne_bytes());
-    out.extend_from_slice(value);
-    out.resize(out.len().next_multiple_of(4), 0);
-}
-
-fn invalid(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
-}
-
-fn u16_at(b: &[u8], i: usize) -> Option<u16> {
-    b.get(i..i + 2).map(|x| u16::from_ne_bytes([x[0], x[1]]))
-}
-
-fn u32_at(b: &[u8], i: usize) -> Option<u32> {
-    b.get(i..i + 4)
-        .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
-}
-
-/// Reads answers to request `seq` until the dump ends or the request is acknowledged,
-/// handing every other message of `seq` to `each` (its bytes, header included).
-///
-/// Errors: the socket's error, an error acknowledgement (as the errno), or a malformed
-/// message.
-fn receive(sock: &netlink_sys::Socket, seq: u32, each: impl FnMut(&[u8])) -> std::io::Result<()> {
-    receive_batch(sock, seq..=seq, seq, each)
-}
-
-/// [`receive`] for a batch whose messages carry the sequence numbers `batch`: an error
-/// acknowledgement for any of them fails it (the kernel answers a failed commit, or a
-/// refused batch header, on the batch's first message), and it is done at the
-/// acknowledgement (or end of dump) of `done`.
-///
-/// Errors: as [`receive`].
-fn receive_batch(
-    sock: &netlink_sys::Socket,
-    batch: std::ops::RangeInclusive<u32>,
-    done: u32,
-    mut each: impl FnMut(&[u8]),
-) -> std::io::Result<()> {
-    loop {
-        let (buf, _) = sock.recv_from_full()?;
-        let mut off = 0;
-        while off + 16 <= buf.len() {
-            let len = u32_at(&buf, off).ok_or_else(|| invalid("short header"))? as usize;
-            let kind = u16_at(&buf, off + 4).ok_or_else(|| invalid("short header"))?;
-            let msg_seq = u32_at(&buf, off + 8).ok_or_else(|| invalid("short header"))?;
-            if len < 16 || off + len > buf.len() {
-                return Err(invalid("bad netlink message length"));
-            }
-            let msg = &buf[off..off + len];
-            off += (len + 3) & !3;
-            if !batch.contains(&msg_seq) {
-                continue;
-            }
-            match kind {
-                NLMSG_DONE if msg_seq == done => return Ok(()),
-                NLMSG_ERROR => {
-                    let code = u32_at(msg, 16)
-                        .map(|c| c as i32)
-                        .ok_or_else(|| invalid("short error message"))?;
-                    if code != 0 {
-                        return Err(std::io::Error::from_raw_os_error(-code));
-                    }
-                    if msg_seq == done {
-                        return Ok(());
-                    }
-                }
-                NLMSG_DONE => {}
-                _ if msg_seq == done => each(msg),
-                _ => {}
-            }
-        }
-    }
-}
 
 /// Every nftables table of the netns, with its flags: one `NFT_MSG_GETTABLE` dump.
 ///

@@ -315,7 +315,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                 );
             }
         }
-        if let Some(a) = ambient {
+        if let Some(a) = &ambient {
             a.stop();
         }
         readiness.set_stopping();
@@ -346,6 +346,11 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
                         }
                     }
                     None => {}
+                }
+                if let Some(a) = ambient {
+                    tokio::task::spawn_blocking(move || a.remove_host_rules())
+                        .await
+                        .map_err(|e| format!("cleanup task: {e}"))?;
                 }
                 let removed = tokio::task::spawn_blocking(move || install::uninstall_once(&cfg))
                     .await

@@ -20,14 +20,18 @@ use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::{Layout, NodePods, RunningPod};
 use istio_cni_e2e::net::TestNetns;
 use istio_cni_e2e::ztunnel::{self, LocalWorkload, Ztunnel};
+use istio_cni_node_agent::ambient::ipset::Set;
 use serde_json::{json, Value};
 
 const NODE: &str = "node-1";
 const REDIRECTION: &str = "ambient.istio.io/redirection";
 
-/// One test's node: agent dirs with a primary config, the API (with namespace
-/// `default`), the pods' cgroups and netns, and a root-only dir for the ZDS socket.
+/// One test's node: its netns (where the agent, the API server, the plugin and ztunnel
+/// run, as on a node with `hostNetwork`), agent dirs with a primary config, the API (with
+/// namespace `default`), the pods' cgroups and netns, and a root-only dir for the ZDS
+/// socket.
 struct Setup {
+    node_ns: TestNetns,
     node: Node,
     api: FakeApi,
     pods: NodePods,
@@ -39,16 +43,18 @@ struct Setup {
 
 impl Setup {
     fn new(subnet: u8) -> Setup {
+        let node_ns = TestNetns::new("amn");
         let node = Node::new("net.d");
         std::fs::create_dir(&node.net).unwrap();
         std::fs::write(node.conf(), PRIMARY).unwrap();
-        let api = FakeApi::start();
+        let api = FakeApi::start_in(&node_ns);
         api.put(
             "namespaces",
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}}),
         );
         let kubeconfig = api.write_kubeconfig(node.dir.path());
         Setup {
+            node_ns,
             node,
             api,
             pods: NodePods::new(),
@@ -89,7 +95,7 @@ impl Setup {
             uds.to_str().unwrap(),
         ];
         let daemon = self.node.spawn(
-            None,
+            Some(&self.node_ns),
             &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
             &args,
         );
@@ -123,9 +129,35 @@ impl Setup {
             // The binary the agent installs; used from where it was built, since the agent
             // removes its copy when it stops.
             cni_path: vec![istio_cni_bin().parent().unwrap().to_owned()],
-            runtime_netns: None,
+            runtime_netns: Some(self.node_ns.name.clone()),
             env: Vec::new(),
         }
+    }
+
+    /// The entries of the node's IPv4 probe set: (address, comment).
+    fn probe_set(&self) -> Vec<(String, String)> {
+        let set = Set {
+            name: "istio-inpod-probes-v4".into(),
+            ipv6: false,
+        };
+        self.node_ns
+            .open()
+            .run(|_| set.list())
+            .unwrap()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.ip.to_string(), e.comment.unwrap_or_default()))
+            .collect()
+    }
+
+    /// The node's `nat` rules of ours (`ISTIO_POSTRT`).
+    fn host_rules(&self) -> Vec<String> {
+        self.node_ns
+            .exec(&["iptables-save", "-t", "nat"])
+            .lines()
+            .filter(|l| l.contains("ISTIO_POSTRT"))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A pod laid out as `layout`, stored in the API as `labels` make it, as the API has
@@ -196,6 +228,16 @@ fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     let mut s = Setup::new(81);
     let mut agent = s.agent();
     let chain = s.chain();
+    // The node's probe SNAT, as upstream writes it (here as iptables-save prints it),
+    // before any pod is enrolled.
+    assert_eq!(
+        s.host_rules(),
+        [
+            ":ISTIO_POSTRT - [0:0]",
+            "-A POSTROUTING -j ISTIO_POSTRT",
+            "-A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127",
+        ]
+    );
 
     let web = s.ambient_pod("web");
     let e = web.add(&chain, "default", "web").unwrap_err();
@@ -231,8 +273,19 @@ fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     );
     untouched(&web.netns);
     assert_eq!(s.annotation("web"), None);
+    assert_eq!(s.probe_set(), []);
 
+    // Stopped for good (not an upgrade): the node's probe rules and sets go too.
     assert!(agent.sigterm().success());
+    assert_eq!(s.host_rules(), Vec::<String>::new());
+    let sets = s.node_ns.open().run(|_| {
+        Set {
+            name: "istio-inpod-probes-v4".into(),
+            ipv6: false,
+        }
+        .list()
+    });
+    assert!(sets.unwrap().is_err(), "the set is destroyed");
     let e = web.add(&chain, "default", "web").unwrap_err();
     assert_eq!(e.code(), Some(11), "{e:?}");
     assert!(e.msg().contains("pluginevent.sock"), "{}", e.msg());
@@ -367,9 +420,8 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
         ztunnel::local_yaml(NODE, &workloads),
     )
     .unwrap();
-    let node = TestNetns::new("ztn");
-    let zt = Ztunnel::start(&bin, &node, NODE, &dir, &s.uds());
-    wait_for("ztunnel ready", || ztunnel::ready(&node).then_some(()));
+    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
+    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
 
     let t = Instant::now();
     let result = web
@@ -389,6 +441,7 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     );
     assert_eq!(ztunnel_ports(&web.netns), [15001, 15006, 15008]);
     assert_eq!(s.annotation("web").as_deref(), Some("enabled"));
+    assert_eq!(s.probe_set(), [(web.ip.to_string(), web.uid.clone())]);
 
     // A running pod joins with its namespace's label, and leaves without it.
     assert!(running.rules().is_empty());
@@ -400,6 +453,9 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     });
     eprintln!("namespace labelled: running pod enrolled in {took:?}");
     assert!(!running.rules().is_empty());
+    assert!(s
+        .probe_set()
+        .contains(&(running.ip.to_string(), running.uid.clone())));
     s.label_namespace(json!({}));
     let (_, took) = wait_for("the running pod unenrolled", || {
         (ztunnel_ports(&running.netns).is_empty()
@@ -421,6 +477,9 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
         ztunnel_ports(&web.netns).is_empty().then_some(())
     });
     assert!(!web.rules().is_empty());
+    wait_for("the deleted pod gone from the probe set", || {
+        s.probe_set().is_empty().then_some(())
+    });
 
     drop(zt);
     let t = Instant::now();

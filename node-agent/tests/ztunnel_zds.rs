@@ -162,6 +162,7 @@ fn enroller(server: &ZdsServer, lock_dir: &Path) -> Enroller {
         lock_dir: lock_dir.to_owned(),
         server: server.clone(),
         listener_wait: LISTENER_WAIT,
+        host: None,
     }
 }
 
@@ -174,6 +175,7 @@ fn ambient_pod() -> AmbientPod {
             service_account: "web".into(),
         },
         annotations: Default::default(),
+        ips: Vec::new(),
     }
 }
 

@@ -144,9 +144,16 @@ impl CanonRule {
                     ctx = Ctx::Target;
                 }
                 opt if opt.starts_with("--") => {
-                    let value = value_at(i);
+                    let mut value = value_at(i);
                     if value.is_some() {
                         i += 1;
+                    }
+                    // `-m set --match-set NAME FLAGS`: the one option with two values.
+                    if opt == "--match-set" {
+                        if let (Some(name), Some(flags)) = (&value, value_at(i)) {
+                            value = Some(format!("{name} {flags}"));
+                            i += 1;
+                        }
                     }
                     match ctx {
                         Ctx::Base => {
@@ -562,6 +569,28 @@ mod tests {
         let all = r("-A OUTPUT -j ISTIO_OUTPUT");
         assert!(r("-A OUTPUT -p udp -j RETURN").can_divert(&[&all]));
         assert!(!r("-A OUTPUT -p icmp -j RETURN").can_divert(&[&all]));
+    }
+
+    /// The node's probe rule (upstream's `ISTIO_POSTRT`), as we write it and as
+    /// iptables-save prints it.
+    #[test]
+    fn reads_the_probe_snat_rule() {
+        same(
+            "-A ISTIO_POSTRT -m owner --socket-exists -p tcp -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127",
+            "-A ISTIO_POSTRT -p tcp -m owner --socket-exists -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127",
+            Family::V4,
+        );
+        let a = CanonRule::parse(
+            "-A ISTIO_POSTRT -p tcp -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127",
+            Family::V4,
+        )
+        .unwrap();
+        let b = CanonRule::parse(
+            "-A ISTIO_POSTRT -p tcp -m set --match-set istio-inpod-probes-v4 src -j SNAT --to-source 169.254.7.127",
+            Family::V4,
+        )
+        .unwrap();
+        assert_ne!(a, b);
     }
 
     #[test]

@@ -156,7 +156,9 @@ impl Admitter {
         let (pod, namespace_labels) = self.read(&client, &event).await?;
         let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
         let netns = self.check_netns(&event, &pod, &uid).await?;
-        let ambient = AmbientPod::of(&pod, &uid);
+        let mut ambient = AmbientPod::of(&pod, &uid);
+        // The API has no addresses yet during ADD: the event's, checked in the netns.
+        ambient.ips = event.ips.iter().map(|n| n.addr()).collect();
         self.enroller.enrol(&ambient, netns.clone()).await?;
         let undo = |why: AdmitError| async {
             if let Err(e) = self.enroller.unenrol(&uid, Some(netns.clone())).await {

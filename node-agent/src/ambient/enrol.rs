@@ -40,6 +40,8 @@ pub struct AmbientPod {
     pub info: WorkloadInfo,
     /// `metadata.annotations` (the pod-level overrides).
     pub annotations: BTreeMap<String, String>,
+    /// Its addresses, for the node's probe sets.
+    pub ips: Vec<std::net::IpAddr>,
 }
 
 impl AmbientPod {
@@ -60,6 +62,14 @@ impl AmbientPod {
                     .unwrap_or_else(|| "default".into()),
             },
             annotations: meta.annotations.clone().unwrap_or_default(),
+            ips: pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ips.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|p| p.ip.parse().ok())
+                .collect(),
         }
     }
 }
@@ -82,6 +92,9 @@ pub enum EnrolError {
     /// ztunnel did not take the pod.
     #[error(transparent)]
     Ztunnel(#[from] ServerError),
+    /// The pod's addresses could not be added to the node's probe sets.
+    #[error("the node's probe sets: {0}")]
+    Host(#[source] super::hostrules::HostRulesError),
     /// ztunnel acked, but its sockets are not listening in the pod's netns.
     #[error("ztunnel acked the pod, but nothing listens on port(s) {missing:?} in its netns after {waited:?}; the pod would not be captured")]
     NoListeners {
@@ -108,6 +121,9 @@ pub struct Enroller {
     pub server: ZdsServer,
     /// How long to wait for ztunnel's listeners after its ack ([`LISTENER_WAIT`]).
     pub listener_wait: Duration,
+    /// The node's probe sets, when the agent manages them (the pod's addresses are added
+    /// last, once ztunnel listens, and removed on unenrolment).
+    pub host: Option<super::hostrules::HostProbes>,
 }
 
 impl Enroller {
@@ -154,7 +170,7 @@ impl Enroller {
                 })
                 .await?;
             if missing.is_empty() {
-                return Ok(());
+                break;
             }
             if start.elapsed() >= self.listener_wait {
                 let _ = self.server.del(&pod.uid).await;
@@ -166,6 +182,34 @@ impl Enroller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        let added = self
+            .blocking(move |me| match &me.host {
+                Some(host) => host.add(&uid, &ips).map_err(EnrolError::Host),
+                None => Ok(()),
+            })
+            .await;
+        if let Err(e) = added {
+            let _ = self.server.del(&pod.uid).await;
+            self.undo_rules(&netns, &ruleset).await;
+            self.remove_from_host(&pod.uid).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes pod `uid`'s entries from the node's probe sets (logged on failure).
+    pub async fn remove_from_host(&self, uid: &str) {
+        let owner = uid.to_owned();
+        let removed = self
+            .blocking(move |me| match &me.host {
+                Some(host) => host.remove(&owner).map_err(EnrolError::Host),
+                None => Ok(()),
+            })
+            .await;
+        if let Err(e) = removed {
+            log::warn!("ambient: pod {uid}: {e}");
+        }
     }
 
     /// Takes `pod` out of ambient mode: ztunnel drops it, and its in-pod rules are removed
@@ -175,6 +219,7 @@ impl Enroller {
     /// anyway.
     pub async fn unenrol(&self, uid: &str, netns: Option<Arc<Netns>>) -> Result<(), EnrolError> {
         let told = self.server.del(uid).await;
+        self.remove_from_host(uid).await;
         if let Some(netns) = netns {
             let xt = self.tools.xt.clone();
             let lock_dir = self.lock_dir.clone();

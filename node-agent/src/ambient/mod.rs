@@ -21,12 +21,15 @@
 //! - [`socket`]: the ZDS socket (`0600`, in a directory only root can write) and the loop
 //!   that accepts ztunnel's connections.
 //!
-//! Still to come (issue 22): the host's probe SNAT rules and ipsets, the `pending`
-//! annotation, and the in-pod rules on the native nftables backend.
+//! - [`hostrules`], [`ipset`]: the node's SNAT of kubelet's probes to ambient pods.
+//!
+//! Still to come (issue 22): the `pending` annotation, and the native nftables backend.
 
 pub mod admit;
 pub mod annotate;
 pub mod enrol;
+pub mod hostrules;
+pub mod ipset;
 pub mod listeners;
 pub mod pluginevents;
 pub mod server;
@@ -73,13 +76,23 @@ pub struct AmbientConfig {
     pub native_nftables: bool,
 }
 
-/// The sockets could not be set up.
-pub type StartError = socket::SocketError;
+/// Ambient mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket could not be created where it belongs.
+    #[error(transparent)]
+    Socket(#[from] socket::SocketError),
+    /// The node's probe rules or sets could not be written.
+    #[error(transparent)]
+    HostRules(#[from] hostrules::HostRulesError),
+}
 
 /// Ambient mode, running: the ZDS server and the plugin-event server on their tasks.
 pub struct Ambient {
     /// The ZDS server (the pods enrolled, ztunnel's connections).
     pub server: server::ZdsServer,
+    /// The node's probe rules and sets.
+    pub host: Option<hostrules::HostProbes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     sockets: Vec<PathBuf>,
 }
@@ -91,6 +104,18 @@ pub struct Ambient {
 /// missing or writable by others than root, a non-socket at the path).
 pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> {
     let server = server::ZdsServer::new(ACK_TIMEOUT);
+    // The node's probe rules first: no pod is enrolled before kubelet can probe it.
+    let host = if cfg.native_nftables {
+        None
+    } else {
+        let host = hostrules::HostProbes::detect(cfg.settings.clone())?;
+        host.install()?;
+        log::info!(
+            "ambient mode: kubelet's probes of ambient pods are SNATed on this node (nat ISTIO_POSTRT, ipsets {})",
+            host.sets().iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        Some(host)
+    };
     let zds = socket::bind_zds(&cfg.zds_socket)?;
     let event_path = cfg.run_dir.join(istio_cni::pluginevent::SOCKET_NAME);
     let events = pluginevents::bind(&event_path)?;
@@ -100,6 +125,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         lock_dir: cfg.run_dir.clone(),
         server: server.clone(),
         listener_wait: enrol::LISTENER_WAIT,
+        host: host.clone(),
     };
     let watch = watch::PodWatch {
         api: api.clone(),
@@ -156,6 +182,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
     }
     Ok(Ambient {
         server,
+        host,
         tasks,
         sockets: vec![cfg.zds_socket, event_path],
     })
@@ -164,12 +191,23 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
 impl Ambient {
     /// Stops serving and removes both sockets: the plugin then fails ambient ADDs at once
     /// (no agent), and ztunnel keeps its pods until an agent serves the socket again.
-    pub fn stop(self) {
+    pub fn stop(&self) {
         for t in &self.tasks {
             t.abort();
         }
         for s in &self.sockets {
             let _ = std::fs::remove_file(s);
+        }
+    }
+
+    /// Removes the node's probe rules and sets: the agent is being uninstalled (not
+    /// upgraded), so no pod will be enrolled here until an agent comes back.
+    pub fn remove_host_rules(&self) {
+        if let Some(host) = &self.host {
+            match host.uninstall() {
+                Ok(()) => log::info!("ambient: removed the node's probe rules and sets"),
+                Err(e) => log::warn!("ambient: removing the node's probe rules and sets: {e}"),
+            }
         }
     }
 }

@@ -284,8 +284,10 @@ impl PodWatch {
         self.annotate(pod, None).await;
     }
 
-    /// Drops a deleted or terminal pod from ztunnel (its netns is not entered).
+    /// Drops a deleted or terminal pod from ztunnel and the node's probe sets (its netns
+    /// is not entered).
     async fn forget(&self, uid: &str, name: &str) {
+        self.enroller.remove_from_host(uid).await;
         if !self.enroller.server.pods().await.iter().any(|u| u == uid) {
             return;
         }
@@ -295,9 +297,17 @@ impl PodWatch {
         }
     }
 
-    /// After a (re)list: drops the pods ztunnel holds that the API no longer lists.
+    /// After a (re)list: drops the pods ztunnel holds that the API no longer lists, and
+    /// the probe-set entries of pods it no longer lists.
     async fn forget_unlisted(&self, pods: &Store<Pod>) {
         let listed: Vec<String> = pods.state().iter().filter_map(|p| p.uid()).collect();
+        if let Some(host) = self.enroller.host.clone() {
+            let live = listed.iter().cloned().collect();
+            let kept = tokio::task::spawn_blocking(move || host.retain(&live)).await;
+            if let Ok(Err(e)) = kept {
+                log::warn!("ambient: removing gone pods from the node's probe sets: {e}");
+            }
+        }
         for uid in self.enroller.server.pods().await {
             if !listed.contains(&uid) {
                 self.forget(&uid, &format!("with UID {uid}")).await;
