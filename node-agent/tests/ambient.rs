@@ -15,10 +15,13 @@ use std::time::{Duration, Instant};
 
 use istio_cni::pluginevent::{send_add, AddEvent, SendError};
 use istio_cni_e2e::agent::{chained, wait_for, Daemon, Node, PRIMARY};
-use istio_cni_e2e::chain::{istio_cni_bin, Chain};
+use std::io::{Read as _, Write as _};
+
+use istio_cni_e2e::chain::{istio_cni_bin, Attachment, Chain, REFERENCE_PLUGIN_DIR};
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::{Layout, NodePods, RunningPod};
-use istio_cni_e2e::net::TestNetns;
+use istio_cni_e2e::net::{unique_name, TestNetns};
+use istio_cni_e2e::sandbox::{injected_pod, listen_in};
 use istio_cni_e2e::ztunnel::{self, LocalWorkload, Ztunnel};
 use istio_cni_node_agent::ambient::ipset::Set;
 use serde_json::{json, Value};
@@ -495,4 +498,204 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     };
     assert_eq!(e.code(), Some(106), "{e:?}");
     untouched(&late.netns);
+}
+
+/// A pod created through the node's whole chain, as a runtime does it: `ptp` (a veth to
+/// the node, a /32 route each way) with a static address, then our installed entry.
+fn chained_pod(s: &Setup, name: &str, ip: Ipv4Addr, object: Value) -> (TestNetns, Value) {
+    s.api.put("pods", object);
+    let netns = TestNetns::new("amp");
+    let mut chain = s.chain();
+    chain.cni_path.insert(0, REFERENCE_PLUGIN_DIR.into());
+    chain.plugins.insert(
+        0,
+        json!({"type": "ptp", "ipam": {"type": "static",
+               "addresses": [{"address": format!("{ip}/24"),
+                              "gateway": format!("{}.1", ip.to_string().rsplit_once('.').unwrap().0)}],
+               "routes": [{"dst": "0.0.0.0/0"}]}}),
+    );
+    let attachment = Attachment {
+        container_id: unique_name("c"),
+        netns: netns.path(),
+        ifname: "eth0".into(),
+        args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+    };
+    let result = chain
+        .add(&attachment)
+        .unwrap_or_else(|e| panic!("ADD of {name} through ptp and istio-cni: {e:?}"));
+    (netns, result)
+}
+
+/// A pod object for the API, scheduled to this node, `Pending`.
+fn pod_object(name: &str, labels: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": "default", "uid": istio_cni_e2e::kubelet::unique_uid(),
+                        "labels": labels},
+           "spec": {"nodeName": NODE, "serviceAccountName": name,
+                    "containers": [{"name": "app", "image": "app"}]},
+           "status": {"phase": "Pending"}})
+}
+
+/// The value of ztunnel's `istio_tcp_connections_opened_total` series whose labels
+/// include all of `labels` (`key="value"`), summed, from `:15020/metrics` in `node`.
+fn ztunnel_connections(node: &TestNetns, labels: &[&str]) -> f64 {
+    let body = node
+        .open()
+        .run(|_| istio_cni_e2e::agent::get(15020, "/metrics"))
+        .unwrap()
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    body.lines()
+        .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// With the real ztunnel, pods created through the node's chain (`ptp`, then istio-cni):
+/// - an ambient client's connection to an ambient server's port arrives, through ztunnel
+///   over HBONE (ztunnel's metrics count it between both identities, its access log names
+///   both workloads and the server's 15008), with the client's address;
+/// - a kubelet-style probe from the node to the server's port arrives from the probe
+///   address `169.254.7.127`: the node's SNAT, which the server's in-pod rules let through;
+/// - a sidecar pod on the same node gets its sidecar rules, not ambient's.
+#[test]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
+    let Some(bin) = ztunnel::binary() else { return };
+    let s = Setup::new(84);
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
+        s.node_ns.exec(&["sysctl", "-qw", sysctl]);
+    }
+    let _agent = s.agent();
+    let (client_ip, server_ip) = (Ipv4Addr::new(10, 84, 0, 2), Ipv4Addr::new(10, 84, 0, 3));
+    let workloads: Vec<LocalWorkload> = [("client", client_ip), ("server", server_ip)]
+        .iter()
+        .map(|(name, ip)| LocalWorkload {
+            name: (*name).into(),
+            namespace: "default".into(),
+            ip: (*ip).into(),
+        })
+        .collect();
+    let dir = s.ztunnel_dir.path().to_owned();
+    std::fs::write(
+        dir.join("local.yaml"),
+        ztunnel::local_yaml(NODE, &workloads),
+    )
+    .unwrap();
+    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
+    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
+
+    let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    let (server, _) = chained_pod(
+        &s,
+        "server",
+        server_ip,
+        pod_object("server", ambient.clone()),
+    );
+    let (client, _) = chained_pod(&s, "client", client_ip, pod_object("client", ambient));
+    assert_eq!(ztunnel_ports(&server), [15001, 15006, 15008]);
+    assert_eq!(ztunnel_ports(&client), [15001, 15006, 15008]);
+
+    let listener = listen_in(&server, "0.0.0.0:8080");
+    listener.set_nonblocking(true).unwrap();
+    // One connection within 15 s (never a hang when the client fails): the peer's address.
+    let serve = |listener: &std::net::TcpListener| -> Option<String> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let (mut conn, peer) = loop {
+            match listener.accept() {
+                Ok(c) => break c,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(_) => return None,
+            }
+        };
+        conn.set_nonblocking(false).ok()?;
+        conn.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).ok()?;
+        conn.write_all(b"pong").ok()?;
+        (&buf == b"ping").then(|| peer.ip().to_string())
+    };
+    let ping = |from: &TestNetns| {
+        let target = std::net::SocketAddr::from((server_ip, 8080));
+        from.open()
+            .run(move |_| -> std::io::Result<String> {
+                let mut c = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(10))?;
+                c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                c.write_all(b"ping")?;
+                let mut buf = [0u8; 4];
+                c.read_exact(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf).into_owned())
+            })
+            .unwrap()
+    };
+
+    let server_side = std::thread::scope(|scope| {
+        let accepted = scope.spawn(|| serve(&listener));
+        let reply = ping(&client);
+        (reply, accepted.join().unwrap())
+    });
+    let reply = server_side.0.unwrap_or_else(|e| {
+        panic!(
+            "client -> server:8080: {e}\nztunnel log:\n{}",
+            zt.log_tail(30)
+        )
+    });
+    assert_eq!(reply, "pong");
+    assert_eq!(
+        server_side.1,
+        Some(client_ip.to_string()),
+        "the server sees the client's address"
+    );
+    let (_, took) = wait_for("ztunnel's metrics to show the connection", || {
+        (ztunnel_connections(
+            &s.node_ns,
+            &[
+                "reporter=\"destination\"",
+                "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"",
+                "destination_principal=\"spiffe://cluster.local/ns/default/sa/server\"",
+            ],
+        ) > 0.0)
+            .then_some(())
+    });
+    eprintln!("client -> server went through ztunnel (its metrics, {took:?} later)");
+    // ztunnel's access log: both workloads, over HBONE (the server's 15008).
+    let log = zt.log_tail(200);
+    assert!(
+        log.lines().any(|l| l.contains("connection complete")
+            && l.contains("src.workload=\"client\"")
+            && l.contains("dst.workload=\"server\"")
+            && l.contains(&format!("dst.addr={server_ip}:15008"))
+            && l.contains("direction=\"inbound\"")),
+        "ztunnel's access log:\n{log}"
+    );
+
+    // kubelet probes from the node: SNATed to the probe address, let through by the pod.
+    let probed_from = std::thread::scope(|scope| {
+        let accepted = scope.spawn(|| serve(&listener));
+        let reply = ping(&s.node_ns);
+        (reply, accepted.join().unwrap())
+    });
+    assert_eq!(probed_from.0.expect("node -> server:8080"), "pong");
+    assert_eq!(probed_from.1.as_deref(), Some("169.254.7.127"));
+
+    // A sidecar pod on the same node keeps the sidecar path.
+    let sidecar_ip = Ipv4Addr::new(10, 84, 0, 4);
+    let mut object = injected_pod("default", "with-sidecar", json!({}), json!({}));
+    object["spec"]["nodeName"] = json!(NODE);
+    object["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
+    let (sidecar, _) = chained_pod(&s, "with-sidecar", sidecar_ip, object);
+    let rules = sidecar.istio_rules(false);
+    assert!(
+        rules.iter().any(|l| l.contains("ISTIO_INBOUND")),
+        "sidecar rules: {rules:?}"
+    );
+    assert!(!sidecar.exec(&["ip", "rule", "show"]).contains("0x111"));
+    assert!(ztunnel_ports(&sidecar).is_empty());
+    assert!(!s
+        .probe_set()
+        .iter()
+        .any(|(ip, _)| *ip == sidecar_ip.to_string()));
 }
