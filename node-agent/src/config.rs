@@ -612,8 +612,8 @@ pub struct RunArgs {
     pub ambient_ipv6: bool,
     /// Upstream's `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (the chart's
     /// `ambient.reconcileIptablesOnStartup`): rewrite the in-pod rules of pods already
-    /// enrolled when the agent starts. Accepted without effect yet: restoring enrolled
-    /// pods after a restart is being built (see the README, "Ambient mode").
+    /// enrolled when the agent starts (they are `pending` until ztunnel takes them); off,
+    /// their rules are kept as they are.
     #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value_t = false,
           action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub ambient_reconcile_pod_rules_on_startup: bool,

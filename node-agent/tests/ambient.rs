@@ -699,3 +699,84 @@ fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
         .iter()
         .any(|(ip, _)| *ip == sidecar_ip.to_string()));
 }
+
+/// How many snapshots ztunnel has taken, by its log.
+fn snapshots_taken(zt: &Ztunnel) -> usize {
+    zt.log_tail(10_000)
+        .lines()
+        .filter(|l| l.contains("received snapshot sent"))
+        .count()
+}
+
+/// With the real ztunnel:
+/// - an agent that dies (SIGKILL) and starts again restores the pods enrolled before into
+///   ztunnel's first snapshot, so ztunnel keeps serving them (it drops every pod a
+///   snapshot does not name);
+/// - a running pod enrolled by its namespace's label while ztunnel is away keeps its rules
+///   and is annotated `pending`; the next ztunnel takes it, and it becomes `enabled`.
+#[test]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+fn a_restarted_agent_keeps_its_pods_and_a_late_ztunnel_takes_pending_ones() {
+    let Some(bin) = ztunnel::binary() else { return };
+    let mut s = Setup::new(85);
+    let agent = s.agent();
+    let chain = s.chain();
+    let web = s.ambient_pod("web");
+    let running = s.running_pod("running", json!({}));
+    let workloads: Vec<LocalWorkload> = [("web", &web), ("running", &running)]
+        .iter()
+        .map(|(name, p)| LocalWorkload {
+            name: (*name).into(),
+            namespace: "default".into(),
+            ip: p.ip.into(),
+        })
+        .collect();
+    let dir = s.ztunnel_dir.path().to_owned();
+    std::fs::write(
+        dir.join("local.yaml"),
+        ztunnel::local_yaml(NODE, &workloads),
+    )
+    .unwrap();
+    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
+    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
+    web.add(&chain, "default", "web").expect("ADD");
+    // kubelet starts the pod: Running, its address in the API.
+    let object = web.object(s.api.get("pods", "default", "web").unwrap(), NODE);
+    s.api.put("pods", object);
+    assert_eq!(ztunnel_ports(&web.netns), [15001, 15006, 15008]);
+
+    // The agent dies and comes back: ztunnel's next snapshot still names the pod.
+    drop(agent);
+    let agent = s.agent();
+    let (_, took) = wait_for("ztunnel's snapshot from the new agent", || {
+        (snapshots_taken(&zt) >= 2).then_some(())
+    });
+    eprintln!("agent restarted: ztunnel took the restored snapshot {took:?} later");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        ztunnel_ports(&web.netns),
+        [15001, 15006, 15008],
+        "ztunnel dropped the pod:\n{}",
+        zt.log_tail(20)
+    );
+    assert_eq!(s.annotation("web").as_deref(), Some("enabled"));
+    assert_eq!(s.probe_set(), [(web.ip.to_string(), web.uid.clone())]);
+
+    // ztunnel away: a pod joining by label is held for it (rules kept), pending.
+    drop(zt);
+    s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    wait_for("the running pod pending", || {
+        (s.annotation("running").as_deref() == Some("pending")).then_some(())
+    });
+    assert!(!running.rules().is_empty());
+    assert!(ztunnel_ports(&running.netns).is_empty());
+    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
+    let (_, took) = wait_for("the pending pod enabled once ztunnel is back", || {
+        (s.annotation("running").as_deref() == Some("enabled")).then_some(())
+    });
+    eprintln!("ztunnel back: the pending pod enabled {took:?} later");
+    assert_eq!(ztunnel_ports(&running.netns), [15001, 15006, 15008]);
+    assert_eq!(ztunnel_ports(&web.netns), [15001, 15006, 15008]);
+    drop(zt);
+    drop(agent);
+}

@@ -163,6 +163,7 @@ fn enroller(server: &ZdsServer, lock_dir: &Path) -> Enroller {
         server: server.clone(),
         listener_wait: LISTENER_WAIT,
         host: None,
+        pods: Default::default(),
     }
 }
 

@@ -156,6 +156,8 @@ impl Admitter {
         let (pod, namespace_labels) = self.read(&client, &event).await?;
         let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
         let netns = self.check_netns(&event, &pod, &uid).await?;
+        // From here to the end (undo included), nothing else acts on this pod.
+        let _pod_lock = self.enroller.pods.lock(&uid).await;
         let mut ambient = AmbientPod::of(&pod, &uid);
         // The API has no addresses yet during ADD: the event's, checked in the netns.
         ambient.ips = event.ips.iter().map(|n| n.addr()).collect();

@@ -19,6 +19,7 @@ use istio_cni::plugin::{program, Tools};
 use istio_cni::rules::ambient::{self, NodeSettings, OverrideError, PodOverrides};
 use istio_cni::rules::Ruleset;
 
+use super::annotate::Redirection;
 use super::listeners::missing_ztunnel_listeners;
 use super::server::{ServerError, Workload, ZdsServer};
 use super::zds::WorkloadInfo;
@@ -108,6 +109,26 @@ pub enum EnrolError {
     Task(String),
 }
 
+/// One lock per pod UID: the plugin's event and the watch never act on one pod at once
+/// (an admission's undo must not remove what a retried ADD just enrolled).
+#[derive(Debug, Clone, Default)]
+pub struct PodLocks {
+    locks: Arc<std::sync::Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl PodLocks {
+    /// Waits for pod `uid`'s lock; it is held until the guard is dropped.
+    pub async fn lock(&self, uid: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            // Locks nobody holds or waits for are dropped as others are taken.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(uid.to_owned()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
+
 /// What enrolment needs of the node.
 #[derive(Clone)]
 pub struct Enroller {
@@ -124,6 +145,9 @@ pub struct Enroller {
     /// The node's probe sets, when the agent manages them (the pod's addresses are added
     /// last, once ztunnel listens, and removed on unenrolment).
     pub host: Option<super::hostrules::HostProbes>,
+    /// One lock per pod, taken by the callers of [`Enroller::enrol`] and
+    /// [`Enroller::unenrol`] around all they do for the pod.
+    pub pods: PodLocks,
 }
 
 impl Enroller {
@@ -132,10 +156,36 @@ impl Enroller {
         ambient::iptables::build_inpod(&self.node, overrides).ruleset()
     }
 
-    /// Enrols `pod` whose netns is `netns` (see the module docs).
+    /// Enrols `pod` whose netns is `netns` (see the module docs): ADD's enrolment, which
+    /// counts only when ztunnel listens in the pod.
     ///
     /// Errors: [`EnrolError`]; nothing of the enrolment is left behind.
     pub async fn enrol(&self, pod: &AmbientPod, netns: Arc<Netns>) -> Result<(), EnrolError> {
+        self.enrol_with(pod, netns, false).await.map(drop)
+    }
+
+    /// Enrols a pod that is already running (its label changed, or the agent restarted):
+    /// as [`Enroller::enrol`], except that with no ztunnel connected the rules are kept
+    /// and the pod stays recorded for the next ztunnel's snapshot
+    /// ([`Redirection::Pending`]), as upstream does: its traffic is held for ztunnel rather
+    /// than let out uncaptured.
+    ///
+    /// Errors: [`EnrolError`] (ztunnel refused, or acked without listening); nothing of
+    /// the enrolment is left behind.
+    pub async fn enrol_running(
+        &self,
+        pod: &AmbientPod,
+        netns: Arc<Netns>,
+    ) -> Result<Redirection, EnrolError> {
+        self.enrol_with(pod, netns, true).await
+    }
+
+    async fn enrol_with(
+        &self,
+        pod: &AmbientPod,
+        netns: Arc<Netns>,
+        pending_without_ztunnel: bool,
+    ) -> Result<Redirection, EnrolError> {
         let overrides = PodOverrides::from_annotations(&pod.annotations)?;
         let ruleset = self.ruleset(&overrides);
         self.blocking({
@@ -148,11 +198,19 @@ impl Enroller {
             info: pod.info.clone(),
             netns: Some(netns.clone()),
         };
-        if let Err(e) = self.server.add(workload).await {
-            // `add` records the pod even when no ztunnel took it; it is not enrolled.
-            let _ = self.server.del(&pod.uid).await;
-            self.undo_rules(&netns, &ruleset).await;
-            return Err(e.into());
+        match self.server.add(workload).await {
+            Ok(()) => {}
+            // Recorded by `add`: the next ztunnel's snapshot brings it.
+            Err(ServerError::NoZtunnel) if pending_without_ztunnel => {
+                self.add_to_host(pod, &netns, &ruleset).await?;
+                return Ok(Redirection::Pending);
+            }
+            Err(e) => {
+                // `add` records the pod even when no ztunnel took it; it is not enrolled.
+                let _ = self.server.del(&pod.uid).await;
+                self.undo_rules(&netns, &ruleset).await;
+                return Err(e.into());
+            }
         }
         let start = Instant::now();
         loop {
@@ -182,6 +240,18 @@ impl Enroller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        self.add_to_host(pod, &netns, &ruleset).await?;
+        Ok(Redirection::Enabled)
+    }
+
+    /// Adds the pod's addresses to the node's probe sets; on failure the enrolment is
+    /// undone.
+    async fn add_to_host(
+        &self,
+        pod: &AmbientPod,
+        netns: &Arc<Netns>,
+        ruleset: &Ruleset,
+    ) -> Result<(), EnrolError> {
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
         let added = self
             .blocking(move |me| match &me.host {
@@ -191,11 +261,38 @@ impl Enroller {
             .await;
         if let Err(e) = added {
             let _ = self.server.del(&pod.uid).await;
-            self.undo_rules(&netns, &ruleset).await;
+            self.undo_rules(netns, ruleset).await;
             self.remove_from_host(&pod.uid).await;
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Whether ztunnel's listeners are all up in `netns` now.
+    ///
+    /// Errors: [`EnrolError`] when the netns cannot be read.
+    pub async fn listening(&self, netns: Arc<Netns>) -> Result<bool, EnrolError> {
+        self.blocking(move |_| {
+            netns
+                .run(missing_ztunnel_listeners)
+                .map_err(EnrolError::from)?
+                .map(|m| m.is_empty())
+                .map_err(|e| EnrolError::Task(format!("reading the netns's sockets: {e}")))
+        })
+        .await
+    }
+
+    /// Adds the pod's addresses to the node's probe sets, for a pod restored after a
+    /// restart (its rules and ztunnel's state are from before).
+    ///
+    /// Errors: [`EnrolError::Host`].
+    pub async fn add_to_host_only(&self, pod: &AmbientPod) -> Result<(), EnrolError> {
+        let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
+        self.blocking(move |me| match &me.host {
+            Some(host) => host.add(&uid, &ips).map_err(EnrolError::Host),
+            None => Ok(()),
+        })
+        .await
     }
 
     /// Removes pod `uid`'s entries from the node's probe sets (logged on failure).

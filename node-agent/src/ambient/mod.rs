@@ -74,6 +74,8 @@ pub struct AmbientConfig {
     pub host_proc: PathBuf,
     /// `NATIVE_NFTABLES`: ambient pods are refused on this backend for now, with a reason.
     pub native_nftables: bool,
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
+    pub reconcile_on_startup: bool,
 }
 
 /// Ambient mode could not start.
@@ -126,7 +128,9 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         server: server.clone(),
         listener_wait: enrol::LISTENER_WAIT,
         host: host.clone(),
+        pods: enrol::PodLocks::default(),
     };
+    let (restored_tx, restored_rx) = tokio::sync::oneshot::channel();
     let watch = watch::PodWatch {
         api: api.clone(),
         node: cfg.node.clone(),
@@ -134,6 +138,8 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         exclusions: cfg.exclusions.clone(),
         host_proc: cfg.host_proc.clone(),
         enroller: enroller.clone(),
+        reconcile_on_startup: cfg.reconcile_on_startup,
+        restored: Arc::new(std::sync::Mutex::new(Some(restored_tx))),
     };
     let handler: pluginevents::Handler = if cfg.native_nftables {
         Arc::new(|_| {
@@ -163,9 +169,18 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         cfg.zds_socket.display(),
         event_path.display()
     );
+    // ztunnel drops every pod its first snapshot does not name: it is served once the
+    // pods enrolled before this start are restored (see `watch::PodWatch::restore`).
+    let gated = !cfg.native_nftables;
     let zds_task = tokio::spawn({
         let server = server.clone();
         async move {
+            if gated {
+                log::info!("ambient: serving ztunnel once this node's pods are listed");
+                if restored_rx.await.is_err() {
+                    return;
+                }
+            }
             if let Err(e) = socket::accept_loop(zds, server).await {
                 log::error!("ambient: the ZDS socket stopped accepting: {e}");
             }

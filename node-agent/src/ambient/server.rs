@@ -104,6 +104,8 @@ struct State {
 pub struct ZdsServer {
     state: Arc<Mutex<State>>,
     ack_timeout: Duration,
+    /// How many snapshots ztunnel connections have acked so far.
+    snapshots: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl ZdsServer {
@@ -112,6 +114,7 @@ impl ZdsServer {
         ZdsServer {
             state: Arc::new(Mutex::new(State::default())),
             ack_timeout,
+            snapshots: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 
@@ -182,6 +185,7 @@ impl ZdsServer {
             return e;
         }
         log::info!("ztunnel took the snapshot ({} pod(s))", snapshot.len());
+        self.snapshots.send_modify(|n| *n += 1);
         loop {
             tokio::select! {
                 cmd = rx.recv() => {
@@ -282,6 +286,18 @@ impl ZdsServer {
     pub async fn peers(&self) -> Vec<Option<PeerCred>> {
         let st = self.state.lock().await;
         st.connections.iter().map(|c| c.peer).collect()
+    }
+
+    /// Records `pod` without sending it: the next connection gets it in its snapshot (a pod
+    /// enrolled before the agent restarted, restored before ztunnel is served).
+    pub async fn remember(&self, pod: Workload) {
+        self.state.lock().await.pods.insert(pod.uid.clone(), pod);
+    }
+
+    /// A counter of the snapshots ztunnel connections have acked: it changes each time a
+    /// ztunnel takes the pods the server knows.
+    pub fn snapshots(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.snapshots.subscribe()
     }
 
     /// The UIDs of the pods the server knows.

@@ -31,6 +31,7 @@ use kube::ResourceExt as _;
 
 use super::annotate::{self, Redirection};
 use super::enrol::{AmbientPod, Enroller};
+use super::server::Workload;
 use crate::apiclient::{watch_bounding_lists, ApiClient};
 use crate::backoff::Backoff;
 use crate::repair::inspect::Exclusions;
@@ -55,6 +56,12 @@ pub struct PodWatch {
     pub host_proc: PathBuf,
     /// Enrols and unenrols.
     pub enroller: Enroller,
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`: rewrite the in-pod rules of pods enrolled
+    /// before the agent started (else they are kept as they are).
+    pub reconcile_on_startup: bool,
+    /// Told once the first lists are in and the pods enrolled before are restored into
+    /// the ZDS server: ztunnel is served only then, so its first snapshot holds them.
+    pub restored: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 /// What the pod should be, by the API.
@@ -111,8 +118,14 @@ impl PodWatch {
         // Pods to look at once both lists are in.
         let mut due: HashMap<String, Arc<Pod>> = HashMap::new();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        let mut snapshots = self.enroller.server.snapshots();
         loop {
             tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_ok() && pods_synced {
+                        self.promote(&pods).await;
+                    }
+                }
                 ev = pod_events.next() => match ev {
                     None => return,
                     Some(Err(e)) => log::warn!("ambient: watching pods on {}: {e}", self.node),
@@ -123,6 +136,7 @@ impl PodWatch {
                     Some(Ok(Event::Delete(pod))) => {
                         let uid = pod.uid().unwrap_or_default();
                         due.remove(&uid);
+                        let _pod_lock = self.enroller.pods.lock(&uid).await;
                         self.forget(&uid, &pod_name(&pod)).await;
                     }
                     Some(Ok(Event::InitDone)) => {
@@ -151,6 +165,15 @@ impl PodWatch {
                 }
             }
             if pods_synced && ns_synced {
+                let first = self
+                    .restored
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                if let Some(restored) = first {
+                    self.restore(&pods, &namespaces).await;
+                    let _ = restored.send(());
+                }
                 for (_, pod) in due.drain() {
                     self.reconcile(&pod, &namespaces).await;
                 }
@@ -201,6 +224,8 @@ impl PodWatch {
 
     async fn reconcile(&self, pod: &Pod, namespaces: &Store<Namespace>) {
         let Some(uid) = pod.uid() else { return };
+        // Not while the plugin's event for this pod is being acted on.
+        let _pod_lock = self.enroller.pods.lock(&uid).await;
         let name = pod_name(pod);
         let known = self.enroller.server.pods().await.contains(&uid);
         let annotated = Redirection::of(pod);
@@ -221,8 +246,15 @@ impl PodWatch {
                 );
             }
             Want::In if !known => self.enrol(pod, &uid, &name).await,
-            Want::In if annotated != Some(Redirection::Enabled) => {
-                self.annotate(pod, Some(Redirection::Enabled)).await
+            // Enrolled, its annotation lost (a `pending` one becomes `enabled` only when a
+            // ztunnel takes the pod: see `promote`).
+            Want::In if annotated.is_none() => {
+                let state = if self.enroller.server.connections().await > 0 {
+                    Redirection::Enabled
+                } else {
+                    Redirection::Pending
+                };
+                self.annotate(pod, Some(state)).await
             }
             Want::Out if known || annotated.is_some() => self.unenrol(pod, &uid, &name).await,
             _ => {}
@@ -247,10 +279,17 @@ impl PodWatch {
             return;
         };
         let ambient = AmbientPod::of(pod, uid);
-        match self.enroller.enrol(&ambient, found.netns.clone()).await {
-            Ok(()) => {
-                log::info!("ambient: running pod {name} enrolled (netns {found})");
-                self.annotate(pod, Some(Redirection::Enabled)).await;
+        match self
+            .enroller
+            .enrol_running(&ambient, found.netns.clone())
+            .await
+        {
+            Ok(state) => {
+                log::info!(
+                    "ambient: running pod {name} enrolled (netns {found}): {}",
+                    state.as_str()
+                );
+                self.annotate(pod, Some(state)).await;
             }
             Err(e) => log::warn!("ambient: enrolling running pod {name}: {e}; trying again later"),
         }
@@ -284,6 +323,115 @@ impl PodWatch {
         self.annotate(pod, None).await;
     }
 
+    /// After the agent (re)started, before ztunnel is served: every pod the API says is
+    /// enrolled here (annotated, and still ambient) goes back into the ZDS server with the
+    /// netns a process of it lives in, so that ztunnel's first snapshot keeps it (a pod
+    /// whose netns is not found is sent as `KeepWorkload`); its probe-set entry is
+    /// written again. Its rules are kept as they are, or rewritten with
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (then it is `pending` until ztunnel
+    /// takes it).
+    async fn restore(&self, pods: &Store<Pod>, namespaces: &Store<Namespace>) {
+        let mut restored = 0;
+        for pod in pods.state() {
+            let Some(uid) = pod.uid() else { continue };
+            if Redirection::of(&pod).is_none() || self.want(&pod, namespaces) != Want::In {
+                continue;
+            }
+            let _pod_lock = self.enroller.pods.lock(&uid).await;
+            if self.enroller.server.pods().await.contains(&uid) {
+                continue;
+            }
+            let name = pod_name(&pod);
+            let netns = self.netns_of(&uid).await;
+            let ambient = AmbientPod::of(&pod, &uid);
+            match netns {
+                Some(netns) if self.reconcile_on_startup => {
+                    match self.enroller.enrol_running(&ambient, netns).await {
+                        Ok(state) => self.annotate(&pod, Some(state)).await,
+                        Err(e) => log::warn!("ambient: restoring pod {name}: {e}"),
+                    }
+                }
+                netns => {
+                    if netns.is_none() {
+                        log::info!(
+                            "ambient: pod {name} was enrolled, but no process of it is on this \
+                             node; ztunnel is told to keep it as it is"
+                        );
+                    }
+                    self.enroller
+                        .server
+                        .remember(Workload {
+                            uid: uid.clone(),
+                            info: ambient.info.clone(),
+                            netns,
+                        })
+                        .await;
+                    if let Err(e) = self.enroller.add_to_host_only(&ambient).await {
+                        log::warn!("ambient: restoring pod {name}: {e}");
+                    }
+                }
+            }
+            restored += 1;
+        }
+        log::info!(
+            "ambient: {restored} pod(s) enrolled before this start restored; serving ztunnel"
+        );
+    }
+
+    /// After a ztunnel took a snapshot: the pods annotated `pending` that it now serves
+    /// (its listeners are in their netns) are annotated `enabled`.
+    async fn promote(&self, pods: &Store<Pod>) {
+        for pod in pods.state() {
+            let Some(uid) = pod.uid() else { continue };
+            if Redirection::of(&pod) != Some(Redirection::Pending) {
+                continue;
+            }
+            let _pod_lock = self.enroller.pods.lock(&uid).await;
+            let Some(netns) = self.enroller.server.netns_of(&uid).await else {
+                continue;
+            };
+            let start = tokio::time::Instant::now();
+            loop {
+                match self.enroller.listening(netns.clone()).await {
+                    Ok(true) => {
+                        log::info!("ambient: ztunnel took pending pod {}", pod_name(&pod));
+                        self.annotate(&pod, Some(Redirection::Enabled)).await;
+                        break;
+                    }
+                    Ok(false) if start.elapsed() < self.enroller.listener_wait => {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Ok(false) => {
+                        log::warn!(
+                            "ambient: ztunnel took a snapshot, but does not listen in pending \
+                             pod {}; it stays pending",
+                            pod_name(&pod)
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        log::warn!("ambient: pod {}: {e}", pod_name(&pod));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The netns of pod `uid`: that of a process of it, not shared with another pod's.
+    async fn netns_of(&self, uid: &str) -> Option<Arc<istio_cni::netns::Netns>> {
+        let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
+        tokio::task::spawn_blocking(move || {
+            ProcIndex::scan(&host_proc)
+                .ok()
+                .and_then(|procs| procs.netns_of(&owner))
+                .map(|f| f.netns)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Drops a deleted or terminal pod from ztunnel and the node's probe sets (its netns
     /// is not entered).
     async fn forget(&self, uid: &str, name: &str) {
@@ -310,6 +458,7 @@ impl PodWatch {
         }
         for uid in self.enroller.server.pods().await {
             if !listed.contains(&uid) {
+                let _pod_lock = self.enroller.pods.lock(&uid).await;
                 self.forget(&uid, &format!("with UID {uid}")).await;
             }
         }
