@@ -105,15 +105,57 @@ impl Netns {
     /// [`NetnsError::HostNamespace`] for this process's or PID 1's namespace,
     /// [`NetnsError::Open`] otherwise.
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
+        let opath: OwnedFd =
+            open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| match e {
+                nix::Error::ENOENT => NetnsError::NotFound(path.into()),
+                e => NetnsError::Open {
+                    path: path.into(),
+                    reason: e.desc().to_owned(),
+                },
+            })?;
+        Netns::checked(opath, path)
+    }
+
+    /// Opens the namespace file `name` of directory `dir`, not following a symlink at
+    /// `name` (`O_NOFOLLOW`): for a path that untrusted input names, confined to one
+    /// directory (the node agent's netns dirs). Otherwise as [`Netns::open`].
+    ///
+    /// Errors: as [`Netns::open`]; a `name` that is not one file name, or a symlink, is
+    /// [`NetnsError::Open`].
+    pub fn open_in(dir: &Path, name: &str) -> Result<Netns, NetnsError> {
+        let path = dir.join(name);
+        let fail = |reason: &str| NetnsError::Open {
+            path: path.clone(),
+            reason: reason.to_owned(),
+        };
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(fail("not a file name in the netns directory"));
+        }
+        let dirfd = open(
+            dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| fail(e.desc()))?;
+        let opath = nix::fcntl::openat(
+            &dirfd,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            nix::Error::ENOENT => NetnsError::NotFound(path.clone()),
+            e => fail(e.desc()),
+        })?;
+        Netns::checked(opath, &path)
+    }
+
+    /// The checks of [`Netns::open`] on an `O_PATH` descriptor of `path`.
+    fn checked(opath: OwnedFd, path: &Path) -> Result<Netns, NetnsError> {
         let fail = |reason: String| NetnsError::Open {
             path: path.into(),
             reason,
         };
-        let opath: OwnedFd =
-            open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| match e {
-                nix::Error::ENOENT => NetnsError::NotFound(path.into()),
-                e => fail(e.desc().to_owned()),
-            })?;
         let fs = fstatfs(&opath).map_err(|e| fail(e.desc().to_owned()))?;
         if fs.filesystem_type() != NSFS_MAGIC {
             return Err(fail("not a namespace file (nsfs)".into()));

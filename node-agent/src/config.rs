@@ -591,7 +591,9 @@ pub struct RunArgs {
     /// The host's /proc as mounted in the agent (pod processes and their netns).
     #[arg(long, env = "HOST_PROC_DIR", default_value = "/host/proc")]
     pub host_proc_dir: PathBuf,
-    /// Dirs of runtime-pinned netns files, comma-separated (pods without a process).
+    /// Dirs of runtime-pinned netns files, comma-separated: the repair loop's fallback for
+    /// pods without a process, and the only dirs an ambient plugin event may name a netns
+    /// in (besides `/proc/<pid>/ns/net`).
     #[arg(
         long,
         env = "NETNS_DIRS",

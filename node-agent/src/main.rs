@@ -427,6 +427,7 @@ fn ambient_config(node: &str, args: &AgentArgs, run: &RunArgs) -> ambient::Ambie
         },
         host_root: run.host_root.clone(),
         host_proc: run.host_proc_dir.clone(),
+        netns_dirs: run.netns_dirs.clone(),
         native_nftables: args.native_nftables,
         reconcile_on_startup: run.ambient_reconcile_pod_rules_on_startup,
     }

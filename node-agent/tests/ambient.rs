@@ -75,6 +75,8 @@ impl Setup {
     /// The agent, ambient on, until its entry is chained.
     fn agent(&self) -> Daemon {
         let uds = self.uds();
+        // `ip netns` pins the test pods' netns in /var/run/netns, as containerd does.
+        let netns_dirs = format!("/var/run/netns,{}", self.pods.netns_dir().display());
         let args = [
             "--self-test",
             "false",
@@ -91,7 +93,7 @@ impl Setup {
             "--host-root",
             "/",
             "--netns-dirs",
-            self.pods.netns_dir().to_str().unwrap(),
+            &netns_dirs,
             "--ambient-enabled",
             "true",
             "--ztunnel-uds-address",
@@ -296,9 +298,11 @@ fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
 }
 
 /// Events that do not describe a pod of this node in its own netns are refused before the
-/// agent acts, each with its reason: another pod's netns (its process lives there), the
-/// host's netns, a file that is not a netns, addresses not in the netns, a pod on another
-/// node, a pod that is not ambient, a pod the API does not know. None leaves anything.
+/// agent acts, each with its reason: another pod's netns (its process lives there, or the
+/// API gives its address to another pod), the host's netns, a path outside the runtime's
+/// netns dirs, a symlink or a plain file in one, addresses not in the netns, a pod on
+/// another node, a pod that is not ambient, a pod the API does not know. None leaves
+/// anything.
 #[test]
 fn hostile_plugin_events_are_refused_with_the_reason() {
     let mut s = Setup::new(82);
@@ -311,6 +315,7 @@ fn hostile_plugin_events_are_refused_with_the_reason() {
     let web = s.ambient_pod("web");
     let other = s.pod("other", json!({}), Layout::Systemd);
     let elsewhere = s.ambient_pod("elsewhere");
+    let pinned = s.pod("pinned", json!({}), Layout::BindMountOnly);
     let mut moved = s.api.get("pods", "default", "elsewhere").unwrap();
     moved["spec"]["nodeName"] = json!("node-2");
     s.api.put("pods", moved);
@@ -342,7 +347,33 @@ fn hostile_plugin_events_are_refused_with_the_reason() {
     refused(
         send(Path::new("/etc/hostname"), "web", &net(web.ip)),
         422,
+        "not a file in the runtime's netns directories",
+    );
+    // In a netns dir: a symlink (to the pod's own netns, even) is not followed, and a
+    // plain file is no netns.
+    let dir = s.pods.netns_dir().to_owned();
+    std::os::unix::fs::symlink(web.netns.path(), dir.join("link")).unwrap();
+    refused(
+        send(&dir.join("link"), "web", &net(web.ip)),
+        422,
         "not a namespace file",
+    );
+    std::fs::write(dir.join("plain"), "").unwrap();
+    refused(
+        send(&dir.join("plain"), "web", &net(web.ip)),
+        422,
+        "not a namespace file",
+    );
+    // A netns without processes whose address the API gives to another pod.
+    let object = pinned.object(s.api.get("pods", "default", "pinned").unwrap(), NODE);
+    s.api.put("pods", object);
+    wait_for(
+        "the agent's pod list to have the pinned pod's address",
+        || {
+            let e = send(&pinned.netns.path(), "web", &net(pinned.ip));
+            matches!(&e, SendError::Refused { reason, .. } if reason.contains("is pod default/pinned's"))
+            .then_some(())
+        },
     );
     refused(
         send(&web.netns.path(), "web", &net(Ipv4Addr::new(10, 82, 9, 9))),
@@ -378,7 +409,7 @@ fn hostile_plugin_events_are_refused_with_the_reason() {
         409,
         "the API lists pod address 10.82.0.250, which the event does not",
     );
-    for pod in [&web, &other, &elsewhere] {
+    for pod in [&web, &other, &elsewhere, &pinned] {
         untouched(&pod.netns);
     }
 }
@@ -661,16 +692,20 @@ fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
             .then_some(())
     });
     eprintln!("client -> server went through ztunnel (its metrics, {took:?} later)");
-    // ztunnel's access log: both workloads, over HBONE (the server's 15008).
-    let log = zt.log_tail(200);
-    assert!(
-        log.lines().any(|l| l.contains("connection complete")
-            && l.contains("src.workload=\"client\"")
-            && l.contains("dst.workload=\"server\"")
-            && l.contains(&format!("dst.addr={server_ip}:15008"))
-            && l.contains("direction=\"inbound\"")),
-        "ztunnel's access log:\n{log}"
-    );
+    // ztunnel's access log (written when the connection closes): both workloads, over
+    // HBONE (the server's 15008).
+    wait_for("ztunnel's access log of the connection", || {
+        zt.log_tail(200)
+            .lines()
+            .any(|l| {
+                l.contains("connection complete")
+                    && l.contains("src.workload=\"client\"")
+                    && l.contains("dst.workload=\"server\"")
+                    && l.contains(&format!("dst.addr={server_ip}:15008"))
+                    && l.contains("direction=\"inbound\"")
+            })
+            .then_some(())
+    });
 
     // kubelet probes from the node: SNATed to the probe address, let through by the pod.
     let probed_from = std::thread::scope(|scope| {

@@ -115,6 +115,11 @@ pub struct Admitter {
     pub exclusions: Exclusions,
     /// The host's root as the agent sees it: an event's netns path is read below it.
     pub host_root: PathBuf,
+    /// The runtime's netns dirs as the agent sees them (`NETNS_DIRS`): an event's netns
+    /// must be a file directly in one of them (or `/proc/<pid>/ns/net`).
+    pub netns_dirs: Vec<PathBuf>,
+    /// This node's pods as the watch last listed them (none before its first list).
+    pub pods: super::watch::SharedPods,
     /// The host's `/proc` as the agent sees it (the host's netns, pods' processes).
     pub host_proc: PathBuf,
     /// Enrols the pod once admitted.
@@ -313,16 +318,41 @@ impl Admitter {
                 "the API lists pod address {ip}, which the event does not"
             )));
         }
-        let path = self
-            .host_root
-            .join(event.netns.strip_prefix("/").unwrap_or(&event.netns));
+        // Another pod of this node that the API says holds one of these addresses: the
+        // netns is that pod's (or the event is stale); never write this pod's rules there.
+        if let Some(pods) = self.pods.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            for other in pods.state() {
+                let other_uid = other.metadata.uid.as_deref().unwrap_or_default();
+                let phase = other.status.as_ref().and_then(|s| s.phase.as_deref());
+                if other_uid == uid || matches!(phase, Some("Succeeded" | "Failed")) {
+                    continue;
+                }
+                let claimed = other
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.pod_ips.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|p| p.ip.parse::<IpAddr>().ok())
+                    .find(|ip| event_ips.contains(ip));
+                if let Some(ip) = claimed {
+                    return Err(mismatch(format!(
+                        "address {ip} is pod {}/{}'s in the API",
+                        other.metadata.namespace.as_deref().unwrap_or_default(),
+                        other.metadata.name.as_deref().unwrap_or_default()
+                    )));
+                }
+            }
+        }
         let (host_proc, uid, event_path) =
             (self.host_proc.clone(), uid.to_owned(), event.netns.clone());
+        let (host_root, netns_dirs) = (self.host_root.clone(), self.netns_dirs.clone());
         tokio::task::spawn_blocking(move || -> Result<Arc<Netns>, AdmitError> {
-            let netns = Netns::open(&path).map_err(|source| AdmitError::Netns {
-                path: event_path.clone(),
-                source,
-            })?;
+            let netns = open_event_netns(&event_path, &host_root, &host_proc, &netns_dirs)
+                .map_err(|source| AdmitError::Netns {
+                    path: event_path.clone(),
+                    source,
+                })?;
             let mismatch = |why: String| AdmitError::Mismatch {
                 path: event_path.clone(),
                 why,
@@ -366,4 +396,51 @@ impl Admitter {
         .await
         .map_err(|e| AdmitError::Enrol(EnrolError::Task(e.to_string())))?
     }
+}
+
+/// Opens the netns an event names (a path on the host), confined to where runtimes put
+/// pod netns: `/proc/<pid>/ns/net` is opened in `host_proc`; any other path must be a
+/// file directly in one of `netns_dirs` (as the agent sees them, below `host_root`), and
+/// is opened without following a symlink there ([`Netns::open_in`]).
+///
+/// Errors: [`NetnsError`]; a path elsewhere is [`NetnsError::Open`] naming the dirs.
+pub fn open_event_netns(
+    path: &std::path::Path,
+    host_root: &std::path::Path,
+    host_proc: &std::path::Path,
+    netns_dirs: &[PathBuf],
+) -> Result<Netns, NetnsError> {
+    use std::path::Component;
+    let parts: Vec<&str> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(p) => p.to_str(),
+            _ => None,
+        })
+        .collect();
+    if let ["proc", pid, "ns", "net"] = parts.as_slice() {
+        if pid.bytes().all(|b| b.is_ascii_digit()) {
+            return Netns::open(&host_proc.join(pid).join("ns/net"));
+        }
+    }
+    let refused = || NetnsError::Open {
+        path: path.to_owned(),
+        reason: format!(
+            "not a file in the runtime's netns directories ({}) nor /proc/<pid>/ns/net",
+            netns_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(refused());
+    };
+    let dir = host_root.join(parent.strip_prefix("/").unwrap_or(parent));
+    if !netns_dirs.contains(&dir) {
+        return Err(refused());
+    }
+    Netns::open_in(&dir, name)
 }

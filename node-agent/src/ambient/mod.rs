@@ -72,6 +72,8 @@ pub struct AmbientConfig {
     pub host_root: PathBuf,
     /// `HOST_PROC_DIR`.
     pub host_proc: PathBuf,
+    /// `NETNS_DIRS`: where an event's netns may be.
+    pub netns_dirs: Vec<PathBuf>,
     /// `NATIVE_NFTABLES`: ambient pods are refused on this backend for now, with a reason.
     pub native_nftables: bool,
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
@@ -131,6 +133,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         pods: enrol::PodLocks::default(),
     };
     let (restored_tx, restored_rx) = tokio::sync::oneshot::channel();
+    let shared_pods = watch::SharedPods::default();
     let watch = watch::PodWatch {
         api: api.clone(),
         node: cfg.node.clone(),
@@ -140,6 +143,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         enroller: enroller.clone(),
         reconcile_on_startup: cfg.reconcile_on_startup,
         restored: Arc::new(std::sync::Mutex::new(Some(restored_tx))),
+        shared: shared_pods.clone(),
     };
     let handler: pluginevents::Handler = if cfg.native_nftables {
         Arc::new(|_| {
@@ -159,6 +163,8 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
             enablement: Arc::new(cfg.enablement),
             exclusions: cfg.exclusions,
             host_root: cfg.host_root,
+            netns_dirs: cfg.netns_dirs,
+            pods: shared_pods,
             host_proc: cfg.host_proc,
             enroller,
         }

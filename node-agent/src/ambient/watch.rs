@@ -41,6 +41,9 @@ use crate::repair::locate::ProcIndex;
 /// in the API.
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
+/// This node's pods as the watch last listed them, shared with the plugin-event checks.
+pub type SharedPods = Arc<std::sync::RwLock<Option<Store<Pod>>>>;
+
 /// The watches of one node.
 #[derive(Clone)]
 pub struct PodWatch {
@@ -62,6 +65,8 @@ pub struct PodWatch {
     /// Told once the first lists are in and the pods enrolled before are restored into
     /// the ZDS server: ztunnel is served only then, so its first snapshot holds them.
     pub restored: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
+    /// Where the pod list is shared ([`super::admit`] reads it).
+    pub shared: SharedPods,
 }
 
 /// What the pod should be, by the API.
@@ -103,6 +108,7 @@ impl PodWatch {
         let ns_api: kube::Api<Namespace> = kube::Api::all(client);
         let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={}", self.node));
         let (pods, pod_writer) = reflector::store();
+        *self.shared.write().unwrap_or_else(|p| p.into_inner()) = Some(pods.clone());
         let (namespaces, ns_writer) = reflector::store();
         let mut pod_events =
             reflector::reflector(pod_writer, watch_bounding_lists(pods_api, pod_config))
