@@ -163,11 +163,13 @@ def test_security_properties(case: str) -> None:
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     repair_on = effective(CASES[case])["repair"]["enabled"]
     self_test_on = effective(CASES[case])["selfTest"]
-    assert ("/host/proc" in mounts) == (repair_on or self_test_on)
-    if repair_on or self_test_on:
+    ambient_on = effective(CASES[case])["ambient"]["enabled"]
+    assert ("/host/proc" in mounts) == (repair_on or self_test_on or ambient_on)
+    if repair_on or self_test_on or ambient_on:
         assert mounts["/host/proc"]["readOnly"] is True
-    if repair_on:
+    if repair_on or ambient_on:
         assert mounts["/host/var/run/netns"]["mountPropagation"] == "HostToContainer"
+    assert ("/var/run/ztunnel" in mounts) == ambient_on
     volumes = {v["name"]: v for v in pod["volumes"]}
     bin_dir = effective(CASES[case])["cniBinDir"]
     assert volumes["cni-bin-dir"]["hostPath"]["path"] == bin_dir
@@ -190,6 +192,8 @@ def verbs(objs: list[dict]) -> dict[str, set[str]]:
         ({"repair": {"mode": "label"}}, {"pods": {"get", "list", "watch", "patch"}, "nodes": {"get", "list", "watch", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}),
         ({"taint": {"enabled": False}}, {"pods": {"get", "list", "watch"}, "events": {"create", "patch"}}),
         ({"repair": {"enabled": False}, "taint": {"enabled": False}}, {"pods": {"get"}}),
+        ({"ambient": {"enabled": True}, "repair": {"enabled": False}, "taint": {"enabled": False}},
+         {"pods": {"get", "list", "watch"}, "namespaces": {"get", "list", "watch"}, "pods/status": {"patch"}}),
     ],
 )
 def test_rbac_verbs_per_mode(values: dict, expected: dict) -> None:
@@ -371,7 +375,7 @@ def agent_bin() -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "platform-openshift", "env-override"])
+@pytest.mark.parametrize("case", ["default", "repair-delete", "repair-label", "taint-noexecute", "all-off", "platform-openshift", "env-override", "profile-ambient"])
 def test_agent_parses_the_daemonset_command(case: str) -> None:
     objs = render(CASES[case])
     c = container(objs)
@@ -398,6 +402,13 @@ def test_agent_parses_the_daemonset_command(case: str) -> None:
     assert run["pod_name"] == "downward-pod_name"
     assert run["readiness_port"] == values["ports"]["readiness"]
     assert run["netns_dirs"] == [f"/host{d}" for d in values["repair"]["netnsDirs"]]
+    assert agent["ambient_enabled"] == values["ambient"]["enabled"]
+    assert run["ambient_dns_capture"] == values["ambient"]["dnsCapture"]
+    assert run["ambient_ipv6"] == values["ambient"]["ipv6"]
+    assert run["ambient_reconcile_pod_rules_on_startup"] == values["ambient"]["reconcileIptablesOnStartup"]
+    assert run["ztunnel_uds_address"] == f"{values['ambient']['ztunnelSocketDir']}/ztunnel.sock"
+    assert run["host_root"] == "/host"
+    assert json.loads(agent["ambient_enablement_selector"]) == values["ambient"]["enablementSelectors"]
     assert agent["chained_cni_plugin"] == values["chained"]
     assert agent["exclude_namespaces"] == values["excludeNamespaces"]
     # An empty name means "pick the first valid config", as unset does.
@@ -455,6 +466,9 @@ def test_an_upstream_values_file_has_upstream_effects() -> None:
     assert env["REPAIR_BROKEN_POD_LABEL_VALUE"] == "yes"
     pod_verbs = next(r for r in one(objs, "ClusterRole")["rules"] if r["resources"] == ["pods"])["verbs"]
     assert "patch" in pod_verbs and "delete" not in pod_verbs
+    # ambient.* reaches the agent (here with the nftables backend, which NOTES names).
+    assert env["AMBIENT_ENABLED"] == "true"
+    assert env["AMBIENT_DNS_CAPTURE"] == "true" and env["AMBIENT_IPV6"] == "true"
     # Labels, annotations, scheduling, security, resources, as upstream renders them.
     assert ds["metadata"]["labels"]["team"] == "platform"
     assert ds["metadata"]["labels"]["istio.io/rev"] == "canary"
@@ -745,3 +759,27 @@ def test_the_policy_renders_only_when_served_or_forced_and_expressible() -> None
     gt = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "cores", "operator": "Gt", "values": ["4"]}]}]}}}
     assert "MutatingAdmissionPolicy" not in kinds({"mutatingAdmissionPolicy": {"enabled": True}, "affinity": gt})
+
+
+def test_ambient_mode_reaches_the_agent_with_its_mounts_and_rbac() -> None:
+    values = {"ambient": {"enabled": True, "dnsCapture": False, "ztunnelSocketDir": "/run/zt",
+                          "enablementSelectors": [{"podSelector": {"matchLabels": {"mesh": "ambient"}}}]}}
+    objs = render(values)
+    env = one(objs, "ConfigMap")["data"]
+    assert env["AMBIENT_ENABLED"] == "true"
+    assert env["AMBIENT_DNS_CAPTURE"] == "false"
+    assert env["ZTUNNEL_UDS_ADDRESS"] == "/run/zt/ztunnel.sock"
+    assert json.loads(env["AMBIENT_ENABLEMENT_SELECTOR"]) == values["ambient"]["enablementSelectors"]
+    pod = one(objs, "DaemonSet")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in container(objs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/run/zt"]["name"]]["hostPath"] == {"path": "/run/zt", "type": "DirectoryOrCreate"}
+    assert pod["hostNetwork"] is True, "the node's probe rules and ipsets are written in its netns"
+    # Off: no ztunnel mount, no namespace access, and the agent is told so.
+    objs = render({})
+    assert "/var/run/ztunnel" not in {m["mountPath"] for m in container(objs)["volumeMounts"]}
+    assert "namespaces" not in verbs(objs)
+    assert one(objs, "ConfigMap")["data"]["AMBIENT_ENABLED"] == "false"
+    # Accepted upstream keys without effect are named.
+    text = notes({"ambient": {"enabled": True, "shareHostNetworkNamespace": True, "configDir": "/x"}})
+    assert "  - ambient.shareHostNetworkNamespace:" in text and "  - ambient.configDir:" in text
