@@ -213,6 +213,8 @@ impl Enroller {
             }
         }
         let start = Instant::now();
+        // ztunnel opens its listeners around its ack: look again soon, then less often.
+        let mut pause = Duration::from_millis(1);
         loop {
             let missing = self
                 .blocking({
@@ -238,7 +240,8 @@ impl Enroller {
                     waited: start.elapsed(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.add_to_host(pod, &netns, &ruleset).await?;
         Ok(Redirection::Enabled)
