@@ -159,14 +159,17 @@ impl Admitter {
             reason: e.to_string(),
         })?;
         let (pod, namespace_labels) = self.read(&client, &event).await?;
+        let read = start.elapsed();
         let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
         let netns = self.check_netns(&event, &pod, &uid).await?;
+        let checked = start.elapsed();
         // From here to the end (undo included), nothing else acts on this pod.
         let _pod_lock = self.enroller.pods.lock(&uid).await;
         let mut ambient = AmbientPod::of(&pod, &uid);
         // The API has no addresses yet during ADD: the event's, checked in the netns.
         ambient.ips = event.ips.iter().map(|n| n.addr()).collect();
         self.enroller.enrol(&ambient, netns.clone()).await?;
+        let enrolled = start.elapsed();
         let undo = |why: AdmitError| async {
             if let Err(e) = self.enroller.unenrol(&uid, Some(netns.clone())).await {
                 log::warn!("ambient: undoing the enrolment of pod {pod_name}: {e}");
@@ -214,6 +217,12 @@ impl Admitter {
             "ambient: pod {pod_name} enrolled (netns {}) in {:?}",
             event.netns.display(),
             start.elapsed()
+        );
+        log::debug!(
+            "ambient: pod {pod_name}: API read {read:?}, checks {:?}, enrolment {:?}, annotation {:?}",
+            checked - read,
+            enrolled - checked,
+            start.elapsed() - enrolled
         );
         Ok(())
     }

@@ -186,6 +186,7 @@ impl Enroller {
         netns: Arc<Netns>,
         pending_without_ztunnel: bool,
     ) -> Result<Redirection, EnrolError> {
+        let t = Instant::now();
         let overrides = PodOverrides::from_annotations(&pod.annotations)?;
         let ruleset = self.ruleset(&overrides);
         self.blocking({
@@ -193,6 +194,11 @@ impl Enroller {
             move |me| me.write_rules(&netns, &ruleset)
         })
         .await?;
+        log::debug!(
+            "ambient: pod {}: rules written and read back in {:?}",
+            pod.uid,
+            t.elapsed()
+        );
         let workload = Workload {
             uid: pod.uid.clone(),
             info: pod.info.clone(),
@@ -212,6 +218,11 @@ impl Enroller {
                 return Err(e.into());
             }
         }
+        log::debug!(
+            "ambient: pod {}: ztunnel acked {:?} after the start",
+            pod.uid,
+            t.elapsed()
+        );
         let start = Instant::now();
         // ztunnel opens its listeners around its ack: look again soon, then less often.
         let mut pause = Duration::from_millis(1);
