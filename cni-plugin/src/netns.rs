@@ -185,27 +185,6 @@ impl Netns {
         })
     }
 
-    /// The calling thread's own network namespace (`/proc/thread-self/ns/net`): for the
-    /// node agent's rules on the node itself, which is the namespace it runs in
-    /// (`hostNetwork`). Unlike [`Netns::open`], it is never refused: entering it is the
-    /// point, and no path from outside names it.
-    ///
-    /// Errors: [`NetnsError::Open`] when it cannot be opened.
-    pub fn current() -> Result<Netns, NetnsError> {
-        let path = Path::new("/proc/thread-self/ns/net");
-        let fail = |reason: String| NetnsError::Open {
-            path: path.into(),
-            reason,
-        };
-        let file = File::open(path).map_err(|e| fail(e.to_string()))?;
-        let id = NetnsId::of_stat(&fstat(&file).map_err(|e| fail(e.desc().to_owned()))?);
-        Ok(Netns {
-            file,
-            path: path.into(),
-            id,
-        })
-    }
-
     /// The namespace's identity (device and inode).
     pub fn id(&self) -> NetnsId {
         self.id

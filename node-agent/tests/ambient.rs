@@ -213,6 +213,43 @@ impl Setup {
     }
 }
 
+/// The node's rules and routes: both families' iptables (counters left out; a table with
+/// nothing but its built-in chains at their default policy is no state: writing into a
+/// family loads its table), policy rules, routes of every table.
+fn node_state(node: &TestNetns) -> Vec<String> {
+    let mut out = Vec::new();
+    for save in ["iptables-save", "ip6tables-save"] {
+        let text = node.exec(&[save]);
+        let mut table: Vec<String> = Vec::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let line = match line.find(" [") {
+                Some(i) if line.starts_with(':') => &line[..i],
+                _ => line,
+            };
+            table.push(line.to_owned());
+            if line == "COMMIT" {
+                let empty = table.iter().all(|l| {
+                    l.starts_with('*')
+                        || l == "COMMIT"
+                        || (l.starts_with(':') && l.ends_with(" ACCEPT"))
+                });
+                if !empty {
+                    out.append(&mut table);
+                }
+                table.clear();
+            }
+        }
+    }
+    for cmd in [
+        &["ip", "rule", "show"][..],
+        &["ip", "-6", "rule", "show"],
+        &["ip", "route", "show", "table", "all"],
+    ] {
+        out.extend(node.exec(cmd).lines().map(str::to_owned));
+    }
+    out
+}
+
 /// Nothing of an enrolment in `netns`: no iptables rule of ours, no `0x111` policy route.
 fn untouched(netns: &TestNetns) {
     assert!(
@@ -227,10 +264,24 @@ fn untouched(netns: &TestNetns) {
 /// ADD of an ambient pod fails, with the agent's reason and nothing left in the netns,
 /// while no ztunnel captures it: none connected, then one that acks without listening
 /// (istio/istio#57285). A plain pod passes through untouched. When the agent stops, ADD
-/// fails with code 11 naming the socket.
+/// fails with code 11 naming the socket. The node's probe SNAT is written at start and
+/// removed at the end, and nothing else of the node's rules and routes changes.
 #[test]
 fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     let mut s = Setup::new(81);
+    // Other software's rules and routes on the node, which the agent must leave alone:
+    // a chain with our prefix, a jump to it in POSTROUTING, a rule on ztunnel's mark.
+    for rule in [
+        "iptables -t nat -N ISTIO_FOREIGN",
+        "iptables -t nat -A ISTIO_FOREIGN -j RETURN",
+        "iptables -t nat -A POSTROUTING -o lo -j ISTIO_FOREIGN",
+        "iptables -t mangle -A OUTPUT -m mark --mark 0x539/0xfff -j ACCEPT",
+        "ip rule add fwmark 0x111/0xfff pref 32764 lookup 100",
+        "ip route add local default dev lo table 100",
+    ] {
+        s.node_ns.exec(&rule.split(' ').collect::<Vec<_>>());
+    }
+    let before = node_state(&s.node_ns);
     let mut agent = s.agent();
     let chain = s.chain();
     // The node's probe SNAT, as upstream writes it (here as iptables-save prints it),
@@ -280,9 +331,11 @@ fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     assert_eq!(s.annotation("web"), None);
     assert_eq!(s.probe_set(), []);
 
-    // Stopped for good (not an upgrade): the node's probe rules and sets go too.
+    // Stopped for good (not an upgrade): the node's probe rules and sets go too, and
+    // nothing else of the node changed.
     assert!(agent.sigterm().success());
     assert_eq!(s.host_rules(), Vec::<String>::new());
+    assert_eq!(node_state(&s.node_ns), before);
     let sets = s.node_ns.open().run(|_| {
         Set {
             name: "istio-inpod-probes-v4".into(),

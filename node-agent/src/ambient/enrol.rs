@@ -282,6 +282,33 @@ impl Enroller {
         Ok(())
     }
 
+    /// Rewrites the in-pod rules of a pod enrolled before the agent started
+    /// (`AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`), under the netns lock, read back. A
+    /// failure removes nothing: the pod keeps what it had (the repair loop's semantics,
+    /// [`istio_cni::plugin::reprogram`]).
+    ///
+    /// Errors: [`EnrolError`].
+    pub async fn rewrite_rules(
+        &self,
+        pod: &AmbientPod,
+        netns: Arc<Netns>,
+    ) -> Result<(), EnrolError> {
+        let overrides = PodOverrides::from_annotations(&pod.annotations)?;
+        let ruleset = self.ruleset(&overrides);
+        self.blocking(move |me| {
+            let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
+            let xt = match &me.tools.xt {
+                Some(xt) => xt.clone(),
+                None => istio_cni::apply::Xtables::detect()
+                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))?,
+            };
+            netns
+                .run(|inside| istio_cni::plugin::reprogram(inside, &xt, &ruleset))?
+                .map_err(|e| EnrolError::Rules(Box::new(e)))
+        })
+        .await
+    }
+
     /// Whether ztunnel's listeners are all up in `netns` now.
     ///
     /// Errors: [`EnrolError`] when the netns cannot be read.

@@ -305,6 +305,9 @@ fn entry(data: &[u8]) -> Option<Entry> {
 fn describe(e: &std::io::Error) -> String {
     let text = match e.raw_os_error() {
         Some(libc::ENOENT) => "the set does not exist",
+        Some(libc::EEXIST) => {
+            "a set of that name exists with another type or options (destroy it: ipset destroy NAME)"
+        }
         Some(libc::EPROTONOSUPPORT) | Some(libc::EAFNOSUPPORT) => {
             "the kernel has no ipset support (module ip_set, ip_set_hash_ip)"
         }

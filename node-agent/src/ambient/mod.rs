@@ -184,6 +184,9 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
             if gated {
                 log::info!("ambient: serving ztunnel once this node's pods are listed");
                 if restored_rx.await.is_err() {
+                    log::error!(
+                        "ambient: the pod watch ended before its first list; ztunnel is not served"
+                    );
                     return;
                 }
             }

@@ -237,6 +237,17 @@ impl PodWatch {
         let annotated = Redirection::of(pod);
         match self.want(pod, namespaces) {
             Want::Forget if known => self.forget(&uid, &name).await,
+            // A terminal pod's address may go to another pod: its entry goes now.
+            Want::Forget => self.enroller.remove_from_host(&uid).await,
+            // Pending, and a ztunnel is connected now: enabled once it listens (the event
+            // of our own pending patch may have come after the snapshot's).
+            Want::In
+                if known
+                    && annotated == Some(Redirection::Pending)
+                    && self.enroller.server.connections().await > 0 =>
+            {
+                self.promote_one(pod, &uid).await
+            }
             // Captured by an earlier agent (this one restarted): its rules are in place.
             // Enrolment undoes its rules when ztunnel does not take the pod, which must
             // not uncapture it while ztunnel is away; until one is connected the pod is
@@ -263,6 +274,16 @@ impl PodWatch {
                 self.annotate(pod, Some(state)).await
             }
             Want::Out if known || annotated.is_some() => self.unenrol(pod, &uid, &name).await,
+            // Enrolled: its probe-set entries stay (re-added if something removed them).
+            Want::In if known => {
+                if let Err(e) = self
+                    .enroller
+                    .add_to_host_only(&AmbientPod::of(pod, &uid))
+                    .await
+                {
+                    log::warn!("ambient: pod {name}: {e}");
+                }
+            }
             _ => {}
         }
     }
@@ -334,8 +355,7 @@ impl PodWatch {
     /// netns a process of it lives in, so that ztunnel's first snapshot keeps it (a pod
     /// whose netns is not found is sent as `KeepWorkload`); its probe-set entry is
     /// written again. Its rules are kept as they are, or rewritten with
-    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (then it is `pending` until ztunnel
-    /// takes it).
+    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (a failed rewrite keeps what it had).
     async fn restore(&self, pods: &Store<Pod>, namespaces: &Store<Namespace>) {
         let mut restored = 0;
         for pod in pods.state() {
@@ -350,32 +370,28 @@ impl PodWatch {
             let name = pod_name(&pod);
             let netns = self.netns_of(&uid).await;
             let ambient = AmbientPod::of(&pod, &uid);
-            match netns {
-                Some(netns) if self.reconcile_on_startup => {
-                    match self.enroller.enrol_running(&ambient, netns).await {
-                        Ok(state) => self.annotate(&pod, Some(state)).await,
-                        Err(e) => log::warn!("ambient: restoring pod {name}: {e}"),
-                    }
+            if let (Some(netns), true) = (&netns, self.reconcile_on_startup) {
+                // A failed rewrite keeps what the pod had; the pod is restored either way.
+                if let Err(e) = self.enroller.rewrite_rules(&ambient, netns.clone()).await {
+                    log::warn!("ambient: rewriting the rules of restored pod {name}: {e}");
                 }
-                netns => {
-                    if netns.is_none() {
-                        log::info!(
-                            "ambient: pod {name} was enrolled, but no process of it is on this \
-                             node; ztunnel is told to keep it as it is"
-                        );
-                    }
-                    self.enroller
-                        .server
-                        .remember(Workload {
-                            uid: uid.clone(),
-                            info: ambient.info.clone(),
-                            netns,
-                        })
-                        .await;
-                    if let Err(e) = self.enroller.add_to_host_only(&ambient).await {
-                        log::warn!("ambient: restoring pod {name}: {e}");
-                    }
-                }
+            }
+            if netns.is_none() {
+                log::info!(
+                    "ambient: pod {name} was enrolled, but no process of it is on this \
+                     node; ztunnel is told to keep it as it is"
+                );
+            }
+            self.enroller
+                .server
+                .remember(Workload {
+                    uid: uid.clone(),
+                    info: ambient.info.clone(),
+                    netns,
+                })
+                .await;
+            if let Err(e) = self.enroller.add_to_host_only(&ambient).await {
+                log::warn!("ambient: restoring pod {name}: {e}");
             }
             restored += 1;
         }
@@ -385,7 +401,8 @@ impl PodWatch {
     }
 
     /// After a ztunnel took a snapshot: the pods annotated `pending` that it now serves
-    /// (its listeners are in their netns) are annotated `enabled`.
+    /// (its listeners are in their netns) are annotated `enabled`. (A pod whose `pending`
+    /// patch the store has not seen yet is promoted by `reconcile` when it does.)
     async fn promote(&self, pods: &Store<Pod>) {
         for pod in pods.state() {
             let Some(uid) = pod.uid() else { continue };
@@ -393,32 +410,37 @@ impl PodWatch {
                 continue;
             }
             let _pod_lock = self.enroller.pods.lock(&uid).await;
-            let Some(netns) = self.enroller.server.netns_of(&uid).await else {
-                continue;
-            };
-            let start = tokio::time::Instant::now();
-            loop {
-                match self.enroller.listening(netns.clone()).await {
-                    Ok(true) => {
-                        log::info!("ambient: ztunnel took pending pod {}", pod_name(&pod));
-                        self.annotate(&pod, Some(Redirection::Enabled)).await;
-                        break;
-                    }
-                    Ok(false) if start.elapsed() < self.enroller.listener_wait => {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    Ok(false) => {
-                        log::warn!(
-                            "ambient: ztunnel took a snapshot, but does not listen in pending \
-                             pod {}; it stays pending",
-                            pod_name(&pod)
-                        );
-                        break;
-                    }
-                    Err(e) => {
-                        log::warn!("ambient: pod {}: {e}", pod_name(&pod));
-                        break;
-                    }
+            self.promote_one(&pod, &uid).await;
+        }
+    }
+
+    /// Annotates pending pod `pod` `enabled` if ztunnel listens in its netns now (after a
+    /// short wait: ztunnel opens them around its ack). The caller holds the pod's lock.
+    async fn promote_one(&self, pod: &Pod, uid: &str) {
+        let Some(netns) = self.enroller.server.netns_of(uid).await else {
+            return;
+        };
+        let start = tokio::time::Instant::now();
+        loop {
+            match self.enroller.listening(netns.clone()).await {
+                Ok(true) => {
+                    log::info!("ambient: ztunnel took pending pod {}", pod_name(pod));
+                    self.annotate(pod, Some(Redirection::Enabled)).await;
+                    return;
+                }
+                Ok(false) if start.elapsed() < self.enroller.listener_wait => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Ok(false) => {
+                    log::info!(
+                        "ambient: ztunnel does not listen in pending pod {} yet; it stays pending",
+                        pod_name(pod)
+                    );
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("ambient: pod {}: {e}", pod_name(pod));
+                    return;
                 }
             }
         }
@@ -456,7 +478,12 @@ impl PodWatch {
     async fn forget_unlisted(&self, pods: &Store<Pod>) {
         let listed: Vec<String> = pods.state().iter().filter_map(|p| p.uid()).collect();
         if let Some(host) = self.enroller.host.clone() {
-            let live = listed.iter().cloned().collect();
+            // Pods enrolled since the list was taken are not in it: keep theirs too.
+            let live = listed
+                .iter()
+                .cloned()
+                .chain(self.enroller.server.pods().await)
+                .collect();
             let kept = tokio::task::spawn_blocking(move || host.retain(&live)).await;
             if let Ok(Err(e)) = kept {
                 log::warn!("ambient: removing gone pods from the node's probe sets: {e}");
