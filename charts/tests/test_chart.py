@@ -466,7 +466,7 @@ def test_an_upstream_values_file_has_upstream_effects() -> None:
     assert env["REPAIR_BROKEN_POD_LABEL_VALUE"] == "yes"
     pod_verbs = next(r for r in one(objs, "ClusterRole")["rules"] if r["resources"] == ["pods"])["verbs"]
     assert "patch" in pod_verbs and "delete" not in pod_verbs
-    # ambient.* reaches the agent (here with the nftables backend, which NOTES names).
+    # ambient.* reaches the agent (here with the nftables backend).
     assert env["AMBIENT_ENABLED"] == "true"
     assert env["AMBIENT_DNS_CAPTURE"] == "true" and env["AMBIENT_IPV6"] == "true"
     # Labels, annotations, scheduling, security, resources, as upstream renders them.
@@ -493,7 +493,7 @@ def test_an_upstream_values_file_has_upstream_effects() -> None:
     assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == {8000, 15014}
     # What has no effect here is named, never a schema error.
     text = notes(UPSTREAM)
-    for key in ["ambient.enabled", "istioOwnedCNIConfig", "istioOwnedCNIConfigFileName",
+    for key in ["istioOwnedCNIConfig", "istioOwnedCNIConfigFileName",
                 "repair.initContainerName", "pilot", "meshConfig"]:
         assert f"  - {key}:" in text, key
     # global.nativeNftables selects the nftables backend.

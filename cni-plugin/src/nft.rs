@@ -21,7 +21,7 @@ use crate::nfnetlink::{
     NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use crate::rules::nft_canon::{self, CanonTables};
-use crate::rules::nftables::{NftRuleset, TABLES};
+use crate::rules::nftables::{NftRuleset, ALL_TABLES};
 use crate::validate::ValidateError;
 
 /// The `nft` binary of this node.
@@ -78,7 +78,7 @@ impl Nft {
         // nfnetlink; when it cannot tell, every unused one is.
         let existing = tables(inside).ok();
         let mut text = String::new();
-        for table in TABLES.iter().filter(|t| !used.contains(t)) {
+        for table in ALL_TABLES.iter().filter(|t| !used.contains(t)) {
             let exists = existing.as_ref().is_none_or(|all| {
                 all.iter()
                     .any(|t| t.family == NFPROTO_INET && t.name.as_str() == *table)
@@ -102,7 +102,7 @@ impl Nft {
         Ok(())
     }
 
-    /// Deletes our three tables, in one transaction; tables that are not there are fine
+    /// Deletes our tables (sidecar's and ambient's), in one transaction; tables that are not there are fine
     /// (and when the kernel says over nfnetlink that none is there, nft is not run).
     ///
     /// Errors: [`ApplyError`] with nft's message.
@@ -110,7 +110,7 @@ impl Nft {
         if matches!(has_our_tables(inside), Ok(false)) {
             return Ok(());
         }
-        let text: String = TABLES
+        let text: String = ALL_TABLES
             .iter()
             .map(|t| format!("add table inet {t}\ndelete table inet {t}\n"))
             .collect();
@@ -175,7 +175,7 @@ pub struct NfTable {
 impl NfTable {
     /// Whether this is one of the nftables backend's tables (`inet istio-proxy-*`).
     pub fn is_ours(&self) -> bool {
-        self.family == NFPROTO_INET && TABLES.contains(&self.name.as_str())
+        self.family == NFPROTO_INET && crate::rules::nftables::is_our_table(&self.name)
     }
 
     /// Whether it is an iptables-nft table (`ip`/`ip6` family).

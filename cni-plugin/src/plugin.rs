@@ -404,10 +404,10 @@ pub fn program_nft(
         if let Err(cleanup) = nft.remove(inside) {
             log::error!("removing the nftables tables after a failed ADD also failed: {cleanup}");
         }
-        if ruleset.tproxy_routing {
+        if ruleset.local_delivery.is_some() {
             if let Err(cleanup) = crate::routing::remove(inside) {
                 log::error!(
-                    "removing the TPROXY routing after a failed ADD also failed: {cleanup}"
+                    "removing the policy routing after a failed ADD also failed: {cleanup}"
                 );
             }
         }

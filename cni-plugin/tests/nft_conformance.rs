@@ -92,7 +92,7 @@ fn every_conformance_pod_renders_under_nftables() {
                 }
                 assert_eq!(
                     (a.proxy_uid, a.probe_port, a.local_delivery.is_some()),
-                    (b.proxy_uid, b.probe_port, b.tproxy_routing)
+                    (b.proxy_uid, b.probe_port, b.local_delivery.is_some())
                 );
                 rendered += 1;
             }

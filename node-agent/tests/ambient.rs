@@ -42,6 +42,8 @@ struct Setup {
     ztunnel_dir: tempfile::TempDir,
     next_ip: u8,
     subnet: u8,
+    /// The agent's `--native-nftables`.
+    nft: bool,
 }
 
 impl Setup {
@@ -65,6 +67,7 @@ impl Setup {
             ztunnel_dir: tempfile::Builder::new().prefix("zt-").tempdir().unwrap(),
             next_ip: 10,
             subnet,
+            nft: false,
         }
     }
 
@@ -98,6 +101,8 @@ impl Setup {
             "true",
             "--ztunnel-uds-address",
             uds.to_str().unwrap(),
+            "--native-nftables",
+            if self.nft { "true" } else { "false" },
         ];
         let daemon = self.node.spawn(
             Some(&self.node_ns),
@@ -646,13 +651,31 @@ fn ztunnel_connections(node: &TestNetns, labels: &[&str]) -> f64 {
 #[test]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
+    traffic(false);
+}
+
+/// [`ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat`] on the native
+/// nftables backend: the in-pod rules are the `inet istio-ambient-*` tables (upstream's
+/// nftables rules), the sidecar pod gets `inet istio-proxy-*`.
+#[test]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+fn with_native_nftables_ambient_traffic_goes_through_ztunnel_too() {
+    traffic(true);
+}
+
+fn traffic(nft: bool) {
     let Some(bin) = ztunnel::binary() else { return };
-    let s = Setup::new(84);
+    let mut s = Setup::new(if nft { 86 } else { 84 });
+    s.nft = nft;
+    let subnet = s.subnet;
     for sysctl in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
         s.node_ns.exec(&["sysctl", "-qw", sysctl]);
     }
     let _agent = s.agent();
-    let (client_ip, server_ip) = (Ipv4Addr::new(10, 84, 0, 2), Ipv4Addr::new(10, 84, 0, 3));
+    let (client_ip, server_ip) = (
+        Ipv4Addr::new(10, subnet, 0, 2),
+        Ipv4Addr::new(10, subnet, 0, 3),
+    );
     let workloads: Vec<LocalWorkload> = [("client", client_ip), ("server", server_ip)]
         .iter()
         .map(|(name, ip)| LocalWorkload {
@@ -680,6 +703,21 @@ fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
     let (client, _) = chained_pod(&s, "client", client_ip, pod_object("client", ambient));
     assert_eq!(ztunnel_ports(&server), [15001, 15006, 15008]);
     assert_eq!(ztunnel_ports(&client), [15001, 15006, 15008]);
+    // The backend the node asked for, and only that one.
+    if nft {
+        assert_eq!(
+            server.istio_nft_tables(),
+            [
+                "istio-ambient-mangle",
+                "istio-ambient-nat",
+                "istio-ambient-raw"
+            ]
+        );
+        assert!(server.istio_rules(false).is_empty());
+    } else {
+        assert!(server.istio_nft_tables().is_empty());
+        assert!(!server.istio_rules(false).is_empty());
+    }
 
     let listener = listen_in(&server, "0.0.0.0:8080");
     listener.set_nonblocking(true).unwrap();
@@ -770,16 +808,24 @@ fn ambient_traffic_goes_through_ztunnel_and_probes_through_the_snat() {
     assert_eq!(probed_from.1.as_deref(), Some("169.254.7.127"));
 
     // A sidecar pod on the same node keeps the sidecar path.
-    let sidecar_ip = Ipv4Addr::new(10, 84, 0, 4);
+    let sidecar_ip = Ipv4Addr::new(10, subnet, 0, 4);
     let mut object = injected_pod("default", "with-sidecar", json!({}), json!({}));
     object["spec"]["nodeName"] = json!(NODE);
     object["metadata"]["labels"] = json!({"istio.io/dataplane-mode": "ambient"});
     let (sidecar, _) = chained_pod(&s, "with-sidecar", sidecar_ip, object);
-    let rules = sidecar.istio_rules(false);
-    assert!(
-        rules.iter().any(|l| l.contains("ISTIO_INBOUND")),
-        "sidecar rules: {rules:?}"
-    );
+    if nft {
+        let tables = sidecar.istio_nft_tables();
+        assert!(
+            tables.iter().all(|t| t.starts_with("istio-proxy-")) && !tables.is_empty(),
+            "{tables:?}"
+        );
+    } else {
+        let rules = sidecar.istio_rules(false);
+        assert!(
+            rules.iter().any(|l| l.contains("ISTIO_INBOUND")),
+            "sidecar rules: {rules:?}"
+        );
+    }
     assert!(!sidecar.exec(&["ip", "rule", "show"]).contains("0x111"));
     assert!(ztunnel_ports(&sidecar).is_empty());
     assert!(!s

@@ -164,6 +164,7 @@ fn enroller(server: &ZdsServer, lock_dir: &Path) -> Enroller {
         listener_wait: LISTENER_WAIT,
         host: None,
         pods: Default::default(),
+        native_nftables: false,
     }
 }
 

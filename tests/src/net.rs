@@ -100,13 +100,13 @@ impl TestNetns {
 
 impl TestNetns {
     /// Names of this netns's nftables tables of the nftables backend
-    /// (`inet istio-proxy-*`), sorted.
+    /// (`inet istio-proxy-*`, and ambient's `inet istio-ambient-*`), sorted.
     pub fn istio_nft_tables(&self) -> Vec<String> {
         let mut t: Vec<String> = self
             .exec(&["nft", "list", "tables"])
             .lines()
             .filter_map(|l| l.strip_prefix("table inet "))
-            .filter(|n| n.starts_with("istio-proxy-"))
+            .filter(|n| n.starts_with("istio-proxy-") || n.starts_with("istio-ambient-"))
             .map(str::to_owned)
             .collect();
         t.sort();

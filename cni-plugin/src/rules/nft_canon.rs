@@ -83,7 +83,8 @@ pub fn expected(ruleset: &NftRuleset) -> CanonTables {
 
 /// Reads the output of `nft -j list ruleset`, or of one or more `nft -j list table inet …`
 /// runs (one JSON document per line, or several concatenated): the `inet` tables of this
-/// backend (`istio-proxy-*`); other tables are not ours and are left out.
+/// backend (`istio-proxy-*`, and ambient's `istio-ambient-*`); other tables are not ours
+/// and are left out.
 ///
 /// Errors: [`CanonError`] when the text is not nft's JSON.
 pub fn from_json(text: &str) -> Result<CanonTables, CanonError> {
@@ -102,7 +103,7 @@ pub fn from_json(text: &str) -> Result<CanonTables, CanonError> {
             let ours = body["family"] == "inet"
                 && table
                     .and_then(Value::as_str)
-                    .is_some_and(|t| super::nftables::TABLES.contains(&t));
+                    .is_some_and(super::nftables::is_our_table);
             if !ours {
                 continue;
             }
@@ -284,10 +285,45 @@ fn parse_expr(expr: &str) -> Vec<CanonStmt> {
                 out.push(format!("set meta mark {value}"));
                 i += n;
             }
+            // `ct mark set ct mark & MASK | VALUE` (ambient's in-pod mangle rule): nft keeps
+            // it as `& (MASK | VALUE) | VALUE`, the same bits; canonical in that form.
+            ("ct", Some("mark"), Some("set"))
+                if t.get(i + 3) == Some(&"ct")
+                    && t.get(i + 4) == Some(&"mark")
+                    && matches!(t.get(i + 5), Some(&"&" | &"and")) =>
+            {
+                let mask = num(t.get(i + 6).copied().unwrap_or_default());
+                let value = num(t.get(i + 8).copied().unwrap_or_default());
+                match (mask, value) {
+                    (Some(m), Some(v)) => {
+                        out.push(format!("set ct mark ct mark & {} | {v}", m | v))
+                    }
+                    _ => out.push("unknown ct mark set".to_owned()),
+                }
+                i += 9;
+            }
             ("ct", Some("mark"), Some("set")) => {
                 let n = if t.get(i + 3) == Some(&"meta") { 5 } else { 4 };
                 out.push("set ct mark meta mark".to_owned());
                 i += n;
+            }
+            // `[meta|ct] mark and|& MASK [==|!=] VALUE`: a masked mark test.
+            ("mark", Some("and" | "&"), _) | ("meta" | "ct", Some("mark"), Some("and" | "&")) => {
+                let (key, at) = if w == "mark" {
+                    ("meta", i + 2)
+                } else {
+                    (w, i + 3)
+                };
+                let mask = num(t.get(at).copied().unwrap_or_default());
+                let (op, v, n) = match t.get(at + 1).copied() {
+                    Some("==") => operand(at + 2),
+                    _ => operand(at + 1),
+                };
+                match (mask, num(&v)) {
+                    (Some(m), Some(v)) => out.push(format!("match {key} mark & {m} {op} {v}")),
+                    _ => out.push(format!("unknown {key} mark mask")),
+                }
+                i = n;
             }
             ("ct", Some("zone"), Some("set")) => {
                 out.push(format!(
@@ -353,6 +389,14 @@ fn parse_expr(expr: &str) -> Vec<CanonStmt> {
     out
 }
 
+/// A number as nft writes it (`0x539` or `1337`), as a number.
+fn num(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 /// One statement of nft's JSON as a canonical statement.
 fn stmt_of_json(s: &Value) -> CanonStmt {
     let Some((kind, body)) = s.as_object().and_then(|o| o.iter().next()) else {
@@ -399,6 +443,10 @@ fn expr_of_json(e: &Value) -> String {
         format!("meta {}", m["key"].as_str().unwrap_or_default())
     } else if let Some(c) = e.get("ct") {
         format!("ct {}", c["key"].as_str().unwrap_or_default())
+    } else if let Some([a, b]) = e.get("&").and_then(Value::as_array).map(Vec::as_slice) {
+        format!("{} & {}", value_of_json(a), value_of_json(b))
+    } else if let Some([a, b]) = e.get("|").and_then(Value::as_array).map(Vec::as_slice) {
+        format!("{} | {}", value_of_json(a), value_of_json(b))
     } else if let Some(p) = e.get("payload") {
         format!(
             "{} {}",
@@ -435,5 +483,56 @@ fn value_of_json(v: &Value) -> String {
         }
         Value::Object(_) => expr_of_json(v),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Ambient's masked mark tests and its ct mark update, as our builder writes them and
+    /// as nft 1.0.6 prints them back in JSON (captured from a pod's netns), read the same.
+    #[test]
+    fn ambient_mark_statements_read_the_same_both_ways() {
+        let cases = [
+            (
+                "mark and 0xfff  != 0x539 counter redirect to :15006",
+                json!([{"match": {"op": "!=", "left": {"&": [{"meta": {"key": "mark"}}, 4095]}, "right": 1337}},
+                       {"counter": {"packets": 0, "bytes": 0}}, {"redirect": {"port": 15006}}]),
+            ),
+            (
+                "meta mark & 0xfff == 0x539 counter ct mark set ct mark & 0xfffff000 |  0x111",
+                json!([{"match": {"op": "==", "left": {"&": [{"meta": {"key": "mark"}}, 4095]}, "right": 1337}},
+                       {"counter": null},
+                       {"mangle": {"key": {"ct": {"key": "mark"}},
+                                   "value": {"|": [{"&": [{"ct": {"key": "mark"}}, 4294963473u64]}, 273]}}}]),
+            ),
+            (
+                "ct mark and 0xfff == 0x111 counter meta mark set ct mark",
+                json!([{"match": {"op": "==", "left": {"&": [{"ct": {"key": "mark"}}, 4095]}, "right": 273}},
+                       {"counter": null},
+                       {"mangle": {"key": {"meta": {"key": "mark"}}, "value": {"ct": {"key": "mark"}}}}]),
+            ),
+        ];
+        for (text, json) in cases {
+            let from_text = normalize(parse_expr(text));
+            let from_json: Vec<CanonStmt> =
+                json.as_array().unwrap().iter().map(stmt_of_json).collect();
+            assert_eq!(from_text, normalize(from_json), "{text}");
+            assert!(
+                !from_text.iter().any(|s| s.starts_with("unknown")),
+                "{from_text:?}"
+            );
+        }
+        // A different mask or value is a difference.
+        assert_ne!(
+            parse_expr("mark and 0xfff != 0x539"),
+            parse_expr("mark and 0xff != 0x539")
+        );
+        assert_ne!(
+            parse_expr("ct mark set ct mark & 0xfffff000 | 0x111"),
+            parse_expr("ct mark set ct mark & 0xfffff000 | 0x112")
+        );
     }
 }

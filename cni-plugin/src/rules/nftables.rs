@@ -31,8 +31,25 @@ pub const NAT_TABLE: &str = "istio-proxy-nat";
 pub const MANGLE_TABLE: &str = "istio-proxy-mangle";
 /// Table of the DNS conntrack zones.
 pub const RAW_TABLE: &str = "istio-proxy-raw";
-/// Every table this backend writes, in the order of the transaction.
+/// Every table this backend writes for a sidecar pod, in the order of the transaction.
 pub const TABLES: [&str; 3] = [NAT_TABLE, MANGLE_TABLE, RAW_TABLE];
+
+/// Every table of ours in a pod's netns: the sidecar tables ([`TABLES`]) and ambient's
+/// in-pod tables ([`super::ambient::nftables::INPOD_TABLES`]). A write removes the ones
+/// it does not use, so a pod never holds both.
+pub const ALL_TABLES: [&str; 6] = [
+    NAT_TABLE,
+    MANGLE_TABLE,
+    RAW_TABLE,
+    super::ambient::NAT_TABLE,
+    super::ambient::MANGLE_TABLE,
+    super::ambient::RAW_TABLE,
+];
+
+/// Whether `inet <name>` is one of our tables ([`ALL_TABLES`]).
+pub fn is_our_table(name: &str) -> bool {
+    ALL_TABLES.contains(&name)
+}
 
 const PREROUTING: &str = "prerouting";
 const OUTPUT: &str = "output";
@@ -141,9 +158,9 @@ pub struct NftTable {
 pub struct NftRuleset {
     /// The tables that have rules, in transaction order (nat, mangle, raw).
     pub tables: Vec<NftTable>,
-    /// Whether the TPROXY policy routing (fwmark rule and local route) is needed, as for
+    /// The policy routing the rules need (TPROXY's, or ambient's in-pod delivery), as for
     /// iptables.
-    pub tproxy_routing: bool,
+    pub local_delivery: Option<super::LocalDelivery>,
     /// The proxy's UID (the probe connects as it).
     pub proxy_uid: u32,
     /// Where the validation probe connects; `None` when no loopback probe can pass.
@@ -167,11 +184,10 @@ impl NftRuleset {
             families.push(super::Family::V6);
         }
         super::RoutingNeeds {
-            ipv6_passthrough: families.contains(&super::Family::V6),
+            ipv6_passthrough: families.contains(&super::Family::V6)
+                && self.local_delivery != Some(super::ambient::INPOD_DELIVERY),
             families,
-            local_delivery: self
-                .tproxy_routing
-                .then_some(super::iptables::TPROXY_DELIVERY),
+            local_delivery: self.local_delivery,
         }
     }
 
@@ -447,7 +463,8 @@ pub fn build(r: &Redirect, ipv6: bool) -> NftRuleset {
     }
     NftRuleset {
         tables: b.finish(),
-        tproxy_routing: tproxy && r.include_inbound_ports != PortSet::List(Vec::new()),
+        local_delivery: (tproxy && r.include_inbound_ports != PortSet::List(Vec::new()))
+            .then_some(super::iptables::TPROXY_DELIVERY),
         proxy_uid: uid,
         probe_port: probe_port(r),
         ipv6,

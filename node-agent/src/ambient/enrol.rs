@@ -15,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use istio_cni::lock::{LockError, NetnsLock};
 use istio_cni::netns::{Netns, NetnsError};
-use istio_cni::plugin::{program, Tools};
+use istio_cni::plan::Rules;
+use istio_cni::plugin::{program, program_nft, Tools};
 use istio_cni::rules::ambient::{self, NodeSettings, OverrideError, PodOverrides};
-use istio_cni::rules::Ruleset;
 
 use super::annotate::Redirection;
 use super::listeners::missing_ztunnel_listeners;
@@ -148,12 +148,19 @@ pub struct Enroller {
     /// One lock per pod, taken by the callers of [`Enroller::enrol`] and
     /// [`Enroller::unenrol`] around all they do for the pod.
     pub pods: PodLocks,
+    /// `NATIVE_NFTABLES`: the in-pod rules are nftables tables (`inet istio-ambient-*`).
+    pub native_nftables: bool,
 }
 
 impl Enroller {
-    /// The in-pod ruleset of a pod with `overrides`, for the iptables backend.
-    pub fn ruleset(&self, overrides: &PodOverrides) -> Ruleset {
-        ambient::iptables::build_inpod(&self.node, overrides).ruleset()
+    /// The in-pod rules of a pod with `overrides`, in this node's backend (the same
+    /// builders as `istio-cni render`).
+    pub fn ruleset(&self, overrides: &PodOverrides) -> Rules {
+        if self.native_nftables {
+            Rules::Nftables(ambient::nftables::build_inpod(&self.node, overrides).ruleset())
+        } else {
+            Rules::Iptables(ambient::iptables::build_inpod(&self.node, overrides).ruleset())
+        }
     }
 
     /// Enrols `pod` whose netns is `netns` (see the module docs): ADD's enrolment, which
@@ -264,7 +271,7 @@ impl Enroller {
         &self,
         pod: &AmbientPod,
         netns: &Arc<Netns>,
-        ruleset: &Ruleset,
+        ruleset: &Rules,
     ) -> Result<(), EnrolError> {
         let (uid, ips) = (pod.uid.clone(), pod.ips.clone());
         let added = self
@@ -297,13 +304,8 @@ impl Enroller {
         let ruleset = self.ruleset(&overrides);
         self.blocking(move |me| {
             let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
-            let xt = match &me.tools.xt {
-                Some(xt) => xt.clone(),
-                None => istio_cni::apply::Xtables::detect()
-                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))?,
-            };
             netns
-                .run(|inside| istio_cni::plugin::reprogram(inside, &xt, &ruleset))?
+                .run(|inside| istio_cni::plugin::reprogram_rules(inside, &me.tools, &ruleset))?
                 .map_err(|e| EnrolError::Rules(Box::new(e)))
         })
         .await
@@ -359,17 +361,14 @@ impl Enroller {
         let told = self.server.del(uid).await;
         self.remove_from_host(uid).await;
         if let Some(netns) = netns {
-            let xt = self.tools.xt.clone();
-            let lock_dir = self.lock_dir.clone();
-            let removed = tokio::task::spawn_blocking(move || -> Result<(), EnrolError> {
-                let _lock = NetnsLock::acquire(&lock_dir, netns.id(), LOCK_WAIT)?;
-                let Some(xt) = xt else { return Ok(()) };
-                netns
-                    .run(|inside| istio_cni::apply::remove(inside, &xt, None))?
-                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))
-            })
-            .await
-            .map_err(|e| EnrolError::Task(e.to_string()))?;
+            let removed = self
+                .blocking(move |me| {
+                    let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
+                    netns
+                        .run(|inside| remove_everything(inside, &me.tools))?
+                        .map_err(|e| EnrolError::Rules(Box::new(e)))
+                })
+                .await;
             if let Err(e) = removed {
                 log::warn!("ambient: removing the in-pod rules of pod {uid}: {e}");
             }
@@ -377,32 +376,42 @@ impl Enroller {
         Ok(told?)
     }
 
-    /// Writes and reads back `ruleset` under the netns lock; on failure nothing is left
-    /// (the plugin's ADD semantics, [`program`], without its probe).
-    fn write_rules(&self, netns: &Netns, ruleset: &Ruleset) -> Result<(), EnrolError> {
+    /// Writes and reads back `rules` under the netns lock; on failure nothing is left
+    /// (the plugin's ADD semantics, [`program`] and [`program_nft`], without their
+    /// loopback probe: ztunnel's listeners prove the capture instead).
+    fn write_rules(&self, netns: &Netns, rules: &Rules) -> Result<(), EnrolError> {
         let _lock = NetnsLock::acquire(&self.lock_dir, netns.id(), LOCK_WAIT)?;
-        let xt = match &self.tools.xt {
-            Some(xt) => xt.clone(),
-            // Not found at start: look again, for the error that says what is missing.
-            None => istio_cni::apply::Xtables::detect()
-                .map_err(|e| EnrolError::Rules(Box::new(e.into())))?,
-        };
-        netns
-            .run(|inside| program(inside, &xt, ruleset, None))?
-            .map_err(|e| EnrolError::Rules(Box::new(e)))
+        let written = netns.run(|inside| match rules {
+            Rules::Iptables(r) => match &self.tools.xt {
+                Some(xt) => program(inside, xt, r, None),
+                // Not found at start: look again, for the error that says what is missing.
+                None => istio_cni::apply::Xtables::detect()
+                    .map_err(istio_cni::Error::from)
+                    .and_then(|xt| program(inside, &xt, r, None)),
+            },
+            Rules::Nftables(r) => match &self.tools.nft {
+                Some(nft) => program_nft(inside, nft, self.tools.xt.as_ref(), r, None),
+                None => Err(istio_cni::apply::ApplyError::NoNft.into()),
+            },
+        })?;
+        written.map_err(|e| EnrolError::Rules(Box::new(e)))
     }
 
-    async fn undo_rules(&self, netns: &Arc<Netns>, ruleset: &Ruleset) {
-        let (netns, ruleset) = (netns.clone(), ruleset.clone());
+    async fn undo_rules(&self, netns: &Arc<Netns>, rules: &Rules) {
+        let (netns, rules) = (netns.clone(), rules.clone());
         let undone = self
             .blocking(move |me| {
                 let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
-                let Some(xt) = &me.tools.xt else {
-                    return Ok(());
-                };
                 netns
-                    .run(|inside| istio_cni::apply::remove(inside, xt, Some(&ruleset)))?
-                    .map_err(|e| EnrolError::Rules(Box::new(e.into())))
+                    .run(|inside| match &rules {
+                        Rules::Iptables(r) => match &me.tools.xt {
+                            Some(xt) => istio_cni::apply::remove(inside, xt, Some(r))
+                                .map_err(istio_cni::Error::from),
+                            None => Ok(()),
+                        },
+                        Rules::Nftables(_) => remove_everything(inside, &me.tools),
+                    })?
+                    .map_err(|e| EnrolError::Rules(Box::new(e)))
             })
             .await;
         if let Err(e) = undone {
@@ -420,4 +429,29 @@ impl Enroller {
             .await
             .map_err(|e| EnrolError::Task(e.to_string()))?
     }
+}
+
+/// Removes every rule of ours from the netns `inside` is in, whichever backend wrote them:
+/// the iptables chains, our nftables tables, and the policy routing.
+///
+/// Errors: the first failure; the rest is still removed.
+fn remove_everything(
+    inside: &istio_cni::netns::Inside<'_>,
+    tools: &Tools,
+) -> Result<(), istio_cni::Error> {
+    let mut first: Option<istio_cni::Error> = None;
+    if let Some(xt) = &tools.xt {
+        if let Err(e) = istio_cni::apply::remove(inside, xt, None) {
+            first.get_or_insert(e.into());
+        }
+    }
+    if let Some(nft) = &tools.nft {
+        if let Err(e) = nft.remove(inside) {
+            first.get_or_insert(e.into());
+        }
+    }
+    if let Err(e) = istio_cni::routing::remove(inside) {
+        first.get_or_insert(istio_cni::apply::ApplyError::Routing(e).into());
+    }
+    first.map_or(Ok(()), Err)
 }

@@ -23,7 +23,9 @@
 //!
 //! - [`hostrules`], [`ipset`]: the node's SNAT of kubelet's probes to ambient pods.
 //!
-//! Still to come (issue 22): the `pending` annotation, and the native nftables backend.
+//! Both backends write the in-pod rules (iptables, or with `NATIVE_NFTABLES` the
+//! `inet istio-ambient-*` tables); the node's probe SNAT is always iptables (upstream
+//! writes it with nftables on that backend).
 
 pub mod admit;
 pub mod annotate;
@@ -74,7 +76,8 @@ pub struct AmbientConfig {
     pub host_proc: PathBuf,
     /// `NETNS_DIRS`: where an event's netns may be.
     pub netns_dirs: Vec<PathBuf>,
-    /// `NATIVE_NFTABLES`: ambient pods are refused on this backend for now, with a reason.
+    /// `NATIVE_NFTABLES`: the in-pod rules are nftables tables (`inet istio-ambient-*`);
+    /// the node's probe SNAT stays in iptables.
     pub native_nftables: bool,
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
     pub reconcile_on_startup: bool,
@@ -109,9 +112,7 @@ pub struct Ambient {
 pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> {
     let server = server::ZdsServer::new(ACK_TIMEOUT);
     // The node's probe rules first: no pod is enrolled before kubelet can probe it.
-    let host = if cfg.native_nftables {
-        None
-    } else {
+    let host = {
         let host = hostrules::HostProbes::detect(cfg.settings.clone())?;
         host.install()?;
         log::info!(
@@ -131,6 +132,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         listener_wait: enrol::LISTENER_WAIT,
         host: host.clone(),
         pods: enrol::PodLocks::default(),
+        native_nftables: cfg.native_nftables,
     };
     let (restored_tx, restored_rx) = tokio::sync::oneshot::channel();
     let shared_pods = watch::SharedPods::default();
@@ -145,31 +147,18 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         restored: Arc::new(std::sync::Mutex::new(Some(restored_tx))),
         shared: shared_pods.clone(),
     };
-    let handler: pluginevents::Handler = if cfg.native_nftables {
-        Arc::new(|_| {
-            Box::pin(async {
-                Err((
-                    axum::http::StatusCode::NOT_IMPLEMENTED,
-                    "ambient pods are not enrolled on the native nftables backend yet \
-                     (NATIVE_NFTABLES=true): use the iptables backend for ambient mode"
-                        .to_owned(),
-                ))
-            })
-        })
-    } else {
-        admit::Admitter {
-            api,
-            node: cfg.node.clone(),
-            enablement: Arc::new(cfg.enablement),
-            exclusions: cfg.exclusions,
-            host_root: cfg.host_root,
-            netns_dirs: cfg.netns_dirs,
-            pods: shared_pods,
-            host_proc: cfg.host_proc,
-            enroller,
-        }
-        .handler()
-    };
+    let handler: pluginevents::Handler = admit::Admitter {
+        api,
+        node: cfg.node.clone(),
+        enablement: Arc::new(cfg.enablement),
+        exclusions: cfg.exclusions,
+        host_root: cfg.host_root,
+        netns_dirs: cfg.netns_dirs,
+        pods: shared_pods,
+        host_proc: cfg.host_proc,
+        enroller,
+    }
+    .handler();
     log::info!(
         "ambient mode: serving ztunnel on {} and plugin events on {}",
         cfg.zds_socket.display(),
@@ -177,18 +166,15 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
     );
     // ztunnel drops every pod its first snapshot does not name: it is served once the
     // pods enrolled before this start are restored (see `watch::PodWatch::restore`).
-    let gated = !cfg.native_nftables;
     let zds_task = tokio::spawn({
         let server = server.clone();
         async move {
-            if gated {
-                log::info!("ambient: serving ztunnel once this node's pods are listed");
-                if restored_rx.await.is_err() {
-                    log::error!(
-                        "ambient: the pod watch ended before its first list; ztunnel is not served"
-                    );
-                    return;
-                }
+            log::info!("ambient: serving ztunnel once this node's pods are listed");
+            if restored_rx.await.is_err() {
+                log::error!(
+                    "ambient: the pod watch ended before its first list; ztunnel is not served"
+                );
+                return;
             }
             if let Err(e) = socket::accept_loop(zds, server).await {
                 log::error!("ambient: the ZDS socket stopped accepting: {e}");
@@ -200,10 +186,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
             log::error!("ambient: the plugin-event socket stopped: {e}");
         }
     });
-    let mut tasks = vec![zds_task, events_task];
-    if !cfg.native_nftables {
-        tasks.push(tokio::spawn(watch.run()));
-    }
+    let tasks = vec![zds_task, events_task, tokio::spawn(watch.run())];
     Ok(Ambient {
         server,
         host,

@@ -47,6 +47,8 @@ pub const ISTIO_OUTPUT: &str = "istio-output";
 pub struct AmbientNftRuleset {
     /// The tables that have rules, in transaction order.
     pub tables: Vec<NftTable>,
+    /// Whether IPv6 rules are in.
+    pub ipv6: bool,
 }
 
 impl AmbientNftRuleset {
@@ -61,6 +63,19 @@ impl AmbientNftRuleset {
     /// The names of the tables this transaction writes.
     pub fn table_names(&self) -> Vec<&'static str> {
         self.tables.iter().map(|t| t.name).collect()
+    }
+
+    /// In-pod rules as the ruleset the nftables backend's shared apply and read-back path
+    /// takes: these tables, with ambient's policy routing ([`super::INPOD_DELIVERY`]) and
+    /// no loopback probe (ztunnel's listeners prove the capture instead).
+    pub fn ruleset(&self) -> crate::rules::nftables::NftRuleset {
+        crate::rules::nftables::NftRuleset {
+            tables: self.tables.clone(),
+            local_delivery: Some(super::INPOD_DELIVERY),
+            proxy_uid: 0,
+            probe_port: None,
+            ipv6: self.ipv6,
+        }
     }
 }
 
@@ -159,7 +174,10 @@ impl Builder {
                 rules,
             });
         }
-        AmbientNftRuleset { tables }
+        AmbientNftRuleset {
+            tables,
+            ipv6: self.ipv6,
+        }
     }
 }
 
