@@ -487,7 +487,8 @@ fn ztunnel_ports(netns: &TestNetns) -> Vec<u16> {
 /// - labelling the namespace enrols a pod that was already running (no restart), and
 ///   removing the label unenrols it (rules, listeners and annotation gone);
 /// - deleting a pod makes ztunnel drop it;
-/// - with ztunnel stopped, ADD of the next ambient pod fails and leaves nothing.
+/// - with ztunnel stopped, ADD of the next ambient pod fails and leaves nothing, and a
+///   sidecar pod still starts.
 #[test]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
@@ -587,6 +588,21 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     };
     assert_eq!(e.code(), Some(106), "{e:?}");
     untouched(&late.netns);
+    // A sidecar pod still starts: its path needs no ztunnel.
+    s.next_ip += 1;
+    let sidecar = s
+        .pods
+        .start(Layout::Systemd, Ipv4Addr::new(10, s.subnet, 0, s.next_ip));
+    let mut object = sidecar.object(
+        injected_pod("default", "with-sidecar", json!({}), json!({})),
+        NODE,
+    );
+    object["status"] = json!({"phase": "Pending"});
+    s.api.put("pods", object);
+    sidecar
+        .add(&chain, "default", "with-sidecar")
+        .expect("a sidecar pod's ADD with ztunnel stopped");
+    assert!(sidecar.rules().iter().any(|l| l.contains("ISTIO_INBOUND")));
 }
 
 /// A pod created through the node's whole chain, as a runtime does it: `ptp` (a veth to
