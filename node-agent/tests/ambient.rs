@@ -203,6 +203,30 @@ impl Setup {
         self.api.put("namespaces", ns);
     }
 
+    /// The real ztunnel `bin` in the node netns, serving `workloads` (name, address) of
+    /// namespace `default`, once ready.
+    fn start_ztunnel(&self, bin: &Path, workloads: &[(&str, Ipv4Addr)]) -> Ztunnel {
+        let workloads: Vec<LocalWorkload> = workloads
+            .iter()
+            .map(|(name, ip)| LocalWorkload {
+                name: (*name).into(),
+                namespace: "default".into(),
+                ip: (*ip).into(),
+            })
+            .collect();
+        let dir = self.ztunnel_dir.path();
+        std::fs::write(
+            dir.join("local.yaml"),
+            ztunnel::local_yaml(NODE, &workloads),
+        )
+        .unwrap();
+        let zt = Ztunnel::start(bin, &self.node_ns, NODE, dir, &self.uds());
+        wait_for("ztunnel ready", || {
+            ztunnel::ready(&self.node_ns).then_some(())
+        });
+        zt
+    }
+
     fn ambient_pod(&mut self, name: &str) -> RunningPod {
         self.pod(
             name,
@@ -499,22 +523,10 @@ fn the_real_ztunnel_captures_pods_enrolled_at_add_and_by_label() {
     let web = s.ambient_pod("web");
     let late = s.ambient_pod("late");
     let running = s.running_pod("running", json!({}));
-    let workloads: Vec<LocalWorkload> = [("web", &web), ("late", &late), ("running", &running)]
-        .iter()
-        .map(|(name, p)| LocalWorkload {
-            name: (*name).into(),
-            namespace: "default".into(),
-            ip: p.ip.into(),
-        })
-        .collect();
-    let dir = s.ztunnel_dir.path().to_owned();
-    std::fs::write(
-        dir.join("local.yaml"),
-        ztunnel::local_yaml(NODE, &workloads),
-    )
-    .unwrap();
-    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
-    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
+    let zt = s.start_ztunnel(
+        &bin,
+        &[("web", web.ip), ("late", late.ip), ("running", running.ip)],
+    );
 
     let t = Instant::now();
     let result = web
@@ -692,22 +704,7 @@ fn traffic(nft: bool) {
         Ipv4Addr::new(10, subnet, 0, 2),
         Ipv4Addr::new(10, subnet, 0, 3),
     );
-    let workloads: Vec<LocalWorkload> = [("client", client_ip), ("server", server_ip)]
-        .iter()
-        .map(|(name, ip)| LocalWorkload {
-            name: (*name).into(),
-            namespace: "default".into(),
-            ip: (*ip).into(),
-        })
-        .collect();
-    let dir = s.ztunnel_dir.path().to_owned();
-    std::fs::write(
-        dir.join("local.yaml"),
-        ztunnel::local_yaml(NODE, &workloads),
-    )
-    .unwrap();
-    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
-    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
+    let zt = s.start_ztunnel(&bin, &[("client", client_ip), ("server", server_ip)]);
 
     let ambient = json!({"istio.io/dataplane-mode": "ambient"});
     let (server, _) = chained_pod(
@@ -873,22 +870,8 @@ fn a_restarted_agent_keeps_its_pods_and_a_late_ztunnel_takes_pending_ones() {
     let chain = s.chain();
     let web = s.ambient_pod("web");
     let running = s.running_pod("running", json!({}));
-    let workloads: Vec<LocalWorkload> = [("web", &web), ("running", &running)]
-        .iter()
-        .map(|(name, p)| LocalWorkload {
-            name: (*name).into(),
-            namespace: "default".into(),
-            ip: p.ip.into(),
-        })
-        .collect();
-    let dir = s.ztunnel_dir.path().to_owned();
-    std::fs::write(
-        dir.join("local.yaml"),
-        ztunnel::local_yaml(NODE, &workloads),
-    )
-    .unwrap();
-    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
-    wait_for("ztunnel ready", || ztunnel::ready(&s.node_ns).then_some(()));
+    let pods = [("web", web.ip), ("running", running.ip)];
+    let zt = s.start_ztunnel(&bin, &pods);
     web.add(&chain, "default", "web").expect("ADD");
     // kubelet starts the pod: Running, its address in the API.
     let object = web.object(s.api.get("pods", "default", "web").unwrap(), NODE);
@@ -920,7 +903,7 @@ fn a_restarted_agent_keeps_its_pods_and_a_late_ztunnel_takes_pending_ones() {
     });
     assert!(!running.rules().is_empty());
     assert!(ztunnel_ports(&running.netns).is_empty());
-    let zt = Ztunnel::start(&bin, &s.node_ns, NODE, &dir, &s.uds());
+    let zt = s.start_ztunnel(&bin, &pods);
     let (_, took) = wait_for("the pending pod enabled once ztunnel is back", || {
         (s.annotation("running").as_deref() == Some("enabled")).then_some(())
     });

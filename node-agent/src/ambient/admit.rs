@@ -31,7 +31,7 @@ use istio_cni::pluginevent::{CheckedAddEvent, AGENT_DEADLINE};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
 use super::annotate::{self, Redirection};
-use super::enrol::{AmbientPod, EnrolError, Enroller};
+use super::enrol::{api_pod_ips, AmbientPod, EnrolError, Enroller};
 use super::pluginevents::{Answer, Handler};
 use crate::apiclient::ApiClient;
 use crate::repair::inspect::Exclusions;
@@ -314,14 +314,7 @@ impl Admitter {
                     .into(),
             ));
         }
-        let api_ips: Vec<IpAddr> = pod
-            .status
-            .as_ref()
-            .and_then(|s| s.pod_ips.as_ref())
-            .into_iter()
-            .flatten()
-            .filter_map(|p| p.ip.parse().ok())
-            .collect();
+        let api_ips = api_pod_ips(pod);
         if let Some(ip) = api_ips.iter().find(|ip| !event_ips.contains(ip)) {
             return Err(mismatch(format!(
                 "the API lists pod address {ip}, which the event does not"
@@ -336,13 +329,8 @@ impl Admitter {
                 if other_uid == uid || matches!(phase, Some("Succeeded" | "Failed")) {
                     continue;
                 }
-                let claimed = other
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.pod_ips.as_ref())
+                let claimed = api_pod_ips(&other)
                     .into_iter()
-                    .flatten()
-                    .filter_map(|p| p.ip.parse::<IpAddr>().ok())
                     .find(|ip| event_ips.contains(ip));
                 if let Some(ip) = claimed {
                     return Err(mismatch(format!(

@@ -63,16 +63,20 @@ impl AmbientPod {
                     .unwrap_or_else(|| "default".into()),
             },
             annotations: meta.annotations.clone().unwrap_or_default(),
-            ips: pod
-                .status
-                .as_ref()
-                .and_then(|s| s.pod_ips.as_ref())
-                .into_iter()
-                .flatten()
-                .filter_map(|p| p.ip.parse().ok())
-                .collect(),
+            ips: api_pod_ips(pod),
         }
     }
+}
+
+/// The addresses the API lists for `pod` (`status.podIPs`); none that does not parse.
+pub fn api_pod_ips(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<std::net::IpAddr> {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect()
 }
 
 /// An enrolment failed; what it had done was undone.

@@ -329,18 +329,7 @@ impl PodWatch {
         // The netns the pod was enrolled with, else the one a process of it lives in.
         let netns = match self.enroller.server.netns_of(uid).await {
             Some(n) => Some(n),
-            None => {
-                let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
-                tokio::task::spawn_blocking(move || {
-                    ProcIndex::scan(&host_proc)
-                        .ok()
-                        .and_then(|procs| procs.netns_of(&owner))
-                        .map(|f| f.netns)
-                })
-                .await
-                .ok()
-                .flatten()
-            }
+            None => self.netns_of(uid).await,
         }
         .filter(|_| !sidecar);
         match self.enroller.unenrol(uid, netns).await {
