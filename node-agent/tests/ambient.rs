@@ -696,9 +696,15 @@ fn traffic(nft: bool) {
     let mut s = Setup::new(if nft { 86 } else { 84 });
     s.nft = nft;
     let subnet = s.subnet;
-    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0"] {
-        s.node_ns.exec(&["sysctl", "-qw", sysctl]);
-    }
+    // The node routes between its pods (/proc/sys/net is the writing thread's netns's).
+    s.node_ns
+        .open()
+        .run(|_| {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+            std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0")
+        })
+        .unwrap()
+        .expect("the node netns's sysctls");
     let _agent = s.agent();
     let (client_ip, server_ip) = (
         Ipv4Addr::new(10, subnet, 0, 2),
