@@ -293,8 +293,9 @@ fn untouched(netns: &TestNetns) {
 /// ADD of an ambient pod fails, with the agent's reason and nothing left in the netns,
 /// while no ztunnel captures it: none connected, then one that acks without listening
 /// (istio/istio#57285). A plain pod passes through untouched. When the agent stops, ADD
-/// fails with code 11 naming the socket. The node's probe SNAT is written at start and
-/// removed at the end, and nothing else of the node's rules and routes changes.
+/// fails with code 11 naming the socket. The node's probe SNAT is written at start, put
+/// back after a flush, and removed at the end, and nothing else of the node's rules and
+/// routes changes.
 #[test]
 fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     let mut s = Setup::new(81);
@@ -359,6 +360,24 @@ fn an_ambient_add_fails_clean_unless_ztunnel_captures_the_pod() {
     untouched(&web.netns);
     assert_eq!(s.annotation("web"), None);
     assert_eq!(s.probe_set(), []);
+
+    // Something flushes the node's nat rules: the agent puts its own back.
+    let ours = s.host_rules();
+    s.node_ns
+        .exec(&["iptables", "-t", "nat", "-F", "ISTIO_POSTRT"]);
+    s.node_ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-D",
+        "POSTROUTING",
+        "-j",
+        "ISTIO_POSTRT",
+    ]);
+    let (_, took) = wait_for("the node's probe rules back", || {
+        (s.host_rules() == ours).then_some(())
+    });
+    eprintln!("the node's probe rules were back {took:?} after a flush");
 
     // Stopped for good (not an upgrade): the node's probe rules and sets go too, and
     // nothing else of the node changed.

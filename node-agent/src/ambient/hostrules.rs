@@ -126,6 +126,10 @@ impl HostProbes {
                 script.push('\n');
             }
             script.push_str("COMMIT\n");
+            log::info!(
+                "the node's probe rules ({}, nat {CHAIN}) were missing or changed; writing them",
+                family.family
+            );
             restore(bins, &script)?;
             let left = problems(&save(bins)?, &family);
             if !left.is_empty() {

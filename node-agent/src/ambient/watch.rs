@@ -14,7 +14,8 @@
 //! A pod still starting (not `Running`, or without an address) is left to the plugin's
 //! ADD, which enrols it through [`super::admit`]. An enrolment that fails is tried again
 //! on the next change of the pod or its namespace, and at least every
-//! [`RETRY_INTERVAL`].
+//! [`RETRY_INTERVAL`], when the node's probe rules and sets are also checked and put back
+//! if something removed them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -168,6 +169,7 @@ impl PodWatch {
                     for pod in pods.state() {
                         due.insert(pod.uid().unwrap_or_default(), pod);
                     }
+                    self.reconcile_host().await;
                 }
             }
             if pods_synced && ns_synced {
@@ -447,6 +449,21 @@ impl PodWatch {
         .await
         .ok()
         .flatten()
+    }
+
+    /// The node's probe rules and sets, made right again if something changed them (a
+    /// flush by another tool, a firewall reload): checked every [`RETRY_INTERVAL`], one
+    /// `iptables-save -t nat` per family when nothing changed (upstream installs them once,
+    /// istio/istio#60607).
+    async fn reconcile_host(&self) {
+        let Some(host) = self.enroller.host.clone() else {
+            return;
+        };
+        match tokio::task::spawn_blocking(move || host.install()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::warn!("ambient: the node's probe rules: {e}"),
+            Err(e) => log::warn!("ambient: the node's probe rules: {e}"),
+        }
     }
 
     /// Drops a deleted or terminal pod from ztunnel and the node's probe sets (its netns
