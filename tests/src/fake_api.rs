@@ -52,7 +52,8 @@
 //! | PUT with a stale `resourceVersion`: 409 `Conflict`, "the object has been modified" | `apiserver/pkg/registry/generic/registry/store.go` (`OptimisticLockErrorMsg`), `errors.go` `NewConflict` |
 //! | JSON patch that cannot be applied (a failed `test` too): 422 `Invalid`, generic message, empty details | `apiserver/pkg/endpoints/handlers/patch.go` `applyJSPatch`, `errors.go` `NewGenericServerResponse` |
 //! | merge patch (RFC 7386) | `patch.go` `applyJSPatch` (`jsonpatch.MergePatch`) |
-//! | `status` subresource patches the same object | `pkg/registry/core/node/storage/storage.go` `StatusREST` |
+//! | `status` subresource patches the same object, metadata (annotations) included | `pkg/registry/core/node/storage/storage.go` and `pkg/registry/core/pod/storage/storage.go` `StatusREST`; `pkg/registry/core/pod/strategy.go` `podStatusStrategy.PrepareForUpdate` keeps the new object's annotations |
+//! | namespaces are cluster-scoped: `GET /api/v1/namespaces/{name}` | `pkg/registry/core/namespace/strategy.go` `NamespaceScoped() == false` |
 //! | DELETE `preconditions` (`uid`, `resourceVersion`): 409 `Conflict` | `apiserver/pkg/storage/etcd3/store.go` `checkPreconditions` |
 //! | watch from a `resourceVersion`: replay, then live events; `ADDED`/`DELETED` when an object enters or leaves the selector | `apiserver/pkg/storage/cacher/cacher.go`, `cache_watcher.go` |
 //! | watch from a compacted version: `410 Expired` | `apiserver/pkg/storage/cacher/watch_cache.go` (`errors.NewResourceExpired`, "too old resource version") |

@@ -300,6 +300,11 @@ impl ZdsServer {
         self.snapshots.subscribe()
     }
 
+    /// Whether the server knows pod `uid` (enrolled, pending, or restored).
+    pub async fn knows(&self, uid: &str) -> bool {
+        self.state.lock().await.pods.contains_key(uid)
+    }
+
     /// The UIDs of the pods the server knows.
     pub async fn pods(&self) -> Vec<String> {
         self.state.lock().await.pods.keys().cloned().collect()

@@ -235,7 +235,7 @@ impl PodWatch {
         // Not while the plugin's event for this pod is being acted on.
         let _pod_lock = self.enroller.pods.lock(&uid).await;
         let name = pod_name(pod);
-        let known = self.enroller.server.pods().await.contains(&uid);
+        let known = self.enroller.server.knows(&uid).await;
         let annotated = Redirection::of(pod);
         match self.want(pod, namespaces) {
             Want::Forget if known => self.forget(&uid, &name).await,
@@ -355,7 +355,7 @@ impl PodWatch {
                 continue;
             }
             let _pod_lock = self.enroller.pods.lock(&uid).await;
-            if self.enroller.server.pods().await.contains(&uid) {
+            if self.enroller.server.knows(&uid).await {
                 continue;
             }
             let name = pod_name(&pod);
@@ -470,7 +470,7 @@ impl PodWatch {
     /// is not entered).
     async fn forget(&self, uid: &str, name: &str) {
         self.enroller.remove_from_host(uid).await;
-        if !self.enroller.server.pods().await.iter().any(|u| u == uid) {
+        if !self.enroller.server.knows(uid).await {
             return;
         }
         match self.enroller.server.del(uid).await {

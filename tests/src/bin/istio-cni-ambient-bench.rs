@@ -12,10 +12,7 @@
 //!
 //! Usage: `istio-cni-ambient-bench [PODS]` (default 100). Needs root, iptables.
 
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use istio_cni_e2e::agent::{chained, wait_for, Node, PRIMARY};
 use istio_cni_e2e::chain::istio_cni_bin;
@@ -23,7 +20,7 @@ use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::unique_uid;
 use istio_cni_e2e::net::TestNetns;
 use istio_cni_e2e::sandbox::injected_pod;
-use istio_cni_e2e::stats::{ms, quantile};
+use istio_cni_e2e::stats::{ms, quantile, timed_add};
 use istio_cni_e2e::ztunnel::{self, LocalWorkload, Ztunnel};
 use serde_json::{json, Value};
 
@@ -151,7 +148,15 @@ fn main() {
             // From the node's netns, as the runtime runs the plugin (the API is there).
             let (took, outcome) = node_ns
                 .open()
-                .run(|_| run_add(&bin, &pod_ns, &conf.to_string(), prefix, i))
+                .run(|_| {
+                    timed_add(
+                        &bin,
+                        &pod_ns.path(),
+                        &format!("bench-{prefix}-{i}"),
+                        &format!("{prefix}-{i}"),
+                        &conf.to_string(),
+                    )
+                })
                 .expect("enter the node netns");
             if let Err(e) = outcome {
                 panic!("{prefix} ADD {i} failed: {e}");
@@ -188,44 +193,4 @@ fn pod_netns(ip: Ipv4Addr) -> TestNetns {
     ns.exec(&["ip", "link", "set", "eth0", "up"]);
     ns.exec(&["ip", "link", "set", "peer0", "up"]);
     ns
-}
-
-/// Runs the plugin's ADD for pod `{prefix}-{i}` in `pod_ns`, and times it.
-fn run_add(
-    bin: &std::path::Path,
-    pod_ns: &TestNetns,
-    conf: &str,
-    prefix: &str,
-    i: usize,
-) -> (Duration, Result<(), String>) {
-    let start = Instant::now();
-    let mut child = Command::new(bin)
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("bench-{prefix}-{i}"))
-        .env("CNI_NETNS", pod_ns.path())
-        .env("CNI_IFNAME", "eth0")
-        .env(
-            "CNI_ARGS",
-            format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME={prefix}-{i}"),
-        )
-        .env("CNI_PATH", bin.parent().expect("dir"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn istio-cni");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(conf.as_bytes())
-        .expect("write the netconf");
-    let out = child.wait_with_output().expect("wait");
-    let took = start.elapsed();
-    let outcome = if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
-    (took, outcome)
 }

@@ -28,7 +28,7 @@ use istio_cni_e2e::chain::istio_cni_bin;
 use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::net::TestNetns;
 use istio_cni_e2e::sandbox::injected_pod;
-use istio_cni_e2e::stats::{ms, quantile};
+use istio_cni_e2e::stats::{ms, quantile, timed_add};
 use serde_json::json;
 
 const CONCURRENT: usize = 50;
@@ -278,36 +278,13 @@ fn run_add(
 ) -> (Duration, Result<(), String>) {
     host.open()
         .run(|_| {
-            let start = Instant::now();
-            let mut child = Command::new(bin)
-                .env("CNI_COMMAND", "ADD")
-                .env("CNI_CONTAINERID", format!("bench{i}"))
-                .env("CNI_NETNS", ns.path())
-                .env("CNI_IFNAME", "eth0")
-                .env(
-                    "CNI_ARGS",
-                    format!("K8S_POD_NAMESPACE=default;K8S_POD_NAME=bench-{i}"),
-                )
-                .env("CNI_PATH", bin.parent().expect("dir"))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn istio-cni");
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(conf.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().expect("wait");
-            let took = start.elapsed();
-            let ok = if out.status.success() {
-                Ok(())
-            } else {
-                Err(String::from_utf8_lossy(&out.stdout).into_owned())
-            };
-            (took, ok)
+            timed_add(
+                bin,
+                &ns.path(),
+                &format!("bench{i}"),
+                &format!("bench-{i}"),
+                conf,
+            )
         })
         .expect("enter host netns")
 }
