@@ -45,8 +45,9 @@ pub enum Error {
     /// The rules were written but are not in effect (104). They were removed again.
     #[error("validation failed: {0}")]
     Validate(#[from] ValidateError),
-    /// The node agent did not enrol an ambient pod: absent or no answer in time (11),
-    /// refused or the exchange failed (106). Nothing was left in the netns.
+    /// The node agent did not enrol an ambient pod: absent, no answer in time, or
+    /// unavailable for now (HTTP 503: no ztunnel serves the node, or the API did not
+    /// answer) (11); refused or the exchange failed (106). Nothing was left in the netns.
     #[error("ambient mode: {0}")]
     Ambient(#[from] SendError),
     /// STATUS: the plugin cannot serve ADD now (50).
@@ -77,9 +78,11 @@ impl Error {
             Error::Lock(_) => ErrorCode::APPLY_FAILED,
             Error::Apply(_) => ErrorCode::APPLY_FAILED,
             Error::Validate(_) => ErrorCode::VALIDATION_FAILED,
-            Error::Ambient(SendError::NoAgent { .. } | SendError::Timeout(_)) => {
-                ErrorCode::TRY_AGAIN_LATER
-            }
+            Error::Ambient(
+                SendError::NoAgent { .. }
+                | SendError::Timeout(_)
+                | SendError::Refused { status: 503, .. },
+            ) => ErrorCode::TRY_AGAIN_LATER,
             Error::Ambient(_) => ErrorCode::AMBIENT_NOT_ENROLLED,
             Error::NotAvailable(_) => ErrorCode::PLUGIN_NOT_AVAILABLE,
             Error::Internal(_) => ErrorCode::INTERNAL,

@@ -103,6 +103,24 @@ impl Rules {
     }
 }
 
+/// The in-pod rules of an ambient pod with pod-level `overrides`, on a node with `node`'s
+/// settings, in the chosen backend: the `inet istio-ambient-*` nftables tables when
+/// `nftables` (`NATIVE_NFTABLES`), else the iptables rules (upstream
+/// `cni/pkg/iptables/iptables.go`, `AppendInpodRules`; `cni/pkg/nftables/`). Shared by the
+/// agent's enrolment and its repair loop.
+pub fn ambient_rules(
+    node: &crate::rules::ambient::NodeSettings,
+    overrides: &crate::rules::ambient::PodOverrides,
+    nftables: bool,
+) -> Rules {
+    use crate::rules::ambient;
+    if nftables {
+        Rules::Nftables(ambient::nftables::build_inpod(node, overrides).ruleset())
+    } else {
+        Rules::Iptables(ambient::iptables::build_inpod(node, overrides).ruleset())
+    }
+}
+
 /// [`plan_for_running_pod`] with the backend chosen: the nftables transaction when
 /// `nftables` (the agent's `NATIVE_NFTABLES`), else the iptables rules.
 ///

@@ -358,6 +358,16 @@ impl RunArgs {
     }
 }
 
+/// Which pods the agent leaves to the plugin's pass-through: the same settings as the
+/// plugin's config (the agent's namespace, `EXCLUDE_NAMESPACES`).
+#[derive(Debug, Clone, Default)]
+pub struct Exclusions {
+    /// The agent's namespace: its own pods are never touched.
+    pub agent_namespace: String,
+    /// Namespaces whose pods never get rules.
+    pub exclude_namespaces: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_mode;

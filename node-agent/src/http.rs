@@ -37,9 +37,13 @@ async fn healthz(State(r): State<Arc<Readiness>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(r): State<Arc<Readiness>>) -> impl IntoResponse {
+    let notes: String = r.notes().iter().map(|n| format!("{n}\n")).collect();
     match r.status() {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n") + "\n"),
+        Ok(()) => (StatusCode::OK, format!("ready\n{notes}")),
+        Err(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            reasons.join("\n") + "\n" + &notes,
+        ),
     }
 }
 

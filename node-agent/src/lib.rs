@@ -11,6 +11,7 @@ pub mod config;
 pub mod events;
 pub mod http;
 pub mod install;
+pub mod locate;
 pub mod logsink;
 pub mod metrics;
 pub mod readiness;

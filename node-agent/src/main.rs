@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use istio_cni_node_agent::agent::{Agent, RunOptions};
 use istio_cni_node_agent::backoff::Backoff;
+use istio_cni_node_agent::config::Exclusions;
 use istio_cni_node_agent::config::{AgentArgs, RunArgs};
 use istio_cni_node_agent::events::Events;
 use istio_cni_node_agent::metrics::Metrics;
 use istio_cni_node_agent::readiness::Readiness;
-use istio_cni_node_agent::repair::inspect::Exclusions;
 use istio_cni_node_agent::repair::{RepairConfig, RepairController};
 use istio_cni_node_agent::taint::{TaintConfig, TaintController};
 use istio_cni_node_agent::upgrade::{self, OnExit};
@@ -260,33 +260,42 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
         let taint_task = taint
             .clone()
             .map(|t| after_gate(Box::pin(async move { t.run_shared().await })));
+        let ambient = match (&run.node_name, args.ambient_enabled) {
+            (Some(node), true) => {
+                let config = ambient_config(node, args, run);
+                Some(
+                    ambient::start(
+                        config,
+                        api.clone(),
+                        events.clone(),
+                        readiness.clone(),
+                        metrics.clone(),
+                    )
+                    .map_err(|e| format!("ambient mode cannot start: {e}"))?,
+                )
+            }
+            (None, true) => {
+                log::warn!("no --node-name: ambient mode is off");
+                None
+            }
+            (_, false) => None,
+        };
         let repair_task = match (&run.node_name, run.repair_enabled) {
             (Some(node), true) => {
-                let repair = RepairController::new(
+                let mut repair = RepairController::new(
                     repair_config(node, repair_mode, args, run),
                     api.clone(),
                     events.clone(),
                     readiness.clone(),
                     metrics.clone(),
                 );
+                if let Some(a) = &ambient {
+                    repair = repair.with_ambient(a.enroller.clone());
+                }
                 Some(after_gate(Box::pin(repair.run())))
             }
             (None, true) => {
                 log::warn!("no --node-name: the repair loop is off");
-                None
-            }
-            (_, false) => None,
-        };
-        let ambient = match (&run.node_name, args.ambient_enabled) {
-            (Some(node), true) => {
-                let config = ambient_config(node, args, run);
-                Some(
-                    ambient::start(config, api.clone())
-                        .map_err(|e| format!("ambient mode cannot start: {e}"))?,
-                )
-            }
-            (None, true) => {
-                log::warn!("no --node-name: ambient mode is off");
                 None
             }
             (_, false) => None,

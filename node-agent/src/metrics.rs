@@ -99,6 +99,9 @@ pub struct Metrics {
     /// pod already labeled). Actions held back by the cooldown or the rate limit are only in
     /// `istio_cni_repair_actions_total`.
     pub pods_repaired: Family<UpstreamRepair, Counter>,
+    /// Upstream's `ztunnel_connected` (no prefix, as upstream exports it): ztunnel
+    /// connections to the ZDS socket, past their hello.
+    pub ztunnel_connected: Gauge,
 }
 
 impl Metrics {
@@ -121,7 +124,14 @@ impl Metrics {
         let installs = Family::<UpstreamInstall, Counter>::default();
         let install_ready = Gauge::default();
         let pods_repaired = Family::<UpstreamRepair, Counter>::default();
-        let mut registry = Registry::with_prefix("istio_cni");
+        let ztunnel_connected = Gauge::default();
+        let mut root = Registry::default();
+        root.register(
+            "ztunnel_connected",
+            "number of connections to ztunnel",
+            ztunnel_connected.clone(),
+        );
+        let registry = root.sub_registry_with_prefix("istio_cni");
         registry.register(
             "install_attempts",
             "Install passes, by result",
@@ -204,7 +214,8 @@ impl Metrics {
             pods_repaired.clone(),
         );
         Metrics {
-            registry,
+            registry: root,
+            ztunnel_connected,
             installs,
             install_ready,
             pods_repaired,

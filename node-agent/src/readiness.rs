@@ -30,6 +30,7 @@ struct State {
     conflict: Option<String>,
     api: Option<String>,
     stopping: bool,
+    ztunnel: Option<String>,
 }
 
 /// A step in progress (see [`Readiness::busy`]).
@@ -116,6 +117,21 @@ impl Readiness {
     /// files it names) cannot be used: the node then cannot be managed through the API.
     pub fn set_api(&self, problem: Option<String>) {
         self.update(|s| s.api = problem);
+    }
+
+    /// Records (or clears) a note on ambient mode: no ztunnel serves this node. It is a
+    /// note, not a reason: the plugin and sidecar pods work without ztunnel, and upstream's
+    /// install order (the CNI DaemonSet, then ztunnel's) must not wait on it; `/readyz`
+    /// shows it either way ([`Readiness::notes`]).
+    pub fn set_ztunnel(&self, note: Option<String>) {
+        self.update(|s| s.ztunnel = note);
+    }
+
+    /// What `/readyz` shows besides readiness: the ambient note
+    /// ([`Readiness::set_ztunnel`]).
+    pub fn notes(&self) -> Vec<String> {
+        let s = self.state.lock().expect("readiness lock");
+        s.ztunnel.iter().map(|z| format!("ambient: {z}")).collect()
     }
 
     /// Marks the agent as shutting down: never ready again.
@@ -232,6 +248,14 @@ mod tests {
         r.set_api(Some("kubeconfig /k: a FIFO".into()));
         assert_eq!(r.status().unwrap_err(), ["api: kubeconfig /k: a FIFO"]);
         r.set_api(None);
+        r.set_ztunnel(Some("no ztunnel is connected".into()));
+        assert!(
+            r.status().is_ok(),
+            "ztunnel's absence is a note, not a reason"
+        );
+        assert_eq!(r.notes(), ["ambient: no ztunnel is connected"]);
+        r.set_ztunnel(None);
+        assert!(r.notes().is_empty());
         r.set_stopping();
         assert_eq!(r.status().unwrap_err(), ["the agent is shutting down"]);
     }

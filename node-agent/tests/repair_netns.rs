@@ -11,9 +11,10 @@ use istio_cni::plugin::Tools;
 use istio_cni_e2e::kubelet::{Layout, NodePods, RunningPod};
 use istio_cni_e2e::net::run;
 use istio_cni_e2e::sandbox::injected_pod;
+use istio_cni_node_agent::config::Exclusions;
+use istio_cni_node_agent::locate::{BindMounts, PodNetns};
 use istio_cni_node_agent::repair::act::{repair_in_place, Owner, RepairError};
-use istio_cni_node_agent::repair::inspect::{candidate, inspect, Candidate, Exclusions, Health};
-use istio_cni_node_agent::repair::locate::{BindMounts, PodNetns};
+use istio_cni_node_agent::repair::inspect::{candidate, inspect, Candidate, Health};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::json;
 

@@ -34,8 +34,8 @@ use super::annotate::{self, Redirection};
 use super::enrol::{api_pod_ips, AmbientPod, EnrolError, Enroller};
 use super::pluginevents::{Answer, Handler};
 use crate::apiclient::ApiClient;
-use crate::repair::inspect::Exclusions;
-use crate::repair::locate::{addresses_in, ProcIndex};
+use crate::config::Exclusions;
+use crate::locate::{addresses_in, ProcIndex};
 
 /// How long each API request of an admission may take (the pod, its namespace, the
 /// annotation).
@@ -82,6 +82,9 @@ pub enum AdmitError {
     /// The pod was enrolled, but its annotation could not be written: undone.
     #[error("annotating the pod {REDIRECTION}=enabled failed ({0}); the enrolment was undone")]
     Annotate(String),
+    /// No ztunnel serves the node: nothing was done.
+    #[error("no ztunnel is connected to this node's istio-cni agent (waited {0:?}); is the ztunnel DaemonSet running on this node? Ambient pods start once it is")]
+    NoZtunnel(Duration),
     /// Over [`AGENT_DEADLINE`]; what was done was undone.
     #[error("the enrolment took longer than {0:?}; it was undone")]
     Deadline(Duration),
@@ -93,7 +96,9 @@ impl AdmitError {
     /// The HTTP status the plugin gets (its message is the error's text).
     pub fn status(&self) -> StatusCode {
         match self {
-            AdmitError::Api { .. } | AdmitError::Annotate(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdmitError::Api { .. } | AdmitError::Annotate(_) | AdmitError::NoZtunnel(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AdmitError::NotOurs { .. } | AdmitError::Mismatch { .. } => StatusCode::CONFLICT,
             AdmitError::Netns { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AdmitError::Enrol(_) => StatusCode::BAD_GATEWAY,
@@ -163,6 +168,15 @@ impl Admitter {
         let uid = self.check_pod(&pod, &pod_name, &namespace_labels)?;
         let netns = self.check_netns(&event, &pod, &uid).await?;
         let checked = start.elapsed();
+        // No rules are written for a ztunnel that is not there.
+        if !self
+            .enroller
+            .server
+            .wait_for_ztunnel(super::ZTUNNEL_WAIT)
+            .await
+        {
+            return Err(AdmitError::NoZtunnel(super::ZTUNNEL_WAIT));
+        }
         // From here to the end (undo included), nothing else acts on this pod.
         let _pod_lock = self.enroller.pods.lock(&uid).await;
         let mut ambient = AmbientPod::of(&pod, &uid);

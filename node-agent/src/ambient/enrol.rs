@@ -17,7 +17,7 @@ use istio_cni::lock::{LockError, NetnsLock};
 use istio_cni::netns::{Netns, NetnsError};
 use istio_cni::plan::Rules;
 use istio_cni::plugin::{program, program_nft, Tools};
-use istio_cni::rules::ambient::{self, NodeSettings, OverrideError, PodOverrides};
+use istio_cni::rules::ambient::{NodeSettings, OverrideError, PodOverrides};
 
 use super::annotate::Redirection;
 use super::listeners::missing_ztunnel_listeners;
@@ -160,11 +160,7 @@ impl Enroller {
     /// The in-pod rules of a pod with `overrides`, in this node's backend (the same
     /// builders as `istio-cni render`).
     pub fn ruleset(&self, overrides: &PodOverrides) -> Rules {
-        if self.native_nftables {
-            Rules::Nftables(ambient::nftables::build_inpod(&self.node, overrides).ruleset())
-        } else {
-            Rules::Iptables(ambient::iptables::build_inpod(&self.node, overrides).ruleset())
-        }
+        istio_cni::plan::ambient_rules(&self.node, overrides, self.native_nftables)
     }
 
     /// Enrols `pod` whose netns is `netns` (see the module docs): ADD's enrolment, which
@@ -234,6 +230,20 @@ impl Enroller {
             pod.uid,
             t.elapsed()
         );
+        if let Err(e) = self.wait_for_listeners(&netns).await {
+            let _ = self.server.del(&pod.uid).await;
+            self.undo_rules(&netns, &ruleset).await;
+            return Err(e);
+        }
+        self.add_to_host(pod, &netns, &ruleset).await?;
+        Ok(Redirection::Enabled)
+    }
+
+    /// Waits up to `listener_wait` for ztunnel's listeners in `netns`.
+    ///
+    /// Errors: [`EnrolError::NoListeners`] naming the ports still missing, or why the
+    /// netns could not be read.
+    async fn wait_for_listeners(&self, netns: &Arc<Netns>) -> Result<(), EnrolError> {
         let start = Instant::now();
         // ztunnel opens its listeners around its ack: look again soon, then less often.
         let mut pause = Duration::from_millis(1);
@@ -252,11 +262,9 @@ impl Enroller {
                 })
                 .await?;
             if missing.is_empty() {
-                break;
+                return Ok(());
             }
             if start.elapsed() >= self.listener_wait {
-                let _ = self.server.del(&pod.uid).await;
-                self.undo_rules(&netns, &ruleset).await;
                 return Err(EnrolError::NoListeners {
                     missing,
                     waited: start.elapsed(),
@@ -265,8 +273,33 @@ impl Enroller {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
         }
-        self.add_to_host(pod, &netns, &ruleset).await?;
-        Ok(Redirection::Enabled)
+    }
+
+    /// Hands an enrolled pod whose netns lacks ztunnel's listeners to ztunnel again (the
+    /// repair loop's action, [`crate::repair`]): ztunnel is told to drop it, then to add it
+    /// with `netns` (ztunnel takes an add of a pod it holds with the same netns as done,
+    /// istio/ztunnel `src/inpod/statemanager.rs`), and its listeners must then appear
+    /// within `listener_wait`. The in-pod rules are left as they are: they keep the pod's
+    /// traffic for ztunnel whatever happens here. The caller holds the pod's lock.
+    ///
+    /// Errors: [`EnrolError::Ztunnel`] when no ztunnel is connected or it refuses the pod,
+    /// [`EnrolError::NoListeners`] when it acks without listening. In both cases the pod
+    /// stays recorded, so the next ztunnel's snapshot brings it.
+    pub async fn resend(&self, pod: &AmbientPod, netns: Arc<Netns>) -> Result<(), EnrolError> {
+        if let Err(e) = self.server.del(&pod.uid).await {
+            log::debug!(
+                "ambient: pod {}: dropping it from ztunnel before re-sending: {e}",
+                pod.uid
+            );
+        }
+        self.server
+            .add(Workload {
+                uid: pod.uid.clone(),
+                info: pod.info.clone(),
+                netns: Some(netns.clone()),
+            })
+            .await?;
+        self.wait_for_listeners(&netns).await
     }
 
     /// Adds the pod's addresses to the node's probe sets; on failure the enrolment is

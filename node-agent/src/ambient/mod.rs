@@ -48,11 +48,20 @@ use istio_cni::plugin::Tools;
 use istio_cni::rules::ambient::NodeSettings;
 
 use crate::apiclient::ApiClient;
-use crate::repair::inspect::Exclusions;
+use crate::config::Exclusions;
+use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 
 /// How long ztunnel has to ack each request (an add, a delete, the snapshot's end).
 /// ztunnel acks an add once its listeners in the pod's netns are up: milliseconds.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an ambient pod's ADD waits for a ztunnel when none serves the node: long
+/// enough to ride out a ztunnel restart (a new ztunnel connects within a second of its
+/// start and takes its snapshot in milliseconds), short enough that ADD fails fast with
+/// code 11 ("try again later") when ztunnel is not there at all; kubelet then retries the
+/// pod's sandbox with its own backoff.
+pub const ZTUNNEL_WAIT: Duration = Duration::from_secs(5);
 
 /// What ambient mode needs of the agent's settings.
 #[derive(Debug, Clone)]
@@ -98,6 +107,8 @@ pub enum StartError {
 pub struct Ambient {
     /// The ZDS server (the pods enrolled, ztunnel's connections).
     pub server: server::ZdsServer,
+    /// Enrols pods (shared with the repair loop, which repairs them).
+    pub enroller: enrol::Enroller,
     /// The node's probe rules and sets.
     pub host: Option<hostrules::HostProbes>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -105,11 +116,21 @@ pub struct Ambient {
 }
 
 /// Binds the ZDS socket and the plugin-event socket and serves both on their own tasks,
-/// and starts the pod and namespace watches ([`watch`]).
+/// and starts the pod and namespace watches ([`watch`]), which record their Events through
+/// `events`. ztunnel's connections are
+/// reported as upstream's `ztunnel_connected` gauge in `metrics` and, while none serves
+/// the node, as a note on `/readyz` in `readiness` (not a reason: see
+/// [`Readiness::set_ztunnel`]).
 ///
 /// Errors: [`StartError`] when a socket cannot be created where it belongs (its directory
 /// missing or writable by others than root, a non-socket at the path).
-pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> {
+pub fn start(
+    cfg: AmbientConfig,
+    api: ApiClient,
+    events: Arc<crate::events::Events>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+) -> Result<Ambient, StartError> {
     let server = server::ZdsServer::new(ACK_TIMEOUT);
     // The node's probe rules first: no pod is enrolled before kubelet can probe it.
     let host = {
@@ -123,7 +144,7 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
     };
     let zds = socket::bind_zds(&cfg.zds_socket)?;
     let event_path = cfg.run_dir.join(istio_cni::pluginevent::SOCKET_NAME);
-    let events = pluginevents::bind(&event_path)?;
+    let event_socket = pluginevents::bind(&event_path)?;
     let enroller = enrol::Enroller {
         node: cfg.settings.clone(),
         tools: Tools::detect(),
@@ -146,7 +167,9 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         reconcile_on_startup: cfg.reconcile_on_startup,
         restored: Arc::new(std::sync::Mutex::new(Some(restored_tx))),
         shared: shared_pods.clone(),
+        events,
     };
+    let enroller_kept = enroller.clone();
     let handler: pluginevents::Handler = admit::Admitter {
         api,
         node: cfg.node.clone(),
@@ -182,17 +205,52 @@ pub fn start(cfg: AmbientConfig, api: ApiClient) -> Result<Ambient, StartError> 
         }
     });
     let events_task = tokio::spawn(async move {
-        if let Err(e) = pluginevents::serve(events, handler).await {
+        if let Err(e) = pluginevents::serve(event_socket, handler).await {
             log::error!("ambient: the plugin-event socket stopped: {e}");
         }
     });
-    let tasks = vec![zds_task, events_task, tokio::spawn(watch.run())];
+    let report = tokio::spawn(report_ztunnels(server.clone(), readiness, metrics));
+    let tasks = vec![zds_task, events_task, tokio::spawn(watch.run()), report];
     Ok(Ambient {
+        enroller: enroller_kept,
         server,
         host,
         tasks,
         sockets: vec![cfg.zds_socket, event_path],
     })
+}
+
+/// Follows ztunnel's connections: the `ztunnel_connected` gauge, the `/readyz` note, and a
+/// log line when the node loses or regains its ztunnel.
+async fn report_ztunnels(
+    server: server::ZdsServer,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+) {
+    let mut rx = server.ztunnels();
+    let mut served = None;
+    loop {
+        let now = *rx.borrow_and_update();
+        metrics.ztunnel_connected.set(now.connected as i64);
+        let serves = now.synced > 0;
+        if served != Some(serves) {
+            if serves {
+                log::info!("ambient: a ztunnel serves this node");
+                readiness.set_ztunnel(None);
+            } else {
+                if served.is_some() {
+                    log::warn!("ambient: no ztunnel serves this node any more; ambient pods cannot start until one connects");
+                }
+                readiness.set_ztunnel(Some(format!(
+                    "no ztunnel is connected; ambient pods cannot start on this node (ADD fails with code 11 after {ZTUNNEL_WAIT:?}) until one connects"
+                )));
+            }
+            served = Some(serves);
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Ambient {

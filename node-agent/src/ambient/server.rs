@@ -89,6 +89,18 @@ struct Connection {
     id: u64,
     peer: Option<PeerCred>,
     tx: mpsc::Sender<Command>,
+    /// ztunnel acked its snapshot.
+    synced: bool,
+}
+
+/// ztunnel's connections to the server, as counts (see [`ZdsServer::ztunnels`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ztunnels {
+    /// Connections past their hello (upstream's `ztunnel_connected` gauge counts these).
+    pub connected: usize,
+    /// Of those, the connections whose ztunnel acked its snapshot: it serves the pods the
+    /// server knows, and takes new ones.
+    pub synced: usize,
 }
 
 #[derive(Default)]
@@ -106,6 +118,8 @@ pub struct ZdsServer {
     ack_timeout: Duration,
     /// How many snapshots ztunnel connections have acked so far.
     snapshots: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The connections, counted; updated under the state lock.
+    ztunnels: Arc<tokio::sync::watch::Sender<Ztunnels>>,
 }
 
 impl ZdsServer {
@@ -115,6 +129,7 @@ impl ZdsServer {
             state: Arc::new(Mutex::new(State::default())),
             ack_timeout,
             snapshots: Arc::new(tokio::sync::watch::Sender::new(0)),
+            ztunnels: Arc::new(tokio::sync::watch::Sender::new(Ztunnels::default())),
         }
     }
 
@@ -144,11 +159,21 @@ impl ZdsServer {
             let mut st = self.state.lock().await;
             st.next_id += 1;
             let id = st.next_id;
-            st.connections.push(Connection { id, peer, tx });
+            st.connections.push(Connection {
+                id,
+                peer,
+                tx,
+                synced: false,
+            });
+            self.count(&st);
             (id, st.pods.values().cloned().collect::<Vec<_>>())
         };
-        let ended = self.run(&conn, &snapshot, &mut rx).await;
-        self.state.lock().await.connections.retain(|c| c.id != id);
+        let ended = self.run(id, &conn, &snapshot, &mut rx).await;
+        {
+            let mut st = self.state.lock().await;
+            st.connections.retain(|c| c.id != id);
+            self.count(&st);
+        }
         // Whatever was queued for this connection learns that it is gone.
         rx.close();
         while let Ok(cmd) = rx.try_recv() {
@@ -161,6 +186,7 @@ impl ZdsServer {
     /// The snapshot, then the routed requests, until something fails.
     async fn run(
         &self,
+        id: u64,
         conn: &ZdsConn,
         snapshot: &[Workload],
         rx: &mut mpsc::Receiver<Command>,
@@ -185,6 +211,13 @@ impl ZdsServer {
             return e;
         }
         log::info!("ztunnel took the snapshot ({} pod(s))", snapshot.len());
+        {
+            let mut st = self.state.lock().await;
+            if let Some(c) = st.connections.iter_mut().find(|c| c.id == id) {
+                c.synced = true;
+            }
+            self.count(&st);
+        }
         self.snapshots.send_modify(|n| *n += 1);
         loop {
             tokio::select! {
@@ -280,6 +313,32 @@ impl ZdsServer {
     /// How many ztunnel connections are live (registered after their hello).
     pub async fn connections(&self) -> usize {
         self.state.lock().await.connections.len()
+    }
+
+    /// ztunnel's connections, counted, as they change: for the `ztunnel_connected` gauge,
+    /// `/readyz`'s note, and waiting for a ztunnel ([`ZdsServer::wait_for_ztunnel`]).
+    pub fn ztunnels(&self) -> tokio::sync::watch::Receiver<Ztunnels> {
+        self.ztunnels.subscribe()
+    }
+
+    /// Waits up to `wait` for a ztunnel that has taken its snapshot (at once when one is
+    /// connected). Returns whether there is one.
+    pub async fn wait_for_ztunnel(&self, wait: Duration) -> bool {
+        let mut rx = self.ztunnels.subscribe();
+        tokio::time::timeout(wait, rx.wait_for(|z| z.synced > 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Publishes the counts of `st`'s connections (called with the state lock held, so
+    /// that updates are ordered).
+    fn count(&self, st: &State) {
+        let now = Ztunnels {
+            connected: st.connections.len(),
+            synced: st.connections.iter().filter(|c| c.synced).count(),
+        };
+        self.ztunnels
+            .send_if_modified(|z| std::mem::replace(z, now) != now);
     }
 
     /// The peers of the live connections, oldest first, for `/readyz` and logs.

@@ -35,8 +35,8 @@ use super::enrol::{AmbientPod, Enroller};
 use super::server::Workload;
 use crate::apiclient::{watch_bounding_lists, ApiClient};
 use crate::backoff::Backoff;
-use crate::repair::inspect::Exclusions;
-use crate::repair::locate::ProcIndex;
+use crate::config::Exclusions;
+use crate::locate::ProcIndex;
 
 /// How often pods whose enrolment failed (or is due) are looked at again without a change
 /// in the API.
@@ -68,7 +68,13 @@ pub struct PodWatch {
     pub restored: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
     /// Where the pod list is shared ([`super::admit`] reads it).
     pub shared: SharedPods,
+    /// Records Events on pods (a pod restored without its netns).
+    pub events: Arc<crate::events::Events>,
 }
+
+/// Event reason: after a restart the agent found no process of an enrolled pod, and told
+/// ztunnel to keep serving it as it was (`KeepWorkload`).
+pub const REASON_KEPT: &str = "IstioCNIAmbientNetnsNotFound";
 
 /// What the pod should be, by the API.
 #[derive(Debug, PartialEq, Eq)]
@@ -342,7 +348,7 @@ impl PodWatch {
     }
 
     /// After the agent (re)started, before ztunnel is served: every pod the API says is
-    /// enrolled here (annotated, and still ambient) goes back into the ZDS server with the
+    /// enrolled here (annotated, still ambient, not terminal) goes back into the ZDS server with the
     /// netns a process of it lives in, so that ztunnel's first snapshot keeps it (a pod
     /// whose netns is not found is sent as `KeepWorkload`); its probe-set entry is
     /// written again. Its rules are kept as they are, or rewritten with
@@ -351,7 +357,12 @@ impl PodWatch {
         let mut restored = 0;
         for pod in pods.state() {
             let Some(uid) = pod.uid() else { continue };
-            if Redirection::of(&pod).is_none() || self.want(&pod, namespaces) != Want::In {
+            // A pod still starting (its ADD enrolled it; kubelet has not reported it
+            // `Running` or its address yet) or being deleted (captured through its grace
+            // period) is restored too: left out, ztunnel would drop it.
+            if Redirection::of(&pod).is_none()
+                || !matches!(self.want(&pod, namespaces), Want::In | Want::Wait)
+            {
                 continue;
             }
             let _pod_lock = self.enroller.pods.lock(&uid).await;
@@ -368,10 +379,21 @@ impl PodWatch {
                 }
             }
             if netns.is_none() {
-                log::info!(
+                log::warn!(
                     "ambient: pod {name} was enrolled, but no process of it is on this \
                      node; ztunnel is told to keep it as it is"
                 );
+                self.events
+                    .record(
+                        pod.as_ref(),
+                        crate::events::EventType::Warning,
+                        REASON_KEPT,
+                        "istio-cni restarted and found no process of this pod on the node, so \
+                         not its netns: ztunnel was told to keep serving the pod as it was \
+                         (KeepWorkload) rather than given its netns again",
+                        "RestoreAmbient",
+                    )
+                    .await;
             }
             self.enroller
                 .server

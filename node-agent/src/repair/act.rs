@@ -15,13 +15,16 @@ use kube::ResourceExt;
 use serde_json::json;
 
 use super::inspect::{join, Candidate};
-use super::locate::{local_addresses, PodNetns};
 use crate::events::{EventType, Events};
+use crate::locate::{local_addresses, PodNetns};
 
 /// Event reason: the rules were written again in place.
 pub const REASON_REPAIRED: &str = "IstioCNIRepaired";
 /// Event reason: writing the rules in place failed.
 pub const REASON_REPAIR_FAILED: &str = "IstioCNIRepairFailed";
+/// Event reason: ztunnel does not capture an ambient pod after it was handed the pod
+/// again; the pod is annotated `pending`.
+pub const REASON_AMBIENT_PENDING: &str = "IstioCNIAmbientPending";
 /// Event reason: the pod was deleted so that its controller recreates it.
 pub const REASON_DELETED: &str = "IstioCNIDeletedBrokenPod";
 /// Event reason: the pod was labeled as broken.
@@ -189,7 +192,7 @@ pub fn repair_in_place(
     // this netns): look again, under the lock.
     if let Some(host_proc) = owner.host_proc {
         let procs =
-            super::locate::ProcIndex::scan(host_proc).map_err(|e| RepairError::Addresses {
+            crate::locate::ProcIndex::scan(host_proc).map_err(|e| RepairError::Addresses {
                 netns: netns.to_string(),
                 reason: format!("reading {}: {e}", host_proc.display()),
             })?;
@@ -272,6 +275,37 @@ pub async fn report_repair(
                 .await;
         }
     }
+}
+
+/// Records the outcome of handing an ambient pod to ztunnel again as an Event on `pod`:
+/// Normal [`REASON_REPAIRED`] when ztunnel listens in it again, else Warning
+/// [`REASON_AMBIENT_PENDING`] with why.
+pub async fn report_resend(
+    events: &Events,
+    pod: &Pod,
+    problems: &[String],
+    result: &Result<(), crate::ambient::enrol::EnrolError>,
+) {
+    let (kind, reason, message) = match result {
+        Ok(()) => (
+            EventType::Normal,
+            REASON_REPAIRED,
+            format!(
+                "istio-cni handed the pod to ztunnel again, which listens in its netns again (found: {})",
+                summary(problems)
+            ),
+        ),
+        Err(e) => (
+            EventType::Warning,
+            REASON_AMBIENT_PENDING,
+            format!(
+                "ztunnel does not capture the pod after istio-cni handed it over again ({e}); its traffic is held by the in-pod rules until a ztunnel takes it (annotated ambient.istio.io/redirection=pending)"
+            ),
+        ),
+    };
+    events
+        .record(pod, kind, reason, &message, "RepairAmbient")
+        .await;
 }
 
 /// Deletes `pod` if it is still the same pod, not yet terminating: a fresh read gives the

@@ -2,6 +2,11 @@
 //! and does the netns hold exactly what ADD would have written (the plugin's read-back
 //! validator). The loopback probe is not run: the sidecar's own listener holds the
 //! capture port in a running pod.
+//!
+//! An ambient pod ([`ambient_candidate`]) is one this node's agent enrolled (annotated
+//! `ambient.istio.io/redirection`): its in-pod rules are read back the same way, and
+//! while a ztunnel serves the node, ztunnel's listeners (15001, 15006, 15008) must be in
+//! its netns.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -11,17 +16,8 @@ use istio_cni::plugin::{read_back_rules, Tools};
 use istio_cni::validate::ValidateError;
 use k8s_openapi::api::core::v1::Pod;
 
-use super::locate::{self, BindMounts, PodNetns, ProcIndex};
-
-/// Which pods the agent leaves to the plugin's pass-through: the same settings as the
-/// plugin's config.
-#[derive(Debug, Clone, Default)]
-pub struct Exclusions {
-    /// The agent's namespace: its own pods are never touched.
-    pub agent_namespace: String,
-    /// Namespaces whose pods never get rules.
-    pub exclude_namespaces: Vec<String>,
-}
+use crate::config::Exclusions;
+use crate::locate::{self, BindMounts, PodNetns, ProcIndex};
 
 /// Why a pod is not checked. None of these is an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +56,34 @@ pub struct Candidate {
     pub ruleset: Box<Rules>,
     /// `status.podIPs`.
     pub ips: Vec<IpAddr>,
+    /// What captures the pod's traffic.
+    pub kind: Kind,
+}
+
+/// What captures a candidate's traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Its sidecar, through the sidecar rules.
+    Sidecar,
+    /// ztunnel, through the ambient in-pod rules.
+    Ambient {
+        /// ztunnel's listeners must be in the pod's netns: a ztunnel has taken its
+        /// snapshot and the agent holds the pod.
+        listeners: bool,
+    },
+}
+
+/// What the repair loop needs to check ambient pods: this node's ambient settings and
+/// which pods ztunnel should be listening in now.
+#[derive(Debug, Clone)]
+pub struct AmbientView {
+    /// DNS capture and IPv6 (the agent's `AMBIENT_*` settings).
+    pub node: istio_cni::rules::ambient::NodeSettings,
+    /// `NATIVE_NFTABLES`.
+    pub nftables: bool,
+    /// UIDs of the pods in which ztunnel's listeners are expected: those the agent holds,
+    /// while a ztunnel that took its snapshot is connected.
+    pub listening: std::collections::HashSet<String>,
 }
 
 /// Whether `pod` should hold rules now, from the pod object alone (no side effects); its
@@ -71,6 +95,74 @@ pub fn candidate(
     exclusions: &Exclusions,
     nftables: bool,
 ) -> Result<Candidate, Ineligible> {
+    let ips = running(pod)?;
+    match plan_rules_for_running_pod(
+        pod,
+        &exclusions.agent_namespace,
+        &exclusions.exclude_namespaces,
+        nftables,
+    ) {
+        Ok(Plan::Redirect(ruleset)) => Ok(Candidate {
+            ruleset,
+            ips,
+            kind: Kind::Sidecar,
+        }),
+        Ok(Plan::Skip(skip)) => Err(Ineligible::NoRules(skip.to_string())),
+        Err(e) => Err(Ineligible::BadSetting(e.to_string())),
+    }
+}
+
+/// Whether `pod` is an ambient pod whose capture the repair loop checks: annotated
+/// `ambient.istio.io/redirection` (`enabled` or `pending`, written by this node's agent
+/// when it enrolled the pod), without a sidecar, not in an excluded namespace, and
+/// running. `None` when it is not an ambient pod at all ([`candidate`] decides then).
+///
+/// Errors: [`Ineligible`], why an ambient pod is not checked.
+pub fn ambient_candidate(
+    pod: &Pod,
+    exclusions: &Exclusions,
+    view: &AmbientView,
+) -> Option<Result<Candidate, Ineligible>> {
+    use istio_cni::rules::ambient::PodOverrides;
+    crate::ambient::annotate::Redirection::of(pod)?;
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    if annotations.contains_key(istio_cni::pod::STATUS_KEY) {
+        return None;
+    }
+    let check = || {
+        let ips = running(pod)?;
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        if let Some(skip) =
+            istio_cni::pod::skip_by_name(namespace, name, &exclusions.agent_namespace, |ns| {
+                exclusions.exclude_namespaces.iter().any(|e| e == ns)
+            })
+        {
+            return Err(Ineligible::NoRules(skip.to_string()));
+        }
+        let overrides = PodOverrides::from_annotations(&annotations)
+            .map_err(|e| Ineligible::BadSetting(e.to_string()))?;
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        Ok(Candidate {
+            ruleset: Box::new(istio_cni::plan::ambient_rules(
+                &view.node,
+                &overrides,
+                view.nftables,
+            )),
+            ips,
+            kind: Kind::Ambient {
+                listeners: view.listening.contains(uid),
+            },
+        })
+    };
+    Some(check())
+}
+
+/// The pod's addresses if it is running in its own netns.
+///
+/// Errors: [`Ineligible`] when it is being deleted, on the host network, not running, or
+/// without an address.
+fn running(pod: &Pod) -> Result<Vec<IpAddr>, Ineligible> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Err(Ineligible::Deleting);
     }
@@ -90,16 +182,7 @@ pub fn candidate(
     if ips.is_empty() {
         return Err(Ineligible::NoPodIp);
     }
-    match plan_rules_for_running_pod(
-        pod,
-        &exclusions.agent_namespace,
-        &exclusions.exclude_namespaces,
-        nftables,
-    ) {
-        Ok(Plan::Redirect(ruleset)) => Ok(Candidate { ruleset, ips }),
-        Ok(Plan::Skip(skip)) => Err(Ineligible::NoRules(skip.to_string())),
-        Err(e) => Err(Ineligible::BadSetting(e.to_string())),
-    }
+    Ok(ips)
 }
 
 /// The state of a candidate's netns.
@@ -210,23 +293,46 @@ pub fn inspect(
                     ips: join(&candidate.ips),
                 });
             }
-            match read_back_rules(inside, tools, &candidate.ruleset) {
-                Ok(()) => Ok(Health::Healthy),
-                Err(istio_cni::Error::Validate(ValidateError::Mismatch(problems))) => {
-                    Ok(Health::Broken(problems))
+            let mut problems = match read_back_rules(inside, tools, &candidate.ruleset) {
+                Ok(()) => Vec::new(),
+                Err(istio_cni::Error::Validate(ValidateError::Mismatch(problems))) => problems,
+                Err(istio_cni::Error::Validate(source)) => {
+                    return Err(InspectError::ReadBack {
+                        netns: name.clone(),
+                        source,
+                    })
                 }
-                Err(istio_cni::Error::Validate(source)) => Err(InspectError::ReadBack {
-                    netns: name.clone(),
-                    source,
-                }),
-                Err(source) => Err(InspectError::Backend {
-                    netns: name.clone(),
-                    source: Box::new(source),
-                }),
+                Err(source) => {
+                    return Err(InspectError::Backend {
+                        netns: name.clone(),
+                        source: Box::new(source),
+                    })
+                }
+            };
+            if candidate.kind == (Kind::Ambient { listeners: true }) {
+                let missing = crate::ambient::listeners::missing_ztunnel_listeners(inside)
+                    .map_err(|e| enter(format!("reading its sockets: {e}")))?;
+                if !missing.is_empty() {
+                    problems.push(no_listeners(&missing));
+                }
+            }
+            if problems.is_empty() {
+                Ok(Health::Healthy)
+            } else {
+                Ok(Health::Broken(problems))
             }
         })
         .map_err(|e| enter(e.to_string()))?;
     outcome
+}
+
+/// The problem of a pod in whose netns ztunnel's listeners on `missing` are gone.
+pub fn no_listeners(missing: &[u16]) -> String {
+    let ports: Vec<String> = missing.iter().map(u16::to_string).collect();
+    format!(
+        "ztunnel is not listening on port(s) {} in the pod's netns",
+        ports.join(", ")
+    )
 }
 
 /// `ips` as a comma-separated list.

@@ -13,10 +13,17 @@
 //! - **Brakes** ([`policy`]): nothing happens while the agent is not ready; a pod is acted
 //!   on at most once per cooldown (`--repair-cooldown-seconds`, 5 min); deletions are spaced
 //!   node-wide (`--repair-max-deletes-per-minute`).
+//! - **Ambient pods** (with ambient mode on, [`RepairController::with_ambient`]): the
+//!   pods this agent enrolled are checked too ([`inspect::ambient_candidate`]): their
+//!   in-pod rules, and while a ztunnel serves the node, its listeners in their netns. In
+//!   repair mode, wrong rules are written again (one atomic write, as for sidecar pods),
+//!   and a pod without ztunnel's listeners is handed to ztunnel again
+//!   ([`Enroller::resend`]); if ztunnel still does not listen in it, the pod is annotated
+//!   `pending` with a Warning Event, its traffic held by the rules until a ztunnel takes
+//!   it. The delete and label modes, the cooldown and the rate limit are the same.
 
 pub mod act;
 pub mod inspect;
-pub mod locate;
 pub mod policy;
 
 use std::collections::{HashMap, HashSet};
@@ -36,12 +43,15 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use self::act::{Mode, Outcome};
-use self::inspect::{Candidate, Exclusions, Finder, Health, InspectError};
-use self::locate::{PodNetns, ProcIndex};
+use self::inspect::{AmbientView, Candidate, Finder, Health, InspectError, Kind};
 use self::policy::{Cooldown, DeleteBudget};
+use crate::ambient::annotate::{self, Redirection};
+use crate::ambient::enrol::{AmbientPod, Enroller};
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 use crate::backoff::Backoff;
+use crate::config::Exclusions;
 use crate::events::Events;
+use crate::locate::{self, PodNetns, ProcIndex};
 use crate::metrics::{Metrics, RepairAction};
 use crate::readiness::Readiness;
 
@@ -131,7 +141,7 @@ struct State {
 /// CNI ADD on, before its first process starts (normally within a second): an IP that a
 /// stale pod still claims in the API may sit in a new pod's netns for that long, with
 /// nothing yet saying whose it is. Once that pod's process runs, its netns is another
-/// pod's ([`ProcIndex::unless_foreign`](locate::ProcIndex::unless_foreign)).
+/// pod's ([`ProcIndex::unless_foreign`](crate::locate::ProcIndex::unless_foreign)).
 pub const PINNED_SETTLE: Duration = Duration::from_secs(10);
 
 /// How a watch ended.
@@ -157,6 +167,8 @@ pub struct RepairController {
     events: Arc<Events>,
     readiness: Arc<Readiness>,
     metrics: Arc<Metrics>,
+    /// Ambient mode's enroller, when it is on: ambient pods are checked and repaired too.
+    ambient: Option<Enroller>,
 }
 
 impl RepairController {
@@ -174,7 +186,31 @@ impl RepairController {
             events,
             readiness,
             metrics,
+            ambient: None,
         }
+    }
+
+    /// Checks and repairs the ambient pods that `enroller` enrolled too (see the module
+    /// docs).
+    pub fn with_ambient(mut self, enroller: Enroller) -> RepairController {
+        self.ambient = Some(enroller);
+        self
+    }
+
+    /// What checking ambient pods needs now, when ambient mode is on.
+    async fn ambient_view(&self) -> Option<AmbientView> {
+        let enroller = self.ambient.as_ref()?;
+        let synced = enroller.server.ztunnels().borrow().synced > 0;
+        let listening = if synced {
+            enroller.server.pods().await.into_iter().collect()
+        } else {
+            HashSet::new()
+        };
+        Some(AmbientView {
+            node: enroller.node.clone(),
+            nftables: enroller.native_nftables,
+            listening,
+        })
     }
 
     /// Runs until the task is dropped. API errors are retried with the watcher's backoff; a
@@ -331,10 +367,17 @@ impl RepairController {
             st.due.drain().filter_map(|k| reader.get(&k)).collect()
         };
         let started = std::time::Instant::now();
+        let ambient = self.ambient_view().await;
         let candidates: Vec<(Arc<Pod>, Candidate)> = pods
             .into_iter()
             .filter_map(|pod| {
-                match inspect::candidate(&pod, &self.cfg.exclusions, self.cfg.native_nftables) {
+                let checked = ambient
+                    .as_ref()
+                    .and_then(|view| inspect::ambient_candidate(&pod, &self.cfg.exclusions, view))
+                    .unwrap_or_else(|| {
+                        inspect::candidate(&pod, &self.cfg.exclusions, self.cfg.native_nftables)
+                    });
+                match checked {
                     Ok(c) => Some((pod, c)),
                     Err(why) => {
                         log::trace!("repair: {}: {why}", pod_name(&pod));
@@ -447,8 +490,13 @@ impl RepairController {
                 "repair: {name}: redirection broken in netns {} ({what}); action: {mode}",
                 b.netns
             );
-            let outcome = match mode {
-                Mode::Repair => {
+            let outcome = match (mode, &self.ambient) {
+                (Mode::Repair, Some(enroller))
+                    if matches!(b.candidate.kind, Kind::Ambient { .. }) =>
+                {
+                    self.repair_ambient(&client, enroller, &b).await
+                }
+                (Mode::Repair, _) => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
                     let lock_dir = self.cfg.lock_dir.clone();
                     let host_proc = self.cfg.host_proc.clone();
@@ -477,7 +525,7 @@ impl RepairController {
                         Err(e) => Outcome::Failed(e.to_string()),
                     }
                 }
-                Mode::Delete => {
+                (Mode::Delete, _) => {
                     let deleted = act::delete(&client, &self.events, &b.pod, &b.problems);
                     tokio::time::timeout(REQUEST_TIMEOUT * 3, deleted)
                         .await
@@ -485,7 +533,7 @@ impl RepairController {
                             Outcome::Failed("the API did not answer in time".into())
                         })
                 }
-                Mode::Label => {
+                (Mode::Label, _) => {
                     let (k, v) = &self.cfg.label;
                     let labeled = act::label(&client, &self.events, &b.pod, (k, v), &b.problems);
                     tokio::time::timeout(REQUEST_TIMEOUT * 3, labeled)
@@ -514,6 +562,85 @@ impl RepairController {
                     self.count_upstream(mode, "fail");
                 }
             }
+        }
+    }
+
+    /// Repairs an ambient pod in place (see the module docs), holding the pod's lock so
+    /// that no enrolment or unenrolment of it runs meanwhile: its rules first, under the
+    /// netns lock and read back ([`act::repair_in_place`]), then ztunnel's listeners, the
+    /// pod handed to ztunnel again if they are gone.
+    async fn repair_ambient(
+        &self,
+        client: &kube::Client,
+        enroller: &Enroller,
+        b: &Broken,
+    ) -> Outcome {
+        let uid = b.pod.uid().unwrap_or_default();
+        let _pod_lock = enroller.pods.lock(&uid).await;
+        if !enroller.server.knows(&uid).await {
+            return Outcome::Moot(
+                "the agent does not hold the pod (its enrolment was undone, or the ambient \
+                 watch has not restored it yet)"
+                    .into(),
+            );
+        }
+        let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
+        let lock_dir = self.cfg.lock_dir.clone();
+        let host_proc = self.cfg.host_proc.clone();
+        let pod_uid = uid.clone();
+        let rules = tokio::task::spawn_blocking(move || {
+            let owner = act::Owner {
+                uid: &pod_uid,
+                host_proc: Some(&host_proc),
+            };
+            act::repair_in_place(&netns, &candidate, &Tools::detect(), &lock_dir, &owner)
+        })
+        .await
+        .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
+        act::report_repair(&self.events, &b.pod, &b.problems, &rules).await;
+        let rules = match rules {
+            Ok(r) => r,
+            Err(e) => return Outcome::Failed(e.to_string()),
+        };
+        if b.candidate.kind != (Kind::Ambient { listeners: true }) {
+            return match rules {
+                act::Repair::Written => Outcome::Done,
+                act::Repair::AlreadyInPlace => {
+                    Outcome::Moot("the rules were in place under the lock".into())
+                }
+            };
+        }
+        match enroller.listening(b.netns.netns.clone()).await {
+            Ok(true) if rules == act::Repair::Written => return Outcome::Done,
+            Ok(true) => return Outcome::Moot("ztunnel listens in the pod's netns".into()),
+            Ok(false) => {}
+            Err(e) => return Outcome::Failed(e.to_string()),
+        }
+        let pod = AmbientPod::of(&b.pod, &uid);
+        let resent = enroller.resend(&pod, b.netns.netns.clone()).await;
+        let (ns, name) = (b.pod.namespace().unwrap_or_default(), b.pod.name_any());
+        let state = if resent.is_ok() {
+            Redirection::Enabled
+        } else {
+            Redirection::Pending
+        };
+        if Redirection::of(&b.pod) != Some(state) {
+            let patched = tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                annotate::set(client, &ns, &name, Some(state)),
+            )
+            .await;
+            if !matches!(patched, Ok(Ok(()))) {
+                log::warn!(
+                    "repair: {ns}/{name}: annotating it {}: no success",
+                    state.as_str()
+                );
+            }
+        }
+        act::report_resend(&self.events, &b.pod, &b.problems, &resent).await;
+        match resent {
+            Ok(()) => Outcome::Done,
+            Err(e) => Outcome::Failed(e.to_string()),
         }
     }
 
