@@ -163,6 +163,7 @@ pub fn start(
         enablement: Arc::new(cfg.enablement.clone()),
         exclusions: cfg.exclusions.clone(),
         host_proc: cfg.host_proc.clone(),
+        netns_dirs: cfg.netns_dirs.clone(),
         enroller: enroller.clone(),
         reconcile_on_startup: cfg.reconcile_on_startup,
         restored: Arc::new(std::sync::Mutex::new(Some(restored_tx))),

@@ -31,12 +31,12 @@ use kube::runtime::WatchStreamExt as _;
 use kube::ResourceExt as _;
 
 use super::annotate::{self, Redirection};
-use super::enrol::{AmbientPod, Enroller};
+use super::enrol::{api_pod_ips, AmbientPod, Enroller};
 use super::server::Workload;
 use crate::apiclient::{watch_bounding_lists, ApiClient};
 use crate::backoff::Backoff;
 use crate::config::Exclusions;
-use crate::locate::ProcIndex;
+use crate::locate::{Finder, ProcIndex, Via};
 
 /// How often pods whose enrolment failed (or is due) are looked at again without a change
 /// in the API.
@@ -58,6 +58,8 @@ pub struct PodWatch {
     pub exclusions: Exclusions,
     /// The host's `/proc` as the agent sees it.
     pub host_proc: PathBuf,
+    /// `NETNS_DIRS`: the runtime's pinned netns files, for pods without a process.
+    pub netns_dirs: Vec<PathBuf>,
     /// Enrols and unenrols.
     pub enroller: Enroller,
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`: rewrite the in-pod rules of pods enrolled
@@ -348,29 +350,35 @@ impl PodWatch {
     }
 
     /// After the agent (re)started, before ztunnel is served: every pod the API says is
-    /// enrolled here (annotated, still ambient, not terminal) goes back into the ZDS server with the
-    /// netns a process of it lives in, so that ztunnel's first snapshot keeps it (a pod
-    /// whose netns is not found is sent as `KeepWorkload`); its probe-set entry is
+    /// enrolled here (annotated, still ambient, not terminal) goes back into the ZDS server with its
+    /// netns, found as the repair loop finds it ([`PodWatch::locate`]), so that ztunnel's
+    /// first snapshot hands it over again (a pod whose netns is not found is sent as
+    /// `KeepWorkload`, logged and with an Event [`REASON_KEPT`]); its probe-set entry is
     /// written again. Its rules are kept as they are, or rewritten with
     /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (a failed rewrite keeps what it had).
     async fn restore(&self, pods: &Store<Pod>, namespaces: &Store<Namespace>) {
+        let all = pods.state();
+        // A pod still starting (its ADD enrolled it; kubelet has not reported it `Running`
+        // or its address yet) or being deleted (captured through its grace period) is
+        // restored too: left out, ztunnel would drop it.
+        let enrolled: Vec<Arc<Pod>> = all
+            .iter()
+            .filter(|pod| {
+                Redirection::of(pod).is_some()
+                    && matches!(self.want(pod, namespaces), Want::In | Want::Wait)
+            })
+            .cloned()
+            .collect();
+        let mut found = self.locate(&enrolled, &all).await;
         let mut restored = 0;
-        for pod in pods.state() {
+        for pod in enrolled {
             let Some(uid) = pod.uid() else { continue };
-            // A pod still starting (its ADD enrolled it; kubelet has not reported it
-            // `Running` or its address yet) or being deleted (captured through its grace
-            // period) is restored too: left out, ztunnel would drop it.
-            if Redirection::of(&pod).is_none()
-                || !matches!(self.want(&pod, namespaces), Want::In | Want::Wait)
-            {
-                continue;
-            }
             let _pod_lock = self.enroller.pods.lock(&uid).await;
             if self.enroller.server.knows(&uid).await {
                 continue;
             }
             let name = pod_name(&pod);
-            let netns = self.netns_of(&uid).await;
+            let netns = found.remove(&uid);
             let ambient = AmbientPod::of(&pod, &uid);
             if let (Some(netns), true) = (&netns, self.reconcile_on_startup) {
                 // A failed rewrite keeps what the pod had; the pod is restored either way.
@@ -380,17 +388,19 @@ impl PodWatch {
             }
             if netns.is_none() {
                 log::warn!(
-                    "ambient: pod {name} was enrolled, but no process of it is on this \
-                     node; ztunnel is told to keep it as it is"
+                    "ambient: pod {name} was enrolled, but its netns is not found on this \
+                     node (no process of it, no pinned netns with its address); ztunnel is \
+                     told to keep it as it is"
                 );
                 self.events
                     .record(
                         pod.as_ref(),
                         crate::events::EventType::Warning,
                         REASON_KEPT,
-                        "istio-cni restarted and found no process of this pod on the node, so \
-                         not its netns: ztunnel was told to keep serving the pod as it was \
-                         (KeepWorkload) rather than given its netns again",
+                        "istio-cni restarted and did not find this pod's netns on the node (no \
+                         process of the pod, no pinned netns holding its address): ztunnel was \
+                         told to keep serving the pod as it was (KeepWorkload) rather than \
+                         given its netns again",
                         "RestoreAmbient",
                     )
                     .await;
@@ -411,6 +421,62 @@ impl PodWatch {
         log::info!(
             "ambient: {restored} pod(s) enrolled before this start restored; serving ztunnel"
         );
+    }
+
+    /// The netns of each pod of `enrolled`, found as the repair loop finds them
+    /// ([`Finder`]): through a process of the pod, else through a pinned netns file
+    /// holding one of its API addresses (a runtime without a process per pod), which no
+    /// other pod of `all` that is not terminal claims and no other pod's process lives in.
+    /// One `/proc` scan for all; pods not found are not in the map.
+    async fn locate(
+        &self,
+        enrolled: &[Arc<Pod>],
+        all: &[Arc<Pod>],
+    ) -> HashMap<String, Arc<istio_cni::netns::Netns>> {
+        let wanted: Vec<(String, Vec<std::net::IpAddr>)> = enrolled
+            .iter()
+            .filter_map(|p| Some((p.uid()?, api_pod_ips(p))))
+            .collect();
+        let claims: Vec<(String, Vec<std::net::IpAddr>)> = all
+            .iter()
+            .filter(|p| {
+                !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+            })
+            .filter_map(|p| Some((p.uid()?, api_pod_ips(p))))
+            .collect();
+        let (host_proc, dirs) = (self.host_proc.clone(), self.netns_dirs.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let procs = match ProcIndex::scan(&host_proc) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("ambient: reading {}: {e}", host_proc.display());
+                    return HashMap::new();
+                }
+            };
+            let finder = Finder::new(&procs, &dirs);
+            wanted
+                .into_iter()
+                .filter_map(|(uid, ips)| {
+                    let found = finder.find(&uid, &ips)?;
+                    let claimed = claims.iter().any(|(other, theirs)| {
+                        *other != uid && theirs.iter().any(|ip| ips.contains(ip))
+                    });
+                    if found.via == Via::BindMount && claimed {
+                        log::warn!(
+                            "ambient: pod {uid}: netns {found} holds an address another pod \
+                             claims; not handing it to ztunnel"
+                        );
+                        return None;
+                    }
+                    Some((uid, found.netns))
+                })
+                .collect()
+        })
+        .await;
+        found.unwrap_or_default()
     }
 
     /// After a ztunnel took a snapshot: the pods annotated `pending` that it now serves

@@ -17,7 +17,7 @@ use istio_cni::validate::ValidateError;
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::config::Exclusions;
-use crate::locate::{self, BindMounts, PodNetns, ProcIndex};
+use crate::locate::{self, PodNetns};
 
 /// Why a pod is not checked. None of these is an error.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,38 +235,6 @@ pub enum InspectError {
         #[source]
         source: Box<istio_cni::Error>,
     },
-}
-
-/// Where to look for netns: built once per batch of checks.
-pub struct Finder<'a> {
-    procs: &'a ProcIndex,
-    bind_mounts: std::sync::OnceLock<BindMounts>,
-    netns_dirs: &'a [std::path::PathBuf],
-}
-
-impl<'a> Finder<'a> {
-    /// A finder over one [`ProcIndex`] scan; the netns dirs are scanned only if a pod has
-    /// no process.
-    pub fn new(procs: &'a ProcIndex, netns_dirs: &'a [std::path::PathBuf]) -> Finder<'a> {
-        Finder {
-            procs,
-            bind_mounts: std::sync::OnceLock::new(),
-            netns_dirs,
-        }
-    }
-
-    /// The netns of the pod `uid` with addresses `ips`: through its processes, else the
-    /// netns file holding one of `ips`, but never a netns where another pod's processes
-    /// live ([`ProcIndex::unless_foreign`]).
-    pub fn find(&self, uid: &str, ips: &[IpAddr]) -> Option<PodNetns> {
-        self.procs.netns_of(uid).or_else(|| {
-            let pinned = self
-                .bind_mounts
-                .get_or_init(|| BindMounts::scan(self.netns_dirs, self.procs.host_netns()))
-                .netns_of(ips)?;
-            self.procs.unless_foreign(uid, pinned)
-        })
-    }
 }
 
 /// Checks `candidate`'s rules in `netns`: the netns must hold one of the pod's IPs, then

@@ -43,7 +43,7 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use self::act::{Mode, Outcome};
-use self::inspect::{AmbientView, Candidate, Finder, Health, InspectError, Kind};
+use self::inspect::{AmbientView, Candidate, Health, InspectError, Kind};
 use self::policy::{Cooldown, DeleteBudget};
 use crate::ambient::annotate::{self, Redirection};
 use crate::ambient::enrol::{AmbientPod, Enroller};
@@ -51,7 +51,7 @@ use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 use crate::backoff::Backoff;
 use crate::config::Exclusions;
 use crate::events::Events;
-use crate::locate::{self, PodNetns, ProcIndex};
+use crate::locate::{self, Finder, PodNetns, ProcIndex};
 use crate::metrics::{Metrics, RepairAction};
 use crate::readiness::Readiness;
 
