@@ -1267,3 +1267,45 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     echo.join().unwrap();
     drop(agent);
 }
+
+/// istio/istio#60882: the primary CNI rewrites its config (a reboot, an upgrade of it) and
+/// drops our chained entry; an ambient pod the runtime creates in that window gets no ADD
+/// of ours and starts uncaptured. Here the agent chains its entry again, and its pod watch
+/// enrols the pod as soon as the API shows it running: rules, ztunnel's listeners, and the
+/// annotation, with no restart of the pod.
+#[test]
+#[ignore = "builds and runs the real ztunnel: make e2e"]
+fn a_pod_started_while_the_primary_config_lacked_our_entry_is_enrolled_by_the_watch() {
+    let Some(bin) = ztunnel::binary() else { return };
+    let mut s = Setup::new(90);
+    let _agent = s.agent();
+    s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    // The address `running_pod` gives the next pod.
+    let ip = Ipv4Addr::new(10, 90, 0, s.next_ip + 1);
+    let zt = s.start_ztunnel(&bin, &[("window", ip)]);
+
+    // The primary CNI writes its own config again, without our entry.
+    std::fs::write(s.node.conf(), PRIMARY).unwrap();
+    // The runtime creates the pod with that config: no ADD of ours; kubelet reports it.
+    let pod = s.running_pod("window", json!({}));
+    assert_eq!(pod.ip, ip);
+    let (_, took) = wait_for("our entry chained again", || {
+        chained(&s.node.conf()).then_some(())
+    });
+    eprintln!("primary config rewritten: our entry back {took:?} later");
+    let (_, took) = wait_for("the pod enrolled by the watch", || {
+        (ztunnel_ports(&pod.netns) == [15001, 15006, 15008]
+            && s.annotation("window").as_deref() == Some("enabled"))
+        .then_some(())
+    });
+    eprintln!("the uncaptured pod was enrolled {took:?} after that");
+    let rules = pod.rules();
+    assert!(
+        rules
+            .iter()
+            .any(|l| l.contains("-j REDIRECT --to-ports 15001")),
+        "{rules:?}\nztunnel log:\n{}",
+        zt.log_tail(20)
+    );
+    assert!(s.probe_set().contains(&(ip.to_string(), pod.uid.clone())));
+}
