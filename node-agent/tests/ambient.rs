@@ -593,6 +593,29 @@ fn an_ambient_pod_that_ztunnel_does_not_take_again_is_repaired_then_pending() {
         "{note}"
     );
     assert_eq!(pending["type"], "Warning");
+
+    // Another tool removes the node's probe rule and destroys the probe set: both come
+    // back, with the pending pod's entry.
+    assert_eq!(s.probe_set(), [(web.ip.to_string(), web.uid.clone())]);
+    let ours = s.host_rules();
+    for cmd in [
+        "iptables -t nat -D POSTROUTING -j ISTIO_POSTRT",
+        "iptables -t nat -F ISTIO_POSTRT",
+        "iptables -t nat -X ISTIO_POSTRT",
+    ] {
+        s.node_ns.exec(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    let set = Set {
+        name: "istio-inpod-probes-v4".into(),
+        ipv6: false,
+    };
+    s.node_ns.open().run(|_| set.destroy()).unwrap().unwrap();
+    assert_eq!(s.probe_set(), []);
+    let (_, took) = wait_for("the probe rule, set and entry back", || {
+        (s.host_rules() == ours && s.probe_set() == [(web.ip.to_string(), web.uid.clone())])
+            .then_some(())
+    });
+    eprintln!("probe rule and set destroyed: back with the pod's entry {took:?} later");
 }
 
 /// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.

@@ -256,7 +256,8 @@ impl PodWatch {
                     && annotated == Some(Redirection::Pending)
                     && self.enroller.server.connections().await > 0 =>
             {
-                self.promote_one(pod, &uid).await
+                self.promote_one(pod, &uid).await;
+                self.keep_on_host(pod, &uid, &name).await;
             }
             // Captured by an earlier agent (this one restarted): its rules are in place.
             // Enrolment undoes its rules when ztunnel does not take the pod, which must
@@ -281,20 +282,24 @@ impl PodWatch {
                 } else {
                     Redirection::Pending
                 };
-                self.annotate(pod, Some(state)).await
+                self.annotate(pod, Some(state)).await;
+                self.keep_on_host(pod, &uid, &name).await;
             }
             Want::Out if known || annotated.is_some() => self.unenrol(pod, &uid, &name).await,
-            // Enrolled: its probe-set entries stay (re-added if something removed them).
-            Want::In if known => {
-                if let Err(e) = self
-                    .enroller
-                    .add_to_host_only(&AmbientPod::of(pod, &uid))
-                    .await
-                {
-                    log::warn!("ambient: pod {name}: {e}");
-                }
-            }
+            Want::In if known => self.keep_on_host(pod, &uid, &name).await,
             _ => {}
+        }
+    }
+
+    /// An enrolled pod's probe-set entries stay: added again if something removed them
+    /// (or the sets themselves, which [`PodWatch::reconcile_host`] creates again).
+    async fn keep_on_host(&self, pod: &Pod, uid: &str, name: &str) {
+        if let Err(e) = self
+            .enroller
+            .add_to_host_only(&AmbientPod::of(pod, uid))
+            .await
+        {
+            log::warn!("ambient: pod {name}: {e}");
         }
     }
 
