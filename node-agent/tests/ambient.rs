@@ -46,6 +46,8 @@ struct Setup {
     nft: bool,
     /// The repair loop on, sweeping every second with a 1 s cooldown.
     repair: bool,
+    /// The node taint managed (`--taint-enabled`).
+    taint: bool,
 }
 
 impl Setup {
@@ -71,6 +73,7 @@ impl Setup {
             subnet,
             nft: false,
             repair: false,
+            taint: false,
         }
     }
 
@@ -99,7 +102,7 @@ impl Setup {
             "--self-test",
             "false",
             "--taint-enabled",
-            "false",
+            if self.taint { "true" } else { "false" },
             "--kubeconfig",
             self.kubeconfig.to_str().unwrap(),
             "--node-name",
@@ -540,11 +543,19 @@ fn hostile_plugin_events_are_refused_with_the_reason() {
 /// missing, and when ztunnel still does not listen in it, annotates it `pending` with a
 /// Warning Event naming why: its traffic stays held by the rules, never let out uncaptured.
 /// Meanwhile `/readyz` notes whether a ztunnel is connected, without turning not ready,
-/// and `ztunnel_connected` counts the connections.
+/// `ztunnel_connected` counts the connections, and the node's not-ready taint goes once
+/// the plugin is ready, without waiting for ztunnel: sidecar and plain pods need none,
+/// and ambient pods fail ADD with "try again later" until it comes.
 #[test]
 fn an_ambient_pod_that_ztunnel_does_not_take_again_is_repaired_then_pending() {
     let mut s = Setup::new(87);
     s.repair = true;
+    s.taint = true;
+    s.api.put(
+        "nodes",
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+               "spec": {"taints": [{"key": "cni.istio.io/not-ready", "effect": "NoSchedule"}]}}),
+    );
     s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
     let web = s.running_pod("web", json!({}));
     let mut object = s.api.get("pods", "default", "web").unwrap();
@@ -558,6 +569,14 @@ fn an_ambient_pod_that_ztunnel_does_not_take_again_is_repaired_then_pending() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("ambient: no ztunnel is connected"), "{body}");
     assert!(agent.metrics().contains("\nztunnel_connected 0\n"));
+    wait_for("the node untainted with no ztunnel", || {
+        let node = s.api.get("nodes", "", NODE)?;
+        let taints = node["spec"]["taints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        taints.is_empty().then_some(())
+    });
 
     let _double = ztunnel::acking_double(&s.uds());
     wait_for("/readyz without the note", || {
