@@ -83,7 +83,7 @@ bench:
 	@$(MAKE) --no-print-directory release
 	ISTIO_CNI_STATIC_BIN=target/$(STATIC_TARGET)/release/istio-cni ./target/release/istio-cni-bench 200
 	./target/release/istio-cni-repair-bench 500
-	./target/release/istio-cni-ambient-bench 100
+	./target/release/istio-cni-ambient-bench 50
 
 ## The node agent's OCI image, from Debian packages (mmdebstrap + umoci, no registry, no
 ## daemon): target/image/istio-cni-node-agent-<version>.oci.tar; the digest is the last line.

@@ -3,7 +3,17 @@
 //! written and read back → ztunnel's ack → its listeners seen in the pod's netns → the
 //! pod's annotation → the answer), against the sidecar ADD of the same plugin, measured
 //! in the same run and interleaved (alternating which goes first) so that drift hits both
-//! alike. Prints median and p99 of both and their ratio. No timing is asserted.
+//! alike. Prints median and p99 of both and their ratio.
+//!
+//! Then restarts, with every ambient pod enrolled and reported running, each against the
+//! same restart with no pod enrolled, measured first in the same run:
+//! - the agent killed (SIGKILL) and started again → ztunnel has acknowledged the new
+//!   agent's snapshot (its log says `received snapshot sent`): the new agent's start, its
+//!   pod and namespace lists, finding each pod's netns, and ztunnel's reconnection;
+//! - ztunnel killed and started again → `:15021/healthz/ready` answers 200, which ztunnel
+//!   gives only once it has taken the agent's snapshot and started every pod's proxy.
+//!
+//! No timing is asserted.
 //!
 //! The agent (`istio-cni-node-agent run --ambient-enabled`), the fake API server and the
 //! real ztunnel run in one node netns, as on a node; each pod is a fresh netns with its
@@ -13,6 +23,8 @@
 //! Usage: `istio-cni-ambient-bench [PODS]` (default 100). Needs root, iptables.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use istio_cni_e2e::agent::{chained, wait_for, Node, PRIMARY};
 use istio_cni_e2e::chain::istio_cni_bin;
@@ -83,37 +95,61 @@ fn main() {
 
     let uds_arg = uds.to_string_lossy().into_owned();
     let kubeconfig_arg = kubeconfig.to_string_lossy().into_owned();
-    let _agent = node.spawn(
-        Some(&node_ns),
-        &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
-        &[
-            "--self-test",
-            "false",
-            "--taint-enabled",
-            "false",
-            "--repair-enabled",
-            "false",
-            "--kubeconfig",
-            &kubeconfig_arg,
-            "--node-name",
-            NODE,
-            "--host-proc-dir",
-            "/proc",
-            "--host-root",
-            "/",
-            "--netns-dirs",
-            "/var/run/netns",
-            "--ambient-enabled",
-            "true",
-            "--ztunnel-uds-address",
-            &uds_arg,
-        ],
-    );
+    let spawn_agent = || {
+        node.spawn(
+            Some(&node_ns),
+            &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
+            &[
+                "--self-test",
+                "false",
+                "--taint-enabled",
+                "false",
+                "--repair-enabled",
+                "false",
+                "--kubeconfig",
+                &kubeconfig_arg,
+                "--node-name",
+                NODE,
+                "--host-proc-dir",
+                "/proc",
+                "--host-root",
+                "/",
+                "--netns-dirs",
+                "/var/run/netns",
+                "--ambient-enabled",
+                "true",
+                "--ztunnel-uds-address",
+                &uds_arg,
+            ],
+        )
+    };
+    let mut agent = spawn_agent();
     wait_for("the agent to chain its entry", || {
         chained(&node.conf()).then_some(())
     });
-    let _zt = Ztunnel::start(&ztunnel_bin, &node_ns, NODE, zt_dir.path(), &uds);
+    let mut zt = Ztunnel::start(&ztunnel_bin, &node_ns, NODE, zt_dir.path(), &uds);
     wait_for("ztunnel ready", || ztunnel::ready(&node_ns).then_some(()));
+    let log = zt_dir.path().join("ztunnel.log");
+    // The restarts with no pod enrolled: the floors.
+    let restart_agent = |agent: istio_cni_e2e::agent::Daemon| {
+        let before = snapshots(&log);
+        drop(agent);
+        let t = Instant::now();
+        let agent = spawn_agent();
+        poll(|| snapshots(&log) > before);
+        (agent, t.elapsed())
+    };
+    let restart_ztunnel = |zt: Ztunnel| {
+        drop(zt);
+        let t = Instant::now();
+        let zt = Ztunnel::start(&ztunnel_bin, &node_ns, NODE, zt_dir.path(), &uds);
+        poll(|| ztunnel::ready(&node_ns));
+        (zt, t.elapsed())
+    };
+    let agent_floor;
+    (agent, agent_floor) = restart_agent(agent);
+    let ztunnel_floor;
+    (zt, ztunnel_floor) = restart_ztunnel(zt);
 
     let mut entry: Value = {
         let conf: Value =
@@ -136,6 +172,8 @@ fn main() {
 
     let mut ambient = Vec::with_capacity(pods);
     let mut sidecar = Vec::with_capacity(pods);
+    // The ambient pods' netns live on, as running pods' do (the restarts find them).
+    let mut running = Vec::with_capacity(pods);
     for i in 0..pods {
         let runs = [("ambient", true), ("sidecar", false)];
         for k in 0..2 {
@@ -163,11 +201,27 @@ fn main() {
             }
             if is_ambient {
                 ambient.push(took);
+                running.push(pod_ns);
             } else {
                 sidecar.push(took);
             }
         }
     }
+    // kubelet reports each pod running, with its address.
+    for i in 0..pods {
+        let name = format!("ambient-{i}");
+        let mut pod = api.get("pods", "default", &name).expect("pod");
+        pod["status"] = json!({"phase": "Running", "podIP": ip(i).to_string(),
+                               "podIPs": [{"ip": ip(i).to_string()}]});
+        api.put("pods", pod);
+    }
+    let (agent, agent_restart) = restart_agent(agent);
+    let (zt, ztunnel_restart) = restart_ztunnel(zt);
+    let kept = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .matches("pod keep received")
+        .count();
+
     let (a_med, a_p99) = (quantile(&mut ambient, 0.5), quantile(&mut ambient, 0.99));
     let (s_med, s_p99) = (quantile(&mut sidecar, 0.5), quantile(&mut sidecar, 0.99));
     println!(
@@ -181,6 +235,39 @@ fn main() {
         a_med.as_secs_f64() / s_med.as_secs_f64(),
         a_p99.as_secs_f64() / s_p99.as_secs_f64()
     );
+    println!("agent SIGKILLed and restarted -> ztunnel acknowledged its snapshot:");
+    println!(
+        "  {pods} ambient pods {}   no pod {}   ratio {:.2}x   (KeepWorkload sent: {kept})",
+        ms(agent_restart),
+        ms(agent_floor),
+        agent_restart.as_secs_f64() / agent_floor.as_secs_f64()
+    );
+    println!("ztunnel killed and restarted -> ready (snapshot taken, every proxy up):");
+    println!(
+        "  {pods} ambient pods {}   no pod {}   ratio {:.2}x",
+        ms(ztunnel_restart),
+        ms(ztunnel_floor),
+        ztunnel_restart.as_secs_f64() / ztunnel_floor.as_secs_f64()
+    );
+    drop(zt);
+    drop(agent);
+}
+
+/// How many snapshots ztunnel has acknowledged, by its log at `log`.
+fn snapshots(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("received snapshot sent")
+        .count()
+}
+
+/// Polls `done` every 2 ms, for at most 60 s.
+fn poll(mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(Instant::now() < deadline, "not done within 60 s");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// A pod netns with `ip`/24 on `eth0` (a veth kept inside) and `lo` up.
