@@ -7,6 +7,14 @@
 //! rewrites its config → a flushed pod is repaired → upgrade restart → uninstall → every
 //! sandbox still tears down → nothing left behind. One line per step, with timings.
 //!
+//! With the real ztunnel (built from `../shared/peers/ztunnel/`; without it these parts
+//! say so and are skipped), ambient mode is on and namespace `amb` is ambient, and each
+//! step has an ambient pod too: one that slipped in before the plugin is enrolled by the
+//! agent's watch once ztunnel is there (the taint does not wait for ztunnel); a new one is
+//! enrolled at ADD; a flushed one is repaired; across the upgrade ztunnel keeps serving
+//! them (the new agent's snapshot hands each over again, no `KeepWorkload`); uninstall
+//! removes the node's probe rules, and their sandboxes tear down.
+//!
 //! Needs root, containerd, runc and busybox-static. Ignored by `cargo test`; run with
 //! `make e2e`.
 
@@ -24,6 +32,7 @@ use istio_cni_e2e::fake_api::FakeApi;
 use istio_cni_e2e::kubelet::unique_uid;
 use istio_cni_e2e::net::{unique_name, TestNetns};
 use istio_cni_e2e::sandbox::{injected_pod, read_back_and_probe};
+use istio_cni_e2e::ztunnel::{self, Ztunnel};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::{json, Value};
 
@@ -41,6 +50,10 @@ struct World {
     conf: PathBuf,
     xt: Xtables,
     empty_netns_dir: tempfile::TempDir,
+    /// The ztunnel binary, when the peer kit is there: ambient mode on.
+    ztunnel: Option<PathBuf>,
+    /// ztunnel's socket dir (root only) and working dir.
+    ztunnel_dir: tempfile::TempDir,
 }
 
 /// A pod as kubelet runs it: the API object (scheduled, then Running with its IP) and its
@@ -61,6 +74,8 @@ impl World {
         let name = object["metadata"]["name"].as_str().unwrap().to_owned();
         self.api.put("pods", object.clone());
         let sandbox = self.containerd.run_pod_sandbox(&ns, &name, &uid)?;
+        // kubelet writes the status only: what ADD wrote (an annotation) stays.
+        let mut object = self.api.get("pods", &ns, &name).unwrap_or(object);
         object["status"] = json!({"phase": "Running", "podIP": sandbox.ip,
             "podIPs": [{"ip": sandbox.ip}],
             "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0,
@@ -72,6 +87,43 @@ impl World {
     fn agent(&self) -> Daemon {
         let port = self.api.addr().port().to_string();
         let kubeconfig = self.node.dir.path().join("kubeconfig");
+        // The netns dirs: containerd pins its pods' netns in /var/run/netns (where an
+        // ambient ADD's netns must be); the repair loop finds pods by their processes.
+        let netns_dirs = format!("{},/var/run/netns", self.empty_netns_dir.path().display());
+        let uds = self.uds();
+        let ambient: Vec<&str> = if self.ztunnel.is_some() {
+            vec![
+                "--ambient-enabled",
+                "true",
+                "--ztunnel-uds-address",
+                uds.to_str().unwrap(),
+                "--host-root",
+                "/",
+            ]
+        } else {
+            Vec::new()
+        };
+        let mut args = vec![
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--node-name",
+            NODE,
+            "--pod-name",
+            AGENT_POD,
+            "--plugin-log-level",
+            "debug",
+            "--host-proc-dir",
+            "/proc",
+            "--netns-dirs",
+            &netns_dirs,
+            "--repair-resync-seconds",
+            "2",
+            // The default grace: an upgraded agent's install and self-test must fit in
+            // it, as on a node (a loaded CI machine took 2.4 s with the debug binary).
+            "--taint-grace-seconds",
+            "10",
+        ];
+        args.extend(ambient);
         self.node.spawn(
             Some(&self.host),
             &[
@@ -79,27 +131,71 @@ impl World {
                 ("KUBERNETES_SERVICE_PORT", port),
                 ("KUBERNETES_SERVICE_PROTOCOL", "http".into()),
             ],
-            &[
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--node-name",
-                NODE,
-                "--pod-name",
-                AGENT_POD,
-                "--plugin-log-level",
-                "debug",
-                "--host-proc-dir",
-                "/proc",
-                "--netns-dirs",
-                self.empty_netns_dir.path().to_str().unwrap(),
-                "--repair-resync-seconds",
-                "2",
-                // The default grace: an upgraded agent's install and self-test must fit in
-                // it, as on a node (a loaded CI machine took 2.4 s with the debug binary).
-                "--taint-grace-seconds",
-                "10",
-            ],
+            &args,
         )
+    }
+
+    fn uds(&self) -> PathBuf {
+        self.ztunnel_dir.path().join("ztunnel.sock")
+    }
+
+    /// The real ztunnel on the node, serving the ZDS socket, once ready.
+    fn start_ztunnel(&self, bin: &std::path::Path) -> Ztunnel {
+        let dir = self.ztunnel_dir.path();
+        std::fs::write(dir.join("local.yaml"), ztunnel::local_yaml(NODE, &[])).unwrap();
+        let zt = Ztunnel::start(bin, &self.host, NODE, dir, &self.uds());
+        wait_for("ztunnel ready", || ztunnel::ready(&self.host).then_some(()));
+        zt
+    }
+
+    /// Which of ztunnel's ports (15001, 15006, 15008) listen in the pod's netns.
+    fn ztunnel_ports(&self, pod: &RunningPod) -> Vec<u16> {
+        let ns = Netns::open(&pod.sandbox.netns).unwrap();
+        let out = ns
+            .run(|_| std::process::Command::new("ss").arg("-Htln").output())
+            .unwrap()
+            .unwrap();
+        let listening = String::from_utf8_lossy(&out.stdout).into_owned();
+        [15001, 15006, 15008]
+            .into_iter()
+            .filter(|p| listening.contains(&format!(":{p} ")))
+            .collect()
+    }
+
+    /// The pod's `ambient.istio.io/redirection` annotation in the API.
+    fn redirection(&self, pod: &RunningPod) -> Option<String> {
+        let (ns, name) = (
+            pod.object["metadata"]["namespace"].as_str().unwrap(),
+            pod.object["metadata"]["name"].as_str().unwrap(),
+        );
+        self.api.get("pods", ns, name)?["metadata"]["annotations"]["ambient.istio.io/redirection"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Captured by ztunnel: enabled, its listeners in the netns, its rules redirecting to
+    /// them.
+    fn captured(&self, pod: &RunningPod) -> bool {
+        self.redirection(pod).as_deref() == Some("enabled")
+            && self.ztunnel_ports(pod) == [15001, 15006, 15008]
+            && self
+                .istio_lines(pod)
+                .iter()
+                .any(|l| l.contains("-j REDIRECT --to-ports 15001"))
+    }
+
+    /// The pod's iptables-save lines (v4) that mention an ISTIO chain.
+    fn istio_lines(&self, pod: &RunningPod) -> Vec<String> {
+        let ns = Netns::open(&pod.sandbox.netns).unwrap();
+        let saved = ns
+            .run(|inside| self.xt.binaries(Family::V4).unwrap().save_text(inside))
+            .unwrap()
+            .unwrap();
+        saved
+            .lines()
+            .filter(|l| l.contains("ISTIO"))
+            .map(str::to_owned)
+            .collect()
     }
 
     fn tainted(&self) -> bool {
@@ -181,6 +277,12 @@ fn meshed(namespace: &str, name: &str) -> Value {
     injected_pod(namespace, name, json!({}), json!({}))
 }
 
+/// A pod of the ambient namespace `amb`.
+fn in_amb(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "amb"},
+           "spec": {"containers": [{"name": "app", "image": "app"}]}})
+}
+
 fn plain(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
            "spec": {"containers": [{"name": "app", "image": "app"}]}})
@@ -204,6 +306,17 @@ fn node_lifecycle() {
                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}),
     );
     register_agent_pod(&api);
+    for (ns, labels) in [
+        ("default", json!({})),
+        ("kube-system", json!({})),
+        ("amb", json!({"istio.io/dataplane-mode": "ambient"})),
+    ] {
+        api.put(
+            "namespaces",
+            json!({"apiVersion": "v1", "kind": "Namespace",
+                   "metadata": {"name": ns, "labels": labels}}),
+        );
+    }
     let dirs = ContainerdDirs::new();
     let ipam = tempfile::tempdir().unwrap();
     let primary = json!({
@@ -233,7 +346,13 @@ fn node_lifecycle() {
         conf,
         xt,
         empty_netns_dir: tempfile::tempdir().unwrap(),
+        ztunnel: ztunnel::binary(),
+        ztunnel_dir: tempfile::Builder::new().prefix("zt-").tempdir().unwrap(),
     };
+    let ambient = w.ztunnel.clone();
+    if ambient.is_none() {
+        println!("(no ../shared/peers/ztunnel: the ambient parts are skipped)");
+    }
     assert!(w.tainted() && !w.chained() && !bin_dir.join("istio-cni").exists());
     println!("step 1: node registered tainted, containerd up with bridge + host-local, no istio-cni ({} in)", secs(started.elapsed()));
 
@@ -246,6 +365,14 @@ fn node_lifecycle() {
         "step 2: meshed pod default/early started without the plugin: no rules ({})",
         early.sandbox.ip
     );
+    let early_amb = ambient.as_ref().map(|_| {
+        let p = w
+            .pod(in_amb("early"))
+            .expect("ambient sandbox before the plugin");
+        assert!(w.no_rules(&p));
+        println!("        ambient pod amb/early started without the plugin: no rules");
+        p
+    });
 
     // 3. The agent: install, self-test, untaint, repair the early pod in place.
     let t0 = Instant::now();
@@ -267,6 +394,21 @@ fn node_lifecycle() {
         secs(repaired),
         secs(since)
     );
+    // The taint went with no ztunnel on the node; ztunnel comes now, and the agent's
+    // watch enrols the ambient pod that slipped in.
+    let mut zt = None;
+    if let (Some(bin), Some(p)) = (&ambient, &early_amb) {
+        let t = Instant::now();
+        zt = Some(w.start_ztunnel(bin));
+        let (_, took) = wait_for("amb/early enrolled by the watch", || {
+            w.captured(p).then_some(())
+        });
+        println!(
+            "        untainted with no ztunnel; ztunnel ready {}, then amb/early enrolled by the watch {} later",
+            secs(t.elapsed() - took),
+            secs(took)
+        );
+    }
 
     // 4. New pods: meshed ones get validated rules at ADD; plain and kube-system ones none.
     let t = Instant::now();
@@ -279,6 +421,16 @@ fn node_lifecycle() {
         .expect("kube-system sandbox");
     assert!(w.no_rules(&plain_pod) && w.no_rules(&system));
     println!("step 4: 3 pods through CRI in {}: meshed validated at ADD, plain and kube-system without rules", secs(t.elapsed()));
+    let app = ambient.as_ref().map(|_| {
+        let t = Instant::now();
+        let p = w.pod(in_amb("app")).expect("ambient sandbox");
+        assert!(w.captured(&p), "amb/app captured when its ADD returns");
+        println!(
+            "        ambient pod amb/app through CRI in {}: rules, ztunnel's listeners and `enabled` at ADD",
+            secs(t.elapsed())
+        );
+        p
+    });
 
     // 5. The primary CNI rewrites its config without our entry: re-chained, pods still
     // get rules.
@@ -306,6 +458,23 @@ fn node_lifecycle() {
         "step 6: nat table flushed in default/web: restored in {} (resync 2s)",
         secs(restored)
     );
+    if let Some(p) = &app {
+        let before = w.istio_lines(p);
+        w.flush_nat(p);
+        assert_ne!(w.istio_lines(p), before);
+        let (_, took) = wait_for("amb/app repaired after the flush", || {
+            (w.istio_lines(p) == before).then_some(())
+        });
+        wait_for("the IstioCNIRepaired event on amb/app", || {
+            w.events("app")
+                .contains(&"IstioCNIRepaired".to_owned())
+                .then_some(())
+        });
+        println!(
+            "        nat table flushed in amb/app: restored in {}",
+            secs(took)
+        );
+    }
 
     // 7. Upgrade: SIGTERM while the DaemonSet exists. The plugin stays, the taint stays
     // off, teardown works while no agent runs, and the new agent takes over.
@@ -321,6 +490,22 @@ fn node_lifecycle() {
     assert!(!w.events(NODE).contains(&"IstioCNITaintAdded".to_owned()));
     println!("step 7: upgrade restart: plugin kept, node never tainted, a pod torn down meanwhile, new agent ready in {} ({} in all)", secs(ready2), secs(t.elapsed()));
     drop(agent);
+    if let (Some(zt), Some(app), Some(early_amb)) = (&zt, &app, &early_amb) {
+        let snapshots = || {
+            zt.log_tail(100_000)
+                .matches("received snapshot sent")
+                .count()
+        };
+        wait_for("ztunnel's snapshot from the new agent", || {
+            (snapshots() >= 2).then_some(())
+        });
+        assert!(w.captured(app) && w.captured(early_amb));
+        let log = zt.log_tail(100_000);
+        assert!(!log.contains("pod keep received"), "{log}");
+        println!(
+            "        ambient pods still captured: the new agent's snapshot handed both over again"
+        );
+    }
 
     // 8. Uninstall: the DaemonSet is gone, SIGTERM removes everything and taints the node;
     // every earlier sandbox still tears down.
@@ -335,12 +520,19 @@ fn node_lifecycle() {
         "kubeconfig removed"
     );
     assert!(w.tainted(), "node tainted again");
-    let pods = [early, web, plain_pod, system];
+    let host_nat = w.host.exec(&["iptables-save", "-t", "nat"]);
+    assert!(!host_nat.contains("ISTIO_POSTRT"), "{host_nat}");
+    let pods: Vec<RunningPod> = [early, web, plain_pod, system]
+        .into_iter()
+        .chain(early_amb)
+        .chain(app)
+        .collect();
     for p in &pods {
         w.teardown(p)
             .unwrap_or_else(|e| panic!("teardown after uninstall: {e}"));
     }
-    println!("step 8: uninstall: entry, binary and kubeconfig removed, node tainted, 4 sandboxes torn down ({})", secs(t.elapsed()));
+    println!("step 8: uninstall: entry, binary, kubeconfig and the node's probe rules removed, node tainted, {} sandboxes torn down ({})", pods.len(), secs(t.elapsed()));
+    drop(zt);
 
     // 9. Nothing left behind.
     assert!(w.containerd.list_pod_sandboxes().is_empty());
