@@ -624,8 +624,9 @@ pub struct RunArgs {
     pub ambient_ipv6: bool,
     /// Upstream's `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (the chart's
     /// `ambient.reconcileIptablesOnStartup`): rewrite the in-pod rules of pods already
-    /// enrolled when the agent starts (they are `pending` until ztunnel takes them); off,
-    /// their rules are kept as they are.
+    /// enrolled when the agent starts, before ztunnel is served (a pod found only by its
+    /// pinned netns file is not rewritten); off, their rules are kept as they are until
+    /// the repair loop, if on, finds them different from what this agent writes.
     #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value_t = false,
           action = ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub ambient_reconcile_pod_rules_on_startup: bool,

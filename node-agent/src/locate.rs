@@ -76,7 +76,7 @@ impl fmt::Display for PodNetns {
 /// `None` when the path is not under `kubepods`.
 ///
 /// ```
-/// use istio_cni_node_agent::repair::locate::pod_uid_from_cgroup_path as uid;
+/// use istio_cni_node_agent::locate::pod_uid_from_cgroup_path as uid;
 /// let u = "0b6f43d5-5e6c-4ed6-a3d5-3c2b2fb4a0a7";
 /// assert_eq!(uid(&format!("/kubepods/burstable/pod{u}/abc")).as_deref(), Some(u));
 /// assert_eq!(

@@ -48,6 +48,8 @@ struct Setup {
     repair: bool,
     /// The node taint managed (`--taint-enabled`).
     taint: bool,
+    /// More flags for the agent.
+    extra: Vec<&'static str>,
 }
 
 impl Setup {
@@ -74,6 +76,7 @@ impl Setup {
             nft: false,
             repair: false,
             taint: false,
+            extra: Vec::new(),
         }
     }
 
@@ -120,7 +123,12 @@ impl Setup {
             "--native-nftables",
             if self.nft { "true" } else { "false" },
         ];
-        let args: Vec<&str> = args.iter().chain(repair).copied().collect();
+        let args: Vec<&str> = args
+            .iter()
+            .chain(repair)
+            .chain(&self.extra)
+            .copied()
+            .collect();
         let daemon = self.node.spawn(
             Some(&self.node_ns),
             &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
@@ -635,6 +643,48 @@ fn an_ambient_pod_that_ztunnel_does_not_take_again_is_repaired_then_pending() {
             .then_some(())
     });
     eprintln!("probe rule and set destroyed: back with the pod's entry {took:?} later");
+}
+
+/// In delete mode, an ambient pod whose rules are right but which ztunnel does not serve is
+/// handed to ztunnel again and, when ztunnel still does not listen in it, annotated
+/// `pending`: never deleted, since the failure is ztunnel's, not the pod's (a broken
+/// ztunnel must not cost every ambient pod of the node its life). Restored with
+/// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`, its rules were rewritten at the agent's start.
+#[test]
+fn in_delete_mode_a_pod_ztunnel_does_not_serve_is_handed_over_not_deleted() {
+    let mut s = Setup::new(91);
+    s.repair = true;
+    s.extra = vec![
+        "--repair-mode",
+        "delete",
+        "--ambient-reconcile-pod-rules-on-startup",
+        "true",
+    ];
+    s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    let web = s.running_pod("web", json!({}));
+    let mut object = s.api.get("pods", "default", "web").unwrap();
+    object["metadata"]["annotations"] = json!({REDIRECTION: "enabled"});
+    s.api.put("pods", object);
+    let agent = s.agent();
+    agent.wait_ready();
+    wait_for("the restored pod's rules rewritten", || {
+        (!web.rules().is_empty()).then_some(())
+    });
+    let _double = ztunnel::acking_double(&s.uds());
+    wait_for("the pod handed over again, then pending", || {
+        (s.api.event_reasons("web") == ["IstioCNIAmbientPending"]
+            && s.annotation("web").as_deref() == Some("pending"))
+        .then_some(())
+    });
+    // Another sweep or two (1 s each, 1 s cooldown): still there, never deleted.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(s.api.get("pods", "default", "web").is_some(), "not deleted");
+    assert!(!s
+        .api
+        .event_reasons("web")
+        .iter()
+        .any(|r| r == "IstioCNIDeletedBrokenPod"));
+    assert!(!web.rules().is_empty());
 }
 
 /// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.

@@ -99,6 +99,10 @@ impl AdmitError {
             AdmitError::Api { .. } | AdmitError::Annotate(_) | AdmitError::NoZtunnel(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            // ztunnel went away between the wait and the hand-over: try again later.
+            AdmitError::Enrol(EnrolError::Ztunnel(super::server::ServerError::NoZtunnel)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AdmitError::NotOurs { .. } | AdmitError::Mismatch { .. } => StatusCode::CONFLICT,
             AdmitError::Netns { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AdmitError::Enrol(_) => StatusCode::BAD_GATEWAY,

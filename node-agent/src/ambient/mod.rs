@@ -243,7 +243,7 @@ async fn report_ztunnels(
                     log::warn!("ambient: no ztunnel serves this node any more; ambient pods cannot start until one connects");
                 }
                 readiness.set_ztunnel(Some(format!(
-                    "no ztunnel is connected; ambient pods cannot start on this node (ADD fails with code 11 after {ZTUNNEL_WAIT:?}) until one connects"
+                    "no ztunnel is connected (or none has taken the agent's snapshot yet); ambient pods cannot start on this node (ADD fails with code 11 after {ZTUNNEL_WAIT:?}) until one does"
                 )));
             }
             served = Some(serves);

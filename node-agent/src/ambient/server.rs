@@ -359,6 +359,12 @@ impl ZdsServer {
         self.snapshots.subscribe()
     }
 
+    /// How many snapshots ztunnel connections have acked so far (the value
+    /// [`ZdsServer::snapshots`] follows).
+    pub fn snapshot_count(&self) -> u64 {
+        *self.snapshots.borrow()
+    }
+
     /// Whether the server knows pod `uid` (enrolled, pending, or restored).
     pub async fn knows(&self, uid: &str) -> bool {
         self.state.lock().await.pods.contains_key(uid)

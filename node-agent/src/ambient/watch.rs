@@ -187,8 +187,23 @@ impl PodWatch {
                     .unwrap_or_else(|p| p.into_inner())
                     .take();
                 if let Some(restored) = first {
-                    self.restore(&pods, &namespaces).await;
+                    let kept = self.restore(&pods, &namespaces).await;
                     let _ = restored.send(());
+                    // Recorded once ztunnel is served: ambient ADDs wait for it.
+                    for pod in kept {
+                        self.events
+                            .record(
+                                pod.as_ref(),
+                                crate::events::EventType::Warning,
+                                REASON_KEPT,
+                                "istio-cni restarted and did not find this pod's netns on the \
+                                 node (no process of the pod, no pinned netns holding its \
+                                 address): ztunnel was told to keep serving the pod as it was \
+                                 (KeepWorkload) rather than given its netns again",
+                                "RestoreAmbient",
+                            )
+                            .await;
+                    }
                 }
                 for (_, pod) in due.drain() {
                     self.reconcile(&pod, &namespaces).await;
@@ -256,7 +271,8 @@ impl PodWatch {
                     && annotated == Some(Redirection::Pending)
                     && self.enroller.server.connections().await > 0 =>
             {
-                self.promote_one(pod, &uid).await;
+                // Looked at once: a pod ztunnel does not serve must not hold up the watch.
+                self.promote_one(pod, &uid, Duration::ZERO).await;
                 self.keep_on_host(pod, &uid, &name).await;
             }
             // Captured by an earlier agent (this one restarted): its rules are in place.
@@ -286,7 +302,8 @@ impl PodWatch {
                 self.keep_on_host(pod, &uid, &name).await;
             }
             Want::Out if known || annotated.is_some() => self.unenrol(pod, &uid, &name).await,
-            Want::In if known => self.keep_on_host(pod, &uid, &name).await,
+            // Enrolled and still starting, or being deleted: its entries stay too.
+            Want::In | Want::Wait if known => self.keep_on_host(pod, &uid, &name).await,
             _ => {}
         }
     }
@@ -358,10 +375,13 @@ impl PodWatch {
     /// enrolled here (annotated, still ambient, not terminal) goes back into the ZDS server with its
     /// netns, found as the repair loop finds it ([`PodWatch::locate`]), so that ztunnel's
     /// first snapshot hands it over again (a pod whose netns is not found is sent as
-    /// `KeepWorkload`, logged and with an Event [`REASON_KEPT`]); its probe-set entry is
-    /// written again. Its rules are kept as they are, or rewritten with
-    /// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (a failed rewrite keeps what it had).
-    async fn restore(&self, pods: &Store<Pod>, namespaces: &Store<Namespace>) {
+    /// `KeepWorkload` and logged; they are returned, for an Event [`REASON_KEPT`] each once
+    /// ztunnel is served); its probe-set entry is written again. Its rules are kept as they
+    /// are, or rewritten with `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP` (a failed rewrite
+    /// keeps what it had) when a process of the pod lives in the netns: a netns found by
+    /// its pinned file alone is never written (it might be a new pod's before its first
+    /// process starts).
+    async fn restore(&self, pods: &Store<Pod>, namespaces: &Store<Namespace>) -> Vec<Arc<Pod>> {
         let all = pods.state();
         // A pod still starting (its ADD enrolled it; kubelet has not reported it `Running`
         // or its address yet) or being deleted (captured through its grace period) is
@@ -376,6 +396,7 @@ impl PodWatch {
             .collect();
         let mut found = self.locate(&enrolled, &all).await;
         let mut restored = 0;
+        let mut kept = Vec::new();
         for pod in enrolled {
             let Some(uid) = pod.uid() else { continue };
             let _pod_lock = self.enroller.pods.lock(&uid).await;
@@ -383,32 +404,24 @@ impl PodWatch {
                 continue;
             }
             let name = pod_name(&pod);
-            let netns = found.remove(&uid);
+            let located = found.remove(&uid);
             let ambient = AmbientPod::of(&pod, &uid);
-            if let (Some(netns), true) = (&netns, self.reconcile_on_startup) {
+            if let (Some(l), true) = (&located, self.reconcile_on_startup) {
                 // A failed rewrite keeps what the pod had; the pod is restored either way.
-                if let Err(e) = self.enroller.rewrite_rules(&ambient, netns.clone()).await {
-                    log::warn!("ambient: rewriting the rules of restored pod {name}: {e}");
+                if matches!(l.via, Via::Process(_)) {
+                    if let Err(e) = self.enroller.rewrite_rules(&ambient, l.netns.clone()).await {
+                        log::warn!("ambient: rewriting the rules of restored pod {name}: {e}");
+                    }
                 }
             }
+            let netns = located.map(|l| l.netns);
             if netns.is_none() {
                 log::warn!(
                     "ambient: pod {name} was enrolled, but its netns is not found on this \
                      node (no process of it, no pinned netns with its address); ztunnel is \
                      told to keep it as it is"
                 );
-                self.events
-                    .record(
-                        pod.as_ref(),
-                        crate::events::EventType::Warning,
-                        REASON_KEPT,
-                        "istio-cni restarted and did not find this pod's netns on the node (no \
-                         process of the pod, no pinned netns holding its address): ztunnel was \
-                         told to keep serving the pod as it was (KeepWorkload) rather than \
-                         given its netns again",
-                        "RestoreAmbient",
-                    )
-                    .await;
+                kept.push(pod.clone());
             }
             self.enroller
                 .server
@@ -424,8 +437,11 @@ impl PodWatch {
             restored += 1;
         }
         log::info!(
-            "ambient: {restored} pod(s) enrolled before this start restored; serving ztunnel"
+            "ambient: {restored} pod(s) enrolled before this start restored ({} without their \
+             netns); serving ztunnel",
+            kept.len()
         );
+        kept
     }
 
     /// The netns of each pod of `enrolled`, found as the repair loop finds them
@@ -437,7 +453,7 @@ impl PodWatch {
         &self,
         enrolled: &[Arc<Pod>],
         all: &[Arc<Pod>],
-    ) -> HashMap<String, Arc<istio_cni::netns::Netns>> {
+    ) -> HashMap<String, crate::locate::PodNetns> {
         let wanted: Vec<(String, Vec<std::net::IpAddr>)> = enrolled
             .iter()
             .filter_map(|p| Some((p.uid()?, api_pod_ips(p))))
@@ -476,7 +492,7 @@ impl PodWatch {
                         );
                         return None;
                     }
-                    Some((uid, found.netns))
+                    Some((uid, found))
                 })
                 .collect()
         })
@@ -494,13 +510,15 @@ impl PodWatch {
                 continue;
             }
             let _pod_lock = self.enroller.pods.lock(&uid).await;
-            self.promote_one(&pod, &uid).await;
+            self.promote_one(&pod, &uid, self.enroller.listener_wait)
+                .await;
         }
     }
 
-    /// Annotates pending pod `pod` `enabled` if ztunnel listens in its netns now (after a
-    /// short wait: ztunnel opens them around its ack). The caller holds the pod's lock.
-    async fn promote_one(&self, pod: &Pod, uid: &str) {
+    /// Annotates pending pod `pod` `enabled` if ztunnel listens in its netns, looking for up
+    /// to `wait` (ztunnel opens its listeners around its ack). The caller holds the pod's
+    /// lock.
+    async fn promote_one(&self, pod: &Pod, uid: &str, wait: Duration) {
         let Some(netns) = self.enroller.server.netns_of(uid).await else {
             return;
         };
@@ -512,7 +530,7 @@ impl PodWatch {
                     self.annotate(pod, Some(Redirection::Enabled)).await;
                     return;
                 }
-                Ok(false) if start.elapsed() < self.enroller.listener_wait => {
+                Ok(false) if start.elapsed() < wait => {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
                 Ok(false) => {

@@ -243,6 +243,18 @@ pub async fn report_repair(
     problems: &[String],
     result: &Result<Repair, RepairError>,
 ) {
+    report_rules(events, pod, problems, result, false).await
+}
+
+/// [`report_repair`] for an ambient pod (`ambient`): its rules hold its traffic for ztunnel,
+/// and a failed rewrite keeps what it had, so the message does not speak of a sidecar.
+pub async fn report_rules(
+    events: &Events,
+    pod: &Pod,
+    problems: &[String],
+    result: &Result<Repair, RepairError>,
+    ambient: bool,
+) {
     match result {
         Ok(Repair::AlreadyInPlace) => {}
         Ok(Repair::Written) => {
@@ -261,9 +273,15 @@ pub async fn report_repair(
                 .await;
         }
         Err(e) => {
-            let message = format!(
-                "istio-cni could not restore the traffic redirection rules ({e}); the pod's traffic bypasses the sidecar"
-            );
+            let message = if ambient {
+                format!(
+                    "istio-cni could not restore the ambient redirection rules ({e}); the pod keeps the rules it had, and may not be captured by ztunnel"
+                )
+            } else {
+                format!(
+                    "istio-cni could not restore the traffic redirection rules ({e}); the pod's traffic bypasses the sidecar"
+                )
+            };
             events
                 .record(
                     pod,

@@ -73,10 +73,17 @@ pub enum Kind {
     },
 }
 
-/// What the repair loop needs to check ambient pods: this node's ambient settings and
-/// which pods ztunnel should be listening in now.
+/// What the repair loop needs to check ambient pods: this node's ambient settings, the
+/// pods the agent holds, and which of them ztunnel should be listening in now.
 #[derive(Debug, Clone)]
 pub struct AmbientView {
+    /// UIDs of the pods the agent's ZDS server holds (enrolled, pending or restored): an
+    /// annotated pod it does not hold is being enrolled or unenrolled, or its enrolment
+    /// was undone, and is left alone.
+    pub held: std::collections::HashSet<String>,
+    /// How many snapshots ztunnel connections had acked when the view was taken: a repair
+    /// that finds another count acts on nothing (a ztunnel came or went meanwhile).
+    pub snapshots: u64,
     /// DNS capture and IPv6 (the agent's `AMBIENT_*` settings).
     pub node: istio_cni::rules::ambient::NodeSettings,
     /// `NATIVE_NFTABLES`.
@@ -130,6 +137,12 @@ pub fn ambient_candidate(
         return None;
     }
     let check = || {
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        if !view.held.contains(uid) {
+            return Err(Ineligible::NoRules(
+                "an ambient pod this agent does not hold (being enrolled or unenrolled)".into(),
+            ));
+        }
         let ips = running(pod)?;
         let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
         let name = pod.metadata.name.as_deref().unwrap_or_default();
@@ -142,7 +155,6 @@ pub fn ambient_candidate(
         }
         let overrides = PodOverrides::from_annotations(&annotations)
             .map_err(|e| Ineligible::BadSetting(e.to_string()))?;
-        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
         Ok(Candidate {
             ruleset: Box::new(istio_cni::plan::ambient_rules(
                 &view.node,
@@ -190,8 +202,12 @@ fn running(pod: &Pod) -> Result<Vec<IpAddr>, Ineligible> {
 pub enum Health {
     /// Every expected rule is in place.
     Healthy,
-    /// Rules are missing or wrong: what read-back found.
+    /// Rules are missing or wrong: what read-back found (for an ambient pod, ztunnel's
+    /// missing listeners too).
     Broken(Vec<String>),
+    /// An ambient pod's rules are in place, but ztunnel's listeners on these ports are not
+    /// in its netns: ztunnel's failure, not the pod's (see [`crate::repair`]).
+    NoListeners(Vec<u16>),
 }
 
 /// A candidate could not be checked.
@@ -277,18 +293,20 @@ pub fn inspect(
                     })
                 }
             };
+            let mut missing = Vec::new();
             if candidate.kind == (Kind::Ambient { listeners: true }) {
-                let missing = crate::ambient::listeners::missing_ztunnel_listeners(inside)
+                missing = crate::ambient::listeners::missing_ztunnel_listeners(inside)
                     .map_err(|e| enter(format!("reading its sockets: {e}")))?;
-                if !missing.is_empty() {
+            }
+            Ok(match (problems.is_empty(), missing.is_empty()) {
+                (true, true) => Health::Healthy,
+                (true, false) => Health::NoListeners(missing),
+                (false, true) => Health::Broken(problems),
+                (false, false) => {
                     problems.push(no_listeners(&missing));
+                    Health::Broken(problems)
                 }
-            }
-            if problems.is_empty() {
-                Ok(Health::Healthy)
-            } else {
-                Ok(Health::Broken(problems))
-            }
+            })
         })
         .map_err(|e| enter(e.to_string()))?;
     outcome

@@ -46,7 +46,8 @@ use self::act::{Mode, Outcome};
 use self::inspect::{AmbientView, Candidate, Health, InspectError, Kind};
 use self::policy::{Cooldown, DeleteBudget};
 use crate::ambient::annotate::{self, Redirection};
-use crate::ambient::enrol::{AmbientPod, Enroller};
+use crate::ambient::enrol::{AmbientPod, EnrolError, Enroller};
+use crate::ambient::server::ServerError;
 use crate::apiclient::{ApiClient, REQUEST_TIMEOUT};
 use crate::backoff::Backoff;
 use crate::config::Exclusions;
@@ -158,6 +159,9 @@ struct Broken {
     candidate: Candidate,
     netns: PodNetns,
     problems: Vec<String>,
+    /// An ambient pod whose rules are right but which ztunnel does not serve: ztunnel's
+    /// failure, so it is handed over again whatever the mode (never deleted or labeled).
+    listeners_only: bool,
 }
 
 /// The repair loop of one node.
@@ -200,13 +204,13 @@ impl RepairController {
     /// What checking ambient pods needs now, when ambient mode is on.
     async fn ambient_view(&self) -> Option<AmbientView> {
         let enroller = self.ambient.as_ref()?;
+        let snapshots = enroller.server.snapshot_count();
         let synced = enroller.server.ztunnels().borrow().synced > 0;
-        let listening = if synced {
-            enroller.server.pods().await.into_iter().collect()
-        } else {
-            HashSet::new()
-        };
+        let held: HashSet<String> = enroller.server.pods().await.into_iter().collect();
+        let listening = if synced { held.clone() } else { HashSet::new() };
         Some(AmbientView {
+            held,
+            snapshots,
             node: enroller.node.clone(),
             nftables: enroller.native_nftables,
             listening,
@@ -414,6 +418,16 @@ impl RepairController {
                         candidate,
                         netns,
                         problems,
+                        listeners_only: false,
+                    });
+                }
+                Ok((netns, Health::NoListeners(missing))) => {
+                    broken.push(Broken {
+                        pod,
+                        candidate,
+                        netns,
+                        problems: vec![inspect::no_listeners(&missing)],
+                        listeners_only: true,
                     });
                 }
                 // A pod just started or stopped, or a runtime we cannot see into: logged,
@@ -442,11 +456,13 @@ impl RepairController {
         // Counted once the pod's netns is known to be its own (see `settled`).
         self.metrics.repair_broken_found.inc_by(broken.len() as u64);
         if !broken.is_empty() {
-            self.act_on(broken, st).await;
+            let snapshots = ambient.map(|v| v.snapshots).unwrap_or_default();
+            self.act_on(broken, st, snapshots).await;
         }
     }
 
-    async fn act_on(&self, broken: Vec<Broken>, st: &mut State) {
+    /// Acts on `broken` pods; `snapshots` is the ambient view's snapshot count.
+    async fn act_on(&self, broken: Vec<Broken>, st: &mut State, snapshots: u64) {
         let client = match self.api.get().await {
             Ok(c) => c,
             Err(e) => {
@@ -454,8 +470,14 @@ impl RepairController {
                 return;
             }
         };
-        let mode = self.cfg.mode;
         for b in broken {
+            // ztunnel not serving a pod whose rules are right is ztunnel's failure: the pod
+            // is handed over again, never deleted or labeled for it.
+            let mode = if b.listeners_only {
+                Mode::Repair
+            } else {
+                self.cfg.mode
+            };
             let name = pod_name(&b.pod);
             let uid = b.pod.uid().unwrap_or_default();
             let what = act::summary(&b.problems);
@@ -494,7 +516,7 @@ impl RepairController {
                 (Mode::Repair, Some(enroller))
                     if matches!(b.candidate.kind, Kind::Ambient { .. }) =>
                 {
-                    self.repair_ambient(&client, enroller, &b).await
+                    self.repair_ambient(&client, enroller, &b, snapshots).await
                 }
                 (Mode::Repair, _) => {
                     let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
@@ -574,6 +596,7 @@ impl RepairController {
         client: &kube::Client,
         enroller: &Enroller,
         b: &Broken,
+        snapshots: u64,
     ) -> Outcome {
         let uid = b.pod.uid().unwrap_or_default();
         let _pod_lock = enroller.pods.lock(&uid).await;
@@ -583,6 +606,16 @@ impl RepairController {
                  watch has not restored it yet)"
                     .into(),
             );
+        }
+        // The netns the pod was enrolled with is the one ztunnel must get; another one
+        // found now is not acted on.
+        if let Some(held) = enroller.server.netns_of(&uid).await {
+            if held.id() != b.netns.netns.id() {
+                return Outcome::Moot(format!(
+                    "netns {} is not the one the pod was enrolled with",
+                    b.netns
+                ));
+            }
         }
         let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
         let lock_dir = self.cfg.lock_dir.clone();
@@ -597,7 +630,7 @@ impl RepairController {
         })
         .await
         .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
-        act::report_repair(&self.events, &b.pod, &b.problems, &rules).await;
+        act::report_rules(&self.events, &b.pod, &b.problems, &rules, true).await;
         let rules = match rules {
             Ok(r) => r,
             Err(e) => return Outcome::Failed(e.to_string()),
@@ -616,8 +649,20 @@ impl RepairController {
             Ok(false) => {}
             Err(e) => return Outcome::Failed(e.to_string()),
         }
+        // What the pass saw may be a ztunnel restarting (its listeners gone from every
+        // pod): only the ztunnel that took the snapshot the pass knew is asked again.
+        let unchanged = enroller.server.snapshot_count() == snapshots
+            && enroller.server.ztunnels().borrow().synced > 0;
+        if !unchanged {
+            return Outcome::Moot("a ztunnel connected or went away since the check".into());
+        }
         let pod = AmbientPod::of(&b.pod, &uid);
         let resent = enroller.resend(&pod, b.netns.netns.clone()).await;
+        if let Err(EnrolError::Ztunnel(ServerError::NoZtunnel)) = &resent {
+            return Outcome::Moot(
+                "ztunnel went away; the next one gets the pod in its snapshot".into(),
+            );
+        }
         let (ns, name) = (b.pod.namespace().unwrap_or_default(), b.pod.name_any());
         let state = if resent.is_ok() {
             Redirection::Enabled
