@@ -252,6 +252,28 @@ impl Setup {
         zt
     }
 
+    /// A running pod that an earlier agent enrolled: annotated `enabled` in the API (its
+    /// netns holds no rules here).
+    fn enrolled_before(&mut self, name: &str) -> RunningPod {
+        let pod = self.running_pod(name, json!({}));
+        let mut object = self.api.get("pods", "default", name).unwrap();
+        object["metadata"]["annotations"] = json!({REDIRECTION: "enabled"});
+        self.api.put("pods", object);
+        pod
+    }
+
+    /// The node routes between its pods (`/proc/sys/net` is the writing thread's netns's).
+    fn route_between_pods(&self) {
+        self.node_ns
+            .open()
+            .run(|_| {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0")
+            })
+            .unwrap()
+            .expect("the node netns's sysctls");
+    }
+
     fn ambient_pod(&mut self, name: &str) -> RunningPod {
         self.pod(
             name,
@@ -565,10 +587,7 @@ fn an_ambient_pod_that_ztunnel_does_not_take_again_is_repaired_then_pending() {
                "spec": {"taints": [{"key": "cni.istio.io/not-ready", "effect": "NoSchedule"}]}}),
     );
     s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
-    let web = s.running_pod("web", json!({}));
-    let mut object = s.api.get("pods", "default", "web").unwrap();
-    object["metadata"]["annotations"] = json!({REDIRECTION: "enabled"});
-    s.api.put("pods", object);
+    let web = s.enrolled_before("web");
     assert!(web.rules().is_empty());
 
     let agent = s.agent();
@@ -661,10 +680,7 @@ fn in_delete_mode_a_pod_ztunnel_does_not_serve_is_handed_over_not_deleted() {
         "true",
     ];
     s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
-    let web = s.running_pod("web", json!({}));
-    let mut object = s.api.get("pods", "default", "web").unwrap();
-    object["metadata"]["annotations"] = json!({REDIRECTION: "enabled"});
-    s.api.put("pods", object);
+    let web = s.enrolled_before("web");
     let agent = s.agent();
     agent.wait_ready();
     wait_for("the restored pod's rules rewritten", || {
@@ -888,15 +904,7 @@ fn traffic(nft: bool) {
     let mut s = Setup::new(if nft { 86 } else { 84 });
     s.nft = nft;
     let subnet = s.subnet;
-    // The node routes between its pods (/proc/sys/net is the writing thread's netns's).
-    s.node_ns
-        .open()
-        .run(|_| {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-            std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0")
-        })
-        .unwrap()
-        .expect("the node netns's sysctls");
+    s.route_between_pods();
     let _agent = s.agent();
     let (client_ip, server_ip) = (
         Ipv4Addr::new(10, subnet, 0, 2),
@@ -1275,14 +1283,7 @@ fn snapshot_log(zt: &Ztunnel, k: usize) -> String {
 fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_restart() {
     let Some(bin) = ztunnel::binary() else { return };
     let s = Setup::new(89);
-    s.node_ns
-        .open()
-        .run(|_| {
-            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
-            std::fs::write("/proc/sys/net/ipv4/conf/all/rp_filter", "0")
-        })
-        .unwrap()
-        .expect("the node netns's sysctls");
+    s.route_between_pods();
     let agent = s.agent();
     let (client_ip, server_ip) = (Ipv4Addr::new(10, 89, 0, 2), Ipv4Addr::new(10, 89, 0, 3));
     let workloads = [("client", client_ip), ("server", server_ip)];

@@ -519,25 +519,7 @@ impl RepairController {
                     self.repair_ambient(&client, enroller, &b, snapshots).await
                 }
                 (Mode::Repair, _) => {
-                    let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
-                    let lock_dir = self.cfg.lock_dir.clone();
-                    let host_proc = self.cfg.host_proc.clone();
-                    let pod_uid = uid.clone();
-                    let result = tokio::task::spawn_blocking(move || {
-                        let owner = act::Owner {
-                            uid: &pod_uid,
-                            host_proc: Some(&host_proc),
-                        };
-                        act::repair_in_place(
-                            &netns,
-                            &candidate,
-                            &Tools::detect(),
-                            &lock_dir,
-                            &owner,
-                        )
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
+                    let result = self.rewrite(&b).await;
                     act::report_repair(&self.events, &b.pod, &b.problems, &result).await;
                     match result {
                         Ok(act::Repair::Written) => Outcome::Done,
@@ -587,6 +569,24 @@ impl RepairController {
         }
     }
 
+    /// The broken pod's rules written again in place ([`act::repair_in_place`]), on a
+    /// blocking thread.
+    async fn rewrite(&self, b: &Broken) -> Result<act::Repair, act::RepairError> {
+        let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
+        let lock_dir = self.cfg.lock_dir.clone();
+        let host_proc = self.cfg.host_proc.clone();
+        let pod_uid = b.pod.uid().unwrap_or_default();
+        tokio::task::spawn_blocking(move || {
+            let owner = act::Owner {
+                uid: &pod_uid,
+                host_proc: Some(&host_proc),
+            };
+            act::repair_in_place(&netns, &candidate, &Tools::detect(), &lock_dir, &owner)
+        })
+        .await
+        .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())))
+    }
+
     /// Repairs an ambient pod in place (see the module docs), holding the pod's lock so
     /// that no enrolment or unenrolment of it runs meanwhile: its rules first, under the
     /// netns lock and read back ([`act::repair_in_place`]), then ztunnel's listeners, the
@@ -617,19 +617,7 @@ impl RepairController {
                 ));
             }
         }
-        let (netns, candidate) = (b.netns.clone(), b.candidate.clone());
-        let lock_dir = self.cfg.lock_dir.clone();
-        let host_proc = self.cfg.host_proc.clone();
-        let pod_uid = uid.clone();
-        let rules = tokio::task::spawn_blocking(move || {
-            let owner = act::Owner {
-                uid: &pod_uid,
-                host_proc: Some(&host_proc),
-            };
-            act::repair_in_place(&netns, &candidate, &Tools::detect(), &lock_dir, &owner)
-        })
-        .await
-        .unwrap_or_else(|e| Err(act::RepairError::Task(e.to_string())));
+        let rules = self.rewrite(b).await;
         act::report_rules(&self.events, &b.pod, &b.problems, &rules, true).await;
         let rules = match rules {
             Ok(r) => r,
