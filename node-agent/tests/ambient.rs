@@ -1277,7 +1277,8 @@ fn snapshot_log(zt: &Ztunnel, k: usize) -> String {
 ///   its proxies), and the new agent's snapshot gives ztunnel every pod with its netns
 ///   (`AddWorkload`, no `KeepWorkload`);
 /// - ztunnel killed and started again: the agent replays its snapshot to the new one,
-///   which reports ready only after it, and new connections go through it again.
+///   which reports ready only after it, and new connections go through it again; a pod
+///   deleted while ztunnel was away is not in that snapshot (ztunnel drops it).
 #[test]
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_restart() {
@@ -1286,9 +1287,15 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     s.route_between_pods();
     let agent = s.agent();
     let (client_ip, server_ip) = (Ipv4Addr::new(10, 89, 0, 2), Ipv4Addr::new(10, 89, 0, 3));
-    let workloads = [("client", client_ip), ("server", server_ip)];
+    let gone_ip = Ipv4Addr::new(10, 89, 0, 4);
+    let workloads = [
+        ("client", client_ip),
+        ("server", server_ip),
+        ("gone", gone_ip),
+    ];
     let zt = s.start_ztunnel(&bin, &workloads);
     let ambient = json!({"istio.io/dataplane-mode": "ambient"});
+    let (_gone, _) = chained_pod(&s, "gone", gone_ip, pod_object("gone", ambient.clone()));
     let (server, _) = chained_pod(
         &s,
         "server",
@@ -1327,12 +1334,20 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     let second = snapshot_log(&zt, 2);
     assert_eq!(
         second.matches("pod received, starting proxy").count(),
-        2,
+        3,
         "an AddWorkload for each pod:\n{second}"
     );
     assert!(!second.contains("pod keep received"), "{second}");
 
     drop(zt);
+    // While ztunnel is away, a pod is deleted: the agent forgets it.
+    assert!(s.api.remove("pods", "default", "gone"));
+    wait_for("the agent to forget the deleted pod", || {
+        std::fs::read_to_string(&agent.log)
+            .ok()?
+            .contains("pod default/gone is gone")
+            .then_some(())
+    });
     let t = Instant::now();
     let zt = s.start_ztunnel(&bin, &workloads);
     eprintln!("ztunnel restarted: ready {:?} after its start", t.elapsed());
@@ -1347,6 +1362,7 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
         2,
         "{third}"
     );
+    assert!(!third.contains("name=\"gone\""), "{third}");
     let mut again = connect_in(&client, to);
     assert_eq!(
         ping_over(&mut again).unwrap_or_else(|e| panic!(

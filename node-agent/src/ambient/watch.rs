@@ -584,8 +584,13 @@ impl PodWatch {
         if !self.enroller.server.knows(uid).await {
             return;
         }
+        let connected = self.enroller.server.connections().await > 0;
         match self.enroller.server.del(uid).await {
-            Ok(()) => log::info!("ambient: pod {name} is gone; ztunnel dropped it"),
+            Ok(()) if connected => log::info!("ambient: pod {name} is gone; ztunnel dropped it"),
+            Ok(()) => log::info!(
+                "ambient: pod {name} is gone; no ztunnel is connected, and the next one's \
+                 snapshot leaves it out"
+            ),
             Err(e) => log::warn!("ambient: telling ztunnel to drop pod {name}: {e}"),
         }
     }
