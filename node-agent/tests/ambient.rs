@@ -1272,9 +1272,10 @@ fn snapshot_log(zt: &Ztunnel, k: usize) -> String {
 
 /// With the real ztunnel and two ambient pods talking through it (the node's chain: `ptp`,
 /// then istio-cni):
-/// - the agent killed (SIGKILL) and started again, as in a crash or a rolling upgrade: a
-///   connection opened before keeps working while no agent runs and after (ztunnel keeps
-///   its proxies), and the new agent's snapshot gives ztunnel every pod with its netns
+/// - the agent upgraded (SIGTERM while its DaemonSet exists, then a new agent), then
+///   killed (SIGKILL) and started again: each time a connection opened before keeps
+///   working while no agent runs and after (ztunnel keeps its proxies), the node's probe
+///   rules stay, and the new agent's snapshot gives ztunnel every pod with its netns
 ///   (`AddWorkload`, no `KeepWorkload`);
 /// - ztunnel killed and started again: the agent replays its snapshot to the new one,
 ///   which reports ready only after it, and new connections go through it again; a pod
@@ -1283,9 +1284,12 @@ fn snapshot_log(zt: &Ztunnel, k: usize) -> String {
 #[ignore = "builds and runs the real ztunnel: make e2e"]
 fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_restart() {
     let Some(bin) = ztunnel::binary() else { return };
-    let s = Setup::new(89);
+    let mut s = Setup::new(89);
+    // The agent's DaemonSet exists: a SIGTERM is an upgrade, not an uninstall.
+    istio_cni_e2e::agent::register_agent_pod(&s.api);
+    s.extra = vec!["--pod-name", istio_cni_e2e::agent::AGENT_POD];
     s.route_between_pods();
-    let agent = s.agent();
+    let mut agent = s.agent();
     let (client_ip, server_ip) = (Ipv4Addr::new(10, 89, 0, 2), Ipv4Addr::new(10, 89, 0, 3));
     let gone_ip = Ipv4Addr::new(10, 89, 0, 4);
     let workloads = [
@@ -1317,27 +1321,43 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     let mut long_lived = connect_in(&client, to);
     assert_eq!(ping_over(&mut long_lived).unwrap(), "pong");
 
-    drop(agent);
-    assert_eq!(
-        ping_over(&mut long_lived).expect("the connection, with no agent running"),
-        "pong"
-    );
-    let agent = s.agent();
-    let (_, took) = wait_for("ztunnel's snapshot from the new agent", || {
-        (snapshots_taken(&zt) >= 2).then_some(())
-    });
-    eprintln!("agent restarted: ztunnel took the new snapshot {took:?} after its start");
-    assert_eq!(
-        ping_over(&mut long_lived).expect("the connection, after the agent's restart"),
-        "pong"
-    );
-    let second = snapshot_log(&zt, 2);
-    assert_eq!(
-        second.matches("pod received, starting proxy").count(),
-        3,
-        "an AddWorkload for each pod:\n{second}"
-    );
-    assert!(!second.contains("pod keep received"), "{second}");
+    // A rolling upgrade (SIGTERM, then the new agent), then a crash (SIGKILL, then a
+    // new agent): each time the connection works with no agent and after, and ztunnel's
+    // next snapshot hands every pod over again.
+    let probe_rules = s.host_rules();
+    for (n, how) in [(2, "upgrade"), (3, "SIGKILL")] {
+        if how == "upgrade" {
+            assert!(agent.sigterm().success());
+            let log = std::fs::read_to_string(&agent.log).unwrap();
+            assert!(log.contains("keeping the plugin installed"), "{log}");
+            assert_eq!(s.host_rules(), probe_rules, "the probe rules stay");
+        }
+        drop(agent);
+        assert_eq!(
+            ping_over(&mut long_lived)
+                .unwrap_or_else(|e| panic!("the connection, with no agent running ({how}): {e}")),
+            "pong"
+        );
+        agent = s.agent();
+        let (_, took) = wait_for("ztunnel's snapshot from the new agent", || {
+            (snapshots_taken(&zt) >= n).then_some(())
+        });
+        eprintln!(
+            "agent restarted ({how}): ztunnel took the new snapshot {took:?} after its start"
+        );
+        assert_eq!(
+            ping_over(&mut long_lived)
+                .unwrap_or_else(|e| panic!("the connection, after the agent's {how}: {e}")),
+            "pong"
+        );
+        let snapshot = snapshot_log(&zt, n);
+        assert_eq!(
+            snapshot.matches("pod received, starting proxy").count(),
+            3,
+            "an AddWorkload for each pod ({how}):\n{snapshot}"
+        );
+        assert!(!snapshot.contains("pod keep received"), "{snapshot}");
+    }
 
     drop(zt);
     // While ztunnel is away, a pod is deleted: the agent forgets it.
@@ -1353,10 +1373,10 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     eprintln!("ztunnel restarted: ready {:?} after its start", t.elapsed());
     assert_eq!(
         snapshots_taken(&zt),
-        3,
+        4,
         "ready only once it took the snapshot"
     );
-    let third = snapshot_log(&zt, 3);
+    let third = snapshot_log(&zt, 4);
     assert_eq!(
         third.matches("pod received, starting proxy").count(),
         2,
