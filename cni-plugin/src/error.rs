@@ -46,8 +46,9 @@ pub enum Error {
     #[error("validation failed: {0}")]
     Validate(#[from] ValidateError),
     /// The node agent did not enrol an ambient pod: absent, no answer in time, or
-    /// unavailable for now (HTTP 503: no ztunnel serves the node, or the API did not
-    /// answer) (11); refused or the exchange failed (106). Nothing was left in the netns.
+    /// unavailable for now (HTTP 503: no ztunnel took its snapshot within the agent's
+    /// wait or ztunnel left before the hand-over, or the agent's API read or annotation
+    /// failed) (11); refused or the exchange failed (106). Nothing was left in the netns.
     #[error("ambient mode: {0}")]
     Ambient(#[from] SendError),
     /// STATUS: the plugin cannot serve ADD now (50).

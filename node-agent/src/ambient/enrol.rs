@@ -283,8 +283,9 @@ impl Enroller {
     /// traffic for ztunnel whatever happens here. The caller holds the pod's lock.
     ///
     /// Errors: [`EnrolError::Ztunnel`] when no ztunnel is connected or it refuses the pod,
-    /// [`EnrolError::NoListeners`] when it acks without listening. In both cases the pod
-    /// stays recorded, so the next ztunnel's snapshot brings it.
+    /// [`EnrolError::NoListeners`] when it acks without listening, [`EnrolError::Netns`]
+    /// or [`EnrolError::Task`] when the netns's sockets cannot be read. In every case the
+    /// pod stays recorded, so the next ztunnel's snapshot brings it.
     pub async fn resend(&self, pod: &AmbientPod, netns: Arc<Netns>) -> Result<(), EnrolError> {
         if let Err(e) = self.server.del(&pod.uid).await {
             log::debug!(

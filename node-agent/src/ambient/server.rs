@@ -321,8 +321,8 @@ impl ZdsServer {
         self.ztunnels.subscribe()
     }
 
-    /// Waits up to `wait` for a ztunnel that has taken its snapshot (at once when one is
-    /// connected). Returns whether there is one.
+    /// Waits up to `wait` for a ztunnel that has taken its snapshot (at once when one
+    /// has). Returns whether there is one.
     pub async fn wait_for_ztunnel(&self, wait: Duration) -> bool {
         let mut rx = self.ztunnels.subscribe();
         tokio::time::timeout(wait, rx.wait_for(|z| z.synced > 0))

@@ -74,8 +74,9 @@ pub struct PodWatch {
     pub events: Arc<crate::events::Events>,
 }
 
-/// Event reason: after a restart the agent found no process of an enrolled pod, and told
-/// ztunnel to keep serving it as it was (`KeepWorkload`).
+/// Event reason: after a restart the agent found no netns of an enrolled pod (no process of
+/// it, no pinned netns holding its address), and told ztunnel to keep serving it as it was
+/// (`KeepWorkload`).
 pub const REASON_KEPT: &str = "IstioCNIAmbientNetnsNotFound";
 
 /// What the pod should be, by the API.

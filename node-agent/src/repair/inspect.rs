@@ -82,7 +82,8 @@ pub struct AmbientView {
     /// was undone, and is left alone.
     pub held: std::collections::HashSet<String>,
     /// How many snapshots ztunnel connections had acked when the view was taken: a repair
-    /// that finds another count acts on nothing (a ztunnel came or went meanwhile).
+    /// that finds another count (a ztunnel came or went meanwhile) still rewrites wrong
+    /// rules, but hands nothing to ztunnel again.
     pub snapshots: u64,
     /// DNS capture and IPv6 (the agent's `AMBIENT_*` settings).
     pub node: istio_cni::rules::ambient::NodeSettings,

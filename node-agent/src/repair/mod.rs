@@ -20,7 +20,9 @@
 //!   and a pod without ztunnel's listeners is handed to ztunnel again
 //!   ([`Enroller::resend`]); if ztunnel still does not listen in it, the pod is annotated
 //!   `pending` with a Warning Event, its traffic held by the rules until a ztunnel takes
-//!   it. The delete and label modes, the cooldown and the rate limit are the same.
+//!   it. The cooldown and the rate limit are the same; delete and label modes act on an
+//!   ambient pod whose rules are wrong, but one whose only fault is ztunnel's missing
+//!   listeners is always handed over again, never deleted or labeled.
 
 pub mod act;
 pub mod inspect;
