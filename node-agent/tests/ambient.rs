@@ -703,6 +703,31 @@ fn in_delete_mode_a_pod_ztunnel_does_not_serve_is_handed_over_not_deleted() {
     assert!(!web.rules().is_empty());
 }
 
+/// After a restart, an enrolled pod whose process lives in a netns that does not hold the
+/// pod's API address (the API and the node disagree: a stale object, or a reused cgroup)
+/// is not handed to ztunnel with that netns: it goes into the snapshot as `KeepWorkload`,
+/// with a Warning Event, and nothing is written into that netns even with
+/// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
+#[test]
+fn a_restored_pod_whose_netns_lacks_its_address_is_kept_not_handed_over() {
+    let mut s = Setup::new(92);
+    s.extra = vec!["--ambient-reconcile-pod-rules-on-startup", "true"];
+    s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
+    let web = s.enrolled_before("web");
+    let mut object = s.api.get("pods", "default", "web").unwrap();
+    object["status"]["podIP"] = json!("10.92.0.250");
+    object["status"]["podIPs"] = json!([{"ip": "10.92.0.250"}]);
+    s.api.put("pods", object);
+    let agent = s.agent();
+    agent.wait_ready();
+    wait_for("the Event on the kept pod", || {
+        (s.api.event_reasons("web") == ["IstioCNIAmbientNetnsNotFound"]).then_some(())
+    });
+    let log = std::fs::read_to_string(&agent.log).unwrap();
+    assert!(log.contains("does not hold its address"), "{log}");
+    assert!(web.rules().is_empty(), "nothing written: {:?}", web.rules());
+}
+
 /// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.
 fn ztunnel_ports(netns: &TestNetns) -> Vec<u16> {
     let listening = netns.exec(&["ss", "-Htln"]);

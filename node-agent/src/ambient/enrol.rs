@@ -327,23 +327,29 @@ impl Enroller {
         Ok(())
     }
 
-    /// Rewrites the in-pod rules of a pod enrolled before the agent started
-    /// (`AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`), under the netns lock, read back. A
-    /// failure removes nothing: the pod keeps what it had (the repair loop's semantics,
-    /// [`istio_cni::plugin::reprogram`]).
+    /// Reads back the in-pod rules of a pod enrolled before the agent started and, when
+    /// they differ from this agent's, rewrites them (`AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`),
+    /// under the netns lock, read back. A failure removes nothing: the pod keeps what it
+    /// had (the repair loop's semantics, [`istio_cni::plugin::reprogram`]). Returns
+    /// whether they were rewritten.
     ///
     /// Errors: [`EnrolError`].
     pub async fn rewrite_rules(
         &self,
         pod: &AmbientPod,
         netns: Arc<Netns>,
-    ) -> Result<(), EnrolError> {
+    ) -> Result<bool, EnrolError> {
         let overrides = PodOverrides::from_annotations(&pod.annotations)?;
         let ruleset = self.ruleset(&overrides);
         self.blocking(move |me| {
             let _lock = NetnsLock::acquire(&me.lock_dir, netns.id(), LOCK_WAIT)?;
             netns
-                .run(|inside| istio_cni::plugin::reprogram_rules(inside, &me.tools, &ruleset))?
+                .run(|inside| {
+                    if istio_cni::plugin::read_back_rules(inside, &me.tools, &ruleset).is_ok() {
+                        return Ok(false);
+                    }
+                    istio_cni::plugin::reprogram_rules(inside, &me.tools, &ruleset).map(|()| true)
+                })?
                 .map_err(|e| EnrolError::Rules(Box::new(e)))
         })
         .await

@@ -410,8 +410,14 @@ impl PodWatch {
             if let (Some(l), true) = (&located, self.reconcile_on_startup) {
                 // A failed rewrite keeps what the pod had; the pod is restored either way.
                 if matches!(l.via, Via::Process(_)) {
-                    if let Err(e) = self.enroller.rewrite_rules(&ambient, l.netns.clone()).await {
-                        log::warn!("ambient: rewriting the rules of restored pod {name}: {e}");
+                    match self.enroller.rewrite_rules(&ambient, l.netns.clone()).await {
+                        Ok(true) => log::info!(
+                            "ambient: restored pod {name}: its rules differed and were rewritten"
+                        ),
+                        Ok(false) => {}
+                        Err(e) => {
+                            log::warn!("ambient: rewriting the rules of restored pod {name}: {e}")
+                        }
                     }
                 }
             }
@@ -448,7 +454,8 @@ impl PodWatch {
     /// The netns of each pod of `enrolled`, found as the repair loop finds them
     /// ([`Finder`]): through a process of the pod, else through a pinned netns file
     /// holding one of its API addresses (a runtime without a process per pod), which no
-    /// other pod of `all` that is not terminal claims and no other pod's process lives in.
+    /// other pod of `all` that is not terminal claims and no other pod's process lives in;
+    /// either way holding one of the pod's API addresses when it has any.
     /// One `/proc` scan for all; pods not found are not in the map.
     async fn locate(
         &self,
@@ -483,6 +490,18 @@ impl PodWatch {
                 .into_iter()
                 .filter_map(|(uid, ips)| {
                     let found = finder.find(&uid, &ips)?;
+                    // The pod's address, once the API has one, must be in the netns (a
+                    // pod still starting has none to check).
+                    if !ips.is_empty() {
+                        let here = crate::locate::addresses_in(&found.netns).unwrap_or_default();
+                        if !ips.iter().any(|ip| here.contains(ip)) {
+                            log::warn!(
+                                "ambient: pod {uid}: netns {found} does not hold its address; \
+                                 not handing it to ztunnel"
+                            );
+                            return None;
+                        }
+                    }
                     let claimed = claims.iter().any(|(other, theirs)| {
                         *other != uid && theirs.iter().any(|ip| ips.contains(ip))
                     });
