@@ -40,13 +40,14 @@ pub enum NetnsError {
     /// The thread running inside the namespace panicked.
     #[error("the worker thread inside network namespace {0} panicked")]
     Panicked(PathBuf),
-    /// The path names the namespace this process runs in, or that of PID 1: on a node,
-    /// the host's. Writing pod rules there would capture every host connection.
+    /// The path names the namespace this process runs in, or the host's (that of PID 1,
+    /// or of the kernel's threads): writing pod rules there would capture every host
+    /// connection.
     #[error("refusing network namespace {path}: it is {which}, not a pod's (is CNI_NETNS wrong?)")]
     HostNamespace {
         /// The netns path.
         path: PathBuf,
-        /// `"this process's own network namespace"` or `"PID 1's network namespace"`.
+        /// `"this process's own network namespace"` or `"the host's network namespace"`.
         which: &'static str,
     },
 }
@@ -83,6 +84,30 @@ impl NetnsId {
     }
 }
 
+/// The identities of the host's network namespace as the procfs mounted at `proc` shows
+/// it, each when it can be read: that of PID 1, and that of `kthreadd` (PID 2 when its
+/// `comm` is `kthreadd`). Kernel threads always run in the initial network namespace,
+/// and their `ns/net` stays readable where PID 1's may not be (a PID 1 that is not
+/// dumpable answers `EACCES` even to root): so the host's namespace is known even then.
+/// Empty only when neither can be read (a `proc` of another PID namespace, without
+/// access to either).
+pub fn host_netns_ids(proc: &Path) -> Vec<NetnsId> {
+    let mut ids = Vec::with_capacity(2);
+    if let Ok(id) = NetnsId::of(&proc.join("1/ns/net")) {
+        ids.push(id);
+    }
+    let kthreadd = std::fs::read_to_string(proc.join("2/comm"))
+        .is_ok_and(|comm| comm.trim_end() == "kthreadd");
+    if kthreadd {
+        if let Ok(id) = NetnsId::of(&proc.join("2/ns/net")) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
 /// An open network namespace, e.g. the pod's `CNI_NETNS`. Never the namespace of this
 /// process or of PID 1 (see [`Netns::open`]).
 #[derive(Debug)]
@@ -95,14 +120,14 @@ pub struct Netns {
 impl Netns {
     /// Opens the namespace at `path` (a bind mount under `/var/run/netns`, or
     /// `/proc/<pid>/ns/net`), checks that it is a namespace file, and refuses the
-    /// namespace this process runs in and that of PID 1.
+    /// namespace this process runs in and the host's ([`host_netns_ids`] of `/proc`).
     ///
     /// The path is first opened with `O_PATH`, which never blocks (a FIFO) and has no side
     /// effect (a device file); only an nsfs file is then opened for real, through that
     /// descriptor, so the file checked is the file entered.
     ///
     /// Errors: [`NetnsError::NotFound`] when the path is gone (DEL treats that as done),
-    /// [`NetnsError::HostNamespace`] for this process's or PID 1's namespace,
+    /// [`NetnsError::HostNamespace`] for this process's or the host's namespace,
     /// [`NetnsError::Open`] otherwise.
     pub fn open(path: &Path) -> Result<Netns, NetnsError> {
         let opath: OwnedFd =
@@ -163,20 +188,19 @@ impl Netns {
         let file = File::open(format!("/proc/self/fd/{}", opath.as_raw_fd()))
             .map_err(|e| fail(e.to_string()))?;
         let id = NetnsId::of_stat(&fstat(&file).map_err(|e| fail(e.desc().to_owned()))?);
-        for (own, which) in [
-            (
-                "/proc/thread-self/ns/net",
-                "this process's own network namespace",
-            ),
-            ("/proc/self/ns/net", "this process's own network namespace"),
-            ("/proc/1/ns/net", "PID 1's network namespace"),
-        ] {
+        for own in ["/proc/thread-self/ns/net", "/proc/self/ns/net"] {
             if NetnsId::of_path(own) == Some(id) {
                 return Err(NetnsError::HostNamespace {
                     path: path.into(),
-                    which,
+                    which: "this process's own network namespace",
                 });
             }
+        }
+        if host_netns_ids(Path::new("/proc")).contains(&id) {
+            return Err(NetnsError::HostNamespace {
+                path: path.into(),
+                which: "the host's network namespace",
+            });
         }
         Ok(Netns {
             file,
@@ -292,5 +316,32 @@ impl ScratchNetns {
     /// A path other processes can open while this value lives (`CNI_NETNS`).
     pub fn path(&self) -> &Path {
         &self.netns.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's threads run in the host's netns: it is known, and refused, even where
+    /// PID 1's `ns/net` cannot be read (this machine's PID 1 answers `EACCES`).
+    #[test]
+    fn the_kernel_threads_netns_is_the_hosts_and_is_refused() {
+        let kthreadd =
+            std::fs::read_to_string("/proc/2/comm").is_ok_and(|comm| comm.trim_end() == "kthreadd");
+        let Ok(id) = NetnsId::of(Path::new("/proc/2/ns/net")) else {
+            eprintln!("skipped: /proc/2/ns/net is not readable here");
+            return;
+        };
+        if !kthreadd {
+            eprintln!("skipped: PID 2 is not kthreadd here");
+            return;
+        }
+        assert!(host_netns_ids(Path::new("/proc")).contains(&id));
+        // Refused as the host's, or (when this test runs in it) as this process's own.
+        match Netns::open(Path::new("/proc/2/ns/net")) {
+            Err(NetnsError::HostNamespace { .. }) => {}
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -14,8 +14,10 @@
 //!    `/run/netns`. [`BindMounts::scan`] enters each once and maps the addresses on its
 //!    interfaces to the file, so a pod is found by its IP.
 //!
-//! The host's own netns (`<host proc>/1/ns/net`) is never returned: a host-network pod, or
-//! a cgroup path that only looks like a pod's, must not get pod rules.
+//! The host's own netns (`<host proc>/1/ns/net`, and `kthreadd`'s, readable where PID 1's
+//! is not: [`istio_cni::netns::host_netns_ids`]) is never returned: a host-network pod, a
+//! pod's process caught before it entered its netns, or a cgroup path that only looks
+//! like a pod's, must not get pod rules.
 //!
 //! Nor is a netns that something says is another pod's: one in which a process of another
 //! pod (by its cgroup's pod UID) lives ([`ProcIndex::other_pods_in`]). An IP alone proves
@@ -139,7 +141,7 @@ pub struct ProcIndex {
     host_proc: PathBuf,
     pods: HashMap<String, Vec<u32>>,
     owners: HashMap<NetnsId, Vec<String>>,
-    host_netns: Option<NetnsId>,
+    host_netns: Vec<NetnsId>,
 }
 
 impl ProcIndex {
@@ -182,7 +184,7 @@ impl ProcIndex {
             host_proc: host_proc.to_owned(),
             pods,
             owners,
-            host_netns: NetnsId::of(&host_proc.join("1/ns/net")).ok(),
+            host_netns: istio_cni::netns::host_netns_ids(host_proc),
         })
     }
 
@@ -211,9 +213,10 @@ impl ProcIndex {
         None
     }
 
-    /// The identity of the host's netns (that of PID 1), when readable.
-    pub fn host_netns(&self) -> Option<NetnsId> {
-        self.host_netns
+    /// The identities of the host's netns (PID 1's, `kthreadd`'s), those readable
+    /// ([`istio_cni::netns::host_netns_ids`]).
+    pub fn host_netns(&self) -> &[NetnsId] {
+        &self.host_netns
     }
 
     /// Number of pods with at least one process.
@@ -233,7 +236,7 @@ impl ProcIndex {
         let found = self.pods.get(uid)?.iter().find_map(|&pid| {
             let path = self.host_proc.join(pid.to_string()).join("ns/net");
             let netns = Netns::open(&path).ok()?;
-            (Some(netns.id()) != self.host_netns).then(|| PodNetns {
+            (!self.host_netns.contains(&netns.id())).then(|| PodNetns {
                 netns: Arc::new(netns),
                 via: Via::Process(pid),
             })
@@ -252,7 +255,7 @@ impl BindMounts {
     /// Enters every file in `dirs` (missing dirs are skipped) and records the addresses on
     /// its interfaces. Files that are not netns, and the host's netns (`host_netns`), are
     /// skipped.
-    pub fn scan(dirs: &[PathBuf], host_netns: Option<NetnsId>) -> BindMounts {
+    pub fn scan(dirs: &[PathBuf], host_netns: &[NetnsId]) -> BindMounts {
         let mut by_ip = HashMap::new();
         for dir in dirs {
             let Ok(entries) = std::fs::read_dir(dir) else {
@@ -261,7 +264,7 @@ impl BindMounts {
             for entry in entries.flatten() {
                 let path = entry.path();
                 let netns = match Netns::open(&path) {
-                    Ok(n) if host_netns.is_some_and(|h| h == n.id()) => continue,
+                    Ok(n) if host_netns.contains(&n.id()) => continue,
                     Ok(n) => Arc::new(n),
                     Err(e) => {
                         log::debug!("netns file {}: {e}", path.display());

@@ -50,6 +50,53 @@ struct Setup {
     taint: bool,
     /// More flags for the agent.
     extra: Vec<&'static str>,
+    /// The test process's own netns's (the machine's) rules and policy routes at the
+    /// start: nothing of a test may land there.
+    host_before: Vec<String>,
+}
+
+/// The rules of ours (`ISTIO_*` chains, `istio-*` nft tables) and `0x111` policy routes in
+/// the netns of the test process itself (the machine's).
+fn host_istio_state() -> Vec<String> {
+    let run = |cmd: &[&str]| {
+        std::process::Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<String> = Vec::new();
+    for cmd in [
+        &["iptables-save"][..],
+        &["ip6tables-save"],
+        &["nft", "list", "tables"],
+        &["ip", "rule", "show"],
+    ] {
+        out.extend(
+            run(cmd)
+                .lines()
+                .filter(|l| l.contains("ISTIO") || l.contains("istio") || l.contains("0x111"))
+                .map(str::to_owned),
+        );
+    }
+    out
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let now = host_istio_state();
+        if now == self.host_before {
+            return;
+        }
+        if std::thread::panicking() {
+            eprintln!("ALSO: rules of ours appeared in the machine's own netns: {now:?}");
+        } else {
+            assert_eq!(
+                now, self.host_before,
+                "rules of ours appeared in the machine's own netns"
+            );
+        }
+    }
 }
 
 impl Setup {
@@ -77,6 +124,7 @@ impl Setup {
             repair: false,
             taint: false,
             extra: Vec::new(),
+            host_before: host_istio_state(),
         }
     }
 
@@ -703,29 +751,46 @@ fn in_delete_mode_a_pod_ztunnel_does_not_serve_is_handed_over_not_deleted() {
     assert!(!web.rules().is_empty());
 }
 
-/// After a restart, an enrolled pod whose process lives in a netns that does not hold the
-/// pod's API address (the API and the node disagree: a stale object, or a reused cgroup)
-/// is not handed to ztunnel with that netns: it goes into the snapshot as `KeepWorkload`,
-/// with a Warning Event, and nothing is written into that netns even with
-/// `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`.
+/// A pod whose process lives in a netns that does not hold the pod's API address (the API
+/// and the node disagree: a stale object, a reused cgroup, a process caught before it
+/// entered its pod's netns) never has that netns written or handed to ztunnel:
+/// - enrolled before a restart, it goes into the snapshot as `KeepWorkload`, with a
+///   Warning Event, and nothing is written there even with
+///   `AMBIENT_RECONCILE_POD_RULES_ON_STARTUP`;
+/// - running and made ambient by its namespace's label, the watch does not enrol it.
 #[test]
-fn a_restored_pod_whose_netns_lacks_its_address_is_kept_not_handed_over() {
+fn pods_whose_netns_lacks_their_address_are_never_written() {
     let mut s = Setup::new(92);
     s.extra = vec!["--ambient-reconcile-pod-rules-on-startup", "true"];
     s.label_namespace(json!({"istio.io/dataplane-mode": "ambient"}));
     let web = s.enrolled_before("web");
-    let mut object = s.api.get("pods", "default", "web").unwrap();
-    object["status"]["podIP"] = json!("10.92.0.250");
-    object["status"]["podIPs"] = json!([{"ip": "10.92.0.250"}]);
-    s.api.put("pods", object);
+    let other = s.running_pod("other", json!({}));
+    for (name, ip) in [("web", "10.92.0.250"), ("other", "10.92.0.251")] {
+        let mut object = s.api.get("pods", "default", name).unwrap();
+        object["status"]["podIP"] = json!(ip);
+        object["status"]["podIPs"] = json!([{ "ip": ip }]);
+        s.api.put("pods", object);
+    }
     let agent = s.agent();
     agent.wait_ready();
     wait_for("the Event on the kept pod", || {
         (s.api.event_reasons("web") == ["IstioCNIAmbientNetnsNotFound"]).then_some(())
     });
+    wait_for("the watch to pass on the other pod", || {
+        std::fs::read_to_string(&agent.log)
+            .ok()?
+            .contains("pod default/other is ambient, but no process of it")
+            .then_some(())
+    });
     let log = std::fs::read_to_string(&agent.log).unwrap();
     assert!(log.contains("does not hold its address"), "{log}");
     assert!(web.rules().is_empty(), "nothing written: {:?}", web.rules());
+    assert!(
+        other.rules().is_empty(),
+        "nothing written: {:?}",
+        other.rules()
+    );
+    assert_eq!(s.annotation("other"), None);
 }
 
 /// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.
@@ -1396,9 +1461,37 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     let t = Instant::now();
     let zt = s.start_ztunnel(&bin, &workloads);
     eprintln!("ztunnel restarted: ready {:?} after its start", t.elapsed());
-    assert_eq!(
-        snapshots_taken(&zt),
-        4,
+    // ztunnel writes its log asynchronously: wait for the lines, then check their order
+    // (the new ztunnel marked itself ready after it took the snapshot).
+    wait_for("ztunnel's log of the new snapshot", || {
+        (snapshots_taken(&zt) >= 4).then_some(())
+    });
+    let chronological: Vec<String> = zt
+        .log_tail(100_000)
+        .lines()
+        .rev()
+        .map(str::to_owned)
+        .collect();
+    let snapshot_at = chronological
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains("received snapshot sent"))
+        .nth(3)
+        .map(|(i, _)| i)
+        .unwrap();
+    let ready_at = wait_for("ztunnel's log of its readiness", || {
+        zt.log_tail(100_000)
+            .lines()
+            .rev()
+            .enumerate()
+            .filter(|(_, l)| l.contains("'workload proxy manager' complete"))
+            .map(|(i, _)| i)
+            .last()
+            .filter(|i| *i > snapshot_at)
+    })
+    .0;
+    assert!(
+        ready_at > snapshot_at,
         "ready only once it took the snapshot"
     );
     let third = snapshot_log(&zt, 4);

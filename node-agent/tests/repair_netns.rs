@@ -51,7 +51,7 @@ fn broken_pod(pods: &NodePods, a: &RunningPod) -> (Candidate, PodNetns) {
         exclude_namespaces: Vec::new(),
     };
     let c = candidate(&pod, &exclusions, false).expect("a meshed running pod");
-    let found = BindMounts::scan(&[pods.netns_dir().to_owned()], None)
+    let found = BindMounts::scan(&[pods.netns_dir().to_owned()], &[])
         .netns_of(&c.ips)
         .expect("the pod's netns file");
     let xt = Tools::detect();

@@ -248,7 +248,17 @@ impl Node {
     ) -> Daemon {
         static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (ready_port, metrics_port) = (free_port(), free_port());
+        // In a netns of its own, ports below the kernel's ephemeral range (32768 and up),
+        // distinct per start: a free port of this netns may be the local port of a socket
+        // there (a killed agent's connection to the API, closing), which a listener
+        // cannot take.
+        let (ready_port, metrics_port) = match netns {
+            Some(_) => {
+                let base = 20_000 + (n % 5_000) as u16 * 2;
+                (base, base + 1)
+            }
+            None => (free_port(), free_port()),
+        };
         let log = self.dir.path().join(format!("agent-{n}.log"));
         let mut cmd = Command::new(workspace_bin("istio-cni-node-agent"));
         cmd.arg("run")

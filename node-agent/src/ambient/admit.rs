@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use istio_cni::enablement::Enablement;
-use istio_cni::netns::{Netns, NetnsError, NetnsId};
+use istio_cni::netns::{Netns, NetnsError};
 use istio_cni::pluginevent::{CheckedAddEvent, AGENT_DEADLINE};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 
@@ -372,7 +372,7 @@ impl Admitter {
                 path: event_path.clone(),
                 why,
             };
-            if NetnsId::of(&host_proc.join("1/ns/net")).ok() == Some(netns.id()) {
+            if istio_cni::netns::host_netns_ids(&host_proc).contains(&netns.id()) {
                 return Err(AdmitError::Netns {
                     path: event_path.clone(),
                     source: NetnsError::HostNamespace {

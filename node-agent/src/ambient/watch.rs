@@ -322,19 +322,10 @@ impl PodWatch {
     }
 
     async fn enrol(&self, pod: &Pod, uid: &str, name: &str) {
-        let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
-        let found = tokio::task::spawn_blocking(move || {
-            ProcIndex::scan(&host_proc)
-                .ok()
-                .and_then(|procs| procs.netns_of(&owner))
-        })
-        .await
-        .ok()
-        .flatten();
-        let Some(found) = found else {
+        let Some(found) = self.netns_of(pod, uid).await else {
             log::info!(
                 "ambient: pod {name} is ambient, but no process of it (by its UID) is on this \
-                 node; trying again later"
+                 node in a netns holding its address; trying again later"
             );
             return;
         };
@@ -362,7 +353,7 @@ impl PodWatch {
         // The netns the pod was enrolled with, else the one a process of it lives in.
         let netns = match self.enroller.server.netns_of(uid).await {
             Some(n) => Some(n),
-            None => self.netns_of(uid).await,
+            None => self.netns_of(pod, uid).await.map(|found| found.netns),
         }
         .filter(|_| !sidecar);
         match self.enroller.unenrol(uid, netns).await {
@@ -568,14 +559,21 @@ impl PodWatch {
         }
     }
 
-    /// The netns of pod `uid`: that of a process of it, not shared with another pod's.
-    async fn netns_of(&self, uid: &str) -> Option<Arc<istio_cni::netns::Netns>> {
+    /// The netns of running pod `pod` (UID `uid`): that of a process of it, not shared
+    /// with another pod's, never the host's, and holding one of the pod's API addresses:
+    /// a process caught before it entered its pod's netns, or a cgroup that only looks
+    /// like the pod's, must not make another netns the pod's. `None` as well when the API
+    /// lists no address for the pod.
+    async fn netns_of(&self, pod: &Pod, uid: &str) -> Option<crate::locate::PodNetns> {
+        let ips = api_pod_ips(pod);
+        if ips.is_empty() {
+            return None;
+        }
         let (host_proc, owner) = (self.host_proc.clone(), uid.to_owned());
         tokio::task::spawn_blocking(move || {
-            ProcIndex::scan(&host_proc)
-                .ok()
-                .and_then(|procs| procs.netns_of(&owner))
-                .map(|f| f.netns)
+            let found = ProcIndex::scan(&host_proc).ok()?.netns_of(&owner)?;
+            let here = crate::locate::addresses_in(&found.netns).ok()?;
+            ips.iter().any(|ip| here.contains(ip)).then_some(found)
         })
         .await
         .ok()
