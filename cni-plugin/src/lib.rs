@@ -22,6 +22,7 @@ pub mod logging;
 pub mod netns;
 pub mod nfnetlink;
 pub mod nft;
+pub mod nft_wire;
 pub mod plan;
 pub mod plugin;
 pub mod pluginevent;

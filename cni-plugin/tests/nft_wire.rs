@@ -1,0 +1,197 @@
+//! The nf_tables rule dump decoder ([`istio_cni::nft_wire`]) against `nft` itself. For
+//! every upstream nftables golden (the sidecar cases, `conformance/istio-nftables/`, and
+//! ambient's in-pod rules, `conformance/istio-ambient/nftables/`), `nft --debug=netlink -f`
+//! in a scratch netns prints each rule's expressions as it sends them to the kernel; the
+//! kernel's dump of the same tables, decoded and printed by `nft_wire`, must read the
+//! same, chain by chain and rule by rule. Counters' counts and the numbers the kernel
+//! gives anonymous sets (`__set%d` in what `nft` sends) are left out.
+//!
+//! Needs root and `nft` (Debian's `nftables`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use istio_cni::netns::ScratchNetns;
+use istio_cni::nft_wire::{dump_rules, NFPROTO_INET};
+
+/// Goldens that do not apply on their own, and why.
+const NOT_ALONE: [(&str, &str); 6] = [
+    (
+        "outbound-owner-groups.golden",
+        "names a group (java) this machine does not have",
+    ),
+    (
+        "outbound-owner-groups-exclude.golden",
+        "names a group (java) this machine does not have",
+    ),
+    (
+        "ipv6-dns-outbound-owner-groups.golden",
+        "names a group (java) this machine does not have",
+    ),
+    (
+        "ipv6-dns-outbound-owner-groups-exclude.golden",
+        "names a group (java) this machine does not have",
+    ),
+    (
+        "hostprobe.golden",
+        "the node's rules: use a set that the file does not create",
+    ),
+    (
+        "hostprobe_ipv6.golden",
+        "the node's rules: use a set that the file does not create",
+    ),
+];
+
+/// Rules by (table, chain), each as its normalized expression lines.
+type Rules = BTreeMap<(String, String), Vec<Vec<String>>>;
+
+/// An expression line without what varies between runs: counters' counts, and the number
+/// of an anonymous set.
+fn normalize(line: &str) -> String {
+    let line = line.trim_end();
+    if line.starts_with("  [ counter") {
+        return "  [ counter ]".into();
+    }
+    match line.find("set __set") {
+        Some(i) => {
+            let rest = &line[i + "set __set".len()..];
+            let tail = rest.split_once(' ').map_or("", |(_, t)| t);
+            format!("{}set __set {tail}", &line[..i])
+        }
+        None => line.to_owned(),
+    }
+}
+
+/// The rules in what `nft --debug=netlink` printed, in the order sent: a block per rule,
+/// `inet TABLE CHAIN` then its `  [ … ]` lines.
+fn parse_debug(text: &str) -> Vec<((String, String), Vec<String>)> {
+    let mut out = Vec::new();
+    let mut current: Option<((String, String), Vec<String>)> = None;
+    let mut flush = |current: &mut Option<((String, String), Vec<String>)>| {
+        if let Some(block) = current.take() {
+            out.push(block);
+        }
+    };
+    for line in text.lines() {
+        let words: Vec<&str> = line.split(' ').collect();
+        if words.len() >= 3 && words[0] == "inet" && !line.contains("(null)") {
+            flush(&mut current);
+            current = Some(((words[1].to_owned(), words[2].to_owned()), Vec::new()));
+        } else if line.starts_with("  [ ") {
+            if let Some((_, lines)) = current.as_mut() {
+                lines.push(normalize(line));
+            }
+        } else {
+            flush(&mut current);
+        }
+    }
+    flush(&mut current);
+    out
+}
+
+/// The rules a transaction leaves, by chain: the blocks `nft` sent (`sent`, in order),
+/// each appended to its chain, or, for an `insert rule … [index N]` line of the
+/// transaction `text` (the debug output does not say which), put before the chain's
+/// rule N (its head without an index).
+fn chains_after(text: &str, sent: Vec<((String, String), Vec<String>)>) -> Rules {
+    let inserts: Vec<Option<usize>> = text
+        .lines()
+        .filter(|l| l.starts_with("add rule ") || l.starts_with("insert rule "))
+        .map(|l| {
+            l.starts_with("insert rule ").then(|| {
+                let words: Vec<&str> = l.split(' ').collect();
+                words
+                    .windows(2)
+                    .find(|w| w[0] == "index")
+                    .map_or(0, |w| w[1].parse().unwrap())
+            })
+        })
+        .collect();
+    assert_eq!(inserts.len(), sent.len(), "a block per rule line");
+    let mut out = Rules::new();
+    for ((key, lines), insert) in sent.into_iter().zip(inserts) {
+        let chain = out.entry(key).or_default();
+        match insert {
+            Some(at) => chain.insert(at.min(chain.len()), lines),
+            None => chain.push(lines),
+        }
+    }
+    out
+}
+
+fn goldens() -> Vec<PathBuf> {
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");
+    let mut out = Vec::new();
+    for dir in ["istio-nftables", "istio-ambient/nftables"] {
+        for entry in std::fs::read_dir(base.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".golden") && !NOT_ALONE.iter().any(|(n, _)| *n == name) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_kernels_rules_decode_to_what_nft_sent() {
+    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nft not found: install nftables (make test does)");
+    let cases = goldens();
+    assert!(cases.len() >= 30, "{} goldens", cases.len());
+    let mut rules_seen = 0;
+    for golden in cases {
+        let scratch = ScratchNetns::create().unwrap();
+        let (sent, held) = scratch
+            .netns()
+            .run(|inside| {
+                let out = Command::new(nft)
+                    .arg("--debug=netlink")
+                    .arg("-f")
+                    .arg(&golden)
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}: {}",
+                    golden.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = std::fs::read_to_string(&golden).unwrap();
+                let sent = chains_after(&text, parse_debug(&String::from_utf8_lossy(&out.stdout)));
+                let tables: std::collections::BTreeSet<String> =
+                    sent.keys().map(|(t, _)| t.clone()).collect();
+                let mut held = Rules::new();
+                for table in tables {
+                    for rule in dump_rules(inside, NFPROTO_INET, &table).unwrap() {
+                        held.entry((rule.table.clone(), rule.chain.clone()))
+                            .or_default()
+                            .push(rule.lines().iter().map(|l| normalize(l)).collect());
+                    }
+                }
+                (sent, held)
+            })
+            .unwrap();
+        assert!(!sent.is_empty(), "{}: no rule parsed", golden.display());
+        for (key, want) in &sent {
+            let got = held.get(key).cloned().unwrap_or_default();
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                assert_eq!(g, w, "{}: {} {} rule {i}", golden.display(), key.0, key.1);
+            }
+            assert_eq!(got.len(), want.len(), "{}: {key:?}", golden.display());
+            rules_seen += want.len();
+        }
+        assert_eq!(
+            held.keys().collect::<Vec<_>>(),
+            sent.keys().collect::<Vec<_>>(),
+            "{}",
+            golden.display()
+        );
+    }
+    eprintln!("{rules_seen} rules decoded as nft sent them");
+}
