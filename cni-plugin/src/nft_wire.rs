@@ -1,5 +1,6 @@
 //! nf_tables rules as the kernel holds them: the rule dump (`NFT_MSG_GETRULE`) decoded
-//! into the expressions that our tables use, and printed in libnftnl's debug format
+//! into the expressions that our tables use (and the chain dump, `NFT_MSG_GETCHAIN`, into
+//! base chains' hooks), and printed in libnftnl's debug format
 //! (what `nft --debug=netlink` prints for a rule it sends), so that what the kernel holds
 //! and what `nft` sent compare line for line. Message and attribute numbers are those of
 //! `include/uapi/linux/netfilter/nf_tables.h`; the printed form follows libnftnl's
@@ -587,6 +588,130 @@ pub fn dump_rules(_inside: &Inside<'_>, family: u8, table: &str) -> std::io::Res
     }
 }
 
+/// `NFT_MSG_GETCHAIN`.
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NFTA_CHAIN_POLICY: u16 = 5;
+const NFTA_CHAIN_TYPE: u16 = 7;
+const NFTA_HOOK_HOOKNUM: u16 = 1;
+const NFTA_HOOK_PRIORITY: u16 = 2;
+
+/// A base chain's hook: its type, hook and priority, and its policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    /// `filter`, `nat` or `route`.
+    pub kind: String,
+    /// `NF_INET_*` hook number.
+    pub hooknum: u32,
+    /// Its priority.
+    pub priority: i32,
+    /// `NF_DROP` (0) or `NF_ACCEPT` (1, the default).
+    pub policy: u32,
+}
+
+impl fmt::Display for Hook {
+    /// nft's spelling of a base chain's specification, as our transactions write it:
+    /// `type nat hook output priority -100 ;` (the policy only when it is `drop`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let hook = [
+            "prerouting",
+            "input",
+            "forward",
+            "output",
+            "postrouting",
+            "ingress",
+        ]
+        .get(self.hooknum as usize)
+        .copied()
+        .unwrap_or("unknown");
+        write!(
+            f,
+            "type {} hook {hook} priority {} ;",
+            self.kind, self.priority
+        )?;
+        if self.policy == 0 {
+            f.write_str(" policy drop ;")?;
+        }
+        Ok(())
+    }
+}
+
+/// A chain as the kernel holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireChain {
+    /// Its table.
+    pub table: String,
+    /// Its name.
+    pub name: String,
+    /// For a base chain, its hook.
+    pub hook: Option<Hook>,
+}
+
+/// Decodes one `NFT_MSG_NEWCHAIN` message of a chain dump (`msg`: header included).
+///
+/// Errors: `InvalidData` when it is shorter than its headers, or lacks its table or name.
+pub fn decode_chain(msg: &[u8]) -> std::io::Result<WireChain> {
+    let body = msg
+        .get(20..)
+        .ok_or_else(|| invalid("short nf_tables message"))?;
+    let table = attr(body, NFTA_CHAIN_TABLE)
+        .map(string)
+        .ok_or_else(|| invalid("chain without a table"))?;
+    let name = attr(body, NFTA_CHAIN_NAME)
+        .map(string)
+        .ok_or_else(|| invalid("chain without a name"))?;
+    let hook = attr(body, NFTA_CHAIN_HOOK).and_then(|h| {
+        Some(Hook {
+            kind: attr(body, NFTA_CHAIN_TYPE).map(string)?,
+            hooknum: be32(h, NFTA_HOOK_HOOKNUM)?,
+            priority: be32(h, NFTA_HOOK_PRIORITY)? as i32,
+            policy: be32(body, NFTA_CHAIN_POLICY).unwrap_or(1),
+        })
+    });
+    Ok(WireChain { table, name, hook })
+}
+
+/// Every chain of table `table` of family `family`, in the kernel's order: one
+/// `NFT_MSG_GETCHAIN` dump. (The kernel dumps every table's chains; the others are
+/// left out here.)
+///
+/// Errors: as [`dump_rules`].
+pub fn dump_chains(
+    _inside: &Inside<'_>,
+    family: u8,
+    table: &str,
+) -> std::io::Result<Vec<WireChain>> {
+    let sock = nfnetlink_socket()?;
+    let seq: u32 = 1;
+    let mut req = Vec::with_capacity(32);
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
+    push_message(
+        &mut req,
+        kind,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        0,
+        &[],
+    );
+    sock.send(&req, 0)?;
+    let mut out = Vec::new();
+    let mut failed = None;
+    receive(&sock, seq, |msg| match decode_chain(msg) {
+        Ok(c) if c.table == table => out.push(c),
+        Ok(_) => {}
+        Err(e) => {
+            failed.get_or_insert(e);
+        }
+    })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,8 +786,9 @@ mod tests {
                     (seed & 0xff) as u8
                 })
                 .collect();
-            let _ = decode_rule(&bytes);
-            let _ = decode_expr(&bytes);
+            let _ = decode_rule(&bytes).map(|r| r.lines());
+            let _ = decode_chain(&bytes).map(|c| c.hook.map(|h| h.to_string()));
+            let _ = decode_expr(&bytes).to_string();
         }
     }
 }

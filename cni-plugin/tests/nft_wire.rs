@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use istio_cni::netns::ScratchNetns;
-use istio_cni::nft_wire::{dump_rules, NFPROTO_INET};
+use istio_cni::nft_wire::{dump_chains, dump_rules, NFPROTO_INET};
 
 /// Goldens that do not apply on their own, and why.
 const NOT_ALONE: [(&str, &str); 6] = [
@@ -194,4 +194,51 @@ fn the_kernels_rules_decode_to_what_nft_sent() {
         );
     }
     eprintln!("{rules_seen} rules decoded as nft sent them");
+}
+
+/// The chains of every golden, as the kernel holds them after `nft -f`: the same names in
+/// the same order, each base chain with the type, hook and priority the transaction gave.
+#[test]
+fn the_kernels_chains_decode_to_what_the_transaction_declared() {
+    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nft not found: install nftables (make test does)");
+    for golden in goldens() {
+        let text = std::fs::read_to_string(&golden).unwrap();
+        // (table, "name" or "name { spec }") in the order declared.
+        let declared: Vec<(String, String)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("add chain inet "))
+            .map(|rest| {
+                let (table, chain) = rest.split_once(' ').unwrap();
+                (table.to_owned(), chain.to_owned())
+            })
+            .collect();
+        let tables: std::collections::BTreeSet<&String> = declared.iter().map(|(t, _)| t).collect();
+        let scratch = ScratchNetns::create().unwrap();
+        let held: Vec<(String, String)> = scratch
+            .netns()
+            .run(|inside| {
+                let out = Command::new(nft).arg("-f").arg(&golden).output().unwrap();
+                assert!(out.status.success(), "{}", golden.display());
+                let mut held = Vec::new();
+                for table in &tables {
+                    for c in dump_chains(inside, NFPROTO_INET, table).unwrap() {
+                        let spelled = match &c.hook {
+                            Some(h) => format!("{} {{ {h} }}", c.name),
+                            None => c.name.clone(),
+                        };
+                        held.push((c.table, spelled));
+                    }
+                }
+                held
+            })
+            .unwrap();
+        let mut want = declared.clone();
+        want.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut got = held;
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(got, want, "{}", golden.display());
+    }
 }

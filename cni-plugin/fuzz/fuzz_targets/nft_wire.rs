@@ -1,12 +1,15 @@
-//! A rule message of an nf_tables dump, as the kernel (or anything on the other end of
-//! the socket) might send it: decoding never panics, and whatever decodes prints.
+//! A rule or chain message of an nf_tables dump, as the kernel (or anything on the other
+//! end of the socket) might send it: decoding never panics, and whatever decodes prints.
 #![no_main]
 
-use istio_cni::nft_wire::decode_rule;
+use istio_cni::nft_wire::{decode_chain, decode_rule};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(rule) = decode_rule(data) {
         let _ = rule.lines();
+    }
+    if let Ok(chain) = decode_chain(data) {
+        let _ = chain.hook.map(|h| h.to_string());
     }
 });
