@@ -6,8 +6,10 @@
 //! `include/uapi/linux/netfilter/nf_tables.h`; the printed form follows libnftnl's
 //! `src/expr/*.c` `snprintf` functions.
 //!
-//! This is the read side of speaking nf_tables over netlink in-process (no `nft` process
-//! for a read-back); nothing in ADD, CHECK, DEL or repair uses it yet.
+//! And the write side: [`write`] sends tables, base chains and rules made of those
+//! expressions ([`Expr::encode`]) as one nfnetlink batch, all or nothing. This is the
+//! start of speaking nf_tables over netlink in-process (no `nft` process for a write or a
+//! read-back); nothing in ADD, CHECK, DEL or repair uses it yet.
 //!
 //! Decoding never panics on a hostile or truncated dump: every length is checked, and an
 //! expression this module does not know is kept as [`Expr::Other`], which compares unequal
@@ -17,7 +19,8 @@ use std::fmt;
 
 use crate::netns::Inside;
 use crate::nfnetlink::{
-    invalid, nfnetlink_socket, push_attr, push_message, receive, u16_at, NLM_F_DUMP, NLM_F_REQUEST,
+    invalid, nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
 /// `NFNL_SUBSYS_NFTABLES`: the high byte of every nf_tables message type.
@@ -712,6 +715,281 @@ pub fn dump_chains(
     }
 }
 
+/// `NLM_F_CREATE`.
+const NLM_F_CREATE: u16 = 0x400;
+/// `NLM_F_APPEND`: a new rule goes at the end of its chain.
+const NLM_F_APPEND: u16 = 0x800;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFTA_TABLE_NAME: u16 = 1;
+
+fn put_be32(out: &mut Vec<u8>, kind: u16, v: u32) {
+    push_attr(out, kind, &v.to_be_bytes());
+}
+
+fn put_nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
+    push_attr(out, kind | NLA_F_NESTED, inner);
+}
+
+fn put_string(out: &mut Vec<u8>, kind: u16, s: &str) {
+    let mut v = s.as_bytes().to_vec();
+    v.push(0);
+    push_attr(out, kind, &v);
+}
+
+fn put_value(out: &mut Vec<u8>, kind: u16, data: &Data) {
+    let mut inner = Vec::new();
+    push_attr(&mut inner, NFTA_DATA_VALUE, &data.0);
+    put_nested(out, kind, &inner);
+}
+
+impl Verdict {
+    fn code(&self) -> i32 {
+        match self {
+            Verdict::Drop => 0,
+            Verdict::Accept => 1,
+            Verdict::Continue => -1,
+            Verdict::Break => -2,
+            Verdict::Jump(_) => -3,
+            Verdict::Goto(_) => -4,
+            Verdict::Return => -5,
+            Verdict::Other(code) => *code,
+        }
+    }
+}
+
+impl Expr {
+    /// The expression as one `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name and
+    /// its data attributes, as `nf_tables.h` numbers them (what [`decode_rule`] reads).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut d = Vec::new();
+        let name = match self {
+            Expr::MetaLoad { key, dreg } => {
+                put_be32(&mut d, 1, *dreg);
+                put_be32(&mut d, 2, *key);
+                "meta"
+            }
+            Expr::MetaSet { key, sreg } => {
+                put_be32(&mut d, 2, *key);
+                put_be32(&mut d, 3, *sreg);
+                "meta"
+            }
+            Expr::Cmp { op, sreg, data } => {
+                put_be32(&mut d, 1, *sreg);
+                put_be32(&mut d, 2, *op);
+                put_value(&mut d, 3, data);
+                "cmp"
+            }
+            Expr::Payload {
+                base,
+                offset,
+                len,
+                dreg,
+            } => {
+                put_be32(&mut d, 1, *dreg);
+                put_be32(&mut d, 2, *base);
+                put_be32(&mut d, 3, *offset);
+                put_be32(&mut d, 4, *len);
+                "payload"
+            }
+            Expr::Bitwise {
+                sreg,
+                dreg,
+                mask,
+                xor,
+            } => {
+                put_be32(&mut d, 1, *sreg);
+                put_be32(&mut d, 2, *dreg);
+                put_be32(&mut d, 3, mask.0.len() as u32);
+                put_value(&mut d, 4, mask);
+                put_value(&mut d, 5, xor);
+                "bitwise"
+            }
+            Expr::Immediate { dreg, data } => {
+                put_be32(&mut d, 1, *dreg);
+                match data {
+                    Imm::Value(v) => put_value(&mut d, 2, v),
+                    Imm::Verdict(v) => {
+                        let mut verdict = Vec::new();
+                        put_be32(&mut verdict, NFTA_VERDICT_CODE, v.code() as u32);
+                        if let Verdict::Jump(chain) | Verdict::Goto(chain) = v {
+                            put_string(&mut verdict, NFTA_VERDICT_CHAIN, chain);
+                        }
+                        let mut data = Vec::new();
+                        put_nested(&mut data, NFTA_DATA_VERDICT, &verdict);
+                        put_nested(&mut d, 2, &data);
+                    }
+                }
+                "immediate"
+            }
+            Expr::Counter => {
+                push_attr(&mut d, 1, &0u64.to_be_bytes());
+                push_attr(&mut d, 2, &0u64.to_be_bytes());
+                "counter"
+            }
+            Expr::CtLoad { key, dreg } => {
+                put_be32(&mut d, 1, *dreg);
+                put_be32(&mut d, 2, *key);
+                "ct"
+            }
+            Expr::CtSet { key, sreg } => {
+                put_be32(&mut d, 2, *key);
+                put_be32(&mut d, 4, *sreg);
+                "ct"
+            }
+            Expr::Redir {
+                proto_min,
+                proto_max,
+                flags,
+            } => {
+                for (kind, v) in [(1, proto_min), (2, proto_max), (3, flags)] {
+                    if let Some(v) = v {
+                        put_be32(&mut d, kind, *v);
+                    }
+                }
+                "redir"
+            }
+            Expr::Tproxy { family, addr, port } => {
+                put_be32(&mut d, 1, *family);
+                for (kind, v) in [(2, addr), (3, port)] {
+                    if let Some(v) = v {
+                        put_be32(&mut d, kind, *v);
+                    }
+                }
+                "tproxy"
+            }
+            Expr::Lookup { sreg, set, flags } => {
+                put_string(&mut d, 1, set);
+                put_be32(&mut d, 2, *sreg);
+                put_be32(&mut d, 5, *flags);
+                "lookup"
+            }
+            Expr::Other { name, data } => {
+                d.extend_from_slice(data);
+                name.as_str()
+            }
+        };
+        let mut elem = Vec::new();
+        put_string(&mut elem, NFTA_EXPR_NAME, name);
+        put_nested(&mut elem, NFTA_EXPR_DATA, &d);
+        let mut out = Vec::new();
+        put_nested(&mut out, NFTA_LIST_ELEM, &elem);
+        out
+    }
+}
+
+/// One table to write: its family and name, its chains, and its rules (each in the order
+/// it is to be appended to its chain).
+#[derive(Debug, Clone)]
+pub struct WireTable {
+    /// `NFPROTO_*`.
+    pub family: u8,
+    /// Its name.
+    pub name: String,
+    /// Its chains, in order.
+    pub chains: Vec<WireChain>,
+    /// Its rules, in order.
+    pub rules: Vec<WireRule>,
+}
+
+/// The nfnetlink batch that creates `tables` (tables, then their chains, then their
+/// rules, each appended), every message asking for an acknowledgement; sequence numbers
+/// from 1 (the batch's begin) up. Returns the bytes and the sequence number of the last
+/// message before the batch's end.
+pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
+    let mut out = Vec::new();
+    let mut seq = 1;
+    push_message(
+        &mut out,
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    let msg = |kind: u16| (NFNL_SUBSYS_NFTABLES << 8) | kind;
+    let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+    for t in tables {
+        let mut a = Vec::new();
+        put_string(&mut a, NFTA_TABLE_NAME, &t.name);
+        seq += 1;
+        push_message(
+            &mut out,
+            msg(NFT_MSG_NEWTABLE),
+            create,
+            seq,
+            t.family,
+            0,
+            &a,
+        );
+        for c in &t.chains {
+            let mut a = Vec::new();
+            put_string(&mut a, NFTA_CHAIN_TABLE, &t.name);
+            put_string(&mut a, NFTA_CHAIN_NAME, &c.name);
+            if let Some(h) = &c.hook {
+                let mut hook = Vec::new();
+                put_be32(&mut hook, NFTA_HOOK_HOOKNUM, h.hooknum);
+                put_be32(&mut hook, NFTA_HOOK_PRIORITY, h.priority as u32);
+                put_nested(&mut a, NFTA_CHAIN_HOOK, &hook);
+                put_be32(&mut a, NFTA_CHAIN_POLICY, h.policy);
+                put_string(&mut a, NFTA_CHAIN_TYPE, &h.kind);
+            }
+            seq += 1;
+            push_message(
+                &mut out,
+                msg(NFT_MSG_NEWCHAIN),
+                create,
+                seq,
+                t.family,
+                0,
+                &a,
+            );
+        }
+        for r in &t.rules {
+            let mut a = Vec::new();
+            put_string(&mut a, NFTA_RULE_TABLE, &t.name);
+            put_string(&mut a, NFTA_RULE_CHAIN, &r.chain);
+            let exprs: Vec<u8> = r.exprs.iter().flat_map(Expr::encode).collect();
+            put_nested(&mut a, NFTA_RULE_EXPRESSIONS, &exprs);
+            seq += 1;
+            push_message(
+                &mut out,
+                msg(NFT_MSG_NEWRULE),
+                create | NLM_F_APPEND,
+                seq,
+                t.family,
+                0,
+                &a,
+            );
+        }
+    }
+    let last = seq;
+    push_message(
+        &mut out,
+        NFNL_MSG_BATCH_END,
+        NLM_F_REQUEST,
+        seq + 1,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+        &[],
+    );
+    (out, last)
+}
+
+/// Writes `tables` in one nf_tables transaction ([`batch`]) in the netns `_inside` is in:
+/// all of it, or (the kernel refusing any message) none of it.
+///
+/// Errors: the socket's error, or the kernel's answer to the first message it refused, as
+/// an errno.
+pub fn write(_inside: &Inside<'_>, tables: &[WireTable]) -> std::io::Result<()> {
+    let (bytes, last) = batch(tables);
+    let sock = nfnetlink_socket()?;
+    sock.send(&bytes, 0)?;
+    receive_batch(&sock, 1..=last + 1, last, |_| {})
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -771,6 +1049,67 @@ mod tests {
                 "  [ quota (undecoded, 8 bytes) ]",
             ]
         );
+    }
+
+    #[test]
+    fn every_expression_decodes_as_it_was_encoded() {
+        let value = |b: &[u8]| Data(b.to_vec());
+        let exprs = [
+            Expr::MetaLoad { key: 16, dreg: 1 },
+            Expr::MetaSet { key: 3, sreg: 1 },
+            Expr::Cmp {
+                op: 1,
+                sreg: 1,
+                data: value(b"lo\0\0\0\0\0\0\0\0\0\0\0\0\0\0"),
+            },
+            Expr::Payload {
+                base: 2,
+                offset: 2,
+                len: 2,
+                dreg: 1,
+            },
+            Expr::Bitwise {
+                sreg: 1,
+                dreg: 1,
+                mask: value(&[0xff, 0x0f, 0, 0]),
+                xor: value(&[0, 0, 0, 0]),
+            },
+            Expr::Immediate {
+                dreg: 1,
+                data: Imm::Value(value(&[0x3a, 0x99])),
+            },
+            Expr::Immediate {
+                dreg: 0,
+                data: Imm::Verdict(Verdict::Jump("istio-output".into())),
+            },
+            Expr::Immediate {
+                dreg: 0,
+                data: Imm::Verdict(Verdict::Return),
+            },
+            Expr::Counter,
+            Expr::CtLoad { key: 3, dreg: 1 },
+            Expr::CtSet { key: 17, sreg: 1 },
+            Expr::Redir {
+                proto_min: Some(1),
+                proto_max: None,
+                flags: Some(2),
+            },
+            Expr::Tproxy {
+                family: 10,
+                addr: None,
+                port: Some(1),
+            },
+            Expr::Lookup {
+                sreg: 1,
+                set: "__set0".into(),
+                flags: 1,
+            },
+        ];
+        for e in exprs {
+            let elem = e.encode();
+            let (_, inner) = attrs(&elem).next().unwrap();
+            assert_eq!(decode_expr(inner), e);
+        }
     }
 
     #[test]
