@@ -559,7 +559,6 @@ pub fn decode_rule(msg: &[u8]) -> std::io::Result<WireRule> {
 /// Errors: the socket's error, or the kernel's (`ENOENT` when the table does not exist),
 /// or a malformed message.
 pub fn dump_rules(_inside: &Inside<'_>, family: u8, table: &str) -> std::io::Result<Vec<WireRule>> {
-    let sock = nfnetlink_socket()?;
     let seq: u32 = 1;
     let mut attrs_out = Vec::new();
     let mut name = table.as_bytes().to_vec();
@@ -576,11 +575,25 @@ pub fn dump_rules(_inside: &Inside<'_>, family: u8, table: &str) -> std::io::Res
         0,
         &attrs_out,
     );
-    sock.send(&req, 0)?;
+    dump(&req, seq, |msg| decode_rule(msg).map(Some))
+}
+
+/// Sends dump request `req` (sequence number `seq`) and decodes every answer with
+/// `decode`, keeping the ones it returns.
+///
+/// Errors: the socket's error, the kernel's, or the first decoding error.
+fn dump<T>(
+    req: &[u8],
+    seq: u32,
+    decode: impl Fn(&[u8]) -> std::io::Result<Option<T>>,
+) -> std::io::Result<Vec<T>> {
+    let sock = nfnetlink_socket()?;
+    sock.send(req, 0)?;
     let mut out = Vec::new();
     let mut failed = None;
-    receive(&sock, seq, |msg| match decode_rule(msg) {
-        Ok(r) => out.push(r),
+    receive(&sock, seq, |msg| match decode(msg) {
+        Ok(Some(item)) => out.push(item),
+        Ok(None) => {}
         Err(e) => {
             failed.get_or_insert(e);
         }
@@ -686,7 +699,6 @@ pub fn dump_chains(
     family: u8,
     table: &str,
 ) -> std::io::Result<Vec<WireChain>> {
-    let sock = nfnetlink_socket()?;
     let seq: u32 = 1;
     let mut req = Vec::with_capacity(32);
     let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
@@ -699,20 +711,9 @@ pub fn dump_chains(
         0,
         &[],
     );
-    sock.send(&req, 0)?;
-    let mut out = Vec::new();
-    let mut failed = None;
-    receive(&sock, seq, |msg| match decode_chain(msg) {
-        Ok(c) if c.table == table => out.push(c),
-        Ok(_) => {}
-        Err(e) => {
-            failed.get_or_insert(e);
-        }
-    })?;
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(out),
-    }
+    dump(&req, seq, |msg| {
+        decode_chain(msg).map(|c| (c.table == table).then_some(c))
+    })
 }
 
 /// `NLM_F_CREATE`.
@@ -909,21 +910,17 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    let msg = |kind: u16| (NFNL_SUBSYS_NFTABLES << 8) | kind;
     let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+    // The next nf_tables message of the batch.
+    let mut next = |out: &mut Vec<u8>, kind: u16, flags: u16, family: u8, attrs: &[u8]| {
+        seq += 1;
+        let kind = (NFNL_SUBSYS_NFTABLES << 8) | kind;
+        push_message(out, kind, flags, seq, family, 0, attrs);
+    };
     for t in tables {
         let mut a = Vec::new();
         put_string(&mut a, NFTA_TABLE_NAME, &t.name);
-        seq += 1;
-        push_message(
-            &mut out,
-            msg(NFT_MSG_NEWTABLE),
-            create,
-            seq,
-            t.family,
-            0,
-            &a,
-        );
+        next(&mut out, NFT_MSG_NEWTABLE, create, t.family, &a);
         for c in &t.chains {
             let mut a = Vec::new();
             put_string(&mut a, NFTA_CHAIN_TABLE, &t.name);
@@ -936,16 +933,7 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
                 put_be32(&mut a, NFTA_CHAIN_POLICY, h.policy);
                 put_string(&mut a, NFTA_CHAIN_TYPE, &h.kind);
             }
-            seq += 1;
-            push_message(
-                &mut out,
-                msg(NFT_MSG_NEWCHAIN),
-                create,
-                seq,
-                t.family,
-                0,
-                &a,
-            );
+            next(&mut out, NFT_MSG_NEWCHAIN, create, t.family, &a);
         }
         for r in &t.rules {
             let mut a = Vec::new();
@@ -953,14 +941,11 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
             put_string(&mut a, NFTA_RULE_CHAIN, &r.chain);
             let exprs: Vec<u8> = r.exprs.iter().flat_map(Expr::encode).collect();
             put_nested(&mut a, NFTA_RULE_EXPRESSIONS, &exprs);
-            seq += 1;
-            push_message(
+            next(
                 &mut out,
-                msg(NFT_MSG_NEWRULE),
+                NFT_MSG_NEWRULE,
                 create | NLM_F_APPEND,
-                seq,
                 t.family,
-                0,
                 &a,
             );
         }

@@ -120,6 +120,14 @@ fn chains_after(text: &str, sent: Vec<((String, String), Vec<String>)>) -> Rules
     out
 }
 
+/// The `nft` binary.
+fn nft() -> &'static str {
+    ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("nft not found: install nftables (make test does)")
+}
+
 fn goldens() -> Vec<PathBuf> {
     let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/conformance");
     let mut out = Vec::new();
@@ -138,10 +146,7 @@ fn goldens() -> Vec<PathBuf> {
 
 #[test]
 fn the_kernels_rules_decode_to_what_nft_sent() {
-    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .expect("nft not found: install nftables (make test does)");
+    let nft = nft();
     let cases = goldens();
     assert!(cases.len() >= 30, "{} goldens", cases.len());
     let mut rules_seen = 0;
@@ -200,10 +205,7 @@ fn the_kernels_rules_decode_to_what_nft_sent() {
 /// the same order, each base chain with the type, hook and priority the transaction gave.
 #[test]
 fn the_kernels_chains_decode_to_what_the_transaction_declared() {
-    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .expect("nft not found: install nftables (make test does)");
+    let nft = nft();
     for golden in goldens() {
         let text = std::fs::read_to_string(&golden).unwrap();
         // (table, "name" or "name { spec }") in the order declared.
@@ -251,10 +253,7 @@ fn the_kernels_chains_decode_to_what_the_transaction_declared() {
 #[test]
 fn what_the_kernel_holds_is_written_again_by_one_batch_of_ours() {
     use istio_cni::nft_wire::{write, Expr, WireTable};
-    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .expect("nft not found: install nftables (make test does)");
+    let nft = nft();
     let read = |inside: &istio_cni::netns::Inside<'_>, names: &[String]| -> Vec<WireTable> {
         names
             .iter()
