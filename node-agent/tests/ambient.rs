@@ -793,13 +793,9 @@ fn pods_whose_netns_lacks_their_address_are_never_written() {
     assert_eq!(s.annotation("other"), None);
 }
 
-/// Ports of ztunnel's listeners in `netns` (`ss`), of 15001, 15006 and 15008.
+/// Ports of ztunnel's listeners in `netns`, of 15001, 15006 and 15008.
 fn ztunnel_ports(netns: &TestNetns) -> Vec<u16> {
-    let listening = netns.exec(&["ss", "-Htln"]);
-    [15001, 15006, 15008]
-        .into_iter()
-        .filter(|p| listening.contains(&format!(":{p} ")))
-        .collect()
+    ztunnel::listening_ports(&netns.open())
 }
 
 /// With the real ztunnel, on one node:
@@ -1143,14 +1139,6 @@ fn traffic(nft: bool) {
         .any(|(ip, _)| *ip == sidecar_ip.to_string()));
 }
 
-/// How many snapshots ztunnel has taken, by its log.
-fn snapshots_taken(zt: &Ztunnel) -> usize {
-    zt.log_tail(10_000)
-        .lines()
-        .filter(|l| l.contains("received snapshot sent"))
-        .count()
-}
-
 /// With the real ztunnel:
 /// - an agent that dies (SIGKILL) and starts again restores the pods enrolled before into
 ///   ztunnel's first snapshot, each with its netns (`AddWorkload`, no `KeepWorkload`), so
@@ -1187,7 +1175,7 @@ fn a_restarted_agent_keeps_its_pods_and_a_late_ztunnel_takes_pending_ones() {
     drop(agent);
     let agent = s.agent();
     let (_, took) = wait_for("ztunnel's snapshot from the new agent", || {
-        (snapshots_taken(&zt) >= 2).then_some(())
+        (zt.snapshots_taken() >= 2).then_some(())
     });
     eprintln!("agent restarted: ztunnel took the restored snapshot {took:?} later");
     std::thread::sleep(Duration::from_millis(500));
@@ -1430,7 +1418,7 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
         );
         agent = s.agent();
         let (_, took) = wait_for("ztunnel's snapshot from the new agent", || {
-            (snapshots_taken(&zt) >= n).then_some(())
+            (zt.snapshots_taken() >= n).then_some(())
         });
         eprintln!(
             "agent restarted ({how}): ztunnel took the new snapshot {took:?} after its start"
@@ -1464,7 +1452,7 @@ fn connections_survive_an_agent_restart_and_traffic_resumes_after_a_ztunnel_rest
     // ztunnel writes its log asynchronously: wait for the lines, then check their order
     // (the new ztunnel marked itself ready after it took the snapshot).
     wait_for("ztunnel's log of the new snapshot", || {
-        (snapshots_taken(&zt) >= 4).then_some(())
+        (zt.snapshots_taken() >= 4).then_some(())
     });
     let chronological: Vec<String> = zt
         .log_tail(100_000)

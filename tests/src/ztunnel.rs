@@ -121,6 +121,36 @@ impl Ztunnel {
     pub fn log_tail(&self, n: usize) -> String {
         log_tail(&self.log, n)
     }
+
+    /// How many snapshots ztunnels logging to this one's log have taken
+    /// (`received snapshot sent` lines; ztunnel writes its log asynchronously, so a line
+    /// may follow the event by a moment).
+    pub fn snapshots_taken(&self) -> usize {
+        snapshots_taken(&self.log)
+    }
+}
+
+/// How many snapshots the ztunnel log at `log` records (see [`Ztunnel::snapshots_taken`]).
+pub fn snapshots_taken(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches("received snapshot sent")
+        .count()
+}
+
+/// Which of ztunnel's ports (15001, 15006, 15008) listen in `netns` (`ss -Htln` run in
+/// it).
+pub fn listening_ports(netns: &istio_cni::netns::Netns) -> Vec<u16> {
+    let listening = netns
+        .run(|_| Command::new("ss").arg("-Htln").output())
+        .ok()
+        .and_then(Result::ok)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    [15001, 15006, 15008]
+        .into_iter()
+        .filter(|p| listening.contains(&format!(":{p} ")))
+        .collect()
 }
 
 /// The last `n` lines of the ztunnel log in `dir`, newest first.

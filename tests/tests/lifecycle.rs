@@ -150,16 +150,7 @@ impl World {
 
     /// Which of ztunnel's ports (15001, 15006, 15008) listen in the pod's netns.
     fn ztunnel_ports(&self, pod: &RunningPod) -> Vec<u16> {
-        let ns = Netns::open(&pod.sandbox.netns).unwrap();
-        let out = ns
-            .run(|_| std::process::Command::new("ss").arg("-Htln").output())
-            .unwrap()
-            .unwrap();
-        let listening = String::from_utf8_lossy(&out.stdout).into_owned();
-        [15001, 15006, 15008]
-            .into_iter()
-            .filter(|p| listening.contains(&format!(":{p} ")))
-            .collect()
+        ztunnel::listening_ports(&Netns::open(&pod.sandbox.netns).unwrap())
     }
 
     /// The pod's `ambient.istio.io/redirection` annotation in the API.
@@ -491,13 +482,8 @@ fn node_lifecycle() {
     println!("step 7: upgrade restart: plugin kept, node never tainted, a pod torn down meanwhile, new agent ready in {} ({} in all)", secs(ready2), secs(t.elapsed()));
     drop(agent);
     if let (Some(zt), Some(app), Some(early_amb)) = (&zt, &app, &early_amb) {
-        let snapshots = || {
-            zt.log_tail(100_000)
-                .matches("received snapshot sent")
-                .count()
-        };
         wait_for("ztunnel's snapshot from the new agent", || {
-            (snapshots() >= 2).then_some(())
+            (zt.snapshots_taken() >= 2).then_some(())
         });
         assert!(w.captured(app) && w.captured(early_amb));
         let log = zt.log_tail(100_000);

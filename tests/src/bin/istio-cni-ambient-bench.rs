@@ -23,7 +23,6 @@
 //! Usage: `istio-cni-ambient-bench [PODS]` (default 100). Needs root, iptables.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use istio_cni_e2e::agent::{chained, wait_for, Node, PRIMARY};
@@ -132,11 +131,11 @@ fn main() {
     let log = zt_dir.path().join("ztunnel.log");
     // The restarts with no pod enrolled: the floors.
     let restart_agent = |agent: istio_cni_e2e::agent::Daemon| {
-        let before = snapshots(&log);
+        let before = ztunnel::snapshots_taken(&log);
         drop(agent);
         let t = Instant::now();
         let agent = spawn_agent();
-        poll(|| snapshots(&log) > before);
+        poll(|| ztunnel::snapshots_taken(&log) > before);
         (agent, t.elapsed())
     };
     let restart_ztunnel = |zt: Ztunnel| {
@@ -251,14 +250,6 @@ fn main() {
     );
     drop(zt);
     drop(agent);
-}
-
-/// How many snapshots ztunnel has acknowledged, by its log at `log`.
-fn snapshots(log: &Path) -> usize {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .matches("received snapshot sent")
-        .count()
 }
 
 /// Polls `done` every 2 ms, for at most 60 s.
