@@ -6,7 +6,7 @@
 //! `include/uapi/linux/netfilter/nf_tables.h`; the printed form follows libnftnl's
 //! `src/expr/*.c` `snprintf` functions.
 //!
-//! And the write side: [`write`] sends tables, base chains and rules made of those
+//! And the write side: [`write()`] sends tables, base chains and rules made of those
 //! expressions ([`Expr::encode`]) as one nfnetlink batch, all or nothing. This is the
 //! start of speaking nf_tables over netlink in-process (no `nft` process for a write or a
 //! read-back); nothing in ADD, CHECK, DEL or repair uses it yet.
