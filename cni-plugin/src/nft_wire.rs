@@ -6,10 +6,10 @@
 //! `include/uapi/linux/netfilter/nf_tables.h`; the printed form follows libnftnl's
 //! `src/expr/*.c` `snprintf` functions.
 //!
-//! And the write side: [`write()`] sends tables, base chains and rules made of those
-//! expressions ([`Expr::encode`]) as one nfnetlink batch, all or nothing. This is the
-//! start of speaking nf_tables over netlink in-process (no `nft` process for a write or a
-//! read-back); nothing in ADD, CHECK, DEL or repair uses it yet.
+//! And the write side: [`write()`] sends a [`Transaction`] (tables deleted; tables,
+//! base chains, anonymous sets and rules made of those expressions, [`Expr::encode`]) as
+//! one nfnetlink batch, all or nothing. What to write comes from our `nft` text through
+//! [`crate::rules::nft_compile`].
 //!
 //! Decoding never panics on a hostile or truncated dump: every length is checked, and an
 //! expression this module does not know is kept as [`Expr::Other`], which compares unequal
@@ -509,6 +509,36 @@ pub struct WireRule {
     pub handle: u64,
     /// Its expressions, in order.
     pub exprs: Vec<Expr>,
+    /// The anonymous sets its lookups use, in the order of those lookups (each
+    /// [`Expr::Lookup`] naming [`ANON_SET`]), created with the rule in the same batch.
+    /// Empty in a decoded rule: the kernel's rule dump names the sets it created
+    /// (`__set0`, …), whose elements [`dump_set_elements`] reads.
+    pub sets: Vec<AnonSet>,
+}
+
+/// The name a rule's new anonymous set is sent with; the kernel replaces `%d` with the
+/// lowest free number (`nf_tables_set_alloc_name`).
+pub const ANON_SET: &str = "__set%d";
+
+/// `NFT_SET_ANONYMOUS | NFT_SET_CONSTANT`: a set bound to one rule, whose elements
+/// cannot change after the transaction that creates it.
+pub const ANON_CONST: u32 = 0x1 | 0x2;
+
+/// An anonymous, constant set of keys (`tcp dport != { 53, 15008 }`), as `nft` creates it
+/// for a rule: `NFT_MSG_NEWSET` then `NFT_MSG_NEWSETELEM`, both naming it by
+/// [`ANON_SET`] and by a set id unique in the batch, which the rule's lookup names too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnonSet {
+    /// nft's datatype of the key (`TYPE_INET_SERVICE` = 13 for ports), as `nft` stores
+    /// it so that `nft list` prints the elements as ports.
+    pub key_type: u32,
+    /// The key's length in bytes.
+    pub key_len: u32,
+    /// The elements, each as the key's bytes.
+    pub elements: Vec<Data>,
+    /// `NFTA_SET_USERDATA`: what `nft` records for its own listing (the key's byte order
+    /// and the expression it came from), opaque to the kernel.
+    pub userdata: Vec<u8>,
 }
 
 impl WireRule {
@@ -550,6 +580,7 @@ pub fn decode_rule(msg: &[u8]) -> std::io::Result<WireRule> {
         chain,
         handle: be64(body, NFTA_RULE_HANDLE).unwrap_or(0),
         exprs,
+        sets: Vec::new(),
     })
 }
 
@@ -764,6 +795,12 @@ impl Expr {
     /// The expression as one `NFTA_LIST_ELEM` of `NFTA_RULE_EXPRESSIONS`: its name and
     /// its data attributes, as `nf_tables.h` numbers them (what [`decode_rule`] reads).
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with(None)
+    }
+
+    /// [`Expr::encode`], a lookup naming the set of the batch with id `set_id`
+    /// (`NFTA_LOOKUP_SET_ID`) when one is given.
+    fn encode_with(&self, set_id: Option<u32>) -> Vec<u8> {
         let mut d = Vec::new();
         let name = match self {
             Expr::MetaLoad { key, dreg } => {
@@ -863,6 +900,9 @@ impl Expr {
             Expr::Lookup { sreg, set, flags } => {
                 put_string(&mut d, 1, set);
                 put_be32(&mut d, 2, *sreg);
+                if let Some(id) = set_id {
+                    put_be32(&mut d, 4, id);
+                }
                 put_be32(&mut d, 5, *flags);
                 "lookup"
             }
@@ -882,7 +922,7 @@ impl Expr {
 
 /// One table to write: its family and name, its chains, and its rules (each in the order
 /// it is to be appended to its chain).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WireTable {
     /// `NFPROTO_*`.
     pub family: u8,
@@ -894,11 +934,48 @@ pub struct WireTable {
     pub rules: Vec<WireRule>,
 }
 
-/// The nfnetlink batch that creates `tables` (tables, then their chains, then their
-/// rules, each appended), every message asking for an acknowledgement; sequence numbers
-/// from 1 (the batch's begin) up. Returns the bytes and the sequence number of the last
-/// message before the batch's end.
-pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
+/// One nf_tables transaction: tables to delete, then tables whose rules are replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transaction {
+    /// Tables to delete, as (`NFPROTO_*`, name); each must exist.
+    pub delete: Vec<(u8, String)>,
+    /// Tables to write: each is created if missing, its rules flushed (its chains and
+    /// sets kept, as `nft flush table` does), its chains created if missing, and its
+    /// rules appended.
+    pub tables: Vec<WireTable>,
+}
+
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_NEWSET: u16 = 9;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFTA_SET_TABLE: u16 = 1;
+const NFTA_SET_NAME: u16 = 2;
+const NFTA_SET_FLAGS: u16 = 3;
+const NFTA_SET_KEY_TYPE: u16 = 4;
+const NFTA_SET_KEY_LEN: u16 = 5;
+const NFTA_SET_DESC: u16 = 9;
+const NFTA_SET_DESC_SIZE: u16 = 1;
+const NFTA_SET_ID: u16 = 10;
+const NFTA_SET_USERDATA: u16 = 13;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+
+/// The nfnetlink batch of `tx`, every message asking for an acknowledgement, sequence
+/// numbers from 1 (the batch's begin) up: `NFT_MSG_DELTABLE` for each table to delete;
+/// per table `NFT_MSG_NEWTABLE`, `NFT_MSG_DELRULE` naming only the table (the flush),
+/// `NFT_MSG_NEWCHAIN` per chain, and per rule its anonymous sets (`NFT_MSG_NEWSET`,
+/// `NFT_MSG_NEWSETELEM`) then `NFT_MSG_NEWRULE` appended. Returns the bytes and the
+/// sequence number of the last message before the batch's end.
+///
+/// This is the message sequence `nft -f` sends for the same transaction, with one
+/// difference: a rule `nft` inserts (`insert rule … index N`) is appended here in its
+/// final place, so the chain ends up the same without naming another rule's handle.
+pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
     let mut out = Vec::new();
     let mut seq = 1;
     push_message(
@@ -910,17 +987,27 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE;
+    let ack = NLM_F_REQUEST | NLM_F_ACK;
+    let create = ack | NLM_F_CREATE;
     // The next nf_tables message of the batch.
     let mut next = |out: &mut Vec<u8>, kind: u16, flags: u16, family: u8, attrs: &[u8]| {
         seq += 1;
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | kind;
         push_message(out, kind, flags, seq, family, 0, attrs);
     };
-    for t in tables {
+    for (family, name) in &tx.delete {
+        let mut a = Vec::new();
+        put_string(&mut a, NFTA_TABLE_NAME, name);
+        next(&mut out, NFT_MSG_DELTABLE, ack, *family, &a);
+    }
+    let mut set_id = 0;
+    for t in &tx.tables {
         let mut a = Vec::new();
         put_string(&mut a, NFTA_TABLE_NAME, &t.name);
         next(&mut out, NFT_MSG_NEWTABLE, create, t.family, &a);
+        let mut a = Vec::new();
+        put_string(&mut a, NFTA_RULE_TABLE, &t.name);
+        next(&mut out, NFT_MSG_DELRULE, ack, t.family, &a);
         for c in &t.chains {
             let mut a = Vec::new();
             put_string(&mut a, NFTA_CHAIN_TABLE, &t.name);
@@ -936,10 +1023,49 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
             next(&mut out, NFT_MSG_NEWCHAIN, create, t.family, &a);
         }
         for r in &t.rules {
+            let mut ids = Vec::with_capacity(r.sets.len());
+            for set in &r.sets {
+                set_id += 1;
+                ids.push(set_id);
+                let mut a = Vec::new();
+                put_string(&mut a, NFTA_SET_TABLE, &t.name);
+                put_string(&mut a, NFTA_SET_NAME, ANON_SET);
+                put_be32(&mut a, NFTA_SET_FLAGS, ANON_CONST);
+                put_be32(&mut a, NFTA_SET_KEY_TYPE, set.key_type);
+                put_be32(&mut a, NFTA_SET_KEY_LEN, set.key_len);
+                put_be32(&mut a, NFTA_SET_ID, set_id);
+                let mut desc = Vec::new();
+                put_be32(&mut desc, NFTA_SET_DESC_SIZE, set.elements.len() as u32);
+                put_nested(&mut a, NFTA_SET_DESC, &desc);
+                if !set.userdata.is_empty() {
+                    push_attr(&mut a, NFTA_SET_USERDATA, &set.userdata);
+                }
+                next(&mut out, NFT_MSG_NEWSET, create, t.family, &a);
+                let mut a = Vec::new();
+                put_string(&mut a, NFTA_SET_ELEM_LIST_TABLE, &t.name);
+                put_string(&mut a, NFTA_SET_ELEM_LIST_SET, ANON_SET);
+                put_be32(&mut a, NFTA_SET_ELEM_LIST_SET_ID, set_id);
+                let mut list = Vec::new();
+                for key in &set.elements {
+                    let mut elem = Vec::new();
+                    put_value(&mut elem, NFTA_SET_ELEM_KEY, key);
+                    put_nested(&mut list, NFTA_LIST_ELEM, &elem);
+                }
+                put_nested(&mut a, NFTA_SET_ELEM_LIST_ELEMENTS, &list);
+                next(&mut out, NFT_MSG_NEWSETELEM, create, t.family, &a);
+            }
             let mut a = Vec::new();
             put_string(&mut a, NFTA_RULE_TABLE, &t.name);
             put_string(&mut a, NFTA_RULE_CHAIN, &r.chain);
-            let exprs: Vec<u8> = r.exprs.iter().flat_map(Expr::encode).collect();
+            let mut ids = ids.into_iter();
+            let exprs: Vec<u8> = r
+                .exprs
+                .iter()
+                .flat_map(|e| match e {
+                    Expr::Lookup { set, .. } if set == ANON_SET => e.encode_with(ids.next()),
+                    _ => e.encode(),
+                })
+                .collect();
             put_nested(&mut a, NFTA_RULE_EXPRESSIONS, &exprs);
             next(
                 &mut out,
@@ -963,16 +1089,66 @@ pub fn batch(tables: &[WireTable]) -> (Vec<u8>, u32) {
     (out, last)
 }
 
-/// Writes `tables` in one nf_tables transaction ([`batch`]) in the netns `_inside` is in:
+/// Commits `tx` ([`batch`]) as one nf_tables transaction in the netns `_inside` is in:
 /// all of it, or (the kernel refusing any message) none of it.
 ///
 /// Errors: the socket's error, or the kernel's answer to the first message it refused, as
-/// an errno.
-pub fn write(_inside: &Inside<'_>, tables: &[WireTable]) -> std::io::Result<()> {
-    let (bytes, last) = batch(tables);
+/// an errno (`ENOENT` for a table to delete that is not there).
+pub fn write(_inside: &Inside<'_>, tx: &Transaction) -> std::io::Result<()> {
+    let (bytes, last) = batch(tx);
     let sock = nfnetlink_socket()?;
     sock.send(&bytes, 0)?;
     receive_batch(&sock, 1..=last + 1, last, |_| {})
+}
+
+/// The elements of set `set` of table `table` (family `family`), each as its key's bytes,
+/// in the kernel's order: one `NFT_MSG_GETSETELEM` dump.
+///
+/// Errors: as [`dump_rules`] (`ENOENT` when the set does not exist).
+pub fn dump_set_elements(
+    _inside: &Inside<'_>,
+    family: u8,
+    table: &str,
+    set: &str,
+) -> std::io::Result<Vec<Data>> {
+    let seq: u32 = 1;
+    let mut a = Vec::new();
+    put_string(&mut a, NFTA_SET_ELEM_LIST_TABLE, table);
+    put_string(&mut a, NFTA_SET_ELEM_LIST_SET, set);
+    let mut req = Vec::with_capacity(64);
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM;
+    push_message(
+        &mut req,
+        kind,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        seq,
+        family,
+        0,
+        &a,
+    );
+    let lists = dump(&req, seq, |msg| Ok(Some(decode_set_elements(msg))))?;
+    Ok(lists.into_iter().flatten().collect())
+}
+
+/// The keys of one `NFT_MSG_NEWSETELEM` message of a set element dump (`msg`: header
+/// included); an element without a key is left out.
+pub fn decode_set_elements(msg: &[u8]) -> Vec<Data> {
+    let Some(list) = msg
+        .get(20..)
+        .and_then(|body| attr(body, NFTA_SET_ELEM_LIST_ELEMENTS))
+    else {
+        return Vec::new();
+    };
+    attrs(list)
+        .filter(|(k, _)| *k == NFTA_LIST_ELEM)
+        .filter_map(|(_, e)| {
+            let key = attr(e, NFTA_SET_ELEM_KEY)?;
+            match data_of(key)? {
+                Imm::Value(v) => Some(v),
+                Imm::Verdict(_) => None,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1113,6 +1289,7 @@ mod tests {
             let _ = decode_rule(&bytes).map(|r| r.lines());
             let _ = decode_chain(&bytes).map(|c| c.hook.map(|h| h.to_string()));
             let _ = decode_expr(&bytes).to_string();
+            let _ = decode_set_elements(&bytes);
         }
     }
 }

@@ -90,6 +90,8 @@ fn every_conformance_pod_renders_under_nftables() {
                 for rule in lines.iter().filter(|l| l.contains(" rule ")) {
                     assert_eq!(rule.matches(" counter").count(), 1, "{rule}");
                 }
+                istio_cni::rules::nft_compile::compile(&text)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 assert_eq!(
                     (a.proxy_uid, a.probe_port, a.local_delivery.is_some()),
                     (b.proxy_uid, b.probe_port, b.local_delivery.is_some())

@@ -13,7 +13,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use istio_cni::netns::ScratchNetns;
-use istio_cni::nft_wire::{dump_chains, dump_rules, NFPROTO_INET};
+use istio_cni::nft_wire::{
+    dump_chains, dump_rules, dump_set_elements, write, AnonSet, Expr, Transaction, WireTable,
+    NFPROTO_INET,
+};
 
 /// Goldens that do not apply on their own, and why.
 const NOT_ALONE: [(&str, &str); 6] = [
@@ -245,78 +248,113 @@ fn the_kernels_chains_decode_to_what_the_transaction_declared() {
     }
 }
 
-/// The writer against the kernel: every golden's tables, as the kernel holds them after
-/// `nft -f` (chains and rules dumped and decoded), written again by one batch of ours
-/// ([`istio_cni::nft_wire::write`]) into a fresh netns, read back the same there, chain
-/// by chain and rule by rule. (Goldens with anonymous sets are left out until the writer
-/// creates sets.)
-#[test]
-fn what_the_kernel_holds_is_written_again_by_one_batch_of_ours() {
-    use istio_cni::nft_wire::{write, Expr, WireTable};
-    let nft = nft();
-    let read = |inside: &istio_cni::netns::Inside<'_>, names: &[String]| -> Vec<WireTable> {
-        names
-            .iter()
-            .map(|name| WireTable {
+/// What the kernel holds in `names` (family inet): chains, and rules each with the
+/// elements of the anonymous sets its lookups name.
+fn kernel_tables(inside: &istio_cni::netns::Inside<'_>, names: &[String]) -> Vec<WireTable> {
+    names
+        .iter()
+        .map(|name| {
+            let mut rules = dump_rules(inside, NFPROTO_INET, name).unwrap();
+            for r in &mut rules {
+                for e in &r.exprs {
+                    if let Expr::Lookup { set, .. } = e {
+                        r.sets.push(AnonSet {
+                            key_type: 0,
+                            key_len: 0,
+                            elements: dump_set_elements(inside, NFPROTO_INET, name, set).unwrap(),
+                            userdata: Vec::new(),
+                        });
+                    }
+                }
+            }
+            WireTable {
                 family: NFPROTO_INET,
                 name: name.clone(),
                 chains: dump_chains(inside, NFPROTO_INET, name).unwrap(),
-                rules: dump_rules(inside, NFPROTO_INET, name).unwrap(),
-            })
-            .collect()
-    };
-    let shape = |tables: &[WireTable]| -> Vec<String> {
-        let mut out = Vec::new();
-        for t in tables {
-            for c in &t.chains {
-                out.push(format!("{} {} {:?}", t.name, c.name, c.hook));
+                rules,
             }
-            for r in &t.rules {
-                out.push(format!("{} {}", t.name, r.chain));
-                out.extend(r.lines().iter().map(|l| normalize(l)));
+        })
+        .collect()
+}
+
+/// Tables as comparable lines: each chain with its hook, each rule's expressions exactly
+/// (`Debug`: every byte of every value, not only the printed words), an anonymous set by
+/// its elements instead of the number the kernel gave it.
+fn shape(tables: &[WireTable]) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in tables {
+        for c in &t.chains {
+            out.push(format!("{} {} {:?}", t.name, c.name, c.hook));
+        }
+        for r in &t.rules {
+            out.push(format!("{} {}", t.name, r.chain));
+            let mut sets = r.sets.iter();
+            for e in &r.exprs {
+                match e {
+                    Expr::Lookup { sreg, set, flags } if set.starts_with("__set") => {
+                        let elements = sets.next().map(|s| &s.elements);
+                        out.push(format!("lookup {sreg} {flags} anonymous {elements:?}"));
+                    }
+                    e => out.push(format!("{e:?}")),
+                }
             }
         }
-        out
-    };
-    let (mut copied, mut skipped) = (0, 0);
+    }
+    out
+}
+
+/// The compiler and the writer against `nft` and the kernel: every golden, applied with
+/// `nft -f` in one scratch netns, leaves exactly what the golden's text compiles to
+/// ([`istio_cni::rules::nft_compile::compile`]: every expression and every byte of its
+/// values, each anonymous set's elements), and our batch of that
+/// ([`istio_cni::nft_wire::write`]) leaves exactly the same in another.
+#[test]
+fn every_golden_compiles_to_what_nft_writes_and_our_batch_writes_it() {
+    use istio_cni::rules::nft_compile::compile;
+    let nft = nft();
+    let mut checked = 0;
     for golden in goldens() {
         let text = std::fs::read_to_string(&golden).unwrap();
-        let mut names: Vec<String> = text
-            .lines()
-            .filter_map(|l| l.strip_prefix("add table inet "))
-            .map(|t| t.trim().to_owned())
-            .collect();
-        names.dedup();
+        let ours = compile(&text).unwrap_or_else(|e| panic!("{}: {e}", golden.display()));
+        let names: Vec<String> = ours.iter().map(|t| t.name.clone()).collect();
         let a = ScratchNetns::create().unwrap();
-        let original = a
+        let by_nft = a
             .netns()
             .run(|inside| {
                 let out = Command::new(nft).arg("-f").arg(&golden).output().unwrap();
                 assert!(out.status.success(), "{}", golden.display());
-                read(inside, &names)
+                kernel_tables(inside, &names)
             })
             .unwrap();
-        let with_sets = original
-            .iter()
-            .flat_map(|t| &t.rules)
-            .flat_map(|r| &r.exprs)
-            .any(|e| matches!(e, Expr::Lookup { .. }));
-        if with_sets {
-            skipped += 1;
-            continue;
-        }
+        assert_eq!(
+            shape(&ours),
+            shape(&by_nft),
+            "{}: compiled vs nft",
+            golden.display()
+        );
         let b = ScratchNetns::create().unwrap();
-        let again = b
+        let by_us = b
             .netns()
             .run(|inside| {
-                write(inside, &original)
+                let tx = Transaction {
+                    delete: Vec::new(),
+                    tables: ours.clone(),
+                };
+                write(inside, &tx)
                     .unwrap_or_else(|e| panic!("{}: our batch: {e}", golden.display()));
-                read(inside, &names)
+                // Written twice: the flush replaces the rules, the sets go with them.
+                write(inside, &tx).unwrap();
+                kernel_tables(inside, &names)
             })
             .unwrap();
-        assert_eq!(shape(&again), shape(&original), "{}", golden.display());
-        copied += 1;
+        assert_eq!(
+            shape(&by_us),
+            shape(&by_nft),
+            "{}: ours vs nft",
+            golden.display()
+        );
+        checked += 1;
     }
-    eprintln!("{copied} goldens written again by our batch ({skipped} with sets left out)");
-    assert!(copied >= 20, "{copied}");
+    eprintln!("{checked} goldens: compiled, written by nft and by us, all the same");
+    assert!(checked >= 30, "{checked}");
 }

@@ -14,6 +14,7 @@ pub mod ambient;
 pub mod canon;
 pub mod iptables;
 pub mod nft_canon;
+pub mod nft_compile;
 pub mod nftables;
 pub mod reconcile;
 
