@@ -122,12 +122,12 @@ e2e:
 	$(CARGO) test -p istio-cni-node-agent --test ztunnel_zds --test ambient -- --ignored --nocapture
 
 ## Fuzz the plugin's parsers with cargo-fuzz (nightly): netconf, CNI environment,
-## prevResult conversion, annotations → rules, the iptables-save and nft -j canonical forms,
-## the nf_tables rule-dump decoder. Each target
+## prevResult conversion, annotations → rules, the iptables-save canonical form, the
+## nftables compiler, the nf_tables dump decoder. Each target
 ## runs FUZZ_SECONDS (60) from the seeds in cni-plugin/fuzz/seeds; any crash fails it, and
 ## its input is kept in target/fuzz/artifacts/. Not part of `make test`.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon nft_canon plugin_event zds nft_wire
+FUZZ_TARGETS ?= netconf cni_env prev_result annotations canon nft_compile plugin_event zds nft_wire
 fuzz:
 	@$(DEPS) fuzz
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz

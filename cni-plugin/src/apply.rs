@@ -22,17 +22,6 @@ pub const ENV_FORCE_IPTABLES_BINARY: &str = "FORCE_IPTABLES_BINARY";
 /// Writing rules failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// `native_nftables` is on, but this node has no `nft`.
-    #[error("native_nftables is on, but no nft binary was found in PATH and /usr/sbin, /sbin, /usr/bin, /bin; install nftables on the node")]
-    NoNft,
-    /// A tool printed what cannot be read.
-    #[error("cannot read the output of {bin}: {reason}")]
-    BadOutput {
-        /// The binary.
-        bin: PathBuf,
-        /// What is wrong with it.
-        reason: String,
-    },
     /// No usable iptables binaries on this node.
     #[error("no {family} iptables binaries found: looked for {looked_for} in PATH and /usr/sbin, /sbin, /usr/bin, /bin; install iptables on the node")]
     NoBinaries {

@@ -1,18 +1,16 @@
-//! The nftables backend's side effects (`native_nftables`): one `nft -f -` per pod, run
-//! from a thread inside the pod's netns, so the whole transaction is applied atomically or
-//! not at all; one `nft -j list ruleset` for the read-back; deleting our tables for DEL;
-//! and an nfnetlink table dump that tells, without a process, which tables exist.
+//! The nftables backend's side effects (`native_nftables`), all over nfnetlink from a
+//! thread inside the pod's netns, with no `nft` process: our transaction
+//! ([`NftRuleset::transaction`], compiled by [`crate::rules::nft_compile`]) is committed as
+//! one nf_tables batch ([`crate::nft_wire::write`]), so it applies atomically or not at
+//! all; the read-back dumps our tables' chains and rules and compares every expression
+//! with what was compiled; DEL deletes our tables in one batch. `nft` stays the
+//! operator's tool (`render` prints the `nft -f` text, `nft list ruleset` shows the
+//! result) and the tests' oracle.
 //!
 //! The kernel serialises transactions per netns (the nfnetlink commit mutex is per netns),
 //! so ADDs of different pods never wait on each other. Two operations on the same netns
 //! (a retried ADD, a repair) are serialised by the plugin's per-netns lock
 //! ([`crate::lock`]), which also covers the read-back, the probe and the rollback.
-//!
-//! Besides `nft`, the kernel is asked directly over nfnetlink ([`tables`], [`wake`]): which
-//! tables exist and with which flags, and to clear `dormant` on a table we write into.
-
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use crate::apply::ApplyError;
 use crate::netns::Inside;
@@ -20,130 +18,79 @@ use crate::nfnetlink::{
     nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
     NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
-use crate::rules::nft_canon::{self, CanonTables};
-use crate::rules::nftables::{NftRuleset, ALL_TABLES};
+use crate::nft_wire::{self, Expr, Transaction, WireRule, WireTable};
+use crate::rules::nftables::NftRuleset;
 use crate::validate::ValidateError;
 
-/// The `nft` binary of this node.
-#[derive(Debug, Clone)]
-pub struct Nft {
-    bin: PathBuf,
+/// Our tables of `ruleset`, compiled for netlink.
+///
+/// Errors: [`ApplyError::Netlink`] when a rule does not compile (a builder wrote what
+/// the compiler does not know: a bug, reported rather than guessed).
+fn compiled(ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
+    crate::rules::nft_compile::compile(&ruleset.transaction())
+        .map_err(|e| ApplyError::Netlink(e.to_string()))
 }
 
-impl Nft {
-    /// Finds `nft` in `PATH` and the usual sbin and bin dirs.
-    ///
-    /// Errors: [`ApplyError::NoNft`] when there is none.
-    pub fn detect() -> Result<Nft, ApplyError> {
-        crate::apply::find_binary("nft")
-            .map(|bin| Nft { bin })
-            .ok_or(ApplyError::NoNft)
+/// Writes `ruleset` in one transaction: our tables that it does not use are deleted (so
+/// nothing of an earlier ADD with other settings stays), then each of its tables is
+/// created if missing, flushed, and filled; dormant ones are woken.
+///
+/// Errors: [`ApplyError::Netlink`] with the kernel's answer; the netns is then unchanged.
+pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
+    let tables_out = compiled(ruleset)?;
+    let existing =
+        tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
+    let used = ruleset.table_names();
+    // Deleting a table is the costly part of a transaction (the kernel waits for an RCU
+    // grace period): only tables that exist are deleted.
+    let delete = existing
+        .iter()
+        .filter(|t| t.is_ours() && !used.contains(&t.name.as_str()))
+        .map(|t| (t.family, t.name.clone()))
+        .collect();
+    let tx = Transaction {
+        delete,
+        tables: tables_out,
+    };
+    nft_wire::write(inside, &tx)
+        .map_err(|e| ApplyError::Netlink(format!("writing tables {}: {e}", used.join(", "))))?;
+    // Creating a table leaves an existing dormant one dormant: wake the ones we use.
+    if existing
+        .iter()
+        .any(|t| t.is_ours() && t.is_dormant() && used.contains(&t.name.as_str()))
+    {
+        wake_dormant(inside, |t| t.is_ours() && used.contains(&t.name.as_str()))?;
     }
+    Ok(())
+}
 
-    /// The binary's path.
-    pub fn path(&self) -> &Path {
-        &self.bin
+/// Deletes our tables (sidecar's and ambient's) that exist, in one transaction; none
+/// there is fine, and then nothing is written.
+///
+/// Errors: [`ApplyError::Netlink`] with the kernel's answer.
+pub fn remove(inside: &Inside<'_>) -> Result<(), ApplyError> {
+    let existing =
+        tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
+    let delete: Vec<(u8, String)> = existing
+        .iter()
+        .filter(|t| t.is_ours())
+        .map(|t| (t.family, t.name.clone()))
+        .collect();
+    if delete.is_empty() {
+        return Ok(());
     }
-
-    /// Whether this `nft` was built with JSON support, which the read-back needs (`nft -V`
-    /// lists `json: yes`).
-    ///
-    /// Errors: [`ApplyError`] when `nft -V` cannot run.
-    pub fn supports_json(&self) -> Result<bool, ApplyError> {
-        let out = self.run(&["-V"], None)?;
-        Ok(out
-            .lines()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["json:", "yes"]))
-    }
-
-    fn run(&self, args: &[&str], stdin: Option<&str>) -> Result<String, ApplyError> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(args).stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
-        crate::apply::run_command(&mut cmd, &self.bin, stdin)
-    }
-
-    /// Writes `ruleset` in one transaction: our tables that it does not use are deleted
-    /// (so nothing of an earlier ADD with other settings stays), then its own tables are
-    /// added, flushed and filled ([`NftRuleset::transaction`]).
-    ///
-    /// Errors: [`ApplyError`] with nft's message; the netns is then unchanged.
-    pub fn apply(&self, inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
-        let used = ruleset.table_names();
-        // Deleting a table is the costly part of a transaction (the kernel waits for an
-        // RCU grace period): only tables that exist are deleted, as the kernel says over
-        // nfnetlink; when it cannot tell, every unused one is.
-        let existing = tables(inside).ok();
-        let mut text = String::new();
-        for table in ALL_TABLES.iter().filter(|t| !used.contains(t)) {
-            let exists = existing.as_ref().is_none_or(|all| {
-                all.iter()
-                    .any(|t| t.family == NFPROTO_INET && t.name.as_str() == *table)
-            });
-            if exists {
-                text.push_str(&format!(
-                    "add table inet {table}\ndelete table inet {table}\n"
-                ));
-            }
-        }
-        text.push_str(&ruleset.transaction());
-        self.run(&["-f", "-"], Some(&text))?;
-        // `add table` keeps a dormant table dormant: wake the ones we use.
-        let dormant = existing.as_ref().is_none_or(|all| {
-            all.iter()
-                .any(|t| t.is_ours() && t.is_dormant() && used.contains(&t.name.as_str()))
-        });
-        if dormant {
-            wake_dormant(inside, |t| t.is_ours() && used.contains(&t.name.as_str()))?;
-        }
-        Ok(())
-    }
-
-    /// Deletes our tables (sidecar's and ambient's), in one transaction; tables that are not there are fine
-    /// (and when the kernel says over nfnetlink that none is there, nft is not run).
-    ///
-    /// Errors: [`ApplyError`] with nft's message.
-    pub fn remove(&self, inside: &Inside<'_>) -> Result<(), ApplyError> {
-        if matches!(has_our_tables(inside), Ok(false)) {
-            return Ok(());
-        }
-        let text: String = ALL_TABLES
-            .iter()
-            .map(|t| format!("add table inet {t}\ndelete table inet {t}\n"))
-            .collect();
-        self.run(&["-f", "-"], Some(&text)).map(drop)
-    }
-
-    /// `nft -j list ruleset`: everything in the netns, in one run.
-    ///
-    /// Errors: [`ApplyError`] when `nft` fails.
-    pub fn ruleset_json(&self, _inside: &Inside<'_>) -> Result<String, ApplyError> {
-        self.run(&["-j", "list", "ruleset"], None)
-    }
-
-    /// Our tables that exist in the netns, in canonical form.
-    ///
-    /// Errors: [`ApplyError`] when `nft` fails, or prints what is not its JSON.
-    pub fn list(&self, inside: &Inside<'_>) -> Result<CanonTables, ApplyError> {
-        let text = self.ruleset_json(inside)?;
-        nft_canon::from_json(&text).map_err(|e| self.bad(e))
-    }
-
-    fn bad(&self, e: nft_canon::CanonError) -> ApplyError {
-        ApplyError::BadOutput {
-            bin: self.bin.clone(),
-            reason: e.to_string(),
-        }
-    }
+    let tx = Transaction {
+        delete,
+        tables: Vec::new(),
+    };
+    nft_wire::write(inside, &tx)
+        .map_err(|e| ApplyError::Netlink(format!("deleting our tables: {e}")))
 }
 
 /// Whether the netns has any of our tables, asked of the kernel directly (an nfnetlink
 /// `NFT_MSG_GETTABLE` dump, `linux/netfilter/nf_tables.h`): microseconds, no process, so
 /// the iptables backend's ADD can make sure no nftables rules of ours are left without
-/// paying for an `nft` run on every pod.
+/// paying for a dump of every rule on every pod.
 ///
 /// Errors: the socket's I/O error (a kernel without nf_tables answers EPROTONOSUPPORT or
 /// similar; callers treat any error as "cannot tell").
@@ -336,57 +283,135 @@ pub fn wake_dormant(
     Ok(())
 }
 
-/// Compares `got` (our tables, as listed) with `ruleset`: each of its tables and chains
-/// exactly as written, and none of our other tables left over.
-fn compare(got: &CanonTables, ruleset: &NftRuleset) -> Vec<String> {
-    let want = nft_canon::expected(ruleset);
-    let mut problems = nft_canon::diff(&want, got);
-    for table in got.keys().filter(|t| !want.contains_key(*t)) {
-        problems.push(format!("table inet {table} is left over"));
-    }
-    problems
+/// A rule the kernel holds, as its expressions in libnftnl's words (`[ meta load
+/// l4proto => reg 1 ] [ cmp eq reg 1 0x00000006 ] …`), which `nft --debug=netlink` prints
+/// too.
+fn held(r: &WireRule) -> String {
+    let words: Vec<String> = r.exprs.iter().map(|e| format!("[ {e} ]")).collect();
+    words.join(" ")
 }
 
-/// What ADD does with the nftables backend after the write, from one `nft -j list
-/// ruleset`: removes the iptables backend's rules if iptables-nft shows any (`remove`,
-/// a node that switched backends), then compares our tables with `ruleset` and checks
-/// the TPROXY routing.
-///
-/// Errors: [`ValidateError::ReadBack`] when nft fails or `remove` does,
-/// [`ValidateError::Mismatch`] listing every difference.
-pub fn settle_and_read_back(
-    inside: &Inside<'_>,
-    nft: &Nft,
-    ruleset: &NftRuleset,
-    remove: impl FnOnce() -> Result<(), ApplyError>,
-) -> Result<(), ValidateError> {
-    let text = nft.ruleset_json(inside).map_err(ValidateError::ReadBack)?;
-    let foreign =
-        nft_canon::iptables_chains(&text).map_err(|e| ValidateError::ReadBack(nft.bad(e)))?;
-    if !foreign.is_empty() {
-        log::info!(
-            "removing the iptables backend's rules ({}) after writing nftables",
-            foreign.join(", ")
-        );
-        remove().map_err(ValidateError::ReadBack)?;
+/// What differs between the rules `want` of one chain and the rules `got` there, in
+/// words: the first rule that differs, by position, with the statements we wrote, and how
+/// many rules each side has when that differs. `same` compares two rules.
+fn chain_problems(
+    chain: &str,
+    want: &[&WireRule],
+    got: &[&WireRule],
+    same: impl Fn(&WireRule, &WireRule) -> bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(i) = (0..want.len().max(got.len()))
+        .find(|&i| !matches!((want.get(i), got.get(i)), (Some(w), Some(g)) if same(w, g)))
+    {
+        match (want.get(i), got.get(i)) {
+            (Some(w), Some(g)) => out.push(format!(
+                "chain {chain}: rule {} should be `{}`; the kernel holds {}",
+                i + 1,
+                w.source,
+                held(g)
+            )),
+            (Some(w), None) => out.push(format!(
+                "chain {chain}: rule {} `{}` is missing",
+                i + 1,
+                w.source
+            )),
+            (None, Some(g)) => out.push(format!(
+                "chain {chain}: rule {} is not ours: {}",
+                i + 1,
+                held(g)
+            )),
+            (None, None) => {}
+        }
+        if want.len() != got.len() {
+            out.push(format!(
+                "chain {chain}: {} rules expected, {} found",
+                want.len(),
+                got.len()
+            ));
+        }
     }
-    let got = nft_canon::from_json(&text).map_err(|e| ValidateError::ReadBack(nft.bad(e)))?;
-    check(inside, &got, ruleset)
+    out
 }
 
+/// Compares what the netns holds with `ruleset`: each of its tables, chains (with their
+/// hooks) and rules exactly as compiled, expression by expression, an anonymous set by
+/// its elements; none of our other tables left over; none of our tables dormant; and the
+/// routing the rules need. `existing` is the kernel's table list.
 fn check(
     inside: &Inside<'_>,
-    got: &CanonTables,
+    existing: &[NfTable],
     ruleset: &NftRuleset,
 ) -> Result<(), ValidateError> {
-    let mut problems = compare(got, ruleset);
-    // nft's JSON does not show table flags reliably (1.0.6 prints `dormant` as "nat"):
-    // the kernel's table dump says whether our tables take effect.
-    let tables = tables(inside).map_err(|e| {
-        ValidateError::ReadBack(ApplyError::Netlink(format!("listing tables: {e}")))
-    })?;
+    let read_err = |what: &str, e: std::io::Error| {
+        ValidateError::ReadBack(ApplyError::Netlink(format!("{what}: {e}")))
+    };
+    let want = compiled(ruleset).map_err(ValidateError::ReadBack)?;
     let used = ruleset.table_names();
-    problems.extend(dormant_problems(&tables, |t| {
+    let mut problems = Vec::new();
+    for t in existing
+        .iter()
+        .filter(|t| t.is_ours() && !used.contains(&t.name.as_str()))
+    {
+        problems.push(format!("table {} is left over", t.describe()));
+    }
+    let present: Vec<&WireTable> = want
+        .iter()
+        .filter(|w| {
+            let there = existing
+                .iter()
+                .any(|t| t.family == w.family && t.name == w.name);
+            if !there {
+                problems.push(format!("table inet {} is missing", w.name));
+            }
+            there
+        })
+        .collect();
+    if !present.is_empty() {
+        let chains = nft_wire::dump_chains(inside, NFPROTO_INET, None)
+            .map_err(|e| read_err("listing chains", e))?;
+        let rules = nft_wire::dump_rules(inside, NFPROTO_INET, None)
+            .map_err(|e| read_err("listing rules", e))?;
+        for w in present {
+            for c in &w.chains {
+                let name = format!("inet {} {}", w.name, c.name);
+                match chains
+                    .iter()
+                    .find(|g| g.table == w.name && g.name == c.name)
+                {
+                    None => problems.push(format!("chain {name} is missing")),
+                    Some(g) if g.hook != c.hook => problems.push(format!(
+                        "chain {name} is hooked as {}, not as {}",
+                        g.hook
+                            .as_ref()
+                            .map_or("a regular chain".into(), |h| h.to_string()),
+                        c.hook
+                            .as_ref()
+                            .map_or("a regular chain".into(), |h| h.to_string()),
+                    )),
+                    Some(_) => {}
+                }
+                let mine = |r: &&WireRule| r.table == w.name && r.chain == c.name;
+                let want_rules: Vec<&WireRule> = w.rules.iter().filter(mine).collect();
+                let got_rules: Vec<&WireRule> = rules.iter().filter(mine).collect();
+                let same = |a: &WireRule, b: &WireRule| same_rule(inside, a, b);
+                problems.extend(chain_problems(&name, &want_rules, &got_rules, same));
+            }
+            // Rules in chains of our table that we do not declare.
+            for r in rules
+                .iter()
+                .filter(|r| r.table == w.name && !w.chains.iter().any(|c| c.name == r.chain))
+            {
+                problems.push(format!(
+                    "chain inet {} {} holds a rule that is not ours: {}",
+                    w.name,
+                    r.chain,
+                    held(r)
+                ));
+            }
+        }
+    }
+    problems.extend(dormant_problems(existing, |t| {
         t.is_ours() && used.contains(&t.name.as_str())
     }));
     problems.extend(
@@ -400,18 +425,100 @@ fn check(
     }
 }
 
-/// Compares the netns's nftables rules (and TPROXY routing) with `ruleset`: each of its
-/// tables and chains exactly as written, and none of our other tables left over.
+/// Whether the kernel's rule `got` is the rule `want` we compiled: the same expressions,
+/// where a lookup of one of `want`'s anonymous sets matches a lookup (same register and
+/// flags) of an anonymous set that holds the same elements, in the same order.
+fn same_rule(inside: &Inside<'_>, want: &WireRule, got: &WireRule) -> bool {
+    if want.exprs.len() != got.exprs.len() {
+        return false;
+    }
+    let mut sets = want.sets.iter();
+    want.exprs
+        .iter()
+        .zip(&got.exprs)
+        .all(|(w, g)| match (w, g) {
+            (
+                Expr::Lookup {
+                    sreg: ws,
+                    set: wname,
+                    flags: wf,
+                },
+                Expr::Lookup {
+                    sreg: gs,
+                    set: gname,
+                    flags: gf,
+                },
+            ) if wname == nft_wire::ANON_SET => {
+                let Some(set) = sets.next() else {
+                    return false;
+                };
+                ws == gs
+                    && wf == gf
+                    && gname.starts_with("__set")
+                    && nft_wire::dump_set_elements(inside, got.family, &got.table, gname)
+                        .is_ok_and(|elements| elements == set.elements)
+            }
+            (w, g) => w == g,
+        })
+}
+
+/// The chains of the iptables backend (`ISTIO_*`) in iptables-nft's `ip`/`ip6` tables,
+/// as `ip nat ISTIO_OUTPUT`; nothing is asked when `existing` has no such table.
 ///
-/// Errors: [`ValidateError::ReadBack`] when nft fails, [`ValidateError::Mismatch`] listing
-/// every difference.
-pub fn read_back(
+/// Errors: the kernel's answer to the chain dump.
+pub fn iptables_chains(inside: &Inside<'_>, existing: &[NfTable]) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for family in [NFPROTO_IPV4, NFPROTO_IPV6] {
+        if !existing.iter().any(|t| t.family == family) {
+            continue;
+        }
+        for c in nft_wire::dump_chains(inside, family, None)? {
+            if c.name.starts_with(crate::rules::CHAIN_PREFIX) {
+                let f = if family == NFPROTO_IPV4 { "ip" } else { "ip6" };
+                out.push(format!("{f} {} {}", c.table, c.name));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// What ADD does with the nftables backend after the write: removes the iptables
+/// backend's rules if iptables-nft's tables hold any (`remove`, a node that switched
+/// backends), then compares our tables with `ruleset` and checks the routing.
+///
+/// Errors: [`ValidateError::ReadBack`] when a dump fails or `remove` does,
+/// [`ValidateError::Mismatch`] listing every difference.
+pub fn settle_and_read_back(
     inside: &Inside<'_>,
-    nft: &Nft,
     ruleset: &NftRuleset,
+    remove: impl FnOnce() -> Result<(), ApplyError>,
 ) -> Result<(), ValidateError> {
-    let got = nft.list(inside).map_err(ValidateError::ReadBack)?;
-    check(inside, &got, ruleset)
+    let read_err = |what: &str, e: std::io::Error| {
+        ValidateError::ReadBack(ApplyError::Netlink(format!("{what}: {e}")))
+    };
+    let mut existing = tables(inside).map_err(|e| read_err("listing tables", e))?;
+    let foreign = iptables_chains(inside, &existing).map_err(|e| read_err("listing chains", e))?;
+    if !foreign.is_empty() {
+        log::info!(
+            "removing the iptables backend's rules ({}) after writing nftables",
+            foreign.join(", ")
+        );
+        remove().map_err(ValidateError::ReadBack)?;
+        existing = tables(inside).map_err(|e| read_err("listing tables", e))?;
+    }
+    check(inside, &existing, ruleset)
+}
+
+/// Compares the netns's nftables rules (and routing) with `ruleset`: each of its tables,
+/// chains and rules exactly as written, and none of our other tables left over.
+///
+/// Errors: [`ValidateError::ReadBack`] when a dump fails, [`ValidateError::Mismatch`]
+/// listing every difference.
+pub fn read_back(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ValidateError> {
+    let existing = tables(inside).map_err(|e| {
+        ValidateError::ReadBack(ApplyError::Netlink(format!("listing tables: {e}")))
+    })?;
+    check(inside, &existing, ruleset)
 }
 
 #[cfg(test)]
@@ -419,33 +526,124 @@ mod tests {
     use super::*;
     use crate::netns::ScratchNetns;
 
+    fn nft(args: &[&str]) {
+        let bin = crate::apply::find_binary("nft").expect("nft (install nftables)");
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        assert!(out.status.success(), "nft {args:?}: {out:?}");
+    }
+
     /// The netlink table dump sees our tables exactly when they exist (and only ours
-    /// count). Needs root and `nft`.
+    /// count), and `remove` deletes exactly ours. Needs root and `nft`.
     #[test]
-    fn netlink_sees_our_tables() {
-        let nft = Nft::detect().expect("nft (install nftables)");
+    fn netlink_sees_and_removes_our_tables() {
         let scratch = ScratchNetns::create().unwrap();
         scratch
             .netns()
             .run(|inside| {
                 assert!(!has_our_tables(inside).unwrap(), "a new netns has none");
-                nft.run(&["add", "table", "ip", "nat"], None).unwrap();
-                nft.run(&["add", "table", "inet", "other"], None).unwrap();
+                remove(inside).unwrap();
+                nft(&["add", "table", "ip", "nat"]);
+                nft(&["add", "table", "inet", "other"]);
                 assert!(!has_our_tables(inside).unwrap(), "not ours");
-                nft.run(&["add", "table", "inet", RAW_TABLE_NAME], None)
-                    .unwrap();
+                nft(&["add", "table", "inet", crate::rules::nftables::RAW_TABLE]);
                 assert!(has_our_tables(inside).unwrap());
-                nft.remove(inside).unwrap();
+                remove(inside).unwrap();
                 assert!(!has_our_tables(inside).unwrap(), "removed");
                 let all = tables(inside).unwrap();
                 assert!(
                     all.iter()
-                        .any(|t| t.family == NFPROTO_IPV4 && t.name == "nat"),
+                        .any(|t| t.family == NFPROTO_IPV4 && t.name == "nat")
+                        && all
+                            .iter()
+                            .any(|t| t.family == NFPROTO_INET && t.name == "other"),
                     "{all:?}"
                 );
             })
             .unwrap();
     }
 
-    const RAW_TABLE_NAME: &str = crate::rules::nftables::RAW_TABLE;
+    /// A pod's ruleset with DNS capture (so a rule with an anonymous port set).
+    fn dns_ruleset() -> NftRuleset {
+        let pod = crate::pod::MeshedPod {
+            proxy_env: [(
+                crate::redirect::ENV_DNS_CAPTURE.to_owned(),
+                "true".to_owned(),
+            )]
+            .into(),
+            ..Default::default()
+        };
+        let r = crate::redirect::Redirect::from_pod(&pod).unwrap();
+        crate::rules::nftables::build(&r, false)
+    }
+
+    fn mismatch(inside: &Inside<'_>, ruleset: &NftRuleset) -> String {
+        match read_back(inside, ruleset) {
+            Err(ValidateError::Mismatch(p)) => p.join("; "),
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+    }
+
+    /// The write reads back as written, twice in a row (the flush replaces everything);
+    /// every kind of drift is seen and said in words: a flushed chain, a port set with
+    /// other elements, a rule that is not ours, a table left over. Needs root and `nft`.
+    #[test]
+    fn what_is_written_reads_back_and_drift_is_named() {
+        let ruleset = dns_ruleset();
+        assert!(ruleset.transaction().contains("{ 53, 15008 }"));
+        let scratch = ScratchNetns::create().unwrap();
+        scratch
+            .netns()
+            .run(|inside| {
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
+
+                nft(&["flush", "chain", "inet", "istio-proxy-nat", "istio-redirect"]);
+                let m = mismatch(inside, &ruleset);
+                assert!(
+                    m.contains("chain inet istio-proxy-nat istio-redirect: rule 1 `meta l4proto tcp counter redirect to :15001` is missing"),
+                    "{m}"
+                );
+                apply(inside, &ruleset).unwrap();
+
+                // The set rule replaced by one whose set holds 54: only its elements differ.
+                let text = ruleset.transaction();
+                let line = text
+                    .lines()
+                    .find(|l| l.contains("{ 53, 15008 }"))
+                    .unwrap()
+                    .replace("{ 53, 15008 }", "{ 54, 15008 }");
+                nft(&["flush", "table", "inet", "istio-proxy-nat"]);
+                let others: Vec<&str> = text
+                    .lines()
+                    .skip_while(|l| !l.starts_with("add rule inet istio-proxy-nat"))
+                    .filter(|l| l.contains("istio-proxy-nat"))
+                    .collect();
+                for l in others {
+                    let l = if l.contains("{ 53, 15008 }") { line.as_str() } else { l };
+                    let args: Vec<&str> = l.split_whitespace().collect();
+                    nft(&args);
+                }
+                let m = mismatch(inside, &ruleset);
+                assert!(m.contains("istio-output: rule") && m.contains("should be"), "{m}");
+                assert!(!m.contains("expected"), "only that rule differs: {m}");
+                apply(inside, &ruleset).unwrap();
+
+                nft(&["add", "rule", "inet", "istio-proxy-nat", "output", "counter", "accept"]);
+                let m = mismatch(inside, &ruleset);
+                assert!(m.contains("is not ours"), "{m}");
+                apply(inside, &ruleset).unwrap();
+
+                nft(&["add", "table", "inet", crate::rules::ambient::NAT_TABLE]);
+                let m = mismatch(inside, &ruleset);
+                assert!(m.contains("is left over"), "{m}");
+                // The next write deletes it.
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
+                remove(inside).unwrap();
+                assert!(!has_our_tables(inside).unwrap());
+            })
+            .unwrap();
+    }
 }

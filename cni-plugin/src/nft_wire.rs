@@ -514,6 +514,9 @@ pub struct WireRule {
     /// Empty in a decoded rule: the kernel's rule dump names the sets it created
     /// (`__set0`, …), whose elements [`dump_set_elements`] reads.
     pub sets: Vec<AnonSet>,
+    /// The `nft` statements it was compiled from (`meta l4proto tcp counter return`),
+    /// for messages; empty in a decoded rule.
+    pub source: String,
 }
 
 /// The name a rule's new anonymous set is sent with; the kernel replaces `%d` with the
@@ -581,20 +584,26 @@ pub fn decode_rule(msg: &[u8]) -> std::io::Result<WireRule> {
         handle: be64(body, NFTA_RULE_HANDLE).unwrap_or(0),
         exprs,
         sets: Vec::new(),
+        source: String::new(),
     })
 }
 
-/// Every rule of table `table` of family `family` in the netns `_inside` is in, in the
-/// kernel's order (chain by chain, each in rule order): one `NFT_MSG_GETRULE` dump.
+/// Every rule of family `family` in the netns `_inside` is in, of table `table` only when
+/// one is given, in the kernel's order (table by table, chain by chain, each in rule
+/// order): one `NFT_MSG_GETRULE` dump.
 ///
 /// Errors: the socket's error, or the kernel's (`ENOENT` when the table does not exist),
 /// or a malformed message.
-pub fn dump_rules(_inside: &Inside<'_>, family: u8, table: &str) -> std::io::Result<Vec<WireRule>> {
+pub fn dump_rules(
+    _inside: &Inside<'_>,
+    family: u8,
+    table: Option<&str>,
+) -> std::io::Result<Vec<WireRule>> {
     let seq: u32 = 1;
     let mut attrs_out = Vec::new();
-    let mut name = table.as_bytes().to_vec();
-    name.push(0);
-    push_attr(&mut attrs_out, NFTA_RULE_TABLE, &name);
+    if let Some(table) = table {
+        put_string(&mut attrs_out, NFTA_RULE_TABLE, table);
+    }
     let mut req = Vec::with_capacity(64);
     let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
     push_message(
@@ -720,15 +729,15 @@ pub fn decode_chain(msg: &[u8]) -> std::io::Result<WireChain> {
     Ok(WireChain { table, name, hook })
 }
 
-/// Every chain of table `table` of family `family`, in the kernel's order: one
-/// `NFT_MSG_GETCHAIN` dump. (The kernel dumps every table's chains; the others are
-/// left out here.)
+/// Every chain of family `family`, of table `table` only when one is given, in the
+/// kernel's order: one `NFT_MSG_GETCHAIN` dump. (The kernel dumps every table's chains;
+/// the filter is applied here.)
 ///
 /// Errors: as [`dump_rules`].
 pub fn dump_chains(
     _inside: &Inside<'_>,
     family: u8,
-    table: &str,
+    table: Option<&str>,
 ) -> std::io::Result<Vec<WireChain>> {
     let seq: u32 = 1;
     let mut req = Vec::with_capacity(32);
@@ -743,7 +752,7 @@ pub fn dump_chains(
         &[],
     );
     dump(&req, seq, |msg| {
-        decode_chain(msg).map(|c| (c.table == table).then_some(c))
+        decode_chain(msg).map(|c| table.is_none_or(|t| c.table == t).then_some(c))
     })
 }
 

@@ -17,7 +17,7 @@ use crate::config::{ConfigError, NetConf};
 use crate::error::Error;
 use crate::lock::{self, NetnsLock};
 use crate::netns::{Inside, Netns, NetnsError};
-use crate::nft::{NfTable, Nft};
+use crate::nft::NfTable;
 use crate::plan::Rules;
 use crate::pluginevent;
 use crate::pod::{self, PodRef};
@@ -242,19 +242,17 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
     match planned {
         Rules::Iptables(ruleset) => {
             let xt = Xtables::detect()?;
-            let nft = Nft::detect().ok();
             netns.get()?.run(|inside| {
                 // The other backends' rules go first: never two backends' rules.
-                remove_other_backends(inside, &xt, nft.as_ref())?;
+                remove_other_backends(inside, &xt)?;
                 program(inside, &xt, &ruleset, probe)
             })??;
         }
         Rules::Nftables(ruleset) => {
-            let nft = Nft::detect()?;
             let xt = Xtables::detect().ok();
             netns
                 .get()?
-                .run(|inside| program_nft(inside, &nft, xt.as_ref(), &ruleset, probe))??;
+                .run(|inside| program_nft(inside, xt.as_ref(), &ruleset, probe))??;
         }
     }
     log::info!(
@@ -283,26 +281,16 @@ fn lock_netns(conf: &NetConf, netns: &Netns) -> Result<Option<NetnsLock>, Error>
 
 /// Deletes our nftables tables when the netns has any (a node that switched from the
 /// nftables backend to iptables), so that a pod never holds both backends' rules.
-/// `tables` is the kernel's table list when it could be read; else nft is asked.
+/// `tables` is the kernel's table list; `None` (it could not be read: a kernel without
+/// nf_tables) means there are none.
 ///
-/// Errors: [`Error::Apply`] when they cannot be listed or deleted.
-fn remove_nft_tables(
-    inside: &Inside<'_>,
-    nft: &Nft,
-    tables: Option<&[NfTable]>,
-) -> Result<(), Error> {
-    match tables {
-        Some(t) if !t.iter().any(NfTable::is_ours) => return Ok(()),
-        Some(_) => {}
-        // Cannot tell (no nf_tables in this kernel?): ask nft itself.
-        None => {
-            if nft.list(inside)?.is_empty() {
-                return Ok(());
-            }
-        }
+/// Errors: [`Error::Apply`] when they cannot be deleted.
+fn remove_nft_tables(inside: &Inside<'_>, tables: Option<&[NfTable]>) -> Result<(), Error> {
+    if !tables.is_some_and(|t| t.iter().any(NfTable::is_ours)) {
+        return Ok(());
     }
     log::info!("removing the nftables backend's tables before writing iptables rules");
-    nft.remove(inside)?;
+    crate::nft::remove(inside)?;
     Ok(())
 }
 
@@ -313,17 +301,11 @@ fn remove_nft_tables(
 /// spawned for a netns that holds nothing else.
 ///
 /// Errors: [`Error::Apply`] when a removal fails.
-fn remove_other_backends(
-    inside: &Inside<'_>,
-    xt: &Xtables,
-    nft: Option<&Nft>,
-) -> Result<(), Error> {
+fn remove_other_backends(inside: &Inside<'_>, xt: &Xtables) -> Result<(), Error> {
     let tables = crate::nft::tables(inside)
         .inspect_err(|e| log::debug!("listing nftables tables over netlink: {e}"))
         .ok();
-    if let Some(nft) = nft {
-        remove_nft_tables(inside, nft, tables.as_deref())?;
-    }
+    remove_nft_tables(inside, tables.as_deref())?;
     remove_iptables_variants(inside, Some(xt.backend()), tables.as_deref())
 }
 
@@ -375,20 +357,19 @@ fn remove_iptables_variants(
 
 /// [`program`] for the nftables backend: the transaction is applied and validated
 /// (read-back, probe); the iptables backend's rules, when the netns has any (a node that
-/// switched backends), are removed before the probe. Two `nft` runs in all: `nft -f` and
-/// `nft -j list ruleset`. On any failure everything written is removed.
+/// switched backends), are removed before the probe. No process is run: the write and
+/// the read-back are nfnetlink messages. On any failure everything written is removed.
 ///
 /// Errors: [`Error::Apply`] when a write fails, [`Error::Validate`] when a check does.
 pub fn program_nft(
     inside: &Inside<'_>,
-    nft: &Nft,
     xt: Option<&Xtables>,
     ruleset: &NftRuleset,
     probe: Option<Duration>,
 ) -> Result<(), Error> {
     let t = Instant::now();
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        write_and_read_back_nft(inside, nft, xt, ruleset)?;
+        write_and_read_back_nft(inside, xt, ruleset)?;
         log::debug!("applied and read back in {:?}", t.elapsed());
         if let (Some(timeout), Some(port)) = (probe, ruleset.probe_port) {
             for family in ruleset.routing_needs().families {
@@ -401,7 +382,7 @@ pub fn program_nft(
     .unwrap_or_else(|panic| Err(Error::Internal(panic_message(&*panic))));
     if let Err(e) = &outcome {
         log::warn!("{e}; removing the rules written so far");
-        if let Err(cleanup) = nft.remove(inside) {
+        if let Err(cleanup) = crate::nft::remove(inside) {
             log::error!("removing the nftables tables after a failed ADD also failed: {cleanup}");
         }
         if ruleset.local_delivery.is_some() {
@@ -415,21 +396,19 @@ pub fn program_nft(
     outcome
 }
 
-/// The tools of both backends that this node has.
+/// The tools of the backends that this node has. (The nftables backend needs none: it
+/// speaks nfnetlink itself.)
 #[derive(Debug, Clone)]
 pub struct Tools {
     /// The iptables binaries, when the node has them.
     pub xt: Option<Xtables>,
-    /// `nft`, when the node has it.
-    pub nft: Option<Nft>,
 }
 
 impl Tools {
-    /// Looks for both backends' tools.
+    /// Looks for the iptables binaries.
     pub fn detect() -> Tools {
         Tools {
             xt: Xtables::detect().ok(),
-            nft: Nft::detect().ok(),
         }
     }
 
@@ -442,22 +421,16 @@ impl Tools {
             )),
         }
     }
-
-    fn nft(&self) -> Result<&Nft, Error> {
-        self.nft
-            .as_ref()
-            .ok_or(Error::Apply(apply::ApplyError::NoNft))
-    }
 }
 
 /// Read-back of `rules` with their backend, for the node agent's repair loop.
 ///
-/// Errors: [`Error::Validate`] with what is missing or wrong, [`Error::Apply`] when the
-/// backend's tool is missing.
+/// Errors: [`Error::Validate`] with what is missing or wrong, [`Error::Apply`] when
+/// iptables is missing for iptables rules.
 pub fn read_back_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Result<(), Error> {
     match rules {
         Rules::Iptables(r) => Ok(validate::read_back(inside, tools.xt()?, r)?),
-        Rules::Nftables(r) => Ok(crate::nft::read_back(inside, tools.nft()?, r)?),
+        Rules::Nftables(r) => Ok(crate::nft::read_back(inside, r)?),
     }
 }
 
@@ -471,23 +444,22 @@ pub fn reprogram_rules(inside: &Inside<'_>, tools: &Tools, rules: &Rules) -> Res
     match rules {
         Rules::Iptables(r) => {
             let xt = tools.xt()?;
-            remove_other_backends(inside, xt, tools.nft.as_ref())?;
+            remove_other_backends(inside, xt)?;
             reprogram(inside, xt, r)
         }
-        Rules::Nftables(r) => write_and_read_back_nft(inside, tools.nft()?, tools.xt.as_ref(), r),
+        Rules::Nftables(r) => write_and_read_back_nft(inside, tools.xt.as_ref(), r),
     }
 }
 
 /// The nftables backend's write and read-back, shared by ADD and repair: the legacy
-/// iptables backend's rules go first when the netns has any; then one `nft -f`, the
-/// routing, and one `nft -j list ruleset`, which also shows iptables-nft's rules, removed
-/// then (with the routing put back, since removing iptables rules removes the TPROXY
-/// routing too).
+/// iptables backend's rules go first when the netns has any; then one nf_tables batch,
+/// the routing, and the read-back, whose table dump also shows iptables-nft's tables,
+/// whose rules are removed then (with the routing put back, since removing iptables rules
+/// removes the TPROXY routing too).
 ///
 /// Errors: [`Error::Apply`] when a write fails, [`Error::Validate`] when the read-back does.
 fn write_and_read_back_nft(
     inside: &Inside<'_>,
-    nft: &Nft,
     xt: Option<&Xtables>,
     ruleset: &NftRuleset,
 ) -> Result<(), Error> {
@@ -495,10 +467,10 @@ fn write_and_read_back_nft(
         let tables = crate::nft::tables(inside).ok();
         remove_iptables_variants(inside, None, tables.as_deref())?;
     }
-    nft.apply(inside, ruleset)?;
+    crate::nft::apply(inside, ruleset)?;
     let needs = ruleset.routing_needs();
     crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)?;
-    crate::nft::settle_and_read_back(inside, nft, ruleset, || {
+    crate::nft::settle_and_read_back(inside, ruleset, || {
         // iptables-nft's rules that appeared meanwhile: that variant's tools remove them.
         if let Some(xt) = xt.and_then(|_| Xtables::of_backend(Backend::Nft).ok()) {
             apply::remove(inside, &xt, None)?;
@@ -677,10 +649,9 @@ fn check(env: &CniEnv, conf: &NetConf) -> Result<(), Error> {
                 .run(|inside| validate::read_back(inside, &xt, &ruleset))??;
         }
         Rules::Nftables(ruleset) => {
-            let nft = Nft::detect()?;
             netns
                 .get()?
-                .run(|inside| crate::nft::read_back(inside, &nft, &ruleset))??;
+                .run(|inside| crate::nft::read_back(inside, &ruleset))??;
         }
     }
     log::info!("pod {pod_ref}: redirection rules present");
@@ -723,14 +694,12 @@ fn del(env: &CniEnv, stdin: &[u8]) {
         .inspect_err(|e| log::warn!("{e}; removing the rules without the lock"))
         .ok();
     // Both backends' rules go: the configuration may have changed since ADD.
-    if let Ok(nft) = Nft::detect() {
-        let removed = netns
-            .run(|inside| nft.remove(inside))
-            .map_err(Error::from)
-            .and_then(|r| r.map_err(Error::from));
-        if let Err(e) = removed {
-            log::warn!("removing nftables tables from {}: {e}", path.display());
-        }
+    let removed = netns
+        .run(crate::nft::remove)
+        .map_err(Error::from)
+        .and_then(|r| r.map_err(Error::from));
+    if let Err(e) = removed {
+        log::warn!("removing nftables tables from {}: {e}", path.display());
     }
     // Every iptables variant that has tables there (the backend may have changed since
     // ADD), or the node's plain `iptables` when it has neither variant's binaries.
@@ -764,18 +733,8 @@ fn status(conf: &NetConf) -> Result<(), Error> {
     if let Err(e) = std::fs::File::open(conf.kubeconfig()) {
         problems.push(format!("kubeconfig {}: {e}", conf.kubeconfig().display()));
     }
-    if conf.native_nftables {
-        // The read-back needs nft's JSON output (upstream falls back to iptables when nft
-        // is missing, for ambient only; here STATUS says so and ADD fails).
-        match Nft::detect().and_then(|n| n.supports_json().map(|j| (n, j))) {
-            Ok((_, true)) => {}
-            Ok((nft, false)) => problems.push(format!(
-                "{} was built without JSON support, which the read-back needs",
-                nft.path().display()
-            )),
-            Err(e) => problems.push(e.to_string()),
-        }
-    } else {
+    // The nftables backend needs no tool: it speaks nfnetlink itself.
+    if !conf.native_nftables {
         match Xtables::detect() {
             Ok(xt) => {
                 if let Err(e) = xt.binaries(Family::V4) {

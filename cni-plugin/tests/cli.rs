@@ -176,38 +176,18 @@ fn status_reports_what_blocks_add_and_gc_is_accepted() {
     );
     assert!(out.stdout.is_empty());
 
-    // With native_nftables, STATUS needs nft with JSON support: this machine's passes, an
-    // nft built without JSON is reported with code 50.
+    // With native_nftables, STATUS needs no tool at all (the backend speaks nfnetlink
+    // itself): it passes with a PATH that holds neither nft nor iptables.
     c["native_nftables"] = json!(true);
-    let out = cni("STATUS", "", &c);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    let fake = dir.path().join("nft");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'nftables v0.9.0'\necho '  json:\t\tno'\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let out = cni_raw(
         &[
-            (
-                "PATH",
-                &format!("{}:/usr/sbin:/usr/bin:/sbin:/bin", dir.path().display()),
-            ),
+            ("PATH", &dir.path().display().to_string()),
             ("CNI_COMMAND", "STATUS"),
         ],
         c.to_string().as_bytes(),
     );
-    assert_eq!(out.status.code(), Some(50));
     assert!(
-        stdout_json(&out)["msg"]
-            .as_str()
-            .unwrap()
-            .contains("without JSON support"),
+        out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -176,7 +176,7 @@ fn the_kernels_rules_decode_to_what_nft_sent() {
                     sent.keys().map(|(t, _)| t.clone()).collect();
                 let mut held = Rules::new();
                 for table in tables {
-                    for rule in dump_rules(inside, NFPROTO_INET, &table).unwrap() {
+                    for rule in dump_rules(inside, NFPROTO_INET, Some(&table)).unwrap() {
                         held.entry((rule.table.clone(), rule.chain.clone()))
                             .or_default()
                             .push(rule.lines().iter().map(|l| normalize(l)).collect());
@@ -229,7 +229,7 @@ fn the_kernels_chains_decode_to_what_the_transaction_declared() {
                 assert!(out.status.success(), "{}", golden.display());
                 let mut held = Vec::new();
                 for table in &tables {
-                    for c in dump_chains(inside, NFPROTO_INET, table).unwrap() {
+                    for c in dump_chains(inside, NFPROTO_INET, Some(table)).unwrap() {
                         let spelled = match &c.hook {
                             Some(h) => format!("{} {{ {h} }}", c.name),
                             None => c.name.clone(),
@@ -254,7 +254,7 @@ fn kernel_tables(inside: &istio_cni::netns::Inside<'_>, names: &[String]) -> Vec
     names
         .iter()
         .map(|name| {
-            let mut rules = dump_rules(inside, NFPROTO_INET, name).unwrap();
+            let mut rules = dump_rules(inside, NFPROTO_INET, Some(name)).unwrap();
             for r in &mut rules {
                 for e in &r.exprs {
                     if let Expr::Lookup { set, .. } = e {
@@ -270,7 +270,7 @@ fn kernel_tables(inside: &istio_cni::netns::Inside<'_>, names: &[String]) -> Vec
             WireTable {
                 family: NFPROTO_INET,
                 name: name.clone(),
-                chains: dump_chains(inside, NFPROTO_INET, name).unwrap(),
+                chains: dump_chains(inside, NFPROTO_INET, Some(name)).unwrap(),
                 rules,
             }
         })

@@ -167,14 +167,13 @@ pub fn run(
             return Err(SelfTestError::Leftover(line.to_owned()));
         }
     }
-    if let Ok(nft) = istio_cni::nft::Nft::detect() {
-        let tables = scratch
-            .netns()
-            .run(|inside| nft.list(inside))
-            .map_err(|e| setup(e.to_string()))?
-            .map_err(|e| setup(e.to_string()))?;
-        if let Some(table) = tables.keys().next() {
-            return Err(SelfTestError::Leftover(format!("table inet {table}")));
+    // A kernel without nf_tables has none of our tables to leave.
+    if let Ok(Ok(tables)) = scratch.netns().run(istio_cni::nft::tables) {
+        if let Some(table) = tables.iter().find(|t| t.is_ours()) {
+            return Err(SelfTestError::Leftover(format!(
+                "table {}",
+                table.describe()
+            )));
         }
     }
     Ok(start.elapsed())

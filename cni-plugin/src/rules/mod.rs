@@ -4,16 +4,17 @@
 //!
 //! - [`iptables`] builds the rules in upstream's order;
 //! - [`nftables`] builds the same redirection as one nftables transaction, as upstream's
-//!   native nftables backend does (not yet applied by ADD: `native_nftables` is refused);
+//!   native nftables backend does (`native_nftables`);
+//! - [`nft_compile`] compiles such a transaction into the netlink expressions `nft` would
+//!   send for it, which ADD writes and reads back without an `nft` process;
 //! - [`canon`] reads rules back from `iptables-save` in a canonical form, so that the
 //!   validator can compare what the kernel holds with what we meant;
 //! - [`ambient`] builds Istio ambient mode's in-pod and node probe rules for both backends
-//!   (golden-tested against `cni-plugin/tests/conformance/istio-ambient/`; not yet applied).
+//!   (golden-tested against `cni-plugin/tests/conformance/istio-ambient/`).
 
 pub mod ambient;
 pub mod canon;
 pub mod iptables;
-pub mod nft_canon;
 pub mod nft_compile;
 pub mod nftables;
 pub mod reconcile;

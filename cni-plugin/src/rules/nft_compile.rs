@@ -233,6 +233,7 @@ fn rule(table: &str, chain: &str, stmts: &[&str]) -> Result<WireRule, String> {
         handle: 0,
         exprs: r.exprs,
         sets: r.sets,
+        source: stmts.join(" "),
     })
 }
 

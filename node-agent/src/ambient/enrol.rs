@@ -433,10 +433,7 @@ impl Enroller {
                     .map_err(istio_cni::Error::from)
                     .and_then(|xt| program(inside, &xt, r, None)),
             },
-            Rules::Nftables(r) => match &self.tools.nft {
-                Some(nft) => program_nft(inside, nft, self.tools.xt.as_ref(), r, None),
-                None => Err(istio_cni::apply::ApplyError::NoNft.into()),
-            },
+            Rules::Nftables(r) => program_nft(inside, self.tools.xt.as_ref(), r, None),
         })?;
         written.map_err(|e| EnrolError::Rules(Box::new(e)))
     }
@@ -489,10 +486,8 @@ fn remove_everything(
             first.get_or_insert(e.into());
         }
     }
-    if let Some(nft) = &tools.nft {
-        if let Err(e) = nft.remove(inside) {
-            first.get_or_insert(e.into());
-        }
+    if let Err(e) = istio_cni::nft::remove(inside) {
+        first.get_or_insert(e.into());
     }
     if let Err(e) = istio_cni::routing::remove(inside) {
         first.get_or_insert(istio_cni::apply::ApplyError::Routing(e).into());

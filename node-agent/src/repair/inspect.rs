@@ -233,7 +233,7 @@ pub enum InspectError {
         /// What failed.
         reason: String,
     },
-    /// `iptables-save` or `nft -j list` failed.
+    /// `iptables-save`, or the nf_tables dumps with `NATIVE_NFTABLES`, failed.
     #[error("netns {netns}: {source}")]
     ReadBack {
         /// The netns.
@@ -242,8 +242,8 @@ pub enum InspectError {
         #[source]
         source: ValidateError,
     },
-    /// The configured backend's tool is missing (`iptables`, or `nft` with
-    /// `NATIVE_NFTABLES`).
+    /// The iptables binaries are missing for a pod with iptables rules (the nftables
+    /// backend needs no tool).
     #[error("netns {netns}: {source}")]
     Backend {
         /// The netns.

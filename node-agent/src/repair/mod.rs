@@ -65,7 +65,7 @@ pub struct RepairConfig {
     pub node: String,
     /// What to do with a broken pod.
     pub mode: Mode,
-    /// The nftables backend (`NATIVE_NFTABLES`): read back and repair with nft.
+    /// The nftables backend (`NATIVE_NFTABLES`): read back and repair over nfnetlink.
     pub native_nftables: bool,
     /// Only pods with these labels (`REPAIR_LABEL_SELECTORS`), as a label selector.
     pub label_selector: Option<String>,
@@ -784,10 +784,8 @@ fn check_all(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
+    // Without iptables, only nftables pods can be checked; each iptables pod says so.
     let tools = Tools::detect();
-    if tools.xt.is_none() && tools.nft.is_none() {
-        return Err("neither iptables nor nft found on this node".into());
-    }
     let procs =
         ProcIndex::scan(host_proc).map_err(|e| format!("reading {}: {e}", host_proc.display()))?;
     let finder = Finder::new(&procs, netns_dirs);
