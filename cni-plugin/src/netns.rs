@@ -52,6 +52,11 @@ pub enum NetnsError {
     },
 }
 
+/// The name of every thread [`Netns::run`] starts, and so the writer's name (`comm`) that
+/// the kernel gives for an nf_tables commit made by this code, in the plugin or the agent
+/// ([`crate::nft_wire::Commit`]): the agent's drift watch skips its own writes by it.
+pub const THREAD_NAME: &str = "istio-cni-netns";
+
 /// Identity of a namespace: device and inode of its nsfs file (`stat -L`), as `ip netns
 /// identify` and `/proc/<pid>/ns/net` links compare them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -219,7 +224,8 @@ impl Netns {
         &self.path
     }
 
-    /// Runs `f` on a new thread inside the namespace and returns its result. `f` gets an
+    /// Runs `f` on a new thread inside the namespace, named [`THREAD_NAME`], and returns
+    /// its result. `f` gets an
     /// [`Inside`] token: functions that must run inside a netns take one.
     ///
     /// Errors: [`NetnsError::Enter`] when `setns` fails (then `f` is not run),
@@ -230,17 +236,26 @@ impl Netns {
         F: FnOnce(&Inside<'_>) -> T + Send,
     {
         std::thread::scope(|s| {
-            s.spawn(|| {
-                setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-                    NetnsError::Enter {
-                        path: self.path.clone(),
-                        source,
-                    }
-                })?;
-                Ok(f(&Inside { netns: self }))
-            })
-            .join()
-            .unwrap_or_else(|_| Err(NetnsError::Panicked(self.path.clone())))
+            let worker = std::thread::Builder::new()
+                .name(THREAD_NAME.into())
+                .spawn_scoped(s, || {
+                    setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        NetnsError::Enter {
+                            path: self.path.clone(),
+                            source,
+                        }
+                    })?;
+                    Ok(f(&Inside { netns: self }))
+                });
+            match worker {
+                Ok(w) => w
+                    .join()
+                    .unwrap_or_else(|_| Err(NetnsError::Panicked(self.path.clone()))),
+                Err(e) => Err(NetnsError::Open {
+                    path: self.path.clone(),
+                    reason: format!("cannot start a thread to enter it: {e}"),
+                }),
+            }
         })
     }
 }

@@ -1160,6 +1160,69 @@ pub fn decode_set_elements(msg: &[u8]) -> Vec<Data> {
         .collect()
 }
 
+/// `NFNLGRP_NFTABLES`: the multicast group on which the kernel announces every nf_tables
+/// commit of a netns (`linux/netfilter/nfnetlink.h`), whoever made it (`nft`,
+/// `iptables-nft`, us).
+pub const NFNLGRP_NFTABLES: u32 = 7;
+/// `NFT_MSG_NEWGEN`: sent once at the end of every commit, after the notifications of the
+/// objects it changed.
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFTA_GEN_PROC_PID: u16 = 2;
+const NFTA_GEN_PROC_NAME: u16 = 3;
+
+/// A non-blocking netfilter netlink socket in the netns `_inside` is in, subscribed to
+/// [`NFNLGRP_NFTABLES`]. It keeps that netns alive for as long as it is open: whoever
+/// holds it must close it when the pod goes.
+///
+/// Errors: the socket calls' (a kernel without nf_tables refuses the membership).
+pub fn subscribe(_inside: &Inside<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    sock.add_membership(NFNLGRP_NFTABLES)?;
+    sock.set_non_blocking(true)?;
+    // SAFETY: `into_raw_fd` hands over the socket's only descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(sock.into_raw_fd()) })
+}
+
+/// The end of one nf_tables commit, as its `NFT_MSG_NEWGEN` notification names the
+/// writer: the ID of the thread that committed it (`task_pid_nr`) and that thread's name
+/// (`comm`, at most 15 bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// `NFTA_GEN_PROC_PID`.
+    pub pid: u32,
+    /// `NFTA_GEN_PROC_NAME`.
+    pub name: String,
+}
+
+/// The commits announced in `buf`, one or more netlink messages as a
+/// [`subscribe`]d socket receives them; every other notification is skipped. Never
+/// panics: a truncated or hostile buffer yields the commits before the damage.
+pub fn commits(buf: &[u8]) -> Vec<Commit> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + 16 <= buf.len() {
+        let len = crate::nfnetlink::u32_at(buf, off).unwrap_or(0) as usize;
+        if len < 16 || off + len > buf.len() {
+            break;
+        }
+        let msg = &buf[off..off + len];
+        let kind = u16_at(msg, 4).unwrap_or(0);
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+            let body = msg.get(20..).unwrap_or_default();
+            out.push(Commit {
+                pid: be32(body, NFTA_GEN_PROC_PID).unwrap_or(0),
+                name: attr(body, NFTA_GEN_PROC_NAME)
+                    .map(string)
+                    .unwrap_or_default(),
+            });
+        }
+        off += (len + 3) & !3;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1299,6 +1362,7 @@ mod tests {
             let _ = decode_chain(&bytes).map(|c| c.hook.map(|h| h.to_string()));
             let _ = decode_expr(&bytes).to_string();
             let _ = decode_set_elements(&bytes);
+            let _ = commits(&bytes);
         }
     }
 }

@@ -580,6 +580,12 @@ pub struct RunArgs {
     #[arg(long, env = "REPAIR_RESYNC_SECONDS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub repair_resync_seconds: u64,
+    /// Watch each checked pod's rules between sweeps: nf_tables commits announced by the
+    /// kernel, legacy iptables tables asked once a second; a changed pod is checked at once.
+    /// One socket per pod (two with legacy IPv4 and IPv6 tables).
+    #[arg(long, env = "REPAIR_DRIFT_WATCH", default_value_t = true, action = ArgAction::Set,
+          value_parser = BoolishValueParser::new())]
+    pub repair_drift_watch: bool,
     /// Minimum time between two actions on the same pod, in seconds (0 to 86400).
     #[arg(long, env = "REPAIR_COOLDOWN_SECONDS", default_value_t = 300,
           value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]

@@ -116,6 +116,23 @@ fn main() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Raises the soft limit of open files to the hard one: the repair loop keeps a socket
+/// per watched pod (two for a pod with legacy IPv4 and IPv6 tables), and 1024, the usual
+/// soft default, is about 500 pods. A refusal is logged; the sweep still covers pods whose
+/// watch cannot open.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => log::warn!("cannot read the open-file limit: {e}"),
+    }
+}
+
 fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
     let repair_mode = run.effective_repair_mode();
     if run.print_config {
@@ -150,6 +167,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    raise_fd_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -397,6 +415,7 @@ fn repair_config(node: &str, mode: Mode, args: &AgentArgs, run: &RunArgs) -> Rep
         label_selector: selector(&run.repair_label_selectors),
         field_selector: selector(&run.repair_field_selectors),
         resync: Duration::from_secs(run.repair_resync_seconds),
+        drift_watch: run.repair_drift_watch,
         cooldown: Duration::from_secs(run.repair_cooldown_seconds),
         max_deletes_per_minute: run.repair_max_deletes_per_minute,
         label: (

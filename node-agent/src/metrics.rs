@@ -89,6 +89,12 @@ pub struct Metrics {
     pub repair_sweep_duration: Histogram,
     /// `istio_cni_repair_last_sweep_timestamp_seconds`: Unix time of the last sweep's end.
     pub repair_last_sweep: Gauge,
+    /// `istio_cni_repair_drift_watched_pods`: pods whose rules the kernel's notifications
+    /// (or, for legacy iptables, the once-a-second table poll) are watched for.
+    pub repair_drift_watched: Gauge,
+    /// `istio_cni_repair_drift_triggered_total`: checks made because a watched pod's
+    /// rules changed (not by the sweep).
+    pub repair_drift_triggered: Counter,
     /// Upstream's `istio_cni_installs_total{result}`: one `SUCCESS` per install pass that
     /// leaves everything in place, one failure per pass that fails, by the step that failed.
     pub installs: Family<UpstreamInstall, Counter>,
@@ -121,6 +127,8 @@ impl Metrics {
         let repair_sweep_duration =
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let repair_last_sweep = Gauge::default();
+        let repair_drift_watched = Gauge::default();
+        let repair_drift_triggered = Counter::default();
         let installs = Family::<UpstreamInstall, Counter>::default();
         let install_ready = Gauge::default();
         let pods_repaired = Family::<UpstreamRepair, Counter>::default();
@@ -197,6 +205,16 @@ impl Metrics {
             "Unix time at which the last repair sweep ended",
             repair_last_sweep.clone(),
         );
+        registry.register(
+            "repair_drift_watched_pods",
+            "Pods whose rules are watched for changes between sweeps",
+            repair_drift_watched.clone(),
+        );
+        registry.register(
+            "repair_drift_triggered",
+            "Pod checks made because the pod's rules changed",
+            repair_drift_triggered.clone(),
+        );
         // Upstream's names, types, labels and help texts, for existing dashboards and alerts.
         registry.register(
             "installs",
@@ -224,6 +242,8 @@ impl Metrics {
             repair_actions,
             repair_sweep_duration,
             repair_last_sweep,
+            repair_drift_watched,
+            repair_drift_triggered,
             node_tainted,
             node_taint_state_known,
             install_attempts,

@@ -239,7 +239,13 @@ fn a_flush_while_running_is_repaired_by_the_next_sweep() {
     let mut s = Setup::new();
     let pod = s.pod(Layout::Cgroupfs, meshed("default", "web"));
     let expected = pod.rules();
-    let daemon = s.agent(&["--repair-resync-seconds", "1"]);
+    // The sweep alone: no drift watch.
+    let daemon = s.agent(&[
+        "--repair-resync-seconds",
+        "1",
+        "--repair-drift-watch",
+        "false",
+    ]);
     daemon.wait_ready();
     wait_for("a first sweep", || {
         metric(&daemon, "istio_cni_repair_last_sweep_timestamp_seconds").filter(|t| *t > 0.0)
@@ -252,6 +258,151 @@ fn a_flush_while_running_is_repaired_by_the_next_sweep() {
     wait_for("the event", || {
         (s.events_for("web") == ["IstioCNIRepaired"]).then_some(())
     });
+}
+
+/// The nsid this (the test's) netns gives the netns named `name` (`ip netns set NAME
+/// auto`): it stays listed (`ip netns list-id`) for as long as anything holds that netns,
+/// named or not, and goes when the kernel destroys it.
+fn nsid_of(name: &str) -> String {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&["netns", "set", name, "auto"]);
+    let listed = run(&["netns", "list-id"]);
+    let line = listed
+        .lines()
+        .find(|l| l.ends_with(&format!("name: {name})")))
+        .unwrap_or_else(|| panic!("no nsid for {name}: {listed}"));
+    line.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// Whether netns id `nsid` ([`nsid_of`]) still exists.
+fn nsid_alive(nsid: &str) -> bool {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list-id"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(nsid))
+}
+
+/// Drift seen by the kernel's word, per backend, with the sweep an hour away: the pod's
+/// rules flushed from inside its netns (`nft flush ruleset` on the nftables backend,
+/// `iptables-nft -t nat -F`, `iptables-legacy -t nat -F`) are back, with an Event,
+/// long before any sweep; the time from the flush is printed. Then the watch holds the
+/// pod's netns only while the pod is in the API: once its netns is torn down (DEL and
+/// sandbox removal) the kernel keeps it for the agent's socket, and destroys it when the
+/// pod's deletion closes the watch.
+#[test]
+fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
+    for backend in ["nftables", "iptables-nft", "iptables-legacy"] {
+        let mut s = Setup::new();
+        let mut chain = istio_chain(&s.kubeconfig);
+        let (env, flush, list): (Vec<(&str, &str)>, &[&str], &[&str]) = match backend {
+            "nftables" => {
+                chain.plugins[0]["native_nftables"] = json!(true);
+                (
+                    vec![("NATIVE_NFTABLES", "true")],
+                    &["nft", "flush", "ruleset"],
+                    &["nft", "list", "ruleset"],
+                )
+            }
+            "iptables-nft" => {
+                chain
+                    .env
+                    .push(("FORCE_IPTABLES_BINARY".into(), "nft".into()));
+                (
+                    vec![("FORCE_IPTABLES_BINARY", "nft")],
+                    &["iptables-nft", "-t", "nat", "-F"],
+                    &["iptables-nft-save", "-t", "nat"],
+                )
+            }
+            _ => {
+                chain
+                    .env
+                    .push(("FORCE_IPTABLES_BINARY".into(), "legacy".into()));
+                (
+                    vec![("FORCE_IPTABLES_BINARY", "legacy")],
+                    &["iptables-legacy", "-t", "nat", "-F"],
+                    &["iptables-legacy-save", "-t", "nat"],
+                )
+            }
+        };
+        s.next_ip += 1;
+        let pod = s
+            .pods
+            .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+        s.api
+            .put("pods", pod.object(meshed("default", "web"), NODE));
+        pod.add(&chain, "default", "web")
+            .unwrap_or_else(|e| panic!("{backend}: ADD: {e:?}"));
+        // What the pod holds, without what varies (comments with dates, counters).
+        let held = |pod: &istio_cni_e2e::kubelet::RunningPod| -> Vec<String> {
+            pod.netns
+                .exec(list)
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with(':'))
+                .map(|l| {
+                    // Counters' values (nft's `packets N bytes M`, iptables' `[N:M]`).
+                    let mut words = l.split_whitespace();
+                    let mut kept = Vec::new();
+                    while let Some(w) = words.next() {
+                        match w {
+                            "packets" | "bytes" => {
+                                words.next();
+                            }
+                            w if w.starts_with('[') => {}
+                            w => kept.push(w),
+                        }
+                    }
+                    kept.join(" ")
+                })
+                .collect()
+        };
+        let before = held(&pod);
+        assert!(
+            before
+                .iter()
+                .any(|l| l.contains("istio") || l.contains("ISTIO")),
+            "{backend}: {before:?}"
+        );
+        let daemon = s.agent_with_env(&env, &["--repair-resync-seconds", "3600"]);
+        daemon.wait_ready();
+        wait_for("the pod watched", || {
+            metric(&daemon, "istio_cni_repair_drift_watched_pods").filter(|n| *n >= 1.0)
+        });
+        let flushed = std::time::Instant::now();
+        pod.netns.exec(flush);
+        wait_for("the flushed rules back", || {
+            (held(&pod) == before).then_some(())
+        });
+        eprintln!(
+            "{backend}: flush → repaired in {:?} (sweep every hour)",
+            flushed.elapsed()
+        );
+        wait_for("the event", || {
+            (s.events_for("web") == ["IstioCNIRepaired"]).then_some(())
+        });
+
+        // The pod's sandbox goes (DEL, its processes, its netns file); the pod is still
+        // in the API, so the watch still holds the netns.
+        let nsid = nsid_of(&pod.netns.name);
+        drop(pod);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(nsid_alive(&nsid), "{backend}: the watch holds the netns");
+        // Deleted from the API: the watch closes and the kernel destroys the netns.
+        assert!(s.api.remove("pods", "default", "web"));
+        wait_for("the netns destroyed", || (!nsid_alive(&nsid)).then_some(()));
+        wait_for("no pod watched", || {
+            metric(&daemon, "istio_cni_repair_drift_watched_pods").filter(|n| *n == 0.0)
+        });
+    }
 }
 
 /// A dual-stack pod: ADD wrote rules for both families; when only its IPv6 rules are

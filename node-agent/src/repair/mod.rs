@@ -25,6 +25,7 @@
 //!   listeners is always handed over again, never deleted or labeled.
 
 pub mod act;
+pub mod drift;
 pub mod inspect;
 pub mod policy;
 
@@ -45,6 +46,7 @@ use kube::ResourceExt;
 use tokio::time::Instant;
 
 use self::act::{Mode, Outcome};
+use self::drift::DriftWatch;
 use self::inspect::{AmbientView, Candidate, Health, InspectError, Kind};
 use self::policy::{Cooldown, DeleteBudget};
 use crate::ambient::annotate::{self, Redirection};
@@ -73,6 +75,8 @@ pub struct RepairConfig {
     pub field_selector: Option<String>,
     /// Interval of the sweep over every cached pod.
     pub resync: Duration,
+    /// Watch checked pods' rules between sweeps ([`drift`], `--repair-drift-watch`).
+    pub drift_watch: bool,
     /// Minimum time between two actions on the same pod.
     pub cooldown: Duration,
     /// Node-wide limit on pod deletions per minute (delete mode), evenly spaced.
@@ -123,6 +127,16 @@ impl Fingerprint {
     }
 }
 
+/// Whether `pod` is going away: it has a deletion timestamp or a terminal phase, so its
+/// netns is torn down (or soon will be).
+fn is_leaving(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_some()
+        || matches!(
+            pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+            Some("Succeeded" | "Failed")
+        )
+}
+
 /// State that outlives a watcher restart.
 struct State {
     fingerprints: HashMap<String, Fingerprint>,
@@ -137,6 +151,8 @@ struct State {
     budget: DeleteBudget,
     /// Pods found broken through a pinned netns file only: which netns, first seen when.
     pinned_seen: HashMap<String, (NetnsId, std::time::Instant)>,
+    /// The kernel-notified watches of the checked pods' rules.
+    drift: DriftWatch,
 }
 
 /// How long a netns found only through a pinned file (no process of the pod in it) must
@@ -222,6 +238,7 @@ impl RepairController {
     /// Runs until the task is dropped. API errors are retried with the watcher's backoff; a
     /// refused token is retried too (the shared client re-reads the rotated token file).
     pub async fn run(self) {
+        let (drift, mut drifted) = DriftWatch::new();
         let mut st = State {
             fingerprints: HashMap::new(),
             due: HashSet::new(),
@@ -231,6 +248,7 @@ impl RepairController {
             cooldown: Cooldown::new(self.cfg.cooldown),
             budget: DeleteBudget::new(self.cfg.max_deletes_per_minute),
             pinned_seen: HashMap::new(),
+            drift,
         };
         let mut backoff = Backoff::with_jitter(Duration::from_millis(500), Duration::from_secs(30));
         loop {
@@ -246,7 +264,7 @@ impl RepairController {
                 }
             };
             backoff.reset();
-            match self.watch(client, &mut st).await {
+            match self.watch(client, &mut st, &mut drifted).await {
                 WatchEnd::Unauthorized => {
                     log::warn!("repair: the API refused the credentials; reconnecting")
                 }
@@ -262,7 +280,12 @@ impl RepairController {
     /// ([`crate::apiclient::watch_bounding_lists`]): a list lost in a black-holed
     /// connection is made again within that, rather than after the watch client's read
     /// timeout of minutes.
-    async fn watch(&self, client: kube::Client, st: &mut State) -> WatchEnd {
+    async fn watch(
+        &self,
+        client: kube::Client,
+        st: &mut State,
+        drifted: &mut tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Pod>>,
+    ) -> WatchEnd {
         let pods: kube::Api<Pod> = kube::Api::all(client);
         let mut fields = format!("spec.nodeName={}", self.cfg.node);
         if let Some(extra) = &self.cfg.field_selector {
@@ -300,7 +323,17 @@ impl RepairController {
                     st.deferred_until = None;
                 }
                 r = ready_rx.changed() => if r.is_err() { return WatchEnd::Closed },
+                Some(key) = drifted.recv() => {
+                    self.metrics.repair_drift_triggered.inc();
+                    st.due.insert(key);
+                }
             }
+            // Every pod whose rules changed meanwhile is taken in the same pass.
+            while let Ok(key) = drifted.try_recv() {
+                self.metrics.repair_drift_triggered.inc();
+                st.due.insert(key);
+            }
+            self.metrics.repair_drift_watched.set(st.drift.len() as i64);
             // Take in everything already received before checking.
             while let Some(Some(ev)) = events.next().now_or_never() {
                 if let Some(end) = self.on_event(ev, st, &reader, &mut synced) {
@@ -334,6 +367,10 @@ impl RepairController {
             }
             Ok(Event::Init) => {}
             Ok(Event::InitApply(pod) | Event::Apply(pod)) => {
+                if is_leaving(&pod) {
+                    // Its netns is about to go: our sockets must not keep it.
+                    st.drift.forget(&pod.uid().unwrap_or_default());
+                }
                 let fp = Fingerprint::of(&pod);
                 let running = fp.running;
                 if st
@@ -349,6 +386,7 @@ impl RepairController {
                 let uid = pod.uid().unwrap_or_default();
                 st.fingerprints.remove(&uid);
                 st.pinned_seen.remove(&uid);
+                st.drift.forget(&uid);
                 st.cooldown.forget(&uid, std::time::Instant::now());
                 let key = ObjectRef::from(&pod);
                 st.due.remove(&key);
@@ -358,6 +396,7 @@ impl RepairController {
                 *synced = true;
                 let live: HashSet<String> = reader.state().iter().filter_map(|p| p.uid()).collect();
                 st.fingerprints.retain(|uid, _| live.contains(uid));
+                st.drift.retain(|uid| live.contains(uid));
             }
         }
         None
@@ -410,6 +449,7 @@ impl RepairController {
             }
         };
         self.metrics.repair_pods_checked.inc_by(checked as u64);
+        self.watch_for_drift(&results, st).await;
         let mut broken = Vec::new();
         for (pod, candidate, result) in results {
             match result {
@@ -460,6 +500,35 @@ impl RepairController {
         if !broken.is_empty() {
             let snapshots = ambient.map(|v| v.snapshots).unwrap_or_default();
             self.act_on(broken, st, snapshots).await;
+        }
+    }
+
+    /// Starts a drift watch ([`drift`]) for every checked pod whose netns was found and
+    /// that is not watched there yet (a pod whose sandbox was recreated gets a new one).
+    async fn watch_for_drift(&self, results: &[Checked], st: &mut State) {
+        if !self.cfg.drift_watch {
+            return;
+        }
+        let new: Vec<_> = results
+            .iter()
+            .filter_map(|(pod, _, result)| {
+                let (netns, _) = result.as_ref().ok()?;
+                let uid = pod.uid()?;
+                (!is_leaving(pod) && !st.drift.watches(&uid, netns.netns.id()))
+                    .then(|| (ObjectRef::from(&**pod), uid, netns.netns.clone()))
+            })
+            .collect();
+        if new.is_empty() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || drift::open_all(new)).await {
+            Ok(opened) => {
+                for (key, uid, netns, sockets) in opened {
+                    st.drift.start(key, &uid, netns, sockets);
+                }
+                self.metrics.repair_drift_watched.set(st.drift.len() as i64);
+            }
+            Err(e) => log::error!("repair: opening drift watches failed: {e}"),
         }
     }
 

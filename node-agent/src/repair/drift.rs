@@ -1,0 +1,366 @@
+//! Drift seen when it happens: the kernel says when a pod's rules change, and the repair
+//! loop checks that pod at once instead of at its next sweep.
+//!
+//! - **nf_tables** (the nftables backend, `iptables-nft`, and ambient's in-pod rules on
+//!   either): one netlink socket per watched pod, opened inside its netns and subscribed
+//!   to `NFNLGRP_NFTABLES` ([`nft_wire::subscribe`]), all on the agent's tokio reactor.
+//!   Every commit in that netns ends with an `NFT_MSG_NEWGEN` naming its writer
+//!   ([`nft_wire::commits`]). A commit written by our own code (the thread name
+//!   [`istio_cni::netns::THREAD_NAME`], the plugin's ADD or this agent's repair) is skipped;
+//!   any other, or a lost notification (`ENOBUFS`), makes the pod due after [`DEBOUNCE`],
+//!   so that a burst of commits costs one check.
+//! - **Legacy iptables** (x_tables) announces nothing. For a pod whose netns holds legacy
+//!   tables, a raw socket in its netns is kept, and every [`LEGACY_POLL`] each of those
+//!   tables' `IPT_SO_GET_INFO` (`IP6T_SO_GET_INFO` for IPv6; hooks, entry count, size: a few
+//!   microseconds, `linux/netfilter_ipv4/ip_tables.h`) is compared with the last one; a
+//!   difference makes the pod due. So a flush is seen within 1 s. A rewrite that keeps
+//!   every table's entry count and size (one port number changed) is not: the sweep
+//!   finds it. Only tables that exist when the watch starts are asked (asking for a
+//!   missing one would make the kernel create it in the pod's netns).
+//!
+//! A socket holds its netns alive. A pod's watch is closed when the pod is deleted, gets a
+//! deletion timestamp or a terminal phase, or is found in another netns (its sandbox was
+//! recreated), so no netns outlives its pod because of us. The periodic sweep stays, as
+//! the safety net for everything above.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use istio_cni::netns::{Inside, Netns, NetnsId};
+use istio_cni::nft_wire;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::ObjectRef;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+/// How long after a foreign commit the pod is checked: commits within it (a script of
+/// several `nft` or `iptables` calls) are taken in the same check.
+pub const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// How often a legacy-iptables pod's tables are asked whether they changed.
+pub const LEGACY_POLL: Duration = Duration::from_secs(1);
+
+/// The watches of this node's pods, owned by the repair loop; each runs as a task that
+/// sends its pod on the channel when its rules may have changed.
+pub struct DriftWatch {
+    tx: mpsc::UnboundedSender<ObjectRef<Pod>>,
+    watches: HashMap<String, Watch>,
+}
+
+/// One pod's watch: its netns, and its tasks (aborted, and their sockets closed, on drop).
+struct Watch {
+    netns: NetnsId,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// What [`open`] opened in a pod's netns.
+pub struct Sockets {
+    /// Subscribed to nf_tables commits; `None` when the kernel has no nf_tables.
+    nftables: Option<OwnedFd>,
+    /// A raw socket per family with legacy tables, and those tables' names.
+    legacy: Vec<(Family, OwnedFd, Vec<String>)>,
+}
+
+/// IPv4 (`ip_tables`) or IPv6 (`ip6_tables`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// Opens, from inside a pod's netns, what watching it needs: the nf_tables subscription,
+/// and for each family whose legacy tables the netns holds
+/// (`/proc/thread-self/net/ip{,6}_tables_names`) a raw socket to ask them.
+///
+/// Errors: the socket calls' (a raw socket needs `CAP_NET_RAW`).
+pub fn open(inside: &Inside<'_>) -> std::io::Result<Sockets> {
+    let nftables = match nft_wire::subscribe(inside) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            log::debug!("repair: no nf_tables notifications in this netns: {e}");
+            None
+        }
+    };
+    let mut legacy = Vec::new();
+    for (family, names, domain) in [
+        (
+            Family::V4,
+            "ip_tables_names",
+            nix::sys::socket::AddressFamily::Inet,
+        ),
+        (
+            Family::V6,
+            "ip6_tables_names",
+            nix::sys::socket::AddressFamily::Inet6,
+        ),
+    ] {
+        let tables: Vec<String> = std::fs::read_to_string(format!("/proc/thread-self/net/{names}"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_owned())
+            .filter(|l| !l.is_empty() && l.len() < TABLE_NAME_LEN)
+            .collect();
+        if tables.is_empty() {
+            continue;
+        }
+        let fd = nix::sys::socket::socket(
+            domain,
+            nix::sys::socket::SockType::Raw,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            nix::sys::socket::SockProtocol::Raw,
+        )?;
+        legacy.push((family, fd, tables));
+    }
+    Ok(Sockets { nftables, legacy })
+}
+
+impl DriftWatch {
+    /// No watches yet; due pods arrive on the returned receiver.
+    pub fn new() -> (DriftWatch, mpsc::UnboundedReceiver<ObjectRef<Pod>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            DriftWatch {
+                tx,
+                watches: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    /// Whether pod `uid` is watched in `netns` already.
+    pub fn watches(&self, uid: &str, netns: NetnsId) -> bool {
+        self.watches.get(uid).is_some_and(|w| w.netns == netns)
+    }
+
+    /// How many pods are watched.
+    pub fn len(&self) -> usize {
+        self.watches.len()
+    }
+
+    /// Whether no pod is watched.
+    pub fn is_empty(&self) -> bool {
+        self.watches.is_empty()
+    }
+
+    /// Starts watching pod `key` (`uid`) in `netns` with `sockets` ([`open`]), replacing
+    /// a watch of it in another netns. Must run inside the tokio runtime.
+    pub fn start(&mut self, key: ObjectRef<Pod>, uid: &str, netns: NetnsId, sockets: Sockets) {
+        let mut tasks = Vec::new();
+        if let Some(fd) = sockets.nftables {
+            // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open, the same
+            // socket, until the `AsyncFd` (owned by the task) is dropped.
+            match unsafe { AsyncFd::register(fd) } {
+                Ok(fd) => {
+                    let task = tokio::spawn(notifications(fd, key.clone(), self.tx.clone()));
+                    tasks.push(task.abort_handle());
+                }
+                Err(e) => log::warn!("repair: {key}: cannot watch nf_tables: {e}"),
+            }
+        }
+        for (family, fd, tables) in sockets.legacy {
+            let task = tokio::spawn(poll_legacy(
+                fd,
+                family,
+                tables,
+                key.clone(),
+                self.tx.clone(),
+            ));
+            tasks.push(task.abort_handle());
+        }
+        log::debug!("repair: {key}: watching its rules for drift");
+        self.watches.insert(uid.to_owned(), Watch { netns, tasks });
+    }
+
+    /// Stops watching pod `uid` and closes its sockets.
+    pub fn forget(&mut self, uid: &str) {
+        self.watches.remove(uid);
+    }
+
+    /// Keeps only the watches of pods `live` says are still there.
+    pub fn retain(&mut self, live: impl Fn(&str) -> bool) {
+        self.watches.retain(|uid, _| live(uid));
+    }
+}
+
+/// Waits for nf_tables commits on `fd` and sends `key` after each burst of commits that
+/// are not our own.
+async fn notifications(
+    fd: AsyncFd<OwnedFd>,
+    key: ObjectRef<Pod>,
+    tx: mpsc::UnboundedSender<ObjectRef<Pod>>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match drain(&fd, &mut buf).await {
+            Ok(false) => continue,
+            Ok(true) => {}
+            Err(e) => {
+                log::warn!("repair: {key}: nf_tables notifications lost: {e}; the sweep remains");
+                return;
+            }
+        }
+        // Let the burst end; what came meanwhile is part of it.
+        tokio::time::sleep(DEBOUNCE).await;
+        while nix::sys::socket::recv(
+            fd.get_ref().as_raw_fd(),
+            &mut buf,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .is_ok()
+        {}
+        log::debug!("repair: {key}: its netns's nf_tables changed; checking it");
+        if tx.send(key.clone()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads everything `fd` has once it is readable. Returns whether any of it is a foreign
+/// commit, or a loss (`ENOBUFS`: the socket's buffer overflowed, so a commit may be
+/// among what was dropped).
+///
+/// Errors: any other socket error.
+async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<bool> {
+    let mut guard = fd.readable().await?;
+    let mut changed = false;
+    loop {
+        let got = guard.try_io(|fd| {
+            nix::sys::socket::recv(
+                fd.as_raw_fd(),
+                buf,
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match got {
+            Ok(Ok(n)) => {
+                changed |= nft_wire::commits(&buf[..n])
+                    .iter()
+                    .any(|c| c.name != istio_cni::netns::THREAD_NAME);
+            }
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+            Ok(Err(e)) => return Err(e),
+            // Would block: all read.
+            Err(_) => return Ok(changed),
+        }
+    }
+}
+
+/// `IPT_SO_GET_INFO` / `IP6T_SO_GET_INFO` (`IPT_BASE_CTL`).
+const SO_GET_INFO: libc::c_int = 64;
+/// `XT_TABLE_MAXNAMELEN`.
+const TABLE_NAME_LEN: usize = 32;
+/// `NF_INET_NUMHOOKS`.
+const NUMHOOKS: usize = 5;
+
+/// `struct ipt_getinfo` (and `ip6t_getinfo`, the same layout).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct GetInfo {
+    name: [u8; TABLE_NAME_LEN],
+    valid_hooks: u32,
+    hook_entry: [u32; NUMHOOKS],
+    underflow: [u32; NUMHOOKS],
+    num_entries: u32,
+    size: u32,
+}
+
+/// One legacy table's `GET_INFO` through `fd` (a raw socket in the pod's netns).
+///
+/// Errors: the call's (`ENOENT` when the table is gone).
+fn get_info(fd: &OwnedFd, family: Family, table: &str) -> std::io::Result<GetInfo> {
+    let mut info = GetInfo {
+        name: [0; TABLE_NAME_LEN],
+        valid_hooks: 0,
+        hook_entry: [0; NUMHOOKS],
+        underflow: [0; NUMHOOKS],
+        num_entries: 0,
+        size: 0,
+    };
+    let n = table.len().min(TABLE_NAME_LEN - 1);
+    info.name[..n].copy_from_slice(&table.as_bytes()[..n]);
+    let level = match family {
+        Family::V4 => libc::SOL_IP,
+        Family::V6 => libc::SOL_IPV6,
+    };
+    let mut len = std::mem::size_of::<GetInfo>() as libc::socklen_t;
+    // SAFETY: `info` is a live `ipt_getinfo` of `len` bytes, which the kernel reads the
+    // table name from and fills in.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_fd().as_raw_fd(),
+            level,
+            SO_GET_INFO,
+            (&mut info as *mut GetInfo).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(info)
+}
+
+/// Asks `tables` of `family` through `fd` every [`LEGACY_POLL`] and sends `key` when any
+/// differs from the time before.
+async fn poll_legacy(
+    fd: OwnedFd,
+    family: Family,
+    tables: Vec<String>,
+    key: ObjectRef<Pod>,
+    tx: mpsc::UnboundedSender<ObjectRef<Pod>>,
+) {
+    let fd = Arc::new(fd);
+    let ask = |fd: &OwnedFd| -> Vec<Option<GetInfo>> {
+        tables
+            .iter()
+            .map(|t| get_info(fd, family, t).ok())
+            .collect()
+    };
+    let mut last = ask(&fd);
+    let mut tick = tokio::time::interval(LEGACY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = ask(&fd);
+        if now != last {
+            last = now;
+            log::debug!("repair: {key}: its legacy {family:?} tables changed; checking it");
+            if tx.send(key.clone()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Opens the watch sockets of each of `pods` (key, UID, netns), each from a thread inside
+/// its netns. Blocking. A pod whose sockets cannot be opened is left to the sweep.
+pub fn open_all(
+    pods: Vec<(ObjectRef<Pod>, String, Arc<Netns>)>,
+) -> Vec<(ObjectRef<Pod>, String, NetnsId, Sockets)> {
+    pods.into_iter()
+        .filter_map(|(key, uid, netns)| match netns.run(open) {
+            Ok(Ok(sockets)) => Some((key, uid, netns.id(), sockets)),
+            Ok(Err(e)) => {
+                log::warn!("repair: {key}: cannot watch its rules: {e}; the sweep remains");
+                None
+            }
+            Err(e) => {
+                log::debug!("repair: {key}: cannot enter its netns to watch it: {e}");
+                None
+            }
+        })
+        .collect()
+}
