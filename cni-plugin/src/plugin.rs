@@ -43,10 +43,15 @@ pub fn run(env: &CniEnv, stdin: &[u8]) -> Result<Option<Value>, Error> {
         }
         _ => {}
     }
+    let started = Instant::now();
     let conf = NetConf::parse(stdin)?;
     init_logging(env, Some(&conf));
     match env.command {
-        Command::Add => add(env, &conf).map(Some),
+        Command::Add => {
+            let added = add(env, &conf).map(Some);
+            log::debug!("ADD done in {:?} in the process", started.elapsed());
+            added
+        }
         Command::Check => check(env, &conf).map(|()| None),
         Command::Status => status(&conf).map(|()| None),
         // Nothing of ours outlives a netns, so there is nothing to collect.
@@ -237,7 +242,9 @@ fn add(env: &CniEnv, conf: &NetConf) -> Result<Value, Error> {
         .probe
         .then(|| Duration::from_millis(conf.validation.timeout_ms));
     // One writer per netns from here to the end of the rollback (see `lock`).
+    let start = Instant::now();
     let _lock = lock_netns(conf, netns.get()?)?;
+    log::debug!("netns opened and locked in {:?}", start.elapsed());
     let start = Instant::now();
     match planned {
         Rules::Iptables(ruleset) => {

@@ -400,6 +400,7 @@ fn lookup_objects(
     rt.block_on(async {
         let start = Instant::now();
         let client = client(kubeconfig, deadline).await?;
+        log::debug!("API client set up in {:?}", start.elapsed());
         let pod_url = format!("/api/v1/namespaces/{}/pods", pod.namespace);
         let got: Pod = get_retrying(&client, pod, start, deadline, &pod_url, &pod.name, "").await?;
         if !with_namespace {

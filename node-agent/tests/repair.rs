@@ -301,37 +301,40 @@ fn nsid_alive(nsid: &str) -> bool {
 /// pod's deletion closes the watch.
 #[test]
 fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
-    for backend in ["nftables", "iptables-nft", "iptables-legacy"] {
+    // Backend (`FORCE_IPTABLES_BINARY`, or native nftables), the flush, the listing.
+    let backends: [(&str, Option<&str>, &[&str], &[&str]); 3] = [
+        (
+            "nftables",
+            None,
+            &["nft", "flush", "ruleset"],
+            &["nft", "list", "ruleset"],
+        ),
+        (
+            "iptables-nft",
+            Some("nft"),
+            &["iptables-nft", "-t", "nat", "-F"],
+            &["iptables-nft-save", "-t", "nat"],
+        ),
+        (
+            "iptables-legacy",
+            Some("legacy"),
+            &["iptables-legacy", "-t", "nat", "-F"],
+            &["iptables-legacy-save", "-t", "nat"],
+        ),
+    ];
+    for (backend, force, flush, list) in backends {
         let mut s = Setup::new();
         let mut chain = istio_chain(&s.kubeconfig);
-        let (env, flush, list): (Vec<(&str, &str)>, &[&str], &[&str]) = match backend {
-            "nftables" => {
+        let env = match force {
+            Some(variant) => {
+                chain
+                    .env
+                    .push(("FORCE_IPTABLES_BINARY".into(), variant.into()));
+                [("FORCE_IPTABLES_BINARY", variant)]
+            }
+            None => {
                 chain.plugins[0]["native_nftables"] = json!(true);
-                (
-                    vec![("NATIVE_NFTABLES", "true")],
-                    &["nft", "flush", "ruleset"],
-                    &["nft", "list", "ruleset"],
-                )
-            }
-            "iptables-nft" => {
-                chain
-                    .env
-                    .push(("FORCE_IPTABLES_BINARY".into(), "nft".into()));
-                (
-                    vec![("FORCE_IPTABLES_BINARY", "nft")],
-                    &["iptables-nft", "-t", "nat", "-F"],
-                    &["iptables-nft-save", "-t", "nat"],
-                )
-            }
-            _ => {
-                chain
-                    .env
-                    .push(("FORCE_IPTABLES_BINARY".into(), "legacy".into()));
-                (
-                    vec![("FORCE_IPTABLES_BINARY", "legacy")],
-                    &["iptables-legacy", "-t", "nat", "-F"],
-                    &["iptables-legacy-save", "-t", "nat"],
-                )
+                [("NATIVE_NFTABLES", "true")]
             }
         };
         s.next_ip += 1;

@@ -28,6 +28,18 @@ pub fn timed_add(
     pod: &str,
     conf: &str,
 ) -> (Duration, Result<(), String>) {
+    let (took, outcome, _) = timed_add_logged(bin, netns, container, pod, conf);
+    (took, outcome)
+}
+
+/// [`timed_add`], also returning what the plugin logged on stderr.
+pub fn timed_add_logged(
+    bin: &std::path::Path,
+    netns: &std::path::Path,
+    container: &str,
+    pod: &str,
+    conf: &str,
+) -> (Duration, Result<(), String>, String) {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     let start = std::time::Instant::now();
@@ -59,5 +71,24 @@ pub fn timed_add(
     } else {
         Err(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    (took, outcome)
+    (
+        took,
+        outcome,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Parses a `Duration`'s `Debug` text: `812.3ms`, `1.2s`, `950µs`, `120ns`.
+pub fn parse_debug_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let v: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => v,
+        "ms" => v / 1e3,
+        "µs" | "us" => v / 1e6,
+        "ns" => v / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
 }

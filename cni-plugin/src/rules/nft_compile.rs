@@ -429,32 +429,24 @@ impl<'a> RuleCompiler<'a> {
         Ok(())
     }
 
-    /// The `meta nfproto` dependency of a network header field in an `inet` table.
-    fn need_nfproto(&mut self, proto: u8) -> Result<(), String> {
-        match self.nfproto {
-            Some(p) if p == proto => Ok(()),
-            Some(_) => Err("the rule matches both IPv4 and IPv6".into()),
-            None => {
-                self.meta_load(META_NFPROTO);
-                self.cmp(Op::Eq, vec![proto]);
-                self.nfproto = Some(proto);
-                Ok(())
-            }
+    /// The dependency `nft` adds before a header field, unless the rule has matched it
+    /// already: `meta nfproto P` (`key` [`META_NFPROTO`]) before a network header field
+    /// or `tproxy` in an `inet` table, `meta l4proto P` ([`META_L4PROTO`]) before a
+    /// transport header field.
+    fn need(&mut self, key: u32, proto: u8) -> Result<(), String> {
+        let (matched, layer) = if key == META_NFPROTO {
+            (&mut self.nfproto, "network")
+        } else {
+            (&mut self.l4proto, "transport")
+        };
+        match *matched {
+            Some(p) if p == proto => return Ok(()),
+            Some(_) => return Err(format!("the rule matches two {layer} protocols")),
+            None => *matched = Some(proto),
         }
-    }
-
-    /// The `meta l4proto` dependency of a transport header field.
-    fn need_l4proto(&mut self, proto: u8) -> Result<(), String> {
-        match self.l4proto {
-            Some(p) if p == proto => Ok(()),
-            Some(_) => Err("the rule matches two transport protocols".into()),
-            None => {
-                self.meta_load(META_L4PROTO);
-                self.cmp(Op::Eq, vec![proto]);
-                self.l4proto = Some(proto);
-                Ok(())
-            }
-        }
+        self.meta_load(key);
+        self.cmp(Op::Eq, vec![proto]);
+        Ok(())
     }
 
     /// `ip|ip6 saddr|daddr [==|!=] ADDRESS[/LEN]`.
@@ -480,7 +472,7 @@ impl<'a> RuleCompiler<'a> {
         if net.addr().is_ipv6() != v6 {
             return Err(format!("{tok} is not an {family} address"));
         }
-        self.need_nfproto(if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 })?;
+        self.need(META_NFPROTO, if v6 { NFPROTO_IPV6 } else { NFPROTO_IPV4 })?;
         let bytes = match net.network() {
             IpAddr::V4(a) => a.octets().to_vec(),
             IpAddr::V6(a) => a.octets().to_vec(),
@@ -533,7 +525,7 @@ impl<'a> RuleCompiler<'a> {
             _ => return Err(format!("{proto_name} {field} is not supported")),
         };
         let op = self.op();
-        self.need_l4proto(proto)?;
+        self.need(META_L4PROTO, proto)?;
         self.push(Expr::Payload {
             base: TRANSPORT_HEADER,
             offset,
@@ -720,7 +712,7 @@ impl<'a> RuleCompiler<'a> {
         if self.l4proto.is_none() {
             return Err("tproxy needs a transport protocol match".into());
         }
-        self.need_nfproto(family)?;
+        self.need(META_NFPROTO, family)?;
         self.target_port()?;
         self.push(Expr::Tproxy {
             family: u32::from(family),

@@ -200,7 +200,9 @@ async fn notifications(
     key: ObjectRef<Pod>,
     tx: mpsc::UnboundedSender<ObjectRef<Pod>>,
 ) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Commit ends (`NFT_MSG_NEWGEN`) are small, and each notification is a datagram of
+    // its own: a longer one (a big rule) is cut short, which loses nothing needed here.
+    let mut buf = vec![0u8; 8 * 1024];
     loop {
         match drain(&fd, &mut buf).await {
             Ok(false) => continue,

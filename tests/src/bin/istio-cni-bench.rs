@@ -32,6 +32,8 @@ use istio_cni_e2e::stats::{ms, quantile, timed_add};
 use serde_json::json;
 
 const CONCURRENT: usize = 50;
+/// ADDs run with the plugin's debug log, for the profile of where an ADD's time goes.
+const PROFILED: usize = 50;
 
 fn main() {
     let pods: usize = std::env::args()
@@ -43,10 +45,20 @@ fn main() {
     let api = FakeApi::start_in(&host);
     let dir = tempfile::tempdir().expect("temp dir");
     let kubeconfig = api.write_kubeconfig(dir.path());
-    for i in 0..pods.max(CONCURRENT) {
+    for i in 0..pods.max(CONCURRENT).max(PROFILED) {
         api.put(
             "pods",
             injected_pod("default", &format!("bench-{i}"), json!({}), json!({})),
+        );
+        // The same pod, opted out: its ADD reads it from the API and writes nothing.
+        api.put(
+            "pods",
+            injected_pod(
+                "default",
+                &format!("plain-{i}"),
+                json!({"sidecar.istio.io/inject": "false"}),
+                json!({}),
+            ),
         );
     }
     let conf = json!({
@@ -72,17 +84,21 @@ fn main() {
     let mut add = Vec::with_capacity(pods);
     let mut add_static = Vec::with_capacity(pods);
     let mut add_nft = Vec::with_capacity(pods);
+    let mut add_plain = Vec::with_capacity(pods);
     for i in 0..pods {
-        let mut runs: Vec<(&std::path::Path, &str, &mut Vec<Duration>)> =
-            vec![(&bin, &conf, &mut add), (&bin, &conf_nft, &mut add_nft)];
+        let mut runs: Vec<(&std::path::Path, &str, &str, &mut Vec<Duration>)> = vec![
+            (&bin, &conf, "bench", &mut add),
+            (&bin, &conf_nft, "bench", &mut add_nft),
+            (&bin, &conf, "plain", &mut add_plain),
+        ];
         if let Some(s) = &static_bin {
-            runs.push((s, &conf, &mut add_static));
+            runs.push((s, &conf, "bench", &mut add_static));
         }
         let n = runs.len();
         runs.rotate_left(i % n);
-        for (b, c, into) in runs {
+        for (b, c, name, into) in runs {
             let ns = TestNetns::new("b");
-            let (took, ok) = run_add(b, &host, &ns, c, i);
+            let (took, ok) = run_add(b, &host, &ns, c, &format!("{name}-{i}"));
             assert!(
                 ok.is_ok(),
                 "ADD {i} ({}) failed: {}",
@@ -212,18 +228,43 @@ fn main() {
     }
     let (nft_med, nft_p99) = stats(&mut add_nft);
     let (nf_med, nf_p99) = stats(&mut nft_floor);
+    let (plain_med, plain_p99) = stats(&mut add_plain);
     println!("ADD with native_nftables, interleaved with the above:");
     println!("  median {}   p99 {}", ms(nft_med), ms(nft_p99));
+    println!("ADD of the same pod opted out (read from the API, nothing written), interleaved:");
+    println!("  median {}   p99 {}", ms(plain_med), ms(plain_p99));
     println!(
-        "floor (one nft -f + one nft -j list of the same transaction, fresh netns), {pods} runs:"
+        "for comparison, the nft processes the nftables ADD no longer runs (one nft -f + one nft -j list of the same transaction, fresh netns), {pods} runs:"
     );
     println!("  median {}   p99 {}", ms(nf_med), ms(nf_p99));
+
+    // The backends against each other, with the goals of issue 24.
+    let ratio = nft_med.as_secs_f64() / add_med.as_secs_f64();
+    let ipt_part = add_med.saturating_sub(plain_med);
+    let nft_part = nft_med.saturating_sub(plain_med);
+    let part_ratio = nft_part.as_secs_f64() / ipt_part.as_secs_f64();
+    let readback = readback_medians(&conf, &conf_nft, pods.min(100));
+    println!("nftables against iptables (medians; goal in brackets):");
     println!(
-        "ratio nftables ADD/its floor: median {:.2}x   p99 {:.2}x;   nftables/iptables ADD: median {:.2}x",
-        nft_med.as_secs_f64() / nf_med.as_secs_f64(),
-        nft_p99.as_secs_f64() / nf_p99.as_secs_f64(),
-        nft_med.as_secs_f64() / add_med.as_secs_f64()
+        "  ADD: {} / {} = {ratio:.2}x  [<= 0.80x: {}]",
+        ms(nft_med),
+        ms(add_med),
+        verdict(ratio <= 0.80)
     );
+    println!(
+        "  the backend's own part (ADD minus the opted-out ADD): {} / {} = {part_ratio:.2}x  [<= 0.50x: {}]",
+        ms(nft_part),
+        ms(ipt_part),
+        verdict(part_ratio <= 0.50)
+    );
+    println!(
+        "  read-back in the pod's netns: nftables {} (iptables {})  [nftables <= 0.20 ms: {}]",
+        ms(readback.0),
+        ms(readback.1),
+        verdict(readback.0 <= Duration::from_micros(200))
+    );
+    profile(&bin, &host, &conf, "iptables");
+    profile(&bin, &host, &conf_nft, "nftables");
 
     for (label, c) in [("iptables", &conf), ("nftables", &conf_nft)] {
         concurrent(label, &bin, &host, c);
@@ -243,7 +284,7 @@ fn concurrent(label: &str, bin: &std::path::Path, host: &TestNetns, conf: &str) 
                 let barrier = barrier.clone();
                 s.spawn(move || {
                     barrier.wait();
-                    run_add(bin, host, ns, conf, i)
+                    run_add(bin, host, ns, conf, &format!("bench-{i}"))
                 })
             })
             .collect();
@@ -278,21 +319,165 @@ fn run_add(
     host: &TestNetns,
     ns: &TestNetns,
     conf: &str,
-    i: usize,
+    pod: &str,
 ) -> (Duration, Result<(), String>) {
     host.open()
-        .run(|_| {
-            timed_add(
-                bin,
-                &ns.path(),
-                &format!("bench{i}"),
-                &format!("bench-{i}"),
-                conf,
-            )
-        })
+        .run(|_| timed_add(bin, &ns.path(), pod, pod, conf))
         .expect("enter host netns")
 }
 
 fn stats(v: &mut [Duration]) -> (Duration, Duration) {
     (quantile(v, 0.5), quantile(v, 0.99))
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// The read-back alone, in-process, from a thread inside the pod's netns: medians of
+/// `pods` netns each for nftables (rules written by [`istio_cni::nft::apply`], then
+/// [`istio_cni::nft::read_back`]: the nf_tables dumps and the comparison) and iptables
+/// (`iptables-restore`, then [`istio_cni::validate::read_back`]: one `iptables-save`
+/// per family and the comparison).
+fn readback_medians(conf: &str, conf_nft: &str, pods: usize) -> (Duration, Duration) {
+    let pod =
+        || serde_json::from_value(injected_pod("default", "x", json!({}), json!({}))).expect("pod");
+    let nft_conf = NetConf::parse(conf_nft.as_bytes()).expect("conf");
+    let Plan::Redirect(nft_rules) =
+        istio_cni::plan::plan_nft_for_pod(&nft_conf, &pod()).expect("plan")
+    else {
+        panic!("bench pod must be meshed")
+    };
+    let ipt_conf = NetConf::parse(conf.as_bytes()).expect("conf");
+    let Plan::Redirect(ipt_rules) = plan_for_pod(&ipt_conf, &pod()).expect("plan") else {
+        panic!("bench pod must be meshed")
+    };
+    let xt = Xtables::detect().expect("iptables");
+    let (mut nft, mut ipt) = (Vec::new(), Vec::new());
+    for _ in 0..pods {
+        let ns = TestNetns::new("r");
+        let took = ns
+            .open()
+            .run(|inside| {
+                istio_cni::nft::apply(inside, &nft_rules).expect("nft apply");
+                istio_cni::routing::apply_needs(inside, &nft_rules.routing_needs())
+                    .expect("routing");
+                let start = Instant::now();
+                istio_cni::nft::read_back(inside, &nft_rules).expect("nft read-back");
+                start.elapsed()
+            })
+            .expect("enter netns");
+        nft.push(took);
+        let ns = TestNetns::new("r");
+        let took = ns
+            .open()
+            .run(|inside| {
+                istio_cni::apply::apply(inside, &xt, &ipt_rules).expect("iptables apply");
+                let start = Instant::now();
+                istio_cni::validate::read_back(inside, &xt, &ipt_rules)
+                    .expect("iptables read-back");
+                start.elapsed()
+            })
+            .expect("enter netns");
+        ipt.push(took);
+    }
+    (quantile(&mut nft, 0.5), quantile(&mut ipt, 0.5))
+}
+
+/// Where an ADD's time goes: [`PROFILED`] ADDs with the plugin's debug log, each phase's
+/// median from the durations it logs (`API client set up in`, `read pod … in`, `netns
+/// opened and locked in`, `… read back …`, `probed after`, `ADD done in … in the
+/// process`); what the process does before its `main` (exec, loading, runtime set-up)
+/// is the ADD's wall time minus its in-process time.
+fn profile(bin: &std::path::Path, host: &TestNetns, conf: &str, label: &str) {
+    let mut v: serde_json::Value = serde_json::from_str(conf).expect("conf");
+    v["plugin_log_level"] = json!("debug");
+    let conf = v.to_string();
+    let phases = [
+        "API client set up in ",
+        "read pod ",
+        "netns opened and locked in ",
+        "read back ",
+        "probed after ",
+        "ADD done in ",
+    ];
+    let mut got: Vec<Vec<Duration>> = vec![Vec::new(); phases.len()];
+    let mut walls = Vec::new();
+    for i in 0..PROFILED {
+        let ns = TestNetns::new("p");
+        let pod = format!("bench-{i}");
+        let (wall, ok, log) = host
+            .open()
+            .run(|_| istio_cni_e2e::stats::timed_add_logged(bin, &ns.path(), &pod, &pod, &conf))
+            .expect("enter host netns");
+        assert!(ok.is_ok(), "profiled ADD failed: {ok:?}");
+        walls.push(wall);
+        for line in log.lines() {
+            for (p, into) in phases.iter().zip(got.iter_mut()) {
+                let Some((_, rest)) = line.split_once(p) else {
+                    continue;
+                };
+                // The first word after the phrase that reads as a duration.
+                if let Some(d) = rest
+                    .split_whitespace()
+                    .find_map(istio_cni_e2e::stats::parse_debug_duration)
+                {
+                    into.push(d);
+                }
+            }
+        }
+    }
+    let med = |v: &mut Vec<Duration>| {
+        if v.is_empty() {
+            Duration::ZERO
+        } else {
+            quantile(v, 0.5)
+        }
+    };
+    let [client, read, netns, applied, probed, total] = &mut got[..] else {
+        unreachable!()
+    };
+    let (client, read, netns, applied, probed, total) = (
+        med(client),
+        med(read),
+        med(netns),
+        med(applied),
+        med(probed),
+        med(total),
+    );
+    let wall = quantile(&mut walls, 0.5);
+    println!("where a {label} ADD's time goes ({PROFILED} ADDs with the debug log; medians):");
+    println!("  wall time                                   {}", ms(wall));
+    println!(
+        "  before main (exec, loading, runtime set-up) {}",
+        ms(wall.saturating_sub(total))
+    );
+    println!(
+        "  API client (kubeconfig, TLS set-up)         {}",
+        ms(client)
+    );
+    println!(
+        "  pod GET                                     {}",
+        ms(read.saturating_sub(client))
+    );
+    println!(
+        "  netns opened and locked                     {}",
+        ms(netns)
+    );
+    println!(
+        "  rules written and read back                 {}",
+        ms(applied)
+    );
+    println!(
+        "  probe                                       {}",
+        ms(probed.saturating_sub(applied))
+    );
+    println!(
+        "  the rest in the process (config, plan, output) {}",
+        ms(total.saturating_sub(read + netns + probed))
+    );
 }
