@@ -302,7 +302,8 @@ fn nsid_alive(nsid: &str) -> bool {
 #[test]
 fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
     // Backend (`FORCE_IPTABLES_BINARY`, or native nftables), the flush, the listing.
-    let backends: [(&str, Option<&str>, &[&str], &[&str]); 3] = [
+    type Backend<'a> = (&'a str, Option<&'a str>, &'a [&'a str], &'a [&'a str]);
+    let backends: [Backend; 3] = [
         (
             "nftables",
             None,
