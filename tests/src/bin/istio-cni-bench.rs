@@ -71,7 +71,9 @@ fn main() {
     })
     .to_string();
     println!("istio-cni bench: {} ({pods} pods)", bin.display());
-    let static_bin = std::env::var_os("ISTIO_CNI_STATIC_BIN").map(std::path::PathBuf::from);
+    let static_bin = std::env::var_os("ISTIO_CNI_STATIC_BIN")
+        .filter(|s| !s.is_empty())
+        .map(std::path::PathBuf::from);
 
     let conf_nft = {
         let mut v: serde_json::Value = serde_json::from_str(&conf).expect("conf");

@@ -165,10 +165,16 @@ fn main() {
         ms(floor_med / n as u32)
     );
 
-    // Idle at N pods, then drift on the node's iptables (iptables-nft on Debian 12).
+    // Idle at N pods, with the default sweep.
+    {
+        let daemon = agent(&[], &[]);
+        daemon.wait_ready();
+        idle(&daemon, n);
+    }
+    // Drift on the node's iptables (iptables-nft on Debian 12).
     let daemon = agent(&["--repair-resync-seconds", "3600"], &[]);
     daemon.wait_ready();
-    idle(&daemon, n);
+    wait_watched(&daemon, n);
     let expected = held_iptables(&pods[0], "iptables-save");
     let probe = |p: &RunningPod| held_iptables(p, "iptables-save") == expected;
     let picked: Vec<&RunningPod> = pods
