@@ -1,7 +1,8 @@
 //! Netfilter's netlink (`NETLINK_NETFILTER`), the framing that nf_tables and ipset share
 //! (`include/uapi/linux/netfilter/nfnetlink.h`): a `nlmsghdr`, a `nfgenmsg` (family,
-//! version, resource id), then attributes. Used by [`crate::nft`] (table dumps, waking a
-//! dormant table) and by the node agent's ipsets.
+//! version, resource id), then attributes. Used by [`crate::nft_wire`] (batches, dumps,
+//! notifications), [`crate::nft`] (table dumps, waking a dormant table) and by the node
+//! agent's ipsets.
 //!
 //! Every call works in the calling thread's netns.
 

@@ -43,11 +43,35 @@ pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError
     let used = ruleset.table_names();
     // Deleting a table is the costly part of a transaction (the kernel waits for an RCU
     // grace period): only tables that exist are deleted.
-    let delete = existing
+    let mut delete: Vec<(u8, String)> = existing
         .iter()
         .filter(|t| t.is_ours() && !used.contains(&t.name.as_str()))
         .map(|t| (t.family, t.name.clone()))
         .collect();
+    // A flush keeps a table's chains: one of ours that holds a chain we do not declare
+    // (or declare with another hook) is deleted and made anew in the same transaction.
+    let reused: Vec<&WireTable> = tables_out
+        .iter()
+        .filter(|w| {
+            existing
+                .iter()
+                .any(|t| t.family == w.family && t.name == w.name)
+        })
+        .collect();
+    if !reused.is_empty() {
+        let chains = nft_wire::dump_chains(inside, NFPROTO_INET, None)
+            .map_err(|e| ApplyError::Netlink(format!("listing chains: {e}")))?;
+        for w in reused {
+            let foreign = chains.iter().filter(|c| c.table == w.name).any(|c| {
+                !w.chains
+                    .iter()
+                    .any(|d| d.name == c.name && d.hook == c.hook)
+            });
+            if foreign {
+                delete.push((w.family, w.name.clone()));
+            }
+        }
+    }
     let tx = Transaction {
         delete,
         tables: tables_out,
@@ -397,16 +421,23 @@ fn check(
                 let same = |a: &WireRule, b: &WireRule| same_rule(inside, a, b);
                 problems.extend(chain_problems(&name, &want_rules, &got_rules, same));
             }
-            // Rules in chains of our table that we do not declare.
-            for r in rules
+            // Chains of our table that we do not declare: a base chain there takes effect
+            // (a `policy drop` hook, say) even without rules.
+            for c in chains
                 .iter()
-                .filter(|r| r.table == w.name && !w.chains.iter().any(|c| c.name == r.chain))
+                .filter(|c| c.table == w.name && !w.chains.iter().any(|d| d.name == c.name))
             {
+                let n = rules
+                    .iter()
+                    .filter(|r| r.table == w.name && r.chain == c.name)
+                    .count();
                 problems.push(format!(
-                    "chain inet {} {} holds a rule that is not ours: {}",
+                    "chain inet {} {} is not ours ({}, {n} rules)",
                     w.name,
-                    r.chain,
-                    held(r)
+                    c.name,
+                    c.hook
+                        .as_ref()
+                        .map_or("a regular chain".into(), |h| format!("hooked: {h}"))
                 ));
             }
         }
@@ -634,6 +665,17 @@ mod tests {
                 let m = mismatch(inside, &ruleset);
                 assert!(m.contains("is not ours"), "{m}");
                 apply(inside, &ruleset).unwrap();
+
+                // A chain of someone else's in our table, even empty, is drift; the next
+                // write makes the table anew without it.
+                nft(&[
+                    "add", "chain", "inet", "istio-proxy-nat", "extra",
+                    "{ type filter hook output priority 0 ; policy drop ; }",
+                ]);
+                let m = mismatch(inside, &ruleset);
+                assert!(m.contains("chain inet istio-proxy-nat extra is not ours"), "{m}");
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
 
                 nft(&["add", "table", "inet", crate::rules::ambient::NAT_TABLE]);
                 let m = mismatch(inside, &ruleset);

@@ -627,20 +627,34 @@ fn dump<T>(
     seq: u32,
     decode: impl Fn(&[u8]) -> std::io::Result<Option<T>>,
 ) -> std::io::Result<Vec<T>> {
-    let sock = nfnetlink_socket()?;
-    sock.send(req, 0)?;
-    let mut out = Vec::new();
-    let mut failed = None;
-    receive(&sock, seq, |msg| match decode(msg) {
-        Ok(Some(item)) => out.push(item),
-        Ok(None) => {}
-        Err(e) => {
-            failed.get_or_insert(e);
+    // A dump that a commit interrupted (`NLM_F_DUMP_INTR` on its messages) may mix the
+    // rulesets before and after it: it is made again, a few times at most.
+    const NLM_F_DUMP_INTR: u16 = 0x10;
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let sock = nfnetlink_socket()?;
+        sock.send(req, 0)?;
+        let mut out = Vec::new();
+        let mut failed = None;
+        let mut interrupted = false;
+        receive(&sock, seq, |msg| {
+            interrupted |= u16_at(msg, 6).is_some_and(|f| f & NLM_F_DUMP_INTR != 0);
+            match decode(msg) {
+                Ok(Some(item)) => out.push(item),
+                Ok(None) => {}
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        })?;
+        if interrupted && tries < 4 {
+            continue;
         }
-    })?;
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(out),
+        return match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        };
     }
 }
 
@@ -974,8 +988,9 @@ const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 const NFTA_SET_ELEM_LIST_SET_ID: u16 = 4;
 const NFTA_SET_ELEM_KEY: u16 = 1;
 
-/// The nfnetlink batch of `tx`, every message asking for an acknowledgement, sequence
-/// numbers from 1 (the batch's begin) up: `NFT_MSG_DELTABLE` for each table to delete;
+/// The nfnetlink batch of `tx`, the last message asking for an acknowledgement (the
+/// kernel answers a failing one in any case), sequence numbers from 1 (the batch's
+/// begin) up: `NFT_MSG_DELTABLE` for each table to delete;
 /// per table `NFT_MSG_NEWTABLE`, `NFT_MSG_DELRULE` naming only the table (the flush),
 /// `NFT_MSG_NEWCHAIN` per chain, and per rule its anonymous sets (`NFT_MSG_NEWSET`,
 /// `NFT_MSG_NEWSETELEM`) then `NFT_MSG_NEWRULE` appended. Returns the bytes and the
@@ -996,11 +1011,16 @@ pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
         NFNL_SUBSYS_NFTABLES,
         &[],
     );
-    let ack = NLM_F_REQUEST | NLM_F_ACK;
+    // Only the last message asks for an acknowledgement (set below): the kernel reports
+    // every failing message anyway, and acks for hundreds of messages could overflow
+    // the socket's receive buffer after a commit that succeeded.
+    let ack = NLM_F_REQUEST;
     let create = ack | NLM_F_CREATE;
+    let mut last_at = None;
     // The next nf_tables message of the batch.
     let mut next = |out: &mut Vec<u8>, kind: u16, flags: u16, family: u8, attrs: &[u8]| {
         seq += 1;
+        last_at = Some(out.len());
         let kind = (NFNL_SUBSYS_NFTABLES << 8) | kind;
         push_message(out, kind, flags, seq, family, 0, attrs);
     };
@@ -1085,6 +1105,11 @@ pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
             );
         }
     }
+    if let Some(at) = last_at {
+        // `nlmsg_flags`, after the length and the type.
+        let flags = u16::from_ne_bytes([out[at + 6], out[at + 7]]) | NLM_F_ACK;
+        out[at + 6..at + 8].copy_from_slice(&flags.to_ne_bytes());
+    }
     let last = seq;
     push_message(
         &mut out,
@@ -1104,8 +1129,22 @@ pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
 /// Errors: the socket's error, or the kernel's answer to the first message it refused, as
 /// an errno (`ENOENT` for a table to delete that is not there).
 pub fn write(_inside: &Inside<'_>, tx: &Transaction) -> std::io::Result<()> {
+    if tx.delete.is_empty() && tx.tables.is_empty() {
+        return Ok(());
+    }
     let (bytes, last) = batch(tx);
     let sock = nfnetlink_socket()?;
+    // The batch goes in one datagram: a long one (many annotated ports or ranges) needs
+    // a send buffer to match. `SO_SNDBUFFORCE` (CAP_NET_ADMIN, which writing rules needs
+    // anyway) passes `wmem_max`; the kernel doubles the value for its bookkeeping.
+    if bytes.len() > 64 * 1024 {
+        let fd = std::os::fd::AsFd::as_fd(&sock);
+        let want = bytes.len() + 4096;
+        if nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBufForce, &want).is_err()
+        {
+            nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::SndBuf, &want)?;
+        }
+    }
     sock.send(&bytes, 0)?;
     receive_batch(&sock, 1..=last + 1, last, |_| {})
 }
@@ -1196,10 +1235,26 @@ pub struct Commit {
     pub name: String,
 }
 
-/// The commits announced in `buf`, one or more netlink messages as a
-/// [`subscribe`]d socket receives them; every other notification is skipped. Never
-/// panics: a truncated or hostile buffer yields the commits before the damage.
-pub fn commits(buf: &[u8]) -> Vec<Commit> {
+/// One notification of a [`subscribe`]d socket, as far as drift goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A change to an object (table, chain, rule, set, element, …) of the table `table`
+    /// of family `family` (`NFPROTO_*`): every nf_tables object message names its table
+    /// in attribute 1.
+    Touched {
+        /// `NFPROTO_*`.
+        family: u8,
+        /// The table's name.
+        table: String,
+    },
+    /// The end of a commit, after the changes it made.
+    Commit(Commit),
+}
+
+/// The notifications in `buf`, one or more netlink messages as a [`subscribe`]d socket
+/// receives them. Never panics: a truncated or hostile buffer yields the notifications
+/// before the damage.
+pub fn notices(buf: &[u8]) -> Vec<Notice> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + 16 <= buf.len() {
@@ -1208,19 +1263,38 @@ pub fn commits(buf: &[u8]) -> Vec<Commit> {
             break;
         }
         let msg = &buf[off..off + len];
+        off += (len + 3) & !3;
         let kind = u16_at(msg, 4).unwrap_or(0);
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-            let body = msg.get(20..).unwrap_or_default();
-            out.push(Commit {
+        if kind >> 8 != NFNL_SUBSYS_NFTABLES {
+            continue;
+        }
+        let body = msg.get(20..).unwrap_or_default();
+        if kind & 0xff == NFT_MSG_NEWGEN {
+            out.push(Notice::Commit(Commit {
                 pid: be32(body, NFTA_GEN_PROC_PID).unwrap_or(0),
                 name: attr(body, NFTA_GEN_PROC_NAME)
                     .map(string)
                     .unwrap_or_default(),
+            }));
+        } else if let Some(table) = attr(body, 1) {
+            out.push(Notice::Touched {
+                family: msg.get(16).copied().unwrap_or(0),
+                table: string(table),
             });
         }
-        off += (len + 3) & !3;
     }
     out
+}
+
+/// The commits announced in `buf` ([`notices`] that end a commit).
+pub fn commits(buf: &[u8]) -> Vec<Commit> {
+    notices(buf)
+        .into_iter()
+        .filter_map(|n| match n {
+            Notice::Commit(c) => Some(c),
+            Notice::Touched { .. } => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -358,3 +358,54 @@ fn every_golden_compiles_to_what_nft_writes_and_our_batch_writes_it() {
     eprintln!("{checked} goldens: compiled, written by nft and by us, all the same");
     assert!(checked >= 30, "{checked}");
 }
+
+/// A long batch (thousands of rules: a pod with many annotated ports or ranges) is sent
+/// in one datagram and acknowledged once, so neither the send buffer nor acks filling the
+/// receive buffer make a committed write look failed; and a batch with one bad message
+/// fails whole, leaving nothing.
+#[test]
+fn a_long_batch_commits_and_a_bad_one_leaves_nothing() {
+    use istio_cni::rules::nft_compile::compile;
+    let mut text = String::from("add table inet t\nflush table inet t\nadd chain inet t c\n");
+    for port in 1..=3000 {
+        text.push_str(&format!(
+            "add rule inet t c tcp dport {port} counter return\n"
+        ));
+    }
+    let tables = compile(&text).unwrap();
+    let tx = Transaction {
+        delete: Vec::new(),
+        tables,
+    };
+    let scratch = ScratchNetns::create().unwrap();
+    scratch
+        .netns()
+        .run(|inside| {
+            write(inside, &tx).unwrap();
+            assert_eq!(
+                dump_rules(inside, NFPROTO_INET, Some("t")).unwrap().len(),
+                3000
+            );
+            // A jump to a chain that does not exist, last in a batch that also deletes t.
+            let bad = compile(
+                "add table inet u\nflush table inet u\nadd chain inet u c\nadd rule inet u c jump nowhere\n",
+            )
+            .unwrap();
+            let err = write(
+                inside,
+                &Transaction {
+                    delete: vec![(NFPROTO_INET, "t".into())],
+                    tables: bad,
+                },
+            )
+            .unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
+            assert_eq!(
+                dump_rules(inside, NFPROTO_INET, Some("t")).unwrap().len(),
+                3000,
+                "t is still there"
+            );
+            assert!(dump_chains(inside, NFPROTO_INET, Some("u")).unwrap().is_empty());
+        })
+        .unwrap();
+}

@@ -123,12 +123,20 @@ fn main() -> ExitCode {
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                log::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+        Ok((soft, hard)) => {
+            // An unlimited hard limit cannot be the soft one: the kernel caps it at
+            // `fs.nr_open`.
+            let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(1 << 20);
+            let want = hard.min(nr_open);
+            if soft < want {
+                if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard) {
+                    log::warn!("cannot raise the open-file limit from {soft} to {want}: {e}");
+                }
             }
         }
-        Ok(_) => {}
         Err(e) => log::warn!("cannot read the open-file limit: {e}"),
     }
 }

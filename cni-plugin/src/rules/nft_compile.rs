@@ -150,8 +150,9 @@ pub fn compile(text: &str) -> Result<Vec<WireTable>, CompileError> {
                 };
                 let (wt, rules, c) = locate(&mut tables, name, chain).map_err(|r| fail(&r))?;
                 let rule = rule(&wt.name, chain, stmts).map_err(|r| fail(&r))?;
-                // nft refuses an index past the chain's last rule, and an index into an
-                // empty chain (there is no rule N to insert before).
+                // nft refuses an index past the chain's last rule (there is no rule N to
+                // insert before). Index 0 is the head, of an empty chain too, as a plain
+                // `insert` is.
                 if at > 0 && at >= rules[c].len() {
                     return Err(fail("no rule at that index"));
                 }

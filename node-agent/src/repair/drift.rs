@@ -4,11 +4,15 @@
 //! - **nf_tables** (the nftables backend, `iptables-nft`, and ambient's in-pod rules on
 //!   either): one netlink socket per watched pod, opened inside its netns and subscribed
 //!   to `NFNLGRP_NFTABLES` ([`nft_wire::subscribe`]), all on the agent's tokio reactor.
-//!   Every commit in that netns ends with an `NFT_MSG_NEWGEN` naming its writer
-//!   ([`nft_wire::commits`]). A commit written by our own code (the thread name
-//!   [`istio_cni::netns::THREAD_NAME`], the plugin's ADD or this agent's repair) is skipped;
-//!   any other, or a lost notification (`ENOBUFS`), makes the pod due after [`DEBOUNCE`],
-//!   so that a burst of commits costs one check.
+//!   Every commit in that netns is announced object by object, each naming its table,
+//!   then ends with an `NFT_MSG_NEWGEN` naming its writer ([`nft_wire::notices`]). A
+//!   commit counts when it touched one of our `inet` tables or any `ip`/`ip6` table
+//!   (iptables-nft's), and was not written by our own code in-process (the thread name
+//!   [`istio_cni::netns::THREAD_NAME`]: the plugin's and this agent's nftables writes;
+//!   `iptables-restore`, which both run for the iptables backend, has its own name, so
+//!   such a write costs one extra check). A counted commit, or a lost notification
+//!   (`ENOBUFS`), makes the pod due after [`DEBOUNCE`], so that a burst of commits costs
+//!   one check; a workload's own tables changing as often as it likes costs nothing.
 //! - **Legacy iptables** (x_tables) announces nothing. For a pod whose netns holds legacy
 //!   tables, a raw socket in its netns is kept, and every [`LEGACY_POLL`] each of those
 //!   tables' `IPT_SO_GET_INFO` (`IP6T_SO_GET_INFO` for IPv6; hooks, entry count, size: a few
@@ -16,12 +20,17 @@
 //!   difference makes the pod due. So a flush is seen within 1 s. A rewrite that keeps
 //!   every table's entry count and size (one port number changed) is not: the sweep
 //!   finds it. Only tables that exist when the watch starts are asked (asking for a
-//!   missing one would make the kernel create it in the pod's netns).
+//!   missing one would make the kernel create it in the pod's netns). The calls run on
+//!   tokio's blocking pool: they take x_tables' lock, which a table replace elsewhere
+//!   on the node holds for an RCU grace period.
 //!
 //! A socket holds its netns alive. A pod's watch is closed when the pod is deleted, gets a
-//! deletion timestamp or a terminal phase, or is found in another netns (its sandbox was
-//! recreated), so no netns outlives its pod because of us. The periodic sweep stays, as
-//! the safety net for everything above.
+//! deletion timestamp or a terminal phase, or a check finds it in another netns (its
+//! sandbox was recreated) or in none, so no netns outlives its pod because of us. Only a
+//! netns found through a process of the pod is watched: one found by its pinned file
+//! alone may be a new pod's before its first process starts. A watch whose socket
+//! failed is opened again by the next check. The periodic sweep stays, as the safety
+//! net for everything above.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -138,9 +147,12 @@ impl DriftWatch {
         )
     }
 
-    /// Whether pod `uid` is watched in `netns` already.
+    /// Whether pod `uid` is watched in `netns` already, with every task of its watch
+    /// still running.
     pub fn watches(&self, uid: &str, netns: NetnsId) -> bool {
-        self.watches.get(uid).is_some_and(|w| w.netns == netns)
+        self.watches
+            .get(uid)
+            .is_some_and(|w| w.netns == netns && !w.tasks.iter().any(|t| t.is_finished()))
     }
 
     /// How many pods are watched.
@@ -203,8 +215,10 @@ async fn notifications(
     // Commit ends (`NFT_MSG_NEWGEN`) are small, and each notification is a datagram of
     // its own: a longer one (a big rule) is cut short, which loses nothing needed here.
     let mut buf = vec![0u8; 8 * 1024];
+    // Whether the commit being announced has touched a table that matters.
+    let mut pending = false;
     loop {
-        match drain(&fd, &mut buf).await {
+        match drain(&fd, &mut buf, &mut pending).await {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => {
@@ -228,12 +242,24 @@ async fn notifications(
     }
 }
 
-/// Reads everything `fd` has once it is readable. Returns whether any of it is a foreign
-/// commit, or a loss (`ENOBUFS`: the socket's buffer overflowed, so a commit may be
-/// among what was dropped).
+/// Whether a change to table `table` of family `family` may touch a pod's redirection:
+/// one of our `inet` tables, or an `ip`/`ip6` table (iptables-nft's, where the iptables
+/// backend's rules live and a bypass ahead of them would be).
+fn matters(family: u8, table: &str) -> bool {
+    match family {
+        istio_cni::nft::NFPROTO_INET => istio_cni::rules::nftables::is_our_table(table),
+        istio_cni::nft::NFPROTO_IPV4 | istio_cni::nft::NFPROTO_IPV6 => true,
+        _ => false,
+    }
+}
+
+/// Reads everything `fd` has once it is readable. Returns whether any of it ends a
+/// foreign commit that touched a table that [`matters`] (`pending` carries "touched"
+/// from one read to the next until the commit's end), or is a loss (`ENOBUFS`: the
+/// socket's buffer overflowed, so such a commit may be among what was dropped).
 ///
 /// Errors: any other socket error.
-async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<bool> {
+async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8], pending: &mut bool) -> std::io::Result<bool> {
     let mut guard = fd.readable().await?;
     let mut changed = false;
     loop {
@@ -247,11 +273,22 @@ async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<bool> {
         });
         match got {
             Ok(Ok(n)) => {
-                changed |= nft_wire::commits(&buf[..n])
-                    .iter()
-                    .any(|c| c.name != istio_cni::netns::THREAD_NAME);
+                for notice in nft_wire::notices(&buf[..n]) {
+                    match notice {
+                        nft_wire::Notice::Touched { family, table } => {
+                            *pending |= matters(family, &table);
+                        }
+                        nft_wire::Notice::Commit(c) => {
+                            changed |= *pending && c.name != istio_cni::netns::THREAD_NAME;
+                            *pending = false;
+                        }
+                    }
+                }
             }
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => changed = true,
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                *pending = false;
+                changed = true;
+            }
             Ok(Err(e)) => return Err(e),
             // Would block: all read.
             Err(_) => return Ok(changed),
@@ -324,19 +361,28 @@ async fn poll_legacy(
     tx: mpsc::UnboundedSender<ObjectRef<Pod>>,
 ) {
     let fd = Arc::new(fd);
-    let ask = |fd: &OwnedFd| -> Vec<Option<GetInfo>> {
-        tables
-            .iter()
-            .map(|t| get_info(fd, family, t).ok())
-            .collect()
+    let tables = Arc::new(tables);
+    // Off the async workers: the call takes x_tables' per-family lock.
+    let ask = || {
+        let (fd, tables) = (fd.clone(), tables.clone());
+        tokio::task::spawn_blocking(move || -> Vec<Option<GetInfo>> {
+            tables
+                .iter()
+                .map(|t| get_info(&fd, family, t).ok())
+                .collect()
+        })
     };
-    let mut last = ask(&fd);
+    let Ok(mut last) = ask().await else {
+        return;
+    };
     let mut tick = tokio::time::interval(LEGACY_POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let now = ask(&fd);
+        let Ok(now) = ask().await else {
+            return;
+        };
         if now != last {
             last = now;
             log::debug!("repair: {key}: its legacy {family:?} tables changed; checking it");

@@ -509,15 +509,23 @@ impl RepairController {
         if !self.cfg.drift_watch {
             return;
         }
-        let new: Vec<_> = results
-            .iter()
-            .filter_map(|(pod, _, result)| {
-                let (netns, _) = result.as_ref().ok()?;
-                let uid = pod.uid()?;
-                (!is_leaving(pod) && !st.drift.watches(&uid, netns.netns.id()))
-                    .then(|| (ObjectRef::from(&**pod), uid, netns.netns.clone()))
-            })
-            .collect();
+        let mut new = Vec::new();
+        for (pod, _, result) in results {
+            let Some(uid) = pod.uid() else {
+                continue;
+            };
+            match result {
+                // Only a netns a process of the pod lives in: one found by its pinned
+                // file alone may be a new pod's, before its first process starts.
+                Ok((netns, _)) if matches!(netns.via, locate::Via::Process(_)) => {
+                    if !is_leaving(pod) && !st.drift.watches(&uid, netns.netns.id()) {
+                        new.push((ObjectRef::from(&**pod), uid, netns.netns.clone()));
+                    }
+                }
+                // Its netns is gone or unknown: a watch must not keep the old one alive.
+                _ => st.drift.forget(&uid),
+            }
+        }
         if new.is_empty() {
             return;
         }
