@@ -1199,6 +1199,31 @@ pub fn decode_set_elements(msg: &[u8]) -> Vec<Data> {
         .collect()
 }
 
+/// `NFT_MSG_GETGEN`.
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
+
+/// The ruleset generation of the calling thread's netns (`NFT_MSG_GETGEN`, read-only): it
+/// changes with every commit. STATUS asks it to learn whether the kernel speaks
+/// nf_tables at all.
+///
+/// Errors: the socket's, or the kernel's (`EPROTONOSUPPORT`/`ENOENT` without nf_tables).
+pub fn generation() -> std::io::Result<u32> {
+    let seq: u32 = 1;
+    let mut req = Vec::with_capacity(20);
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN;
+    push_message(&mut req, kind, NLM_F_REQUEST | NLM_F_ACK, seq, 0, 0, &[]);
+    let sock = nfnetlink_socket()?;
+    sock.send(&req, 0)?;
+    let mut gen = None;
+    receive(&sock, seq, |msg| {
+        if let Some(body) = msg.get(20..) {
+            gen = gen.or(be32(body, NFTA_GEN_ID));
+        }
+    })?;
+    gen.ok_or_else(|| invalid("no generation in the kernel's answer"))
+}
+
 /// `NFNLGRP_NFTABLES`: the multicast group on which the kernel announces every nf_tables
 /// commit of a netns (`linux/netfilter/nfnetlink.h`), whoever made it (`nft`,
 /// `iptables-nft`, us).

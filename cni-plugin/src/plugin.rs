@@ -740,8 +740,14 @@ fn status(conf: &NetConf) -> Result<(), Error> {
     if let Err(e) = std::fs::File::open(conf.kubeconfig()) {
         problems.push(format!("kubeconfig {}: {e}", conf.kubeconfig().display()));
     }
-    // The nftables backend needs no tool: it speaks nfnetlink itself.
-    if !conf.native_nftables {
+    // The nftables backend needs no tool, only a kernel that speaks nf_tables.
+    if conf.native_nftables {
+        if let Err(e) = crate::nft_wire::generation() {
+            problems.push(format!(
+                "native_nftables is on, but the kernel does not answer nf_tables requests ({e}); load the nf_tables module or turn native_nftables off"
+            ));
+        }
+    } else {
         match Xtables::detect() {
             Ok(xt) => {
                 if let Err(e) = xt.binaries(Family::V4) {

@@ -409,3 +409,29 @@ fn a_long_batch_commits_and_a_bad_one_leaves_nothing() {
         })
         .unwrap();
 }
+
+/// The ruleset generation (what STATUS asks to learn that the kernel speaks nf_tables)
+/// moves with every commit.
+#[test]
+fn the_generation_moves_with_each_commit() {
+    use istio_cni::nft_wire::generation;
+    let scratch = ScratchNetns::create().unwrap();
+    scratch
+        .netns()
+        .run(|inside| {
+            let before = generation().unwrap();
+            let tables =
+                istio_cni::rules::nft_compile::compile("add table inet g\nadd chain inet g c\n")
+                    .unwrap();
+            write(
+                inside,
+                &Transaction {
+                    delete: Vec::new(),
+                    tables,
+                },
+            )
+            .unwrap();
+            assert_ne!(generation().unwrap(), before);
+        })
+        .unwrap();
+}
