@@ -15,8 +15,8 @@
 use crate::apply::ApplyError;
 use crate::netns::Inside;
 use crate::nfnetlink::{
-    nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    nfnetlink_socket, push_attr, push_message, receive_batch, NFNL_MSG_BATCH_BEGIN,
+    NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_REQUEST,
 };
 use crate::nft_wire::{self, Expr, Transaction, WireRule, WireTable};
 use crate::rules::nftables::NftRuleset;
@@ -33,10 +33,11 @@ fn compiled(ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
 
 /// Writes `ruleset` in one transaction: our tables that it does not use are deleted (so
 /// nothing of an earlier ADD with other settings stays), then each of its tables is
-/// created if missing, flushed, and filled; dormant ones are woken.
+/// created if missing, flushed, and filled; dormant ones are woken. Returns the tables
+/// written (`ruleset` compiled), for the read-back.
 ///
 /// Errors: [`ApplyError::Netlink`] with the kernel's answer; the netns is then unchanged.
-pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError> {
+pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
     let tables_out = compiled(ruleset)?;
     let existing =
         tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
@@ -85,7 +86,7 @@ pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ApplyError
     {
         wake_dormant(inside, |t| t.is_ours() && used.contains(&t.name.as_str()))?;
     }
-    Ok(())
+    Ok(tx.tables)
 }
 
 /// Deletes our tables (sidecar's and ambient's) that exist, in one transaction; none
@@ -182,42 +183,16 @@ const NFTA_TABLE_FLAGS: u16 = 2;
 ///
 /// Errors: as [`has_our_tables`].
 pub fn tables(_inside: &Inside<'_>) -> std::io::Result<Vec<NfTable>> {
-    let sock = nfnetlink_socket()?;
-    let seq: u32 = 1;
-    let mut req = Vec::with_capacity(20);
-    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETTABLE;
-    push_message(&mut req, kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, 0, &[]);
-    sock.send(&req, 0)?;
-    let mut out = Vec::new();
-    receive(&sock, seq, |msg| {
-        let mut table = NfTable {
+    nft_wire::dump(NFT_MSG_GETTABLE, 0, &[], |msg| {
+        let body = msg.get(20..).unwrap_or_default();
+        Ok(Some(NfTable {
             family: msg.get(16).copied().unwrap_or(0),
-            name: String::new(),
-            flags: 0,
-        };
-        let mut a = 20;
-        while a + 4 <= msg.len() {
-            let alen = u16_at(msg, a).unwrap_or(0) as usize;
-            let atype = u16_at(msg, a + 2).unwrap_or(0) & 0x3fff;
-            if alen < 4 || a + alen > msg.len() {
-                break;
-            }
-            let value = &msg[a + 4..a + alen];
-            match atype {
-                NFTA_TABLE_NAME => {
-                    let name = value.split(|b| *b == 0).next().unwrap_or_default();
-                    table.name = String::from_utf8_lossy(name).into_owned();
-                }
-                NFTA_TABLE_FLAGS if value.len() >= 4 => {
-                    table.flags = u32::from_be_bytes([value[0], value[1], value[2], value[3]]);
-                }
-                _ => {}
-            }
-            a += (alen + 3) & !3;
-        }
-        out.push(table);
-    })?;
-    Ok(out)
+            name: nft_wire::attr(body, NFTA_TABLE_NAME)
+                .map(nft_wire::string)
+                .unwrap_or_default(),
+            flags: nft_wire::be32(body, NFTA_TABLE_FLAGS).unwrap_or(0),
+        }))
+    })
 }
 
 /// Makes `table` take effect again: one nf_tables transaction (a batch holding one
@@ -361,16 +336,17 @@ fn chain_problems(
 /// Compares what the netns holds with `ruleset`: each of its tables, chains (with their
 /// hooks) and rules exactly as compiled, expression by expression, an anonymous set by
 /// its elements; none of our other tables left over; none of our tables dormant; and the
-/// routing the rules need. `existing` is the kernel's table list.
+/// routing the rules need. `existing` is the kernel's table list, `want` `ruleset`
+/// compiled.
 fn check(
     inside: &Inside<'_>,
     existing: &[NfTable],
     ruleset: &NftRuleset,
+    want: &[WireTable],
 ) -> Result<(), ValidateError> {
     let read_err = |what: &str, e: std::io::Error| {
         ValidateError::ReadBack(ApplyError::Netlink(format!("{what}: {e}")))
     };
-    let want = compiled(ruleset).map_err(ValidateError::ReadBack)?;
     let used = ruleset.table_names();
     let mut problems = Vec::new();
     for t in existing
@@ -515,13 +491,15 @@ pub fn iptables_chains(inside: &Inside<'_>, existing: &[NfTable]) -> std::io::Re
 
 /// What ADD does with the nftables backend after the write: removes the iptables
 /// backend's rules if iptables-nft's tables hold any (`remove`, a node that switched
-/// backends), then compares our tables with `ruleset` and checks the routing.
+/// backends), then compares our tables with `ruleset` (`written`: what [`apply`]
+/// returned) and checks the routing.
 ///
 /// Errors: [`ValidateError::ReadBack`] when a dump fails or `remove` does,
 /// [`ValidateError::Mismatch`] listing every difference.
 pub fn settle_and_read_back(
     inside: &Inside<'_>,
     ruleset: &NftRuleset,
+    written: &[WireTable],
     remove: impl FnOnce() -> Result<(), ApplyError>,
 ) -> Result<(), ValidateError> {
     let read_err = |what: &str, e: std::io::Error| {
@@ -537,7 +515,7 @@ pub fn settle_and_read_back(
         remove().map_err(ValidateError::ReadBack)?;
         existing = tables(inside).map_err(|e| read_err("listing tables", e))?;
     }
-    check(inside, &existing, ruleset)
+    check(inside, &existing, ruleset, written)
 }
 
 /// Compares the netns's nftables rules (and routing) with `ruleset`: each of its tables,
@@ -546,10 +524,11 @@ pub fn settle_and_read_back(
 /// Errors: [`ValidateError::ReadBack`] when a dump fails, [`ValidateError::Mismatch`]
 /// listing every difference.
 pub fn read_back(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), ValidateError> {
+    let want = compiled(ruleset).map_err(ValidateError::ReadBack)?;
     let existing = tables(inside).map_err(|e| {
         ValidateError::ReadBack(ApplyError::Netlink(format!("listing tables: {e}")))
     })?;
-    check(inside, &existing, ruleset)
+    check(inside, &existing, ruleset, &want)
 }
 
 #[cfg(test)]

@@ -60,12 +60,12 @@ fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 /// The value of attribute `kind` in `b`, if present.
-fn attr(b: &[u8], kind: u16) -> Option<&[u8]> {
+pub(crate) fn attr(b: &[u8], kind: u16) -> Option<&[u8]> {
     attrs(b).find(|(k, _)| *k == kind).map(|(_, v)| v)
 }
 
 /// The big-endian `u32` attribute `kind` of `b`.
-fn be32(b: &[u8], kind: u16) -> Option<u32> {
+pub(crate) fn be32(b: &[u8], kind: u16) -> Option<u32> {
     let v = attr(b, kind)?;
     Some(u32::from_be_bytes(v.get(..4)?.try_into().ok()?))
 }
@@ -77,7 +77,7 @@ fn be64(b: &[u8], kind: u16) -> Option<u64> {
 }
 
 /// A NUL-terminated string attribute.
-fn string(v: &[u8]) -> String {
+pub(crate) fn string(v: &[u8]) -> String {
     let s = v.split(|b| *b == 0).next().unwrap_or_default();
     String::from_utf8_lossy(s).into_owned()
 }
@@ -599,13 +599,30 @@ pub fn dump_rules(
     family: u8,
     table: Option<&str>,
 ) -> std::io::Result<Vec<WireRule>> {
-    let seq: u32 = 1;
     let mut attrs_out = Vec::new();
     if let Some(table) = table {
         put_string(&mut attrs_out, NFTA_RULE_TABLE, table);
     }
-    let mut req = Vec::with_capacity(64);
-    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETRULE;
+    dump(NFT_MSG_GETRULE, family, &attrs_out, |msg| {
+        decode_rule(msg).map(Some)
+    })
+}
+
+/// Dumps nf_tables objects with request `msg_type` (`NFT_MSG_GET*`) for family `family`
+/// (`NFPROTO_*`, 0 for all) and request attributes `attrs`, in the calling thread's
+/// netns, and decodes every answer (header included) with `decode`, keeping the ones it
+/// returns.
+///
+/// Errors: the socket's error, the kernel's, or the first decoding error.
+pub(crate) fn dump<T>(
+    msg_type: u16,
+    family: u8,
+    attrs: &[u8],
+    decode: impl Fn(&[u8]) -> std::io::Result<Option<T>>,
+) -> std::io::Result<Vec<T>> {
+    let seq: u32 = 1;
+    let mut req = Vec::with_capacity(20 + attrs.len());
+    let kind = (NFNL_SUBSYS_NFTABLES << 8) | msg_type;
     push_message(
         &mut req,
         kind,
@@ -613,20 +630,8 @@ pub fn dump_rules(
         seq,
         family,
         0,
-        &attrs_out,
+        attrs,
     );
-    dump(&req, seq, |msg| decode_rule(msg).map(Some))
-}
-
-/// Sends dump request `req` (sequence number `seq`) and decodes every answer with
-/// `decode`, keeping the ones it returns.
-///
-/// Errors: the socket's error, the kernel's, or the first decoding error.
-fn dump<T>(
-    req: &[u8],
-    seq: u32,
-    decode: impl Fn(&[u8]) -> std::io::Result<Option<T>>,
-) -> std::io::Result<Vec<T>> {
     // A dump that a commit interrupted (`NLM_F_DUMP_INTR` on its messages) may mix the
     // rulesets before and after it: it is made again, a few times at most.
     const NLM_F_DUMP_INTR: u16 = 0x10;
@@ -634,7 +639,7 @@ fn dump<T>(
     loop {
         tries += 1;
         let sock = nfnetlink_socket()?;
-        sock.send(req, 0)?;
+        sock.send(&req, 0)?;
         let mut out = Vec::new();
         let mut failed = None;
         let mut interrupted = false;
@@ -753,19 +758,7 @@ pub fn dump_chains(
     family: u8,
     table: Option<&str>,
 ) -> std::io::Result<Vec<WireChain>> {
-    let seq: u32 = 1;
-    let mut req = Vec::with_capacity(32);
-    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN;
-    push_message(
-        &mut req,
-        kind,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        family,
-        0,
-        &[],
-    );
-    dump(&req, seq, |msg| {
+    dump(NFT_MSG_GETCHAIN, family, &[], |msg| {
         decode_chain(msg).map(|c| table.is_none_or(|t| c.table == t).then_some(c))
     })
 }
@@ -1159,22 +1152,12 @@ pub fn dump_set_elements(
     table: &str,
     set: &str,
 ) -> std::io::Result<Vec<Data>> {
-    let seq: u32 = 1;
     let mut a = Vec::new();
     put_string(&mut a, NFTA_SET_ELEM_LIST_TABLE, table);
     put_string(&mut a, NFTA_SET_ELEM_LIST_SET, set);
-    let mut req = Vec::with_capacity(64);
-    let kind = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETSETELEM;
-    push_message(
-        &mut req,
-        kind,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        seq,
-        family,
-        0,
-        &a,
-    );
-    let lists = dump(&req, seq, |msg| Ok(Some(decode_set_elements(msg))))?;
+    let lists = dump(NFT_MSG_GETSETELEM, family, &a, |msg| {
+        Ok(Some(decode_set_elements(msg)))
+    })?;
     Ok(lists.into_iter().flatten().collect())
 }
 

@@ -474,10 +474,10 @@ fn write_and_read_back_nft(
         let tables = crate::nft::tables(inside).ok();
         remove_iptables_variants(inside, None, tables.as_deref())?;
     }
-    crate::nft::apply(inside, ruleset)?;
+    let written = crate::nft::apply(inside, ruleset)?;
     let needs = ruleset.routing_needs();
     crate::routing::apply_needs(inside, &needs).map_err(apply::ApplyError::Routing)?;
-    crate::nft::settle_and_read_back(inside, ruleset, || {
+    crate::nft::settle_and_read_back(inside, ruleset, &written, || {
         // iptables-nft's rules that appeared meanwhile: that variant's tools remove them.
         if let Some(xt) = xt.and_then(|_| Xtables::of_backend(Backend::Nft).ok()) {
             apply::remove(inside, &xt, None)?;
