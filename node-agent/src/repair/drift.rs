@@ -226,15 +226,23 @@ async fn notifications(
                 return;
             }
         }
-        // Let the burst end; what came meanwhile is part of it.
+        // Let the burst end; what came meanwhile is part of it, except a commit still
+        // being announced, whose end counts on its own.
         tokio::time::sleep(DEBOUNCE).await;
-        while nix::sys::socket::recv(
+        while let Ok(n) = nix::sys::socket::recv(
             fd.get_ref().as_raw_fd(),
             &mut buf,
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-        )
-        .is_ok()
-        {}
+        ) {
+            for notice in nft_wire::notices(&buf[..n]) {
+                pending = match notice {
+                    nft_wire::Notice::Touched { family, table } => {
+                        pending || matters(family, &table)
+                    }
+                    nft_wire::Notice::Commit(_) => false,
+                };
+            }
+        }
         log::debug!("repair: {key}: its netns's nf_tables changed; checking it");
         if tx.send(key.clone()).is_err() {
             return;
