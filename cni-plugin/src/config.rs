@@ -256,17 +256,6 @@ impl NetConf {
     pub fn kubeconfig(&self) -> &Path {
         &self.kubeconfig
     }
-
-    /// Where ADD and CHECK read the pod from: `local_pod_file` if set, else the API.
-    pub fn pod_source(&self) -> crate::pod::PodSource<'_> {
-        match &self.local_pod_file {
-            Some(path) => crate::pod::PodSource::File(path),
-            None => crate::pod::PodSource::Api {
-                kubeconfig: &self.kubeconfig,
-                deadline: self.api_timeout,
-            },
-        }
-    }
 }
 
 /// Reads only the version of a request, for VERSION and for error results: `cniVersion`

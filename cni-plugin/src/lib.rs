@@ -4,11 +4,14 @@
 //!
 //! Data flows one way through the modules, one per stage:
 //! stdin → [`config`] → [`pod`] → [`redirect`] → [`rules`] → [`apply`] (iptables) or
-//! [`nft`] (nftables) → [`validate`] → result.
-//! [`cni`] holds the protocol; [`netns`] is the one place that enters a network namespace, and [`lock`] keeps one
-//! writer per netns;
-//! [`plugin`] wires the verbs together. [`enablement`] decides which pods are in ambient
-//! mode (upstream's enablement selectors; not switched on yet).
+//! [`nft`] (nftables) → [`validate`] → result. [`plan`] turns a pod into what ADD does
+//! (sidecar rules, ambient hand-off, or nothing), and [`enablement`] decides which pods
+//! are in ambient mode (upstream's enablement selectors).
+//!
+//! Beside the flow: [`cni`] holds the protocol; [`netns`] is the one place that enters a
+//! network namespace, [`routing`] speaks rtnetlink inside one, and [`scratch`] makes one
+//! for the node agent's self-test; [`lock`] keeps one writer per netns; [`nft_wire`] and
+//! [`nfnetlink`] are the nf_tables wire format. [`plugin`] wires the verbs together.
 
 #![warn(missing_docs)]
 
@@ -30,6 +33,7 @@ pub mod pod;
 pub mod redirect;
 pub mod routing;
 pub mod rules;
+pub mod scratch;
 pub mod validate;
 
 pub use error::Error;

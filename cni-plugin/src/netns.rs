@@ -280,22 +280,16 @@ impl Inside<'_> {
     }
 }
 
-/// A network namespace created by this process for its own use (the node agent's
-/// self-test), with `lo` up. It exists as long as this value: no bind mount pins it, so
-/// nothing is left behind even if the process is killed. Other processes reach it through
-/// [`ScratchNetns::path`] (`/proc/<pid>/fd/<fd>`) while it lives.
-#[derive(Debug)]
-pub struct ScratchNetns {
-    netns: Netns,
-}
-
-impl ScratchNetns {
-    /// Creates the namespace: a short-lived thread unshares a new netns and hands back
-    /// its namespace file.
+impl Netns {
+    /// Creates a new, empty network namespace that only this value holds: a short-lived
+    /// thread unshares it and hands back its namespace file. No bind mount pins it, so it
+    /// goes when this value is dropped, even if the process is killed; other processes
+    /// reach it through [`Netns::path`] (`/proc/<pid>/fd/<fd>`) while it lives. Its `lo`
+    /// is down, as in any new netns ([`crate::scratch::ScratchNetns`] brings it up).
     ///
     /// Errors: [`NetnsError::Open`] when `unshare(CLONE_NEWNET)` fails (needs
-    /// CAP_SYS_ADMIN) or `lo` cannot be brought up.
-    pub fn create() -> Result<ScratchNetns, NetnsError> {
+    /// CAP_SYS_ADMIN).
+    pub(crate) fn create_unpinned() -> Result<Netns, NetnsError> {
         let err = |reason: String| NetnsError::Open {
             path: PathBuf::from("(new scratch netns)"),
             reason,
@@ -313,24 +307,7 @@ impl ScratchNetns {
             file.as_raw_fd()
         ));
         let id = NetnsId::of_stat(&fstat(&file).map_err(|e| err(e.to_string()))?);
-        let scratch = ScratchNetns {
-            netns: Netns { file, path, id },
-        };
-        scratch
-            .netns
-            .run(crate::routing::loopback_up)?
-            .map_err(|e| err(e.to_string()))?;
-        Ok(scratch)
-    }
-
-    /// The namespace, to enter it.
-    pub fn netns(&self) -> &Netns {
-        &self.netns
-    }
-
-    /// A path other processes can open while this value lives (`CNI_NETNS`).
-    pub fn path(&self) -> &Path {
-        &self.netns.path
+        Ok(Netns { file, path, id })
     }
 }
 

@@ -534,7 +534,7 @@ pub fn read_back(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<(), Valida
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netns::ScratchNetns;
+    use crate::scratch::ScratchNetns;
 
     fn nft(args: &[&str]) {
         let bin = crate::apply::find_binary("nft").expect("nft (install nftables)");

@@ -167,7 +167,7 @@ fn plan(env: &CniEnv, conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Plan, Err
     };
     let start = Instant::now();
     let pod = if conf.ambient_enabled {
-        let (pod, namespace_labels) = conf.pod_source().fetch_with_namespace(&pod_ref)?;
+        let (pod, namespace_labels) = pod::PodSource::of(conf).fetch_with_namespace(&pod_ref)?;
         log::debug!(
             "read pod {pod_ref} and its namespace in {:?}",
             start.elapsed()
@@ -177,7 +177,7 @@ fn plan(env: &CniEnv, conf: &NetConf, netns: &LazyNetns<'_>) -> Result<Plan, Err
         }
         pod
     } else {
-        let pod = conf.pod_source().fetch(&pod_ref)?;
+        let pod = pod::PodSource::of(conf).fetch(&pod_ref)?;
         log::debug!("read pod {pod_ref} in {:?}", start.elapsed());
         pod
     };
@@ -791,8 +791,8 @@ pub const REQUIRED_CAPS: &[(caps::Capability, &str)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netns::ScratchNetns;
     use crate::plan::{plan_for_pod, Plan};
+    use crate::scratch::ScratchNetns;
 
     /// The ruleset of an injected pod with default settings (IPv4 only).
     fn meshed_ruleset() -> Box<Ruleset> {

@@ -16,7 +16,6 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::cni::CniArgs;
 use crate::config::NetConf;
-use crate::redirect::parse_go_bool;
 
 /// Name of the sidecar container.
 pub const ISTIO_PROXY: &str = "istio-proxy";
@@ -32,6 +31,17 @@ pub const STATUS_KEY: &str = "sidecar.istio.io/status";
 pub const ENV_DISABLE_ENVOY: &str = "DISABLE_ENVOY";
 
 pub use crate::cni::env::{ARG_POD_NAME, ARG_POD_NAMESPACE, ARG_POD_UID};
+
+/// Go's `strconv.ParseBool`, which upstream uses for boolean annotations, labels and the
+/// proxy's env vars: `1 t T TRUE true True` / `0 f F FALSE false False`; anything else is
+/// `None`, for the caller to refuse or ignore as upstream does.
+pub fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
 
 /// Largest pod the plugin reads, from the API or `local_pod_file`, in bytes. A real Pod is
 /// a few KiB to a few hundred KiB (the API server's own request limit is 3 MiB,
@@ -304,7 +314,19 @@ pub enum PodSource<'a> {
     File(&'a Path),
 }
 
-impl PodSource<'_> {
+impl<'a> PodSource<'a> {
+    /// Where ADD and CHECK read the pod from, by the netconf: `local_pod_file` if set,
+    /// else the API through `kubernetes.kubeconfig` within `kubernetes.api_timeout_ms`.
+    pub fn of(conf: &'a NetConf) -> PodSource<'a> {
+        match &conf.local_pod_file {
+            Some(path) => PodSource::File(path),
+            None => PodSource::Api {
+                kubeconfig: conf.kubeconfig(),
+                deadline: conf.api_timeout,
+            },
+        }
+    }
+
     /// Reads the pod `pod` and checks that the answer is that pod ([`PodRef::check`]).
     /// At most [`MAX_POD_BYTES`] are read.
     ///

@@ -14,7 +14,7 @@ use std::fmt;
 
 use ipnet::IpNet;
 
-use crate::pod::MeshedPod;
+use crate::pod::{parse_go_bool, MeshedPod};
 
 /// Annotation: `REDIRECT` (default) or `TPROXY`.
 pub const ANNOT_INTERCEPTION_MODE: &str = "sidecar.istio.io/interceptionMode";
@@ -280,15 +280,6 @@ fn env_bool(pod: &MeshedPod, name: &str) -> Result<bool, RedirectError> {
         value: value.clone(),
         reason: "expected true or false (also 1/0, t/f, TRUE/FALSE)".into(),
     })
-}
-
-/// Go's `strconv.ParseBool`: `1 t T TRUE true True` / `0 f F FALSE false False`.
-pub fn parse_go_bool(s: &str) -> Option<bool> {
-    match s {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
-    }
 }
 
 struct Annotations<'a>(&'a BTreeMap<String, String>);

@@ -431,7 +431,7 @@ fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netns::ScratchNetns;
+    use crate::scratch::ScratchNetns;
 
     /// Many requests on one socket, each answered and matched by its own sequence number:
     /// adds, an add that exists (EEXIST), a dump, deletes, a delete of what is gone

@@ -12,11 +12,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 
-use istio_cni::netns::ScratchNetns;
 use istio_cni::nft_wire::{
     dump_chains, dump_rules, dump_set_elements, write, AnonSet, Expr, Transaction, WireTable,
     NFPROTO_INET,
 };
+use istio_cni::scratch::ScratchNetns;
 
 /// Goldens that do not apply on their own, and why.
 const NOT_ALONE: [(&str, &str); 6] = [

@@ -5,8 +5,8 @@
 
 use istio_cni::apply::Xtables;
 use istio_cni::config::NetConf;
-use istio_cni::netns::ScratchNetns;
 use istio_cni::plan::{plan_for_pod, Plan};
+use istio_cni::scratch::ScratchNetns;
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 

@@ -22,8 +22,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use istio_cni::apply::Xtables;
-use istio_cni::netns::ScratchNetns;
 use istio_cni::rules::Family;
+use istio_cni::scratch::ScratchNetns;
 use serde_json::{json, Map, Value};
 
 /// Namespace and name of the synthetic pod.

@@ -85,7 +85,7 @@ pub fn missing_ztunnel_listeners(inside: &Inside<'_>) -> std::io::Result<Vec<u16
 #[cfg(test)]
 mod tests {
     use super::*;
-    use istio_cni::netns::ScratchNetns;
+    use istio_cni::scratch::ScratchNetns;
 
     #[test]
     fn reads_the_kernels_table_format() {

@@ -468,7 +468,7 @@ mod tests {
 
     /// A netns of the test's own (gone with the last handle): only its descriptor travels.
     fn own_netns() -> Arc<Netns> {
-        let scratch = istio_cni::netns::ScratchNetns::create().unwrap();
+        let scratch = istio_cni::scratch::ScratchNetns::create().unwrap();
         Arc::new(Netns::open(scratch.path()).unwrap())
     }
 

@@ -9,7 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::redirect::{parse_go_bool, InterfaceName};
+use crate::pod::parse_go_bool;
+use crate::redirect::InterfaceName;
 
 /// Annotation: a Go boolean; `true` disables inbound capture for the pod ("ingress mode",
 /// for workloads that receive only traffic from outside the mesh); outbound is still
