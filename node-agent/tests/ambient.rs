@@ -150,24 +150,10 @@ impl Setup {
             &["--repair-enabled", "false"]
         };
         let args = [
-            "--self-test",
-            "false",
-            "--taint-enabled",
-            if self.taint { "true" } else { "false" },
-            "--kubeconfig",
-            self.kubeconfig.to_str().unwrap(),
             "--node-name",
             NODE,
-            "--host-proc-dir",
-            "/proc",
-            "--host-root",
-            "/",
-            "--netns-dirs",
-            &netns_dirs,
-            "--ambient-enabled",
-            "true",
-            "--ztunnel-uds-address",
-            uds.to_str().unwrap(),
+            "--taint-enabled",
+            if self.taint { "true" } else { "false" },
             "--native-nftables",
             if self.nft { "true" } else { "false" },
         ];
@@ -177,11 +163,9 @@ impl Setup {
             .chain(&self.extra)
             .copied()
             .collect();
-        let daemon = self.node.spawn(
-            Some(&self.node_ns),
-            &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
-            &args,
-        );
+        let daemon =
+            self.node
+                .spawn_ambient(&self.node_ns, &self.kubeconfig, &netns_dirs, &uds, &args);
         wait_for("the agent to chain its entry", || {
             chained(&self.node.conf()).then_some(())
         });

@@ -238,6 +238,43 @@ impl Node {
         )
     }
 
+    /// Starts an ambient node agent inside `netns`, a test node whose API server is
+    /// `kubeconfig`'s: ztunnel's socket at `uds`, pods' netns found by this machine's own
+    /// `/proc` and in `netns_dirs` (comma-separated), no self-test, and `extra` flags
+    /// after these (the taint, repair and backend flags, which differ per caller).
+    pub fn spawn_ambient(
+        &self,
+        netns: &TestNetns,
+        kubeconfig: &Path,
+        netns_dirs: &str,
+        uds: &Path,
+        extra: &[&str],
+    ) -> Daemon {
+        let (kubeconfig, uds) = (kubeconfig.to_string_lossy(), uds.to_string_lossy());
+        let mut args = vec![
+            "--self-test",
+            "false",
+            "--kubeconfig",
+            &kubeconfig,
+            "--host-proc-dir",
+            "/proc",
+            "--host-root",
+            "/",
+            "--netns-dirs",
+            netns_dirs,
+            "--ambient-enabled",
+            "true",
+            "--ztunnel-uds-address",
+            &uds,
+        ];
+        args.extend_from_slice(extra);
+        self.spawn(
+            Some(netns),
+            &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
+            &args,
+        )
+    }
+
     /// Starts `istio-cni-node-agent run` for these dirs inside `netns` (or here), with
     /// `env` (besides `PATH`) and `extra` flags. Each start logs to a new file.
     pub fn spawn(

@@ -92,33 +92,19 @@ fn main() {
         api.put("pods", sidecar);
     }
 
-    let uds_arg = uds.to_string_lossy().into_owned();
-    let kubeconfig_arg = kubeconfig.to_string_lossy().into_owned();
     let spawn_agent = || {
-        node.spawn(
-            Some(&node_ns),
-            &[("KUBERNETES_SERVICE_HOST", "10.96.0.1".into())],
+        node.spawn_ambient(
+            &node_ns,
+            &kubeconfig,
+            "/var/run/netns",
+            &uds,
             &[
-                "--self-test",
-                "false",
+                "--node-name",
+                NODE,
                 "--taint-enabled",
                 "false",
                 "--repair-enabled",
                 "false",
-                "--kubeconfig",
-                &kubeconfig_arg,
-                "--node-name",
-                NODE,
-                "--host-proc-dir",
-                "/proc",
-                "--host-root",
-                "/",
-                "--netns-dirs",
-                "/var/run/netns",
-                "--ambient-enabled",
-                "true",
-                "--ztunnel-uds-address",
-                &uds_arg,
             ],
         )
     };
