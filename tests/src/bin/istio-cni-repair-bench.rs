@@ -84,7 +84,8 @@ fn main() {
         &mut adds,
     );
     println!(
-        "  110 pods set up in {:.1} s",
+        "  {} pods set up in {:.1} s",
+        pods.len(),
         setup.elapsed().as_secs_f64()
     );
     {
@@ -171,10 +172,16 @@ fn main() {
         daemon.wait_ready();
         idle(&daemon, n);
     }
+    // Drift: the sweep an hour away, so only the drift watch repairs; each run starts
+    // once every pod is watched.
+    let drift_agent = |env: &[(&str, String)], pods: usize| {
+        let daemon = agent(&["--repair-resync-seconds", "3600"], env);
+        daemon.wait_ready();
+        wait_watched(&daemon, pods);
+        daemon
+    };
     // Drift on the node's iptables (iptables-nft on Debian 12).
-    let daemon = agent(&["--repair-resync-seconds", "3600"], &[]);
-    daemon.wait_ready();
-    wait_watched(&daemon, n);
+    let daemon = drift_agent(&[], n);
     let expected = held_iptables(&pods[0], "iptables-save");
     let probe = |p: &RunningPod| held_iptables(p, "iptables-save") == expected;
     let picked: Vec<&RunningPod> = pods
@@ -223,12 +230,7 @@ fn main() {
         };
         r
     };
-    let daemon = agent(
-        &["--repair-resync-seconds", "3600"],
-        &[("NATIVE_NFTABLES", "true".into())],
-    );
-    daemon.wait_ready();
-    wait_watched(&daemon, nft_pods.len());
+    let daemon = drift_agent(&[("NATIVE_NFTABLES", "true".into())], nft_pods.len());
     let probe = |p: &RunningPod| {
         Netns::open(&p.netns.path())
             .and_then(|ns| ns.run(|inside| istio_cni::nft::read_back(inside, &ruleset).is_ok()))
@@ -261,12 +263,10 @@ fn main() {
         0..FLUSHES,
         &mut legacy_adds,
     );
-    let daemon = agent(
-        &["--repair-resync-seconds", "3600"],
+    let daemon = drift_agent(
         &[("FORCE_IPTABLES_BINARY", "legacy".into())],
+        legacy_pods.len(),
     );
-    daemon.wait_ready();
-    wait_watched(&daemon, legacy_pods.len());
     let expected = held_iptables(&legacy_pods[0], "iptables-legacy-save");
     let probe = |p: &RunningPod| held_iptables(p, "iptables-legacy-save") == expected;
     let picked: Vec<&RunningPod> = legacy_pods.iter().collect();
