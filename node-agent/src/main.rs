@@ -118,8 +118,9 @@ fn main() -> ExitCode {
 
 /// Raises the soft limit of open files to the hard one: the repair loop keeps a socket
 /// per watched pod (two for a pod with legacy IPv4 and IPv6 tables), and 1024, the usual
-/// soft default, is about 500 pods. A refusal is logged; the sweep still covers pods whose
-/// watch cannot open.
+/// soft default, is about 500 pods. Only with the drift watch on. The processes the agent
+/// runs (`iptables-save`, `iptables-restore`) inherit the higher soft limit, which they do
+/// not use. A refusal is logged; the sweep still covers pods whose watch cannot open.
 fn raise_fd_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     match getrlimit(Resource::RLIMIT_NOFILE) {
@@ -175,7 +176,9 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    raise_fd_limit();
+    if run.repair_enabled && run.repair_drift_watch {
+        raise_fd_limit();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -92,8 +92,9 @@ pub struct Metrics {
     /// `istio_cni_repair_drift_watched_pods`: pods whose rules the kernel's notifications
     /// (or, for legacy iptables, the once-a-second table poll) are watched for.
     pub repair_drift_watched: Gauge,
-    /// `istio_cni_repair_drift_triggered_total`: checks made because a watched pod's
-    /// rules changed (not by the sweep).
+    /// `istio_cni_repair_drift_triggered_total`: times a watched pod was queued for a
+    /// check because its rules changed (not by the sweep); a pod already queued is not
+    /// counted again.
     pub repair_drift_triggered: Counter,
     /// Upstream's `istio_cni_installs_total{result}`: one `SUCCESS` per install pass that
     /// leaves everything in place, one failure per pass that fails, by the step that failed.
@@ -212,7 +213,7 @@ impl Metrics {
         );
         registry.register(
             "repair_drift_triggered",
-            "Pod checks made because the pod's rules changed",
+            "Times a pod was queued for a check because its rules changed",
             repair_drift_triggered.clone(),
         );
         // Upstream's names, types, labels and help texts, for existing dashboards and alerts.

@@ -410,9 +410,9 @@ fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
         });
 
         // The pod's sandbox goes (DEL, its processes, its netns file); the pod is still
-        // in the API, and nothing makes the agent look at it (the checks the repair's own
-        // write may bring are over), so the watch still holds the netns: that is why it
-        // must be closed.
+        // in the API, and nothing makes the agent look at it (its watch was opened anew
+        // after the repair, so the repair's own write brings no check), so the watch
+        // still holds the netns: that is why it must be closed.
         std::thread::sleep(Duration::from_millis(500));
         let nsid = nsid_of(&pod.netns.name);
         drop(pod);
@@ -425,6 +425,59 @@ fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
             metric(&daemon, "istio_cni_repair_drift_watched_pods").filter(|n| *n == 0.0)
         });
     }
+}
+
+/// A legacy-iptables pod that never had an ADD (it started before the plugin) has no
+/// legacy table in its netns until the agent's repair writes its rules, which creates
+/// them: the pod's drift watch is opened after that repair, so a later flush of those
+/// tables is seen by the once-a-second poll, long before the hourly sweep.
+#[test]
+fn legacy_tables_that_the_repair_created_are_watched_too() {
+    let mut s = Setup::new();
+    s.next_ip += 1;
+    let pod = s
+        .pods
+        .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+    s.api
+        .put("pods", pod.object(meshed("default", "late"), NODE));
+    let legacy_tables = || pod.netns.exec(&["cat", "/proc/net/ip_tables_names"]);
+    assert_eq!(legacy_tables().trim(), "", "no ADD, no legacy table yet");
+    let save = ["iptables-legacy-save", "-t", "nat"];
+    let istio_lines = || {
+        pod.netns
+            .exec(&save)
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains("ISTIO"))
+            .count()
+    };
+    let daemon = s.agent_with_env(
+        &[("FORCE_IPTABLES_BINARY", "legacy")],
+        &[
+            "--repair-resync-seconds",
+            "3600",
+            // The second repair is the point here, not the cooldown's hold.
+            "--repair-cooldown-seconds",
+            "1",
+        ],
+    );
+    daemon.wait_ready();
+    // Nothing here reads a legacy table before the repair: asking for one creates it.
+    wait_for("the first sweep's repair", || {
+        (s.events_for("late") == ["IstioCNIRepaired"]).then_some(())
+    });
+    assert!(legacy_tables().contains("nat"), "the repair made the table");
+    assert!(istio_lines() > 0, "the repair wrote the rules");
+    wait_for("the pod watched", || {
+        metric(&daemon, "istio_cni_repair_drift_watched_pods").filter(|n| *n >= 1.0)
+    });
+    let repaired = istio_lines();
+    pod.netns.exec(&["iptables-legacy", "-t", "nat", "-F"]);
+    assert_eq!(istio_lines(), 0);
+    let (_, took) = wait_for("the flushed rules back", || {
+        (istio_lines() == repaired).then_some(())
+    });
+    eprintln!("legacy flush → repaired in {took:?} (sweep every hour)");
+    assert!(s.api.remove("pods", "default", "late"));
 }
 
 /// A dual-stack pod: ADD wrote rules for both families; when only its IPv6 rules are

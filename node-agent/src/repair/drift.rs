@@ -12,7 +12,9 @@
 //!   `iptables-restore`, which both run for the iptables backend, has its own name, so
 //!   such a write costs one extra check). A counted commit, or a lost notification
 //!   (`ENOBUFS`), makes the pod due after [`DEBOUNCE`], so that a burst of commits costs
-//!   one check; a workload's own tables changing as often as it likes costs nothing.
+//!   one check, and at most once per [`MIN_INTERVAL`]: a workload that rewrites its own
+//!   `ip`/`ip6` tables (or ours) in a loop costs one check a second, not one per commit.
+//!   Changes to a workload's own `inet`, `arp`, `bridge` or `netdev` tables cost nothing.
 //! - **Legacy iptables** (x_tables) announces nothing. For a pod whose netns holds legacy
 //!   tables, a raw socket in its netns is kept, and every [`LEGACY_POLL`] each of those
 //!   tables' `IPT_SO_GET_INFO` (`IP6T_SO_GET_INFO` for IPv6; hooks, entry count, size: a few
@@ -25,8 +27,12 @@
 //!   on the node holds for an RCU grace period.
 //!
 //! A socket holds its netns alive. A pod's watch is closed when the pod is deleted, gets a
-//! deletion timestamp or a terminal phase, or a check finds it in another netns (its
-//! sandbox was recreated) or in none, so no netns outlives its pod because of us. Only a
+//! deletion timestamp or a terminal phase, stops being one the repair loop checks (it
+//! left the mesh, or a sweep no longer lists it), or a check finds it in another netns
+//! (its sandbox was recreated) or in none, so no netns outlives its pod because of us,
+//! longer than until the next sweep. A watch is opened after the pass's repairs, and a
+//! repaired pod's is opened anew, so that legacy tables the repair created are asked too.
+//! A netns with neither nf_tables nor legacy tables gets no watch. Only a
 //! netns found through a process of the pod is watched: one found by its pinned file
 //! alone may be a new pod's before its first process starts. A watch whose socket
 //! failed is opened again by the next check. The periodic sweep stays, as the safety
@@ -48,6 +54,13 @@ use tokio::task::AbortHandle;
 /// How long after a foreign commit the pod is checked: commits within it (a script of
 /// several `nft` or `iptables` calls) are taken in the same check.
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
+
+/// The shortest time between two checks a pod's nf_tables watch asks for: commits that
+/// come sooner after one are taken by the next, [`MIN_INTERVAL`] after it. Bounds what a
+/// workload that commits in a loop costs the agent (each check locates the pod's netns
+/// and reads its rules back). The first change after a quiet second is still seen within
+/// [`DEBOUNCE`].
+pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often a legacy-iptables pod's tables are asked whether they changed.
 pub const LEGACY_POLL: Duration = Duration::from_secs(1);
@@ -156,18 +169,15 @@ impl DriftWatch {
     }
 
     /// How many pods are watched.
-    pub fn len(&self) -> usize {
+    pub fn watched(&self) -> usize {
         self.watches.len()
     }
 
-    /// Whether no pod is watched.
-    pub fn is_empty(&self) -> bool {
-        self.watches.is_empty()
-    }
-
     /// Starts watching pod `key` (`uid`) in `netns` with `sockets` ([`open`]), replacing
-    /// a watch of it in another netns. Must run inside the tokio runtime.
+    /// any watch of it. With nothing to watch (no nf_tables, no legacy table), the pod has
+    /// no watch, and the next check tries again. Must run inside the tokio runtime.
     pub fn start(&mut self, key: ObjectRef<Pod>, uid: &str, netns: NetnsId, sockets: Sockets) {
+        self.watches.remove(uid);
         let mut tasks = Vec::new();
         if let Some(fd) = sockets.nftables {
             // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open, the same
@@ -190,6 +200,9 @@ impl DriftWatch {
             ));
             tasks.push(task.abort_handle());
         }
+        if tasks.is_empty() {
+            return;
+        }
         log::debug!("repair: {key}: watching its rules for drift");
         self.watches.insert(uid.to_owned(), Watch { netns, tasks });
     }
@@ -206,7 +219,7 @@ impl DriftWatch {
 }
 
 /// Waits for nf_tables commits on `fd` and sends `key` after each burst of commits that
-/// are not our own.
+/// are not our own, at most once per [`MIN_INTERVAL`].
 async fn notifications(
     fd: AsyncFd<OwnedFd>,
     key: ObjectRef<Pod>,
@@ -215,10 +228,10 @@ async fn notifications(
     // Commit ends (`NFT_MSG_NEWGEN`) are small, and each notification is a datagram of
     // its own: a longer one (a big rule) is cut short, which loses nothing needed here.
     let mut buf = vec![0u8; 8 * 1024];
-    // Whether the commit being announced has touched a table that matters.
-    let mut pending = false;
+    let mut filter = CommitFilter::default();
+    let mut last_sent: Option<tokio::time::Instant> = None;
     loop {
-        match drain(&fd, &mut buf, &mut pending).await {
+        match drain(&fd, &mut buf, &mut filter).await {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => {
@@ -226,27 +239,65 @@ async fn notifications(
                 return;
             }
         }
-        // Let the burst end; what came meanwhile is part of it, except a commit still
-        // being announced, whose end counts on its own.
-        tokio::time::sleep(DEBOUNCE).await;
+        // Let the burst end, and keep to the pace: what came meanwhile is part of this
+        // check, except a commit still being announced, whose end counts on its own.
+        let now = tokio::time::Instant::now();
+        let pace = last_sent.map_or(now, |t| t + MIN_INTERVAL);
+        tokio::time::sleep_until(pace.max(now + DEBOUNCE)).await;
         while let Ok(n) = nix::sys::socket::recv(
             fd.get_ref().as_raw_fd(),
             &mut buf,
             nix::sys::socket::MsgFlags::MSG_DONTWAIT,
         ) {
-            for notice in nft_wire::notices(&buf[..n]) {
-                pending = match notice {
-                    nft_wire::Notice::Touched { family, table } => {
-                        pending || matters(family, &table)
-                    }
-                    nft_wire::Notice::Commit(_) => false,
-                };
-            }
+            filter.absorb(nft_wire::notices(&buf[..n]));
         }
         log::debug!("repair: {key}: its netns's nf_tables changed; checking it");
+        last_sent = Some(tokio::time::Instant::now());
         if tx.send(key.clone()).is_err() {
             return;
         }
+    }
+}
+
+/// Which of a netns's nf_tables commits call for a check, read from its notifications
+/// ([`nft_wire::notices`]): each object a commit touched is announced first, naming its
+/// table, then the commit's end (`NFT_MSG_NEWGEN`) naming its writer. A commit counts
+/// when it touched a table that [`matters`] and its writer is not our own code
+/// ([`istio_cni::netns::THREAD_NAME`]). A commit's announcement may span two reads.
+#[derive(Debug, Default)]
+struct CommitFilter {
+    /// Whether the commit being announced has touched a table that matters so far.
+    touched: bool,
+}
+
+impl CommitFilter {
+    /// Reads `notices` (of one datagram); returns whether a commit that counts ended in
+    /// them.
+    fn feed(&mut self, notices: Vec<nft_wire::Notice>) -> bool {
+        let mut counted = false;
+        for notice in notices {
+            match notice {
+                nft_wire::Notice::Touched { family, table } => {
+                    self.touched |= matters(family, &table);
+                }
+                nft_wire::Notice::Commit(c) => {
+                    counted |= self.touched && c.name != istio_cni::netns::THREAD_NAME;
+                    self.touched = false;
+                }
+            }
+        }
+        counted
+    }
+
+    /// Reads `notices` as part of a burst already counted: the commits that end in them
+    /// are taken by the check under way, and only one still being announced carries on.
+    fn absorb(&mut self, notices: Vec<nft_wire::Notice>) {
+        self.feed(notices);
+    }
+
+    /// Some notifications were lost (`ENOBUFS`): what was being announced is unknown.
+    fn lost(&mut self) {
+        self.touched = false;
     }
 }
 
@@ -262,12 +313,15 @@ fn matters(family: u8, table: &str) -> bool {
 }
 
 /// Reads everything `fd` has once it is readable. Returns whether any of it ends a
-/// foreign commit that touched a table that [`matters`] (`pending` carries "touched"
-/// from one read to the next until the commit's end), or is a loss (`ENOBUFS`: the
-/// socket's buffer overflowed, so such a commit may be among what was dropped).
+/// commit that counts ([`CommitFilter`]), or is a loss (`ENOBUFS`: the socket's buffer
+/// overflowed, so such a commit may be among what was dropped).
 ///
 /// Errors: any other socket error.
-async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8], pending: &mut bool) -> std::io::Result<bool> {
+async fn drain(
+    fd: &AsyncFd<OwnedFd>,
+    buf: &mut [u8],
+    filter: &mut CommitFilter,
+) -> std::io::Result<bool> {
     let mut guard = fd.readable().await?;
     let mut changed = false;
     loop {
@@ -280,21 +334,9 @@ async fn drain(fd: &AsyncFd<OwnedFd>, buf: &mut [u8], pending: &mut bool) -> std
             .map_err(std::io::Error::from)
         });
         match got {
-            Ok(Ok(n)) => {
-                for notice in nft_wire::notices(&buf[..n]) {
-                    match notice {
-                        nft_wire::Notice::Touched { family, table } => {
-                            *pending |= matters(family, &table);
-                        }
-                        nft_wire::Notice::Commit(c) => {
-                            changed |= *pending && c.name != istio_cni::netns::THREAD_NAME;
-                            *pending = false;
-                        }
-                    }
-                }
-            }
+            Ok(Ok(n)) => changed |= filter.feed(nft_wire::notices(&buf[..n])),
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                *pending = false;
+                filter.lost();
                 changed = true;
             }
             Ok(Err(e)) => return Err(e),
@@ -419,4 +461,76 @@ pub fn open_all(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use istio_cni::nft::{NFPROTO_INET, NFPROTO_IPV4};
+    use istio_cni::rules::nftables::NAT_TABLE;
+    use nft_wire::{Commit, Notice};
+
+    fn touched(family: u8, table: &str) -> Notice {
+        Notice::Touched {
+            family,
+            table: table.into(),
+        }
+    }
+
+    fn end(writer: &str) -> Notice {
+        Notice::Commit(Commit {
+            pid: 4242,
+            name: writer.into(),
+        })
+    }
+
+    #[test]
+    fn a_foreign_commit_to_tables_that_matter_counts_and_nothing_else_does() {
+        let mut f = CommitFilter::default();
+        // iptables-nft flushing the pod's nat table.
+        assert!(f.feed(vec![touched(NFPROTO_IPV4, "nat"), end("iptables-nft")]));
+        // `nft flush ruleset` over our inet table.
+        assert!(f.feed(vec![touched(NFPROTO_INET, NAT_TABLE), end("nft")]));
+        // A workload's own inet table, as often as it likes.
+        for _ in 0..100 {
+            assert!(!f.feed(vec![touched(NFPROTO_INET, "app"), end("nft")]));
+        }
+        // Our own writes, in the plugin or the agent.
+        assert!(!f.feed(vec![
+            touched(NFPROTO_INET, NAT_TABLE),
+            end(istio_cni::netns::THREAD_NAME),
+        ]));
+        // A commit that touched nothing of a table (a generation bump alone).
+        assert!(!f.feed(vec![end("nft")]));
+    }
+
+    #[test]
+    fn a_commit_announced_over_two_reads_counts_once_at_its_end() {
+        let mut f = CommitFilter::default();
+        assert!(!f.feed(vec![touched(NFPROTO_IPV4, "nat")]));
+        assert!(f.feed(vec![touched(NFPROTO_INET, "app"), end("iptables-nft")]));
+        // The next commit starts clean.
+        assert!(!f.feed(vec![touched(NFPROTO_INET, "app"), end("nft")]));
+    }
+
+    #[test]
+    fn a_burst_already_counted_absorbs_its_commits_but_not_one_still_announced() {
+        let mut f = CommitFilter::default();
+        // Within the debounce: one whole commit (taken by the check under way), then the
+        // start of another whose end comes after it.
+        f.absorb(vec![
+            touched(NFPROTO_IPV4, "nat"),
+            end("iptables-nft"),
+            touched(NFPROTO_IPV4, "filter"),
+        ]);
+        assert!(f.feed(vec![end("iptables-nft")]));
+    }
+
+    #[test]
+    fn lost_notifications_forget_what_was_being_announced() {
+        let mut f = CommitFilter::default();
+        assert!(!f.feed(vec![touched(NFPROTO_IPV4, "nat")]));
+        f.lost();
+        assert!(!f.feed(vec![end("iptables-nft")]));
+    }
 }

@@ -323,23 +323,21 @@ impl RepairController {
                     st.deferred_until = None;
                 }
                 r = ready_rx.changed() => if r.is_err() { return WatchEnd::Closed },
-                Some(key) = drifted.recv() => {
-                    self.metrics.repair_drift_triggered.inc();
-                    st.due.insert(key);
-                }
+                Some(key) = drifted.recv() => self.drifted(key, st),
             }
             // Every pod whose rules changed meanwhile is taken in the same pass.
             while let Ok(key) = drifted.try_recv() {
-                self.metrics.repair_drift_triggered.inc();
-                st.due.insert(key);
+                self.drifted(key, st);
             }
-            self.metrics.repair_drift_watched.set(st.drift.len() as i64);
             // Take in everything already received before checking.
             while let Some(Some(ev)) = events.next().now_or_never() {
                 if let Some(end) = self.on_event(ev, st, &reader, &mut synced) {
                     return end;
                 }
             }
+            self.metrics
+                .repair_drift_watched
+                .set(st.drift.watched() as i64);
             let ready = self.readiness.status().is_ok();
             if ready && !was_ready {
                 // Whatever happened while not ready is looked at now.
@@ -349,6 +347,14 @@ impl RepairController {
             if ready && synced && (st.sweep || !st.due.is_empty()) {
                 self.pass(&reader, st).await;
             }
+        }
+    }
+
+    /// A drift watch says pod `key`'s rules may have changed: it is due, and counted once
+    /// until it is checked.
+    fn drifted(&self, key: ObjectRef<Pod>, st: &mut State) {
+        if st.due.insert(key) {
+            self.metrics.repair_drift_triggered.inc();
         }
     }
 
@@ -412,6 +418,7 @@ impl RepairController {
             st.due.drain().filter_map(|k| reader.get(&k)).collect()
         };
         let started = std::time::Instant::now();
+        let looked_at: Vec<String> = pods.iter().filter_map(|p| p.uid()).collect();
         let ambient = self.ambient_view().await;
         let candidates: Vec<(Arc<Pod>, Candidate)> = pods
             .into_iter()
@@ -432,6 +439,15 @@ impl RepairController {
             })
             .collect();
         let checked = candidates.len();
+        // A pod looked at that is not checked any more (it left the mesh) keeps no watch;
+        // a sweep looks at every pod.
+        let kept: HashSet<String> = candidates.iter().filter_map(|(p, _)| p.uid()).collect();
+        if sweep {
+            st.drift.retain(|uid| kept.contains(uid));
+        }
+        for uid in looked_at.iter().filter(|uid| !kept.contains(*uid)) {
+            st.drift.forget(uid);
+        }
         let host_proc = self.cfg.host_proc.clone();
         let netns_dirs = self.cfg.netns_dirs.clone();
         let results =
@@ -449,7 +465,7 @@ impl RepairController {
             }
         };
         self.metrics.repair_pods_checked.inc_by(checked as u64);
-        self.watch_for_drift(&results, st).await;
+        let to_watch = self.drift_watches_to_open(&results, st);
         let mut broken = Vec::new();
         for (pod, candidate, result) in results {
             match result {
@@ -501,13 +517,18 @@ impl RepairController {
             let snapshots = ambient.map(|v| v.snapshots).unwrap_or_default();
             self.act_on(broken, st, snapshots).await;
         }
+        // After the repairs: a repaired pod's watch then asks the legacy tables they made.
+        self.open_drift_watches(to_watch, st).await;
     }
 
-    /// Starts a drift watch ([`drift`]) for every checked pod whose netns was found and
-    /// that is not watched there yet (a pod whose sandbox was recreated gets a new one).
-    async fn watch_for_drift(&self, results: &[Checked], st: &mut State) {
+    /// The drift watches ([`drift`]) this pass opens: one for every checked pod whose
+    /// netns was found and that is not watched there yet (a pod whose sandbox was
+    /// recreated gets a new one), and a new one for every pod found broken, which a
+    /// repair may give tables its watch does not know. Closes the watch of a pod whose
+    /// netns was not found.
+    fn drift_watches_to_open(&self, results: &[Checked], st: &mut State) -> Vec<ToWatch> {
         if !self.cfg.drift_watch {
-            return;
+            return Vec::new();
         }
         let mut new = Vec::new();
         for (pod, _, result) in results {
@@ -517,8 +538,9 @@ impl RepairController {
             match result {
                 // Only a netns a process of the pod lives in: one found by its pinned
                 // file alone may be a new pod's, before its first process starts.
-                Ok((netns, _)) if matches!(netns.via, locate::Via::Process(_)) => {
-                    if !is_leaving(pod) && !st.drift.watches(&uid, netns.netns.id()) {
+                Ok((netns, health)) if matches!(netns.via, locate::Via::Process(_)) => {
+                    let broken = matches!(health, Health::Broken(_));
+                    if !is_leaving(pod) && (broken || !st.drift.watches(&uid, netns.netns.id())) {
                         new.push((ObjectRef::from(&**pod), uid, netns.netns.clone()));
                     }
                 }
@@ -526,15 +548,22 @@ impl RepairController {
                 _ => st.drift.forget(&uid),
             }
         }
-        if new.is_empty() {
+        new
+    }
+
+    /// Opens the drift watches of `pods` ([`Self::drift_watches_to_open`]).
+    async fn open_drift_watches(&self, pods: Vec<ToWatch>, st: &mut State) {
+        if pods.is_empty() {
             return;
         }
-        match tokio::task::spawn_blocking(move || drift::open_all(new)).await {
+        match tokio::task::spawn_blocking(move || drift::open_all(pods)).await {
             Ok(opened) => {
                 for (key, uid, netns, sockets) in opened {
                     st.drift.start(key, &uid, netns, sockets);
                 }
-                self.metrics.repair_drift_watched.set(st.drift.len() as i64);
+                self.metrics
+                    .repair_drift_watched
+                    .set(st.drift.watched() as i64);
             }
             Err(e) => log::error!("repair: opening drift watches failed: {e}"),
         }
@@ -848,6 +877,9 @@ type CheckResult = Result<(PodNetns, Health), InspectError>;
 
 /// The outcome of checking one pod.
 type Checked = (Arc<Pod>, Candidate, CheckResult);
+
+/// A pod whose drift watch is to be opened: its key, UID and netns.
+type ToWatch = (ObjectRef<Pod>, String, Arc<istio_cni::netns::Netns>);
 
 /// Checks candidates in parallel (one worker per CPU, at most 8): one `/proc` scan for all,
 /// then per pod its netns and the read-back. Blocking.
