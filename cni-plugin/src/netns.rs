@@ -21,7 +21,8 @@ pub enum NetnsError {
     /// The path does not exist (any more).
     #[error("network namespace {0} does not exist")]
     NotFound(PathBuf),
-    /// The path exists but cannot be opened, or is not a namespace file.
+    /// The path exists but cannot be opened, or is not a namespace file; or no thread
+    /// could be started to enter it.
     #[error("cannot open network namespace {path}: {reason}")]
     Open {
         /// The netns path.
@@ -229,7 +230,8 @@ impl Netns {
     /// [`Inside`] token: functions that must run inside a netns take one.
     ///
     /// Errors: [`NetnsError::Enter`] when `setns` fails (then `f` is not run),
-    /// [`NetnsError::Panicked`] when `f` panics.
+    /// [`NetnsError::Panicked`] when `f` panics, [`NetnsError::Open`] when no thread can
+    /// be started (the process's thread limit).
     pub fn run<T, F>(&self, f: F) -> Result<T, NetnsError>
     where
         T: Send,

@@ -22,6 +22,15 @@ pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLA_F_NESTED: u16 = 0x8000;
 /// `NLA_F_NET_BYTEORDER`: the attribute's integer is big-endian.
 pub const NLA_F_NET_BYTEORDER: u16 = 0x4000;
+/// `NFNL_SUBSYS_NFTABLES` (`linux/netfilter/nfnetlink.h`): the high byte of every
+/// nf_tables message type.
+pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
+/// `NFPROTO_INET` (`linux/netfilter.h`): the family of our nftables tables.
+pub const NFPROTO_INET: u8 = 1;
+/// `NFPROTO_IPV4`: the family of iptables-nft's IPv4 tables and of IPv4 ipsets.
+pub const NFPROTO_IPV4: u8 = 2;
+/// `NFPROTO_IPV6`: the family of iptables-nft's IPv6 tables and of IPv6 ipsets.
+pub const NFPROTO_IPV6: u8 = 10;
 const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 
@@ -88,6 +97,22 @@ pub fn u32_at(b: &[u8], i: usize) -> Option<u32> {
         .map(|x| u32::from_ne_bytes([x[0], x[1], x[2], x[3]]))
 }
 
+/// The attributes of `b`, a run of netlink attributes: (type without the nested and
+/// byte-order flags, value). Stops at the first malformed one; never panics.
+pub fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let len = u16_at(b, off)? as usize;
+        let kind = u16_at(b, off + 2)? & 0x3fff;
+        if len < 4 || off + len > b.len() {
+            return None;
+        }
+        let value = &b[off + 4..off + len];
+        off += (len + 3) & !3;
+        Some((kind, value))
+    })
+}
+
 /// Reads answers to request `seq` until the dump ends or the request is acknowledged,
 /// handing every other message of `seq` to `each` (its bytes, header included).
 ///
@@ -135,7 +160,12 @@ pub fn receive_batch(
                         .map(|c| c as i32)
                         .ok_or_else(|| invalid("short error message"))?;
                     if code != 0 {
-                        return Err(std::io::Error::from_raw_os_error(-code));
+                        // The kernel sends `-errno`; anything else is not an errno.
+                        let errno = code.checked_neg().filter(|e| *e > 0);
+                        return Err(errno.map_or_else(
+                            || invalid("error acknowledgement with a bad code"),
+                            std::io::Error::from_raw_os_error,
+                        ));
                     }
                     if msg_seq == done {
                         return Ok(());

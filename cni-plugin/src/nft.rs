@@ -16,7 +16,7 @@ use crate::apply::ApplyError;
 use crate::netns::Inside;
 use crate::nfnetlink::{
     nfnetlink_socket, push_attr, push_message, receive_batch, NFNL_MSG_BATCH_BEGIN,
-    NFNL_MSG_BATCH_END, NLM_F_ACK, NLM_F_REQUEST,
+    NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLM_F_ACK, NLM_F_REQUEST,
 };
 use crate::nft_wire::{self, Expr, Transaction, WireRule, WireTable};
 use crate::rules::nftables::NftRuleset;
@@ -33,12 +33,12 @@ fn compiled(ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
 
 /// Writes `ruleset` in one transaction: our tables that it does not use are deleted (so
 /// nothing of an earlier ADD with other settings stays), then each of its tables is
-/// created if missing, flushed, and filled; dormant ones are woken. Returns the tables
-/// written (`ruleset` compiled), for the read-back.
+/// created if missing, flushed, and filled; dormant ones are woken in the same
+/// transaction. Returns the tables written (`ruleset` compiled), for the read-back.
 ///
 /// Errors: [`ApplyError::Netlink`] with the kernel's answer; the netns is then unchanged.
 pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
-    let tables_out = compiled(ruleset)?;
+    let mut tables_out = compiled(ruleset)?;
     let existing =
         tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
     let used = ruleset.table_names();
@@ -73,62 +73,64 @@ pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<Vec<WireTable>
             }
         }
     }
+    // Creating a table leaves an existing dormant one dormant: the ones we keep are woken
+    // by their `NEWTABLE`, with their other flags (owner, persist: the kernel refuses to
+    // change those) as they are.
+    for w in &mut tables_out {
+        if let Some(t) = existing.iter().find(|t| {
+            t.family == w.family
+                && t.name == w.name
+                && t.is_dormant()
+                && !delete.contains(&(t.family, t.name.clone()))
+        }) {
+            log::info!(
+                "table {} is dormant; making it take effect again",
+                t.describe()
+            );
+            w.flags = Some(t.flags & !NFT_TABLE_F_DORMANT);
+        }
+    }
     let tx = Transaction {
         delete,
         tables: tables_out,
     };
     nft_wire::write(inside, &tx)
         .map_err(|e| ApplyError::Netlink(format!("writing tables {}: {e}", used.join(", "))))?;
-    // Creating a table leaves an existing dormant one dormant: wake the ones we use.
-    if existing
-        .iter()
-        .any(|t| t.is_ours() && t.is_dormant() && used.contains(&t.name.as_str()))
-    {
-        wake_dormant(inside, |t| t.is_ours() && used.contains(&t.name.as_str()))?;
-    }
     Ok(tx.tables)
 }
 
 /// Deletes our tables (sidecar's and ambient's) that exist, in one transaction; none
-/// there is fine, and then nothing is written.
+/// there is fine, and then nothing is written. A table that goes between the listing and
+/// the delete (another DEL of the same netns: DEL takes no lock) fails the transaction
+/// with `ENOENT`, after which the tables are listed again, up to three times.
 ///
 /// Errors: [`ApplyError::Netlink`] with the kernel's answer.
 pub fn remove(inside: &Inside<'_>) -> Result<(), ApplyError> {
-    let existing =
-        tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
-    let delete: Vec<(u8, String)> = existing
-        .iter()
-        .filter(|t| t.is_ours())
-        .map(|t| (t.family, t.name.clone()))
-        .collect();
-    if delete.is_empty() {
-        return Ok(());
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let existing =
+            tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
+        let delete: Vec<(u8, String)> = existing
+            .iter()
+            .filter(|t| t.is_ours())
+            .map(|t| (t.family, t.name.clone()))
+            .collect();
+        if delete.is_empty() {
+            return Ok(());
+        }
+        let tx = Transaction {
+            delete,
+            tables: Vec::new(),
+        };
+        match nft_wire::write(inside, &tx) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && tries < 3 => continue,
+            r => return r.map_err(|e| ApplyError::Netlink(format!("deleting our tables: {e}"))),
+        }
     }
-    let tx = Transaction {
-        delete,
-        tables: Vec::new(),
-    };
-    nft_wire::write(inside, &tx)
-        .map_err(|e| ApplyError::Netlink(format!("deleting our tables: {e}")))
 }
 
-/// Whether the netns has any of our tables, asked of the kernel directly (an nfnetlink
-/// `NFT_MSG_GETTABLE` dump, `linux/netfilter/nf_tables.h`): microseconds, no process, so
-/// the iptables backend's ADD can make sure no nftables rules of ours are left without
-/// paying for a dump of every rule on every pod.
-///
-/// Errors: the socket's I/O error (a kernel without nf_tables answers EPROTONOSUPPORT or
-/// similar; callers treat any error as "cannot tell").
-pub fn has_our_tables(inside: &Inside<'_>) -> std::io::Result<bool> {
-    Ok(tables(inside)?.iter().any(NfTable::is_ours))
-}
-
-/// `NFPROTO_INET` (`linux/netfilter.h`).
-pub const NFPROTO_INET: u8 = 1;
-/// `NFPROTO_IPV4`: the family of iptables-nft's IPv4 tables.
-pub const NFPROTO_IPV4: u8 = 2;
-/// `NFPROTO_IPV6`: the family of iptables-nft's IPv6 tables.
-pub const NFPROTO_IPV6: u8 = 10;
+pub use crate::nfnetlink::{NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6};
 /// `NFT_TABLE_F_DORMANT` (`linux/netfilter/nf_tables.h`): the table is registered but none
 /// of its base chains is hooked, so none of its rules sees a packet.
 pub const NFT_TABLE_F_DORMANT: u32 = 0x1;
@@ -172,16 +174,16 @@ impl NfTable {
     }
 }
 
-/// `NFNL_SUBSYS_NFTABLES`: the high byte of every nf_tables message type.
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFTA_TABLE_NAME: u16 = 1;
 const NFTA_TABLE_FLAGS: u16 = 2;
 
-/// Every nftables table of the netns, with its flags: one `NFT_MSG_GETTABLE` dump.
+/// Every nftables table of the netns, with its flags: one `NFT_MSG_GETTABLE` dump
+/// (`linux/netfilter/nf_tables.h`), microseconds and no process.
 ///
-/// Errors: as [`has_our_tables`].
+/// Errors: the socket's I/O error (a kernel without nf_tables answers EPROTONOSUPPORT or
+/// similar; callers treat any error as "cannot tell").
 pub fn tables(_inside: &Inside<'_>) -> std::io::Result<Vec<NfTable>> {
     nft_wire::dump(NFT_MSG_GETTABLE, 0, &[], |msg| {
         let body = msg.get(20..).unwrap_or_default();
@@ -536,6 +538,10 @@ mod tests {
     use super::*;
     use crate::scratch::ScratchNetns;
 
+    fn has_our_tables(inside: &Inside<'_>) -> std::io::Result<bool> {
+        Ok(tables(inside)?.iter().any(NfTable::is_ours))
+    }
+
     fn nft(args: &[&str]) {
         let bin = crate::apply::find_binary("nft").expect("nft (install nftables)");
         let out = std::process::Command::new(bin).args(args).output().unwrap();
@@ -653,6 +659,14 @@ mod tests {
                 ]);
                 let m = mismatch(inside, &ruleset);
                 assert!(m.contains("chain inet istio-proxy-nat extra is not ours"), "{m}");
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
+
+                // A dormant table of ours: its rules read back as written but take no
+                // effect. The next write wakes it in the same transaction.
+                nft(&["add", "table", "inet", "istio-proxy-nat", "{ flags dormant; }"]);
+                let m = mismatch(inside, &ruleset);
+                assert!(m.contains("table inet istio-proxy-nat is dormant"), "{m}");
                 apply(inside, &ruleset).unwrap();
                 read_back(inside, &ruleset).unwrap();
 

@@ -19,12 +19,11 @@ use std::fmt;
 
 use crate::netns::Inside;
 use crate::nfnetlink::{
-    invalid, nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
-    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NLA_F_NESTED, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    attrs, invalid, nfnetlink_socket, push_attr, push_message, receive, receive_batch, u16_at,
+    NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END, NFNL_SUBSYS_NFTABLES, NLA_F_NESTED, NLM_F_ACK,
+    NLM_F_DUMP, NLM_F_REQUEST,
 };
 
-/// `NFNL_SUBSYS_NFTABLES`: the high byte of every nf_tables message type.
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
 /// `NFT_MSG_GETRULE`.
 const NFT_MSG_GETRULE: u16 = 7;
 
@@ -40,24 +39,7 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 const NFTA_VERDICT_CHAIN: u16 = 2;
 
-/// `NFPROTO_INET`: the family of our tables.
-pub const NFPROTO_INET: u8 = 1;
-
-/// The attributes of `b`: (type without the nested and byte-order flags, value). Stops at
-/// the first malformed one.
-fn attrs(b: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let len = u16_at(b, off)? as usize;
-        let kind = u16_at(b, off + 2)? & 0x3fff;
-        if len < 4 || off + len > b.len() {
-            return None;
-        }
-        let value = &b[off + 4..off + len];
-        off += (len + 3) & !3;
-        Some((kind, value))
-    })
-}
+pub use crate::nfnetlink::NFPROTO_INET;
 
 /// The value of attribute `kind` in `b`, if present.
 pub(crate) fn attr(b: &[u8], kind: u16) -> Option<&[u8]> {
@@ -653,8 +635,14 @@ pub(crate) fn dump<T>(
                 }
             }
         })?;
-        if interrupted && tries < 4 {
-            continue;
+        if interrupted {
+            if tries < 4 {
+                continue;
+            }
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "the ruleset changed during each of 4 dumps (NLM_F_DUMP_INTR)",
+            ));
         }
         return match failed {
             Some(e) => Err(e),
@@ -771,6 +759,7 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_TABLE_FLAGS: u16 = 2;
 
 fn put_be32(out: &mut Vec<u8>, kind: u16, v: u32) {
     push_attr(out, kind, &v.to_be_bytes());
@@ -948,6 +937,10 @@ pub struct WireTable {
     pub chains: Vec<WireChain>,
     /// Its rules, in order.
     pub rules: Vec<WireRule>,
+    /// Flags to give the table if it exists (`NFTA_TABLE_FLAGS`, sent with its
+    /// `NFT_MSG_NEWTABLE`): an existing dormant table of ours is woken in the same
+    /// transaction that rewrites it. `None` leaves an existing table's flags as they are.
+    pub flags: Option<u32>,
 }
 
 /// One nf_tables transaction: tables to delete, then tables whose rules are replaced.
@@ -1026,6 +1019,9 @@ pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
     for t in &tx.tables {
         let mut a = Vec::new();
         put_string(&mut a, NFTA_TABLE_NAME, &t.name);
+        if let Some(flags) = t.flags {
+            put_be32(&mut a, NFTA_TABLE_FLAGS, flags);
+        }
         next(&mut out, NFT_MSG_NEWTABLE, create, t.family, &a);
         let mut a = Vec::new();
         put_string(&mut a, NFTA_RULE_TABLE, &t.name);

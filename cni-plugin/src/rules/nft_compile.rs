@@ -29,6 +29,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use crate::nfnetlink::{NFPROTO_IPV4, NFPROTO_IPV6};
 use crate::nft_wire::{
     AnonSet, Data, Expr, Hook, Imm, Verdict, WireChain, WireRule, WireTable, ANON_SET, NFPROTO_INET,
 };
@@ -69,8 +70,6 @@ const LOOKUP_INV: u32 = 0x1;
 const TYPE_INET_SERVICE: u32 = 13;
 /// `IFNAMSIZ`: an interface name match compares this many bytes (the name, NUL-padded).
 const IFNAMSIZ: usize = 16;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 
@@ -104,6 +103,7 @@ pub fn compile(text: &str) -> Result<Vec<WireTable>, CompileError> {
                             name: (*name).to_owned(),
                             chains: Vec::new(),
                             rules: Vec::new(),
+                            flags: None,
                         },
                         Vec::new(),
                     ));

@@ -11,8 +11,8 @@
 use std::net::IpAddr;
 
 use istio_cni::nfnetlink::{
-    invalid, nfnetlink_socket, push_attr, push_message, receive, u16_at, NLA_F_NESTED,
-    NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    attrs, invalid, nfnetlink_socket, push_attr, push_message, receive, NFPROTO_IPV4, NFPROTO_IPV6,
+    NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 
 /// `NFNL_SUBSYS_IPSET`.
@@ -40,8 +40,6 @@ const ATTR_IPADDR_IPV6: u16 = 2;
 const FLAG_WITH_COMMENT: u32 = 1 << 4;
 /// `hash:ip` revision 2 is the first with comments.
 const HASH_IP_REVISION: u8 = 2;
-const NFPROTO_IPV4: u8 = 2;
-const NFPROTO_IPV6: u8 = 10;
 /// `IPSET_ERR_EXIST`.
 const ERR_EXIST: i32 = 4103;
 /// The longest comment the kernel keeps (`IPSET_MAX_COMMENT_SIZE`).
@@ -259,22 +257,6 @@ impl Set {
     }
 }
 
-/// The attributes in `b`: (type without the nested and byte-order flags, value).
-fn attrs(b: &[u8]) -> Vec<(u16, &[u8])> {
-    let mut out = Vec::new();
-    let mut a = 0;
-    while a + 4 <= b.len() {
-        let len = u16_at(b, a).unwrap_or(0) as usize;
-        let kind = u16_at(b, a + 2).unwrap_or(0) & 0x3fff;
-        if len < 4 || a + len > b.len() {
-            break;
-        }
-        out.push((kind, &b[a + 4..a + len]));
-        a += (len + 3) & !3;
-    }
-    out
-}
-
 /// One `DATA` of a list answer: its address and comment.
 fn entry(data: &[u8]) -> Option<Entry> {
     let mut ip = None;
@@ -353,7 +335,7 @@ mod tests {
         let mut data = Vec::new();
         push_attr(&mut data, ATTR_IP | NLA_F_NESTED, &bad);
         assert_eq!(entry(&data), None);
-        assert!(attrs(&[200, 0, 1, 0]).is_empty());
-        assert!(attrs(&[2, 0]).is_empty());
+        assert!(attrs(&[200, 0, 1, 0]).next().is_none());
+        assert!(attrs(&[2, 0]).next().is_none());
     }
 }
