@@ -674,21 +674,25 @@ pub struct Hook {
     pub policy: u32,
 }
 
+/// nft's names of the `NF_INET_*` hooks, by number (`linux/netfilter.h`): a base
+/// chain's `hook` word.
+pub const HOOK_NAMES: [&str; 6] = [
+    "prerouting",
+    "input",
+    "forward",
+    "output",
+    "postrouting",
+    "ingress",
+];
+
 impl fmt::Display for Hook {
     /// nft's spelling of a base chain's specification, as our transactions write it:
     /// `type nat hook output priority -100 ;` (the policy only when it is `drop`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hook = [
-            "prerouting",
-            "input",
-            "forward",
-            "output",
-            "postrouting",
-            "ingress",
-        ]
-        .get(self.hooknum as usize)
-        .copied()
-        .unwrap_or("unknown");
+        let hook = HOOK_NAMES
+            .get(self.hooknum as usize)
+            .copied()
+            .unwrap_or("unknown");
         write!(
             f,
             "type {} hook {hook} priority {} ;",

@@ -31,7 +31,8 @@ use ipnet::IpNet;
 
 use crate::nfnetlink::{NFPROTO_IPV4, NFPROTO_IPV6};
 use crate::nft_wire::{
-    AnonSet, Data, Expr, Hook, Imm, Verdict, WireChain, WireRule, WireTable, ANON_SET, NFPROTO_INET,
+    AnonSet, Data, Expr, Hook, Imm, Verdict, WireChain, WireRule, WireTable, ANON_SET, HOOK_NAMES,
+    NFPROTO_INET,
 };
 
 /// A transaction line this compiler does not know, or a statement it cannot express.
@@ -193,7 +194,8 @@ fn base_chain(kind: &str, hook: &str, prio: &str) -> Result<Hook, String> {
     if !matches!(kind, "filter" | "nat" | "route") {
         return Err(format!("unknown chain type {kind}"));
     }
-    let hooknum = ["prerouting", "input", "forward", "output", "postrouting"]
+    // Our tables hook no `ingress` (a netdev-style hook, bound to a device).
+    let hooknum = HOOK_NAMES[..5]
         .iter()
         .position(|h| *h == hook)
         .ok_or_else(|| format!("unknown hook {hook}"))?;
