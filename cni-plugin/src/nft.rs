@@ -33,12 +33,12 @@ fn compiled(ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
 
 /// Writes `ruleset` in one transaction: our tables that it does not use are deleted (so
 /// nothing of an earlier ADD with other settings stays), then each of its tables is
-/// created if missing, flushed, and filled; dormant ones are woken in the same
-/// transaction. Returns the tables written (`ruleset` compiled), for the read-back.
+/// created if missing, flushed, and filled; a dormant one is deleted and made anew in
+/// the same transaction. Returns the tables written (`ruleset` compiled), for the read-back.
 ///
 /// Errors: [`ApplyError::Netlink`] with the kernel's answer; the netns is then unchanged.
 pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<Vec<WireTable>, ApplyError> {
-    let mut tables_out = compiled(ruleset)?;
+    let tables_out = compiled(ruleset)?;
     let existing =
         tables(inside).map_err(|e| ApplyError::Netlink(format!("listing tables: {e}")))?;
     let used = ruleset.table_names();
@@ -68,26 +68,18 @@ pub fn apply(inside: &Inside<'_>, ruleset: &NftRuleset) -> Result<Vec<WireTable>
                     .iter()
                     .any(|d| d.name == c.name && d.hook == c.hook)
             });
-            if foreign {
+            // Creating a table leaves an existing dormant one dormant, and the kernel
+            // refuses a new base chain in a table whose flags the same transaction
+            // changes (since the fix for CVE-2024-35900): a dormant one is made anew too.
+            let dormant = existing
+                .iter()
+                .any(|t| t.family == w.family && t.name == w.name && t.is_dormant());
+            if foreign || dormant {
+                if dormant {
+                    log::info!("table inet {} is dormant; making it anew", w.name);
+                }
                 delete.push((w.family, w.name.clone()));
             }
-        }
-    }
-    // Creating a table leaves an existing dormant one dormant: the ones we keep are woken
-    // by their `NEWTABLE`, with their other flags (owner, persist: the kernel refuses to
-    // change those) as they are.
-    for w in &mut tables_out {
-        if let Some(t) = existing.iter().find(|t| {
-            t.family == w.family
-                && t.name == w.name
-                && t.is_dormant()
-                && !delete.contains(&(t.family, t.name.clone()))
-        }) {
-            log::info!(
-                "table {} is dormant; making it take effect again",
-                t.describe()
-            );
-            w.flags = Some(t.flags & !NFT_TABLE_F_DORMANT);
         }
     }
     let tx = Transaction {
@@ -663,10 +655,17 @@ mod tests {
                 read_back(inside, &ruleset).unwrap();
 
                 // A dormant table of ours: its rules read back as written but take no
-                // effect. The next write wakes it in the same transaction.
+                // effect. The next write makes it anew, awake, in one transaction; also
+                // when it lacks one of our base chains (which the kernel would refuse to
+                // add to a table whose flags the same transaction changes).
                 nft(&["add", "table", "inet", "istio-proxy-nat", "{ flags dormant; }"]);
                 let m = mismatch(inside, &ruleset);
                 assert!(m.contains("table inet istio-proxy-nat is dormant"), "{m}");
+                apply(inside, &ruleset).unwrap();
+                read_back(inside, &ruleset).unwrap();
+                nft(&["flush", "table", "inet", "istio-proxy-nat"]);
+                nft(&["delete", "chain", "inet", "istio-proxy-nat", "prerouting"]);
+                nft(&["add", "table", "inet", "istio-proxy-nat", "{ flags dormant; }"]);
                 apply(inside, &ruleset).unwrap();
                 read_back(inside, &ruleset).unwrap();
 

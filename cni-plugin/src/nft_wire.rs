@@ -763,7 +763,6 @@ const NFT_MSG_NEWTABLE: u16 = 0;
 const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFTA_TABLE_NAME: u16 = 1;
-const NFTA_TABLE_FLAGS: u16 = 2;
 
 fn put_be32(out: &mut Vec<u8>, kind: u16, v: u32) {
     push_attr(out, kind, &v.to_be_bytes());
@@ -941,10 +940,6 @@ pub struct WireTable {
     pub chains: Vec<WireChain>,
     /// Its rules, in order.
     pub rules: Vec<WireRule>,
-    /// Flags to give the table if it exists (`NFTA_TABLE_FLAGS`, sent with its
-    /// `NFT_MSG_NEWTABLE`): an existing dormant table of ours is woken in the same
-    /// transaction that rewrites it. `None` leaves an existing table's flags as they are.
-    pub flags: Option<u32>,
 }
 
 /// One nf_tables transaction: tables to delete, then tables whose rules are replaced.
@@ -1023,9 +1018,6 @@ pub fn batch(tx: &Transaction) -> (Vec<u8>, u32) {
     for t in &tx.tables {
         let mut a = Vec::new();
         put_string(&mut a, NFTA_TABLE_NAME, &t.name);
-        if let Some(flags) = t.flags {
-            put_be32(&mut a, NFTA_TABLE_FLAGS, flags);
-        }
         next(&mut out, NFT_MSG_NEWTABLE, create, t.family, &a);
         let mut a = Vec::new();
         put_string(&mut a, NFTA_RULE_TABLE, &t.name);

@@ -272,7 +272,6 @@ fn kernel_tables(inside: &istio_cni::netns::Inside<'_>, names: &[String]) -> Vec
                 name: name.clone(),
                 chains: dump_chains(inside, NFPROTO_INET, Some(name)).unwrap(),
                 rules,
-                flags: None,
             }
         })
         .collect()

@@ -118,7 +118,8 @@ fn main() -> ExitCode {
 
 /// Raises the soft limit of open files to the hard one: the repair loop keeps a socket
 /// per watched pod (two for a pod with legacy IPv4 and IPv6 tables), and 1024, the usual
-/// soft default, is about 500 pods. Only with the drift watch on. The processes the agent
+/// soft default, is about 500 pods; in ambient mode, the ZDS server holds each enrolled
+/// pod's netns file. Only with the drift watch or ambient mode on. The processes the agent
 /// runs (`iptables-save`, `iptables-restore`) inherit the higher soft limit, which they do
 /// not use. A refusal is logged; the sweep still covers pods whose watch cannot open.
 fn raise_fd_limit() {
@@ -176,7 +177,7 @@ fn run_daemon(args: &AgentArgs, run: &RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if run.repair_enabled && run.repair_drift_watch {
+    if (run.repair_enabled && run.repair_drift_watch) || args.ambient_enabled {
         raise_fd_limit();
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()

@@ -104,7 +104,6 @@ pub fn compile(text: &str) -> Result<Vec<WireTable>, CompileError> {
                             name: (*name).to_owned(),
                             chains: Vec::new(),
                             rules: Vec::new(),
-                            flags: None,
                         },
                         Vec::new(),
                     ));

@@ -30,8 +30,9 @@
 //! deletion timestamp or a terminal phase, stops being one the repair loop checks (it
 //! left the mesh, or a sweep no longer lists it), or a check finds it in another netns
 //! (its sandbox was recreated) or in none, so no netns outlives its pod because of us,
-//! longer than until the next sweep. A watch is opened after the pass's repairs, and a
-//! repaired pod's is opened anew, so that legacy tables the repair created are asked too.
+//! longer than until the next sweep. Watches are opened after the pass's repairs, and a
+//! broken pod's legacy tables are listed again then: one a repair created gets polled
+//! too (the pod's nf_tables watch stays as it was).
 //! A netns with neither nf_tables nor legacy tables gets no watch. Only a
 //! netns found through a process of the pod is watched: one found by its pinned file
 //! alone may be a new pod's before its first process starts. A watch whose socket
@@ -75,12 +76,23 @@ pub struct DriftWatch {
 /// One pod's watch: its netns, and its tasks (aborted, and their sockets closed, on drop).
 struct Watch {
     netns: NetnsId,
-    tasks: Vec<AbortHandle>,
+    /// The nf_tables notifications' task.
+    nftables: Option<AbortHandle>,
+    /// Per family, the legacy tables polled and their task.
+    legacy: Vec<(Family, Vec<String>, AbortHandle)>,
+}
+
+impl Watch {
+    fn tasks(&self) -> impl Iterator<Item = &AbortHandle> {
+        self.nftables
+            .iter()
+            .chain(self.legacy.iter().map(|(_, _, t)| t))
+    }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks() {
             t.abort();
         }
     }
@@ -165,7 +177,7 @@ impl DriftWatch {
     pub fn watches(&self, uid: &str, netns: NetnsId) -> bool {
         self.watches
             .get(uid)
-            .is_some_and(|w| w.netns == netns && !w.tasks.iter().any(|t| t.is_finished()))
+            .is_some_and(|w| w.netns == netns && !w.tasks().any(AbortHandle::is_finished))
     }
 
     /// How many pods are watched.
@@ -173,38 +185,77 @@ impl DriftWatch {
         self.watches.len()
     }
 
-    /// Starts watching pod `key` (`uid`) in `netns` with `sockets` ([`open`]), replacing
-    /// any watch of it. With nothing to watch (no nf_tables, no legacy table), the pod has
-    /// no watch, and the next check tries again. Must run inside the tokio runtime.
+    /// Starts watching pod `key` (`uid`) in `netns` with `sockets` ([`open`]).
+    ///
+    /// A watch of the pod in that netns whose tasks all run is kept, with its nf_tables
+    /// task (and so its pace and whatever it has read): only a family whose legacy
+    /// tables it does not poll yet (ones a repair just created) gets a new poll, and the
+    /// pod is then made due once, since a change before the poll's first answer would
+    /// not be seen. Any other watch of the pod is replaced. With nothing to watch (no
+    /// nf_tables, no legacy table), the pod has no watch, and the next check tries
+    /// again. Must run inside the tokio runtime.
     pub fn start(&mut self, key: ObjectRef<Pod>, uid: &str, netns: NetnsId, sockets: Sockets) {
+        if let Some(w) = self.watches.get_mut(uid) {
+            if w.netns == netns && !w.tasks().any(AbortHandle::is_finished) {
+                let mut added = false;
+                for (family, fd, tables) in sockets.legacy {
+                    if w.legacy
+                        .iter()
+                        .any(|(f, t, _)| *f == family && *t == tables)
+                    {
+                        continue;
+                    }
+                    w.legacy.retain(|(f, _, task)| {
+                        let keep = *f != family;
+                        if !keep {
+                            task.abort();
+                        }
+                        keep
+                    });
+                    let task = spawn_poll(&self.tx, fd, family, tables.clone(), &key);
+                    w.legacy.push((family, tables, task));
+                    added = true;
+                }
+                if added {
+                    log::debug!("repair: {key}: polling its new legacy tables too");
+                    let _ = self.tx.send(key);
+                }
+                return;
+            }
+        }
         self.watches.remove(uid);
-        let mut tasks = Vec::new();
+        let mut nftables = None;
         if let Some(fd) = sockets.nftables {
             // SAFETY: the `OwnedFd` moves into the `AsyncFd` and stays open, the same
             // socket, until the `AsyncFd` (owned by the task) is dropped.
             match unsafe { AsyncFd::register(fd) } {
                 Ok(fd) => {
                     let task = tokio::spawn(notifications(fd, key.clone(), self.tx.clone()));
-                    tasks.push(task.abort_handle());
+                    nftables = Some(task.abort_handle());
                 }
                 Err(e) => log::warn!("repair: {key}: cannot watch nf_tables: {e}"),
             }
         }
-        for (family, fd, tables) in sockets.legacy {
-            let task = tokio::spawn(poll_legacy(
-                fd,
-                family,
-                tables,
-                key.clone(),
-                self.tx.clone(),
-            ));
-            tasks.push(task.abort_handle());
-        }
-        if tasks.is_empty() {
+        let legacy: Vec<_> = sockets
+            .legacy
+            .into_iter()
+            .map(|(family, fd, tables)| {
+                let task = spawn_poll(&self.tx, fd, family, tables.clone(), &key);
+                (family, tables, task)
+            })
+            .collect();
+        if nftables.is_none() && legacy.is_empty() {
             return;
         }
         log::debug!("repair: {key}: watching its rules for drift");
-        self.watches.insert(uid.to_owned(), Watch { netns, tasks });
+        self.watches.insert(
+            uid.to_owned(),
+            Watch {
+                netns,
+                nftables,
+                legacy,
+            },
+        );
     }
 
     /// Stops watching pod `uid` and closes its sockets.
@@ -216,6 +267,17 @@ impl DriftWatch {
     pub fn retain(&mut self, live: impl Fn(&str) -> bool) {
         self.watches.retain(|uid, _| live(uid));
     }
+}
+
+/// Starts polling `tables` of `family` through `fd` for pod `key` ([`poll_legacy`]).
+fn spawn_poll(
+    tx: &mpsc::UnboundedSender<ObjectRef<Pod>>,
+    fd: OwnedFd,
+    family: Family,
+    tables: Vec<String>,
+    key: &ObjectRef<Pod>,
+) -> AbortHandle {
+    tokio::spawn(poll_legacy(fd, family, tables, key.clone(), tx.clone())).abort_handle()
 }
 
 /// Waits for nf_tables commits on `fd` and sends `key` after each burst of commits that

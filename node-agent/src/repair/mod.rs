@@ -519,13 +519,16 @@ impl RepairController {
         }
         // After the repairs: a repaired pod's watch then asks the legacy tables they made.
         self.open_drift_watches(to_watch, st).await;
+        self.metrics
+            .repair_drift_watched
+            .set(st.drift.watched() as i64);
     }
 
     /// The drift watches ([`drift`]) this pass opens: one for every checked pod whose
     /// netns was found and that is not watched there yet (a pod whose sandbox was
-    /// recreated gets a new one), and a new one for every pod found broken, which a
-    /// repair may give tables its watch does not know. Closes the watch of a pod whose
-    /// netns was not found.
+    /// recreated gets a new one), and every pod found broken, whose repair may create
+    /// legacy tables its watch does not poll yet ([`DriftWatch::start`] keeps a running
+    /// watch and adds those). Closes the watch of a pod whose netns was not found.
     fn drift_watches_to_open(&self, results: &[Checked], st: &mut State) -> Vec<ToWatch> {
         if !self.cfg.drift_watch {
             return Vec::new();
@@ -561,9 +564,6 @@ impl RepairController {
                 for (key, uid, netns, sockets) in opened {
                     st.drift.start(key, &uid, netns, sockets);
                 }
-                self.metrics
-                    .repair_drift_watched
-                    .set(st.drift.watched() as i64);
             }
             Err(e) => log::error!("repair: opening drift watches failed: {e}"),
         }
