@@ -40,13 +40,17 @@ impl Setup {
         }
     }
 
+    /// Starts a pod laid out as `layout`, on the next free address, with no ADD.
+    fn start(&mut self, layout: Layout) -> RunningPod {
+        self.next_ip += 1;
+        self.pods
+            .start(layout, Ipv4Addr::new(10, 77, 0, self.next_ip))
+    }
+
     /// Starts a pod laid out as `layout`, stores `object` for it in the API, and gives it
     /// rules through the plugin's ADD when the plugin's decision says so.
     fn pod(&mut self, layout: Layout, object: Value) -> RunningPod {
-        self.next_ip += 1;
-        let pod = self
-            .pods
-            .start(layout, Ipv4Addr::new(10, 77, 0, self.next_ip));
+        let pod = self.start(layout);
         let object = pod.object(object, NODE);
         let ns = object["metadata"]["namespace"].as_str().unwrap().to_owned();
         let name = object["metadata"]["name"].as_str().unwrap().to_owned();
@@ -338,10 +342,7 @@ fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
                 [("NATIVE_NFTABLES", "true")]
             }
         };
-        s.next_ip += 1;
-        let pod = s
-            .pods
-            .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+        let pod = s.start(Layout::Systemd);
         s.api
             .put("pods", pod.object(meshed("default", "web"), NODE));
         pod.add(&chain, "default", "web")
@@ -434,10 +435,7 @@ fn flushed_rules_are_repaired_at_once_by_the_kernels_word_and_no_netns_leaks() {
 #[test]
 fn legacy_tables_that_the_repair_created_are_watched_too() {
     let mut s = Setup::new();
-    s.next_ip += 1;
-    let pod = s
-        .pods
-        .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+    let pod = s.start(Layout::Systemd);
     s.api
         .put("pods", pod.object(meshed("default", "late"), NODE));
     let legacy_tables = || pod.netns.exec(&["cat", "/proc/net/ip_tables_names"]);
@@ -485,10 +483,8 @@ fn legacy_tables_that_the_repair_created_are_watched_too() {
 #[test]
 fn a_dual_stack_pod_missing_only_its_ipv6_rules_is_repaired() {
     let mut s = Setup::new();
-    s.next_ip += 1;
     let pod = s
-        .pods
-        .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip))
+        .start(Layout::Systemd)
         .with_ipv6("fd77::11".parse().unwrap());
     let object = pod.object(meshed("default", "dual"), NODE);
     s.api.put("pods", object);
@@ -734,10 +730,7 @@ fn nftables_pods_are_read_back_and_repaired_with_nft() {
     chain.plugins[0]["native_nftables"] = json!(true);
     let mut pods = Vec::new();
     for name in ["nft-a", "nft-b"] {
-        s.next_ip += 1;
-        let pod = s
-            .pods
-            .start(Layout::Systemd, Ipv4Addr::new(10, 77, 0, s.next_ip));
+        let pod = s.start(Layout::Systemd);
         let object = pod.object(meshed("default", name), NODE);
         s.api.put("pods", object);
         pod.add(&chain, "default", name)
@@ -889,10 +882,7 @@ fn a_dormant_table_and_a_bypass_ahead_of_our_jump_are_repaired() {
 #[test]
 fn a_new_pods_netns_before_its_first_process_never_gets_a_stale_pods_rules() {
     let mut s = Setup::new();
-    s.next_ip += 1;
-    let mut fresh = s
-        .pods
-        .start(Layout::BindMountOnly, Ipv4Addr::new(10, 77, 0, s.next_ip));
+    let mut fresh = s.start(Layout::BindMountOnly);
     let mut stale = meshed("default", "stale");
     stale["metadata"]["uid"] = json!(unique_uid());
     stale["spec"]["nodeName"] = json!(NODE);
