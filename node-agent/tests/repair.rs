@@ -478,6 +478,48 @@ fn legacy_tables_that_the_repair_created_are_watched_too() {
     assert!(s.api.remove("pods", "default", "late"));
 }
 
+/// A workload that commits to an `ip` table in a loop (iptables-nft, as a pod with
+/// `NET_ADMIN` may) makes its pod due at most once a second, however many commits it
+/// makes: the first right away, the rest taken by one check per second.
+#[test]
+fn a_workload_committing_in_a_loop_costs_one_check_a_second() {
+    let mut s = Setup::new();
+    let pod = s.pod(Layout::Systemd, meshed("default", "busy"));
+    let daemon = s.agent(&["--repair-resync-seconds", "3600"]);
+    daemon.wait_ready();
+    wait_for("the pod watched", || {
+        metric(&daemon, "istio_cni_repair_drift_watched_pods").filter(|n| *n >= 1.0)
+    });
+    let triggered = || metric(&daemon, "istio_cni_repair_drift_triggered_total").unwrap();
+    let before = triggered();
+    let started = std::time::Instant::now();
+    const COMMITS: usize = 30;
+    for _ in 0..COMMITS {
+        pod.netns.exec(&[
+            "iptables-nft",
+            "-t",
+            "filter",
+            "-A",
+            "INPUT",
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    let looped = started.elapsed();
+    // The last commits' check comes at most a second after the one before.
+    std::thread::sleep(Duration::from_millis(1200));
+    let checks = triggered() - before;
+    // One at once, then at most one per second of the loop, and one for its tail.
+    let bound = 2.0 + looped.as_secs_f64().ceil();
+    eprintln!("{COMMITS} commits in {looped:?}: {checks} check(s) asked for (bound {bound})");
+    assert!(checks >= 1.0, "the commits were seen");
+    assert!(
+        checks <= bound,
+        "{checks} checks for {COMMITS} commits in {looped:?}"
+    );
+    assert!(!pod.rules().is_empty(), "the pod keeps its rules");
+}
+
 /// A dual-stack pod: ADD wrote rules for both families; when only its IPv6 rules are
 /// flushed, the agent finds it (IPv6 from `status.podIPs`) and restores them.
 #[test]
